@@ -1,0 +1,561 @@
+//! Configuration: the TOML file, command-line overrides, and the validated types the rest of the
+//! gateway uses.
+//!
+//! Two stages, as in rpxy: [`raw`] holds serde structs that mirror the file; [`Config::from_raw`]
+//! turns them into validated types, collecting every problem (each naming its key) before failing.
+//! Nothing outside this module sees serde or TOML.
+
+pub mod raw;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::Uri;
+
+use crate::token::TokenOrigin;
+use raw::RawConfig;
+
+/// CloudCasa's production API.
+pub const PRODUCTION_URL: &str = "https://api.cloudcasa.io";
+/// CloudCasa's staging API.
+pub const STAGING_URL: &str = "https://api.staging.cloudcasa.io";
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The proxy listener.
+    pub server: ServerConfig,
+    /// The admin listener.
+    pub admin: AdminConfig,
+    /// The CloudCasa API.
+    pub upstream: UpstreamConfig,
+    /// Where the token comes from.
+    pub token: TokenConfig,
+    /// The response cache.
+    pub cache: CacheConfig,
+    /// Diagnostic logs.
+    pub log: LogConfig,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address of the proxy listener.
+    pub listen: SocketAddr,
+    /// Largest request body accepted, in bytes.
+    pub max_body_size: u64,
+    /// Time a client has to send its request headers.
+    pub header_timeout: Duration,
+    /// Time in-flight requests get to finish on shutdown.
+    pub drain_timeout: Duration,
+    /// Tokio worker threads; `None` means one per core.
+    pub worker_threads: Option<usize>,
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// Address of the admin listener.
+    pub listen: SocketAddr,
+}
+
+/// `[upstream]`.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Base URL of the API (scheme, authority, optional path prefix).
+    pub url: Uri,
+    /// Time allowed to establish a connection (TCP and TLS).
+    pub connect_timeout: Duration,
+    /// Deadline for the upstream's response headers.
+    pub timeout: Duration,
+    /// Extra PEM roots to trust, besides the webpki roots.
+    pub ca_file: Option<PathBuf>,
+    /// How long an idle pooled connection is kept.
+    pub pool_idle_timeout: Duration,
+}
+
+/// `[token]`: one credential named `default`.
+#[derive(Debug, Clone)]
+pub struct TokenConfig {
+    /// File or environment variable.
+    pub origin: TokenOrigin,
+}
+
+/// `[cache]`.
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    /// Whether GET responses are cached at all.
+    pub enabled: bool,
+    /// Total weighted size of stored responses, in bytes.
+    pub max_size: u64,
+    /// Largest body stored, in bytes; larger ones stream through.
+    pub max_object_size: u64,
+    /// Freshness given to responses that carry no freshness information of their own.
+    pub fresh_for: Duration,
+    /// How long past freshness a stored response may stand in for a failing upstream.
+    pub stale_if_error: Duration,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// Output format of diagnostic logs (stderr).
+    pub format: LogFormat,
+}
+
+/// Command-line values that take precedence over the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--listen`.
+    pub listen: Option<String>,
+    /// `--upstream`.
+    pub upstream: Option<String>,
+    /// `--token-file`.
+    pub token_file: Option<PathBuf>,
+}
+
+/// One configuration problem, naming the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// Dotted key, e.g. `upstream.url`.
+    pub key: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+/// Every problem found in a configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Where the configuration came from.
+    pub origin: String,
+    /// The problems, in file order where possible.
+    pub problems: Vec<ConfigProblem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid configuration in {}:", self.origin)?;
+        for p in &self.problems {
+            write!(f, "\n  {}: {}", p.key, p.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Default)]
+struct Problems(Vec<ConfigProblem>);
+
+impl Problems {
+    fn add(&mut self, key: &str, message: impl Into<String>) {
+        self.0.push(ConfigProblem {
+            key: key.to_string(),
+            message: message.into(),
+        });
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a file, then applies overrides.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let origin = path.map_or_else(|| "defaults".to_string(), |p| p.display().to_string());
+        let raw = match path {
+            None => RawConfig::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+                    origin: origin.clone(),
+                    problems: vec![ConfigProblem {
+                        key: "--config".into(),
+                        message: format!("cannot read {}: {e}", path.display()),
+                    }],
+                })?;
+                Self::parse(&text).map_err(|problems| ConfigError {
+                    origin: origin.clone(),
+                    problems,
+                })?
+            }
+        };
+        Self::from_raw(raw, overrides).map_err(|problems| ConfigError { origin, problems })
+    }
+
+    /// Parses TOML text into the raw structs. A syntax error or unknown key is reported with the
+    /// key path and the line it is on.
+    pub fn parse(text: &str) -> Result<RawConfig, Vec<ConfigProblem>> {
+        toml::from_str::<RawConfig>(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+            let key = key_of_toml_error(text, e.span()).unwrap_or_else(|| "(file)".into());
+            let mut message = e.message().trim().to_string();
+            if let Some(line) = line {
+                message.push_str(&format!(" (line {line})"));
+            }
+            vec![ConfigProblem { key, message }]
+        })
+    }
+
+    /// Validates the raw structs, applying overrides first. Reports every problem at once.
+    pub fn from_raw(raw: RawConfig, overrides: &Overrides) -> Result<Self, Vec<ConfigProblem>> {
+        let mut p = Problems::default();
+        let r = raw;
+
+        let listen_text = overrides
+            .listen
+            .clone()
+            .or(r.server.listen)
+            .unwrap_or_else(|| "127.0.0.1:8080".into());
+        let listen_key = if overrides.listen.is_some() {
+            "--listen"
+        } else {
+            "server.listen"
+        };
+        let listen = parse_addr(&mut p, listen_key, &listen_text);
+        let admin_listen = parse_addr(
+            &mut p,
+            "admin.listen",
+            r.admin.listen.as_deref().unwrap_or("127.0.0.1:9901"),
+        );
+
+        let max_body_size = r
+            .server
+            .max_body_size
+            .map_or(16 * 1024 * 1024, |s| s.as_u64());
+        if max_body_size == 0 {
+            p.add("server.max_body_size", "must be greater than zero");
+        }
+        let header_timeout = positive(&mut p, "server.header_timeout", r.server.header_timeout, 10);
+        let drain_timeout = r.server.drain_timeout.unwrap_or(Duration::from_secs(20));
+        if r.server.worker_threads == Some(0) {
+            p.add("server.worker_threads", "must be at least 1");
+        }
+
+        let (url_key, url_text) = match &overrides.upstream {
+            Some(u) => ("--upstream", u.clone()),
+            None => (
+                "upstream.url",
+                r.upstream.url.unwrap_or_else(|| "production".into()),
+            ),
+        };
+        let url = parse_upstream_url(&mut p, url_key, &url_text);
+        let connect_timeout = positive(
+            &mut p,
+            "upstream.connect_timeout",
+            r.upstream.connect_timeout,
+            5,
+        );
+        let timeout = positive(&mut p, "upstream.timeout", r.upstream.timeout, 30);
+        let pool_idle_timeout = r
+            .upstream
+            .pool_idle_timeout
+            .unwrap_or(Duration::from_secs(90));
+        if let Some(Err(e)) = r
+            .upstream
+            .ca_file
+            .as_deref()
+            .map(crate::upstream::read_pem_roots)
+        {
+            p.add("upstream.ca_file", e);
+        }
+
+        let token_file = overrides.token_file.clone().or(r.token.file);
+        let origin = match (token_file, r.token.env) {
+            (Some(file), None) => Some(TokenOrigin::File(file)),
+            (None, Some(env)) if !env.is_empty() => Some(TokenOrigin::Env(env)),
+            (None, Some(_)) => {
+                p.add("token.env", "must name an environment variable");
+                None
+            }
+            (Some(_), Some(_)) => {
+                p.add(
+                    "token",
+                    "set exactly one of token.file and token.env, not both",
+                );
+                None
+            }
+            (None, None) => {
+                p.add("token", "set token.file (a mounted Secret) or token.env");
+                None
+            }
+        };
+
+        let cache = CacheConfig {
+            enabled: r.cache.enabled.unwrap_or(true),
+            max_size: r.cache.max_size.map_or(256 * 1024 * 1024, |s| s.as_u64()),
+            max_object_size: r
+                .cache
+                .max_object_size
+                .map_or(8 * 1024 * 1024, |s| s.as_u64()),
+            fresh_for: r.cache.fresh_for.unwrap_or_default(),
+            stale_if_error: r.cache.stale_if_error.unwrap_or_default(),
+        };
+        if cache.enabled && cache.max_object_size > cache.max_size {
+            p.add("cache.max_object_size", "must not exceed cache.max_size");
+        }
+
+        let format = match r.log.format.as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                p.add(
+                    "log.format",
+                    format!("must be \"text\" or \"json\", not {other:?}"),
+                );
+                LogFormat::Text
+            }
+        };
+
+        if let (Some(a), Some(b)) = (listen, admin_listen)
+            && a == b
+            && a.port() != 0
+        {
+            p.add("admin.listen", "must differ from server.listen");
+        }
+
+        match (p.0.is_empty(), listen, admin_listen, url, origin) {
+            (true, Some(listen), Some(admin), Some(url), Some(origin)) => Ok(Config {
+                server: ServerConfig {
+                    listen,
+                    max_body_size,
+                    header_timeout,
+                    drain_timeout,
+                    worker_threads: r.server.worker_threads,
+                },
+                admin: AdminConfig { listen: admin },
+                upstream: UpstreamConfig {
+                    url,
+                    connect_timeout,
+                    timeout,
+                    ca_file: r.upstream.ca_file,
+                    pool_idle_timeout,
+                },
+                token: TokenConfig { origin },
+                cache,
+                log: LogConfig { format },
+            }),
+            _ => Err(p.0),
+        }
+    }
+
+    /// The extra checks of `--check`: files named in the configuration must be readable now.
+    /// (At run time a missing token file is tolerated: the Secret may appear later.)
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        let mut p = Problems::default();
+        match &self.token.origin {
+            TokenOrigin::File(path) => match std::fs::read_to_string(path) {
+                Ok(t) if t.trim().is_empty() => {
+                    p.add("token.file", format!("{} is empty", path.display()))
+                }
+                Ok(_) => {}
+                Err(e) => p.add("token.file", format!("cannot read {}: {e}", path.display())),
+            },
+            TokenOrigin::Env(name) => {
+                if std::env::var(name)
+                    .map(|v| v.trim().is_empty())
+                    .unwrap_or(true)
+                {
+                    p.add(
+                        "token.env",
+                        format!("environment variable {name} is not set or empty"),
+                    );
+                }
+            }
+        }
+        if p.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError {
+                origin: "the files named in the configuration".into(),
+                problems: p.0,
+            })
+        }
+    }
+}
+
+fn parse_addr(p: &mut Problems, key: &str, text: &str) -> Option<SocketAddr> {
+    match text.parse() {
+        Ok(addr) => Some(addr),
+        Err(_) => {
+            p.add(
+                key,
+                format!("{text:?} is not an IP address and port, e.g. \"127.0.0.1:8080\""),
+            );
+            None
+        }
+    }
+}
+
+fn positive(p: &mut Problems, key: &str, value: Option<Duration>, default_secs: u64) -> Duration {
+    let value = value.unwrap_or(Duration::from_secs(default_secs));
+    if value.is_zero() {
+        p.add(key, "must be greater than zero");
+    }
+    value
+}
+
+fn parse_upstream_url(p: &mut Problems, key: &str, text: &str) -> Option<Uri> {
+    let text = match text {
+        "production" => PRODUCTION_URL,
+        "staging" => STAGING_URL,
+        other => other,
+    };
+    let uri: Uri = match text.parse() {
+        Ok(u) => u,
+        Err(e) => {
+            p.add(key, format!("{text:?} is not a URL: {e}"));
+            return None;
+        }
+    };
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        _ => {
+            p.add(key, format!("{text:?} must start with https:// or http://, or be \"production\" or \"staging\""));
+            return None;
+        }
+    }
+    if uri.authority().is_none() {
+        p.add(key, format!("{text:?} has no host"));
+        return None;
+    }
+    if uri.query().is_some() {
+        p.add(key, "must not contain a query");
+        return None;
+    }
+    Some(uri)
+}
+
+/// Finds the dotted key a TOML error points at, from the section header above the error span and
+/// the key on its line; toml's own message names only the last segment.
+fn key_of_toml_error(text: &str, span: Option<std::ops::Range<usize>>) -> Option<String> {
+    let span = span?;
+    let before = &text[..span.start.min(text.len())];
+    let section = before.lines().rev().find_map(|l| {
+        let l = l.trim();
+        l.strip_prefix('[')
+            .and_then(|l| l.split(']').next())
+            .map(|s| s.trim_matches('[').trim().to_string())
+    });
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("").trim();
+    if line.starts_with('[') {
+        // The error is about the table header itself (an unknown section).
+        let name = line.trim_matches(|c| c == '[' || c == ']').trim();
+        return Some(name.to_string()).filter(|n| !n.is_empty()).or(section);
+    }
+    let key = line
+        .split('=')
+        .next()
+        .map(str::trim)
+        .filter(|k| !k.is_empty());
+    match (section, key) {
+        (Some(s), Some(k)) => Some(format!("{s}.{k}")),
+        (None, Some(k)) => Some(k.to_string()),
+        (s, None) => s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn validate(text: &str) -> Result<Config, Vec<ConfigProblem>> {
+        Config::from_raw(Config::parse(text)?, &Overrides::default())
+    }
+
+    fn keys(problems: &[ConfigProblem]) -> Vec<&str> {
+        problems.iter().map(|p| p.key.as_str()).collect()
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = validate("[token]\nfile = \"/t\"\n").unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.admin.listen, "127.0.0.1:9901".parse().unwrap());
+        assert_eq!(c.server.max_body_size, 16 * 1024 * 1024);
+        assert_eq!(c.server.header_timeout, Duration::from_secs(10));
+        assert_eq!(c.server.drain_timeout, Duration::from_secs(20));
+        assert_eq!(c.upstream.url, PRODUCTION_URL);
+        assert_eq!(c.upstream.connect_timeout, Duration::from_secs(5));
+        assert_eq!(c.upstream.timeout, Duration::from_secs(30));
+        assert!(c.cache.enabled);
+        assert_eq!(c.cache.max_size, 256 * 1024 * 1024);
+        assert_eq!(c.cache.max_object_size, 8 * 1024 * 1024);
+        assert_eq!(c.cache.fresh_for, Duration::ZERO);
+    }
+
+    #[test]
+    fn environment_names_and_units() {
+        let c = validate(
+            "[upstream]\nurl = \"staging\"\ntimeout = \"5m\"\n[server]\nmax_body_size = \"1KiB\"\n[token]\nenv = \"T\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.upstream.url, STAGING_URL);
+        assert_eq!(c.upstream.timeout, Duration::from_secs(300));
+        assert_eq!(c.server.max_body_size, 1024);
+        assert_eq!(c.token.origin, TokenOrigin::Env("T".into()));
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_section() {
+        let problems = validate("[server]\nlisten = \"127.0.0.1:1\"\nlisen = \"x\"\n").unwrap_err();
+        assert_eq!(keys(&problems), ["server.lisen"]);
+        assert!(
+            problems[0].message.contains("unknown field"),
+            "{problems:?}"
+        );
+        assert!(problems[0].message.contains("line 3"), "{problems:?}");
+    }
+
+    #[test]
+    fn unknown_section_is_named() {
+        let problems = validate("[token]\nfile = \"/t\"\n[telemetri]\nx = 1\n").unwrap_err();
+        assert_eq!(keys(&problems), ["telemetri"]);
+    }
+
+    #[test]
+    fn bad_duration_is_named() {
+        let problems = validate("[upstream]\ntimeout = \"soon\"\n").unwrap_err();
+        assert_eq!(keys(&problems), ["upstream.timeout"]);
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let problems = validate(
+            "[server]\nlisten = \"nope\"\n[upstream]\nurl = \"ftp://x\"\n[token]\nfile = \"/a\"\nenv = \"B\"\n[log]\nformat = \"xml\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            keys(&problems),
+            ["server.listen", "upstream.url", "token", "log.format"]
+        );
+    }
+
+    #[test]
+    fn overrides_win_and_are_named() {
+        let raw =
+            Config::parse("[token]\nfile = \"/a\"\n[server]\nlisten = \"127.0.0.1:1\"\n").unwrap();
+        let o = Overrides {
+            listen: Some("bad".into()),
+            upstream: Some("http://127.0.0.1:9".into()),
+            token_file: Some("/b".into()),
+        };
+        let problems = Config::from_raw(raw, &o).unwrap_err();
+        assert_eq!(keys(&problems), ["--listen"]);
+    }
+
+    #[test]
+    fn token_source_is_required() {
+        assert_eq!(keys(&validate("").unwrap_err()), ["token"]);
+    }
+}

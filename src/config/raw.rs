@@ -1,0 +1,78 @@
+//! The configuration file as written: plain serde structs, every field optional so that defaults
+//! and cross-field rules live in one place (`Config::from_raw`). Unknown keys are rejected.
+// Field-by-field docs would repeat the file format; the README is the reference for each key.
+#![allow(missing_docs)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::Deserialize;
+
+/// The whole file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    pub server: RawServer,
+    pub admin: RawAdmin,
+    pub upstream: RawUpstream,
+    pub token: RawToken,
+    pub cache: RawCache,
+    pub log: RawLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawServer {
+    pub listen: Option<String>,
+    pub max_body_size: Option<ByteSize>,
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Option<Duration>,
+    pub worker_threads: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAdmin {
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawUpstream {
+    pub url: Option<String>,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    pub ca_file: Option<PathBuf>,
+    #[serde(with = "humantime_serde")]
+    pub pool_idle_timeout: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawToken {
+    pub file: Option<PathBuf>,
+    pub env: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCache {
+    pub enabled: Option<bool>,
+    pub max_size: Option<ByteSize>,
+    pub max_object_size: Option<ByteSize>,
+    #[serde(with = "humantime_serde")]
+    pub fresh_for: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub stale_if_error: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLog {
+    pub format: Option<String>,
+}

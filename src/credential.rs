@@ -1,0 +1,169 @@
+//! Which CloudCasa credential a request is sent with, and putting it on the wire.
+//!
+//! The choice is made early ([`SelectCredentialLayer`]; in the shared gateway, by policy) because
+//! the cache partitions by it; the token is applied last ([`InjectTokenLayer`]) so it never enters
+//! the cache key or any layer's view of the request. The cache pins the token it keyed on as a
+//! [`PinnedToken`] so that a rotation between the two steps cannot mix tenants.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use std::future::{Future, Ready};
+use std::pin::Pin;
+use std::task::ready;
+
+use futures_util::future::Either;
+use http::{Request, Response, StatusCode, header};
+use tower::{Layer, Service};
+
+use crate::body::Body;
+use crate::error::GatewayError;
+use crate::token::{LoadedToken, TokenSource};
+
+/// The credential chosen for a request, in request extensions.
+#[derive(Debug, Clone)]
+pub struct SelectedCredential(pub Arc<TokenSource>);
+
+/// The exact token the cache keyed a request on; injection uses it when present.
+#[derive(Debug, Clone)]
+pub struct PinnedToken(pub Arc<LoadedToken>);
+
+impl SelectedCredential {
+    /// The token to use for this request: the pinned one, or the source's current one.
+    pub fn token_for<B>(req: &Request<B>) -> Option<Arc<LoadedToken>> {
+        if let Some(pinned) = req.extensions().get::<PinnedToken>() {
+            return Some(pinned.0.clone());
+        }
+        req.extensions().get::<SelectedCredential>()?.0.current()
+    }
+}
+
+/// Sidecar mode's policy: every request uses the one configured credential.
+#[derive(Debug, Clone)]
+pub struct SelectCredentialLayer {
+    credential: Arc<TokenSource>,
+}
+
+impl SelectCredentialLayer {
+    /// Every request will use `credential`.
+    pub fn new(credential: Arc<TokenSource>) -> Self {
+        Self { credential }
+    }
+}
+
+impl<S> Layer<S> for SelectCredentialLayer {
+    type Service = SelectCredential<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        SelectCredential {
+            inner,
+            credential: self.credential.clone(),
+        }
+    }
+}
+
+/// See [`SelectCredentialLayer`].
+#[derive(Debug, Clone)]
+pub struct SelectCredential<S> {
+    inner: S,
+    credential: Arc<TokenSource>,
+}
+
+impl<S, B> Service<Request<B>> for SelectCredential<S>
+where
+    S: Service<Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        req.extensions_mut()
+            .insert(SelectedCredential(self.credential.clone()));
+        self.inner.call(req)
+    }
+}
+
+/// Replaces whatever credential the client sent with the selected CloudCasa token.
+#[derive(Debug, Clone, Default)]
+pub struct InjectTokenLayer;
+
+impl<S> Layer<S> for InjectTokenLayer {
+    type Service = InjectToken<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        InjectToken { inner }
+    }
+}
+
+/// See [`InjectTokenLayer`].
+#[derive(Debug, Clone)]
+pub struct InjectToken<S> {
+    inner: S,
+}
+
+impl<S> Service<Request<Body>> for InjectToken<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = GatewayError>,
+{
+    type Response = Response<Body>;
+    type Error = GatewayError;
+    type Future = Either<Ready<Result<Response<Body>, GatewayError>>, InjectFuture<S::Future>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        // The client's own credential is consumed here whatever happens next.
+        req.headers_mut().remove(header::AUTHORIZATION);
+        let source = req
+            .extensions()
+            .get::<SelectedCredential>()
+            .map(|c| c.0.clone());
+        let Some(token) = SelectedCredential::token_for(&req) else {
+            let credential =
+                source.map_or_else(|| "(none)".to_string(), |s| s.credential().to_string());
+            return Either::Left(std::future::ready(Err(GatewayError::NoToken {
+                credential,
+            })));
+        };
+        req.headers_mut()
+            .insert(header::AUTHORIZATION, token.authorization().clone());
+        Either::Right(InjectFuture {
+            inner: self.inner.call(req),
+            source,
+        })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Watches for an upstream 401, which means the token in use is no longer valid.
+    pub struct InjectFuture<F> {
+        #[pin]
+        inner: F,
+        source: Option<Arc<TokenSource>>,
+    }
+}
+
+impl<F> Future for InjectFuture<F>
+where
+    F: Future<Output = Result<Response<Body>, GatewayError>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = ready!(this.inner.poll(cx));
+        if let Ok(response) = &result
+            && response.status() == StatusCode::UNAUTHORIZED
+            && let Some(source) = this.source.take()
+        {
+            // The Secret may have rotated before the watcher noticed: look now.
+            source.request_reload();
+        }
+        Poll::Ready(result)
+    }
+}

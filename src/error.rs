@@ -1,0 +1,147 @@
+//! Errors the gateway produces itself, and the one place they become HTTP responses.
+//!
+//! Every layer returns [`GatewayError`]; [`GatewayError::into_response`] renders CloudCasa's error
+//! envelope `{"_status":"ERR","_error":{"code":N,"message":"..."}}`. Messages are written here from
+//! the error's own fields, never from request headers, so no credential can reach an error body.
+
+use std::time::Duration;
+
+use http::{HeaderValue, Response, StatusCode, header};
+
+use crate::body::{self, Body, BoxError};
+
+/// What went wrong, as far as the client needs to know.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The request could not be understood (bad header value, bad URI).
+    #[error("malformed request: {0}")]
+    BadRequest(String),
+    /// The request body exceeds `server.max_body_size`.
+    #[error("request body exceeds the limit of {limit} bytes")]
+    PayloadTooLarge {
+        /// The configured limit in bytes.
+        limit: u64,
+    },
+    /// No usable token is loaded for the credential the request would use.
+    #[error("no CloudCasa API token is loaded for credential '{credential}'")]
+    NoToken {
+        /// The credential's name (never its value).
+        credential: String,
+    },
+    /// The upstream could not be reached (DNS, connect, TLS, reset).
+    #[error("CloudCasa upstream unreachable: {0}")]
+    UpstreamUnreachable(#[source] BoxError),
+    /// The upstream did not answer with response headers within `upstream.timeout`.
+    #[error("CloudCasa upstream did not answer within {}", humantime::format_duration(*.0))]
+    UpstreamTimeout(Duration),
+    /// The gateway is shutting down or otherwise not ready.
+    #[error("{0}")]
+    Unavailable(&'static str),
+    /// A bug: a handler panicked. The panic payload is logged, not returned.
+    #[error("internal gateway error")]
+    Internal,
+}
+
+impl GatewayError {
+    /// The HTTP status this error is answered with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::NoToken { .. } | Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Short machine-friendly name, for logs, audit records and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::BadRequest(_) => "bad_request",
+            Self::PayloadTooLarge { .. } => "payload_too_large",
+            Self::NoToken { .. } => "no_token",
+            Self::UpstreamUnreachable(_) => "upstream_unreachable",
+            Self::UpstreamTimeout(_) => "upstream_timeout",
+            Self::Unavailable(_) => "unavailable",
+            Self::Internal => "internal",
+        }
+    }
+
+    /// The message including its cause chain (hyper's errors hide the useful part in `source`).
+    pub fn message(&self) -> String {
+        let mut msg = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(cause) = source {
+            let text = cause.to_string();
+            if !msg.contains(&text) {
+                msg.push_str(": ");
+                msg.push_str(&text);
+            }
+            source = cause.source();
+        }
+        msg
+    }
+
+    /// Renders the CloudCasa error envelope. The single place errors become responses.
+    pub fn into_response(self) -> Response<Body> {
+        error_response(self.status(), &self.message())
+    }
+}
+
+/// A response in CloudCasa's error envelope, for answers the gateway makes itself.
+pub fn error_response(status: StatusCode, message: &str) -> Response<Body> {
+    let payload = serde_json::json!({
+        "_status": "ERR",
+        "_error": { "code": status.as_u16(), "message": message },
+    });
+    let mut response = Response::new(body::full(payload.to_string()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// Walks an error's cause chain looking for a `T` (hyper wraps body errors several levels deep).
+pub fn find_cause<'a, T: std::error::Error + 'static>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut current = Some(err);
+    while let Some(e) = current {
+        if let Some(found) = e.downcast_ref::<T>() {
+            return Some(found);
+        }
+        current = e.source();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn envelope_has_cloudcasa_shape() {
+        let resp = GatewayError::UpstreamTimeout(Duration::from_secs(30)).into_response();
+        assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/json");
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["_status"], "ERR");
+        assert_eq!(v["_error"]["code"], 504);
+        assert_eq!(
+            v["_error"]["message"],
+            "CloudCasa upstream did not answer within 30s"
+        );
+    }
+
+    #[test]
+    fn message_includes_causes_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let err = GatewayError::UpstreamUnreachable(Box::new(io));
+        assert_eq!(err.message(), "CloudCasa upstream unreachable: refused");
+    }
+}

@@ -1,0 +1,23 @@
+//! cloudcasa-gateway: a caching reverse proxy in front of the CloudCasa REST API.
+//!
+//! The request path is assembled in [`app`]; each other module owns one concern.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod admin;
+pub mod app;
+pub mod body;
+pub mod config;
+pub mod credential;
+pub mod error;
+pub mod headers;
+pub mod limits;
+pub mod logging;
+pub mod request_id;
+pub mod rescue;
+pub mod server;
+pub mod token;
+pub mod upstream;
+
+pub use app::Gateway;
+pub use config::Config;

@@ -1,0 +1,98 @@
+//! The `cloudcasa-gateway` command.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use cloudcasa_gateway::config::{Config, Overrides};
+use cloudcasa_gateway::{Gateway, logging};
+
+/// A caching reverse proxy in front of the CloudCasa API that injects the API token.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// The TOML configuration file (see config/gateway.toml).
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Validate the configuration and the files it names, then exit.
+    #[arg(long)]
+    check: bool,
+    /// Override server.listen.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Override upstream.url ("production", "staging" or a URL).
+    #[arg(long, value_name = "URL")]
+    upstream: Option<String>,
+    /// Override token.file.
+    #[arg(long, value_name = "PATH")]
+    token_file: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let overrides = Overrides {
+        listen: cli.listen,
+        upstream: cli.upstream,
+        token_file: cli.token_file,
+    };
+    let config = match Config::load(cli.config.as_deref(), &overrides) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.check {
+        return match config.check_files() {
+            Ok(()) => {
+                println!("configuration OK");
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("error: {err}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    logging::init(config.log.format);
+
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Some(n) = config.server.worker_threads {
+        runtime.worker_threads(n);
+    }
+    let runtime = match runtime.build() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let gateway = match Gateway::bind(config).await {
+            Ok(g) => g,
+            Err(err) => {
+                tracing::error!(error = %err, "cannot start");
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(
+            proxy = %gateway.proxy_addr(),
+            admin = %gateway.admin_addr(),
+            version = env!("CARGO_PKG_VERSION"),
+            "cloudcasa-gateway listening"
+        );
+        gateway.run(shutdown_signal()).await;
+        ExitCode::SUCCESS
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("cannot install the SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}

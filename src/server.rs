@@ -1,0 +1,137 @@
+//! Listeners: accepting TCP connections, serving HTTP/1.1 and HTTP/2 (prior knowledge) on the
+//! same port, cutting off clients that trickle their headers, and draining on shutdown.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tower::{Service, ServiceExt};
+
+use crate::body::Body;
+
+/// The address of the peer that sent a request, in request extensions.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub SocketAddr);
+
+/// How connections are served.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeOptions {
+    /// Time a client has to send its request headers (and, before that, its first bytes).
+    pub header_timeout: Duration,
+    /// Time in-flight requests get to finish once shutdown begins.
+    pub drain_timeout: Duration,
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Serves `service` on `listener` until `stop` turns true, then drains.
+pub async fn serve<S>(
+    name: &'static str,
+    listener: TcpListener,
+    service: S,
+    options: ServeOptions,
+    mut stop: watch::Receiver<bool>,
+) where
+    S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(options.header_timeout)
+        .keep_alive(true);
+    builder.http2().timer(TokioTimer::new());
+    let graceful = GracefulShutdown::new();
+
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(err) => {
+                    // EMFILE and friends: back off briefly instead of spinning on the error.
+                    tracing::warn!(listener = name, error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = stopped(&mut stop) => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = service
+            .clone()
+            .map_request(move |mut req: Request<Incoming>| {
+                req.extensions_mut().insert(ClientAddr(peer));
+                req
+            });
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            if !await_protocol_bytes(&stream, options.header_timeout).await {
+                tracing::debug!(%peer, "closing a connection that sent no request in time");
+                return;
+            }
+            let connection = builder
+                .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
+                .into_owned();
+            if let Err(err) = watcher.watch(connection).await {
+                tracing::debug!(%peer, error = %err, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    let open = graceful.count();
+    if open > 0 {
+        tracing::info!(listener = name, connections = open, "draining");
+    }
+    if tokio::time::timeout(options.drain_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            listener = name,
+            "drain timeout reached; closing the remaining connections"
+        );
+    }
+}
+
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    // A closed channel means the owner is gone: stop as well.
+    let _ = stop.wait_for(|stopped| *stopped).await;
+}
+
+/// Waits until the client has sent enough bytes for hyper to tell HTTP/1 from HTTP/2, within
+/// `timeout`. hyper's automatic protocol detection has no timer of its own (hyper#3962), so
+/// without this a client that connects and stays silent would hold a connection forever.
+async fn await_protocol_bytes(stream: &TcpStream, timeout: Duration) -> bool {
+    let wait = async {
+        let mut buf = [0u8; H2_PREFACE.len()];
+        loop {
+            let n = match stream.peek(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => n,
+            };
+            // Enough to decide: either a full preface, or bytes that already differ from it.
+            if n == H2_PREFACE.len() || buf[..n] != H2_PREFACE[..n] {
+                return true;
+            }
+            // A partial preface: wait for more bytes to arrive.
+            if stream.readable().await.is_err() {
+                return false;
+            }
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(timeout, wait).await.unwrap_or(false)
+}

@@ -1,0 +1,290 @@
+//! The CloudCasa upstream: URL rewriting, protocol hygiene, the pooled TLS client and its timeouts.
+//!
+//! Requests are sent to the configured base URL only: the client's target contributes its path and
+//! query, byte for byte, and nothing else, so an absolute-form target cannot redirect the gateway.
+//! Two pools are kept: reads may be retried by hyper when a pooled connection turns out dead
+//! before the request was written; writes never are.
+
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::future::{BoxFuture, FutureExt};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderValue, Method, Request, Response, Uri, Version, header};
+use http_body::Body as _;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::RootCertStore;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use tower::Service;
+
+use crate::body::{self, Body, BodyTooLarge, BoxError};
+use crate::config::UpstreamConfig;
+use crate::error::{GatewayError, find_cause};
+use crate::headers::strip_hop_by_hop;
+
+type Connector = TimeoutConnector<HttpsConnector<HttpConnector>>;
+/// The pooled client used for CloudCasa.
+pub type HttpClient = Client<Connector, Body>;
+
+static APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json");
+
+/// Reads a PEM bundle of CA certificates.
+pub fn read_pem_roots(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{} is not a PEM certificate bundle: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} contains no PEM certificates", path.display()));
+    }
+    Ok(certs)
+}
+
+/// Errors building the upstream client.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamSetupError {
+    /// The CA bundle is unusable.
+    #[error("upstream.ca_file: {0}")]
+    CaFile(String),
+    /// rustls refused the configuration.
+    #[error("TLS setup failed: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// The upstream service: the bottom of the stack.
+#[derive(Clone)]
+pub struct Upstream {
+    scheme: Scheme,
+    authority: Authority,
+    prefix: Arc<str>,
+    reads: HttpClient,
+    writes: HttpClient,
+    timeout: Duration,
+}
+
+impl Upstream {
+    /// Builds the clients for `config`.
+    pub fn new(config: &UpstreamConfig) -> Result<Self, UpstreamSetupError> {
+        let mut roots = RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        if let Some(path) = &config.ca_file {
+            for cert in read_pem_roots(path).map_err(UpstreamSetupError::CaFile)? {
+                roots
+                    .add(cert)
+                    .map_err(|e| UpstreamSetupError::CaFile(format!("{}: {e}", path.display())))?;
+            }
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(config.connect_timeout));
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let connector = TimeoutConnector {
+            inner: https,
+            timeout: config.connect_timeout,
+        };
+        let client = |retry: bool| {
+            Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(config.pool_idle_timeout)
+                .pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new())
+                .retry_canceled_requests(retry)
+                .build(connector.clone())
+        };
+        let url = &config.url;
+        Ok(Self {
+            scheme: url.scheme().cloned().unwrap_or(Scheme::HTTPS),
+            authority: url
+                .authority()
+                .cloned()
+                .expect("validated: upstream.url has a host"),
+            prefix: url.path().trim_end_matches('/').into(),
+            reads: client(true),
+            writes: client(false),
+            timeout: config.timeout,
+        })
+    }
+
+    /// The upstream URI for a client's request target: only its path and query are used.
+    pub fn target(&self, original: &Uri) -> Result<Uri, GatewayError> {
+        let pq = original.path_and_query().map_or("/", PathAndQuery::as_str);
+        if !pq.starts_with('/') {
+            return Err(GatewayError::BadRequest(format!(
+                "request target {pq:?} is not a path; send origin-form targets such as /api/v1/clusters"
+            )));
+        }
+        let pq: PathAndQuery = if self.prefix.is_empty() {
+            PathAndQuery::from_maybe_shared(bytes::Bytes::copy_from_slice(pq.as_bytes()))
+        } else {
+            format!("{}{}", self.prefix, pq).parse()
+        }
+        .map_err(|e| GatewayError::BadRequest(format!("request target: {e}")))?;
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(pq)
+            .build()
+            .map_err(|e| GatewayError::BadRequest(format!("request target: {e}")))
+    }
+}
+
+impl Service<Request<Body>> for Upstream {
+    type Response = Response<Body>;
+    type Error = GatewayError;
+    type Future = BoxFuture<'static, Result<Response<Body>, GatewayError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        let uri = match self.target(req.uri()) {
+            Ok(uri) => uri,
+            Err(e) => return std::future::ready(Err(e)).boxed(),
+        };
+        *req.uri_mut() = uri;
+        // hyper picks HTTP/2 when ALPN offers it; the client's own version is its business.
+        *req.version_mut() = Version::HTTP_11;
+        let headers = req.headers_mut();
+        strip_hop_by_hop(headers);
+        // The client set Host for us; the upstream's is set by hyper from the URI.
+        headers.remove(header::HOST);
+        if !headers.contains_key(header::ACCEPT) {
+            headers.insert(header::ACCEPT, APPLICATION_JSON.clone());
+        }
+        if !headers.contains_key(header::CONTENT_TYPE) && !req.body().is_end_stream() {
+            req.headers_mut()
+                .insert(header::CONTENT_TYPE, APPLICATION_JSON.clone());
+        }
+        let client = if is_retry_safe(req.method()) {
+            &self.reads
+        } else {
+            &self.writes
+        };
+        let sent = client.request(req);
+        let timeout = self.timeout;
+        async move {
+            let mut response = match tokio::time::timeout(timeout, sent).await {
+                Err(_) => return Err(GatewayError::UpstreamTimeout(timeout)),
+                Ok(Err(err)) => return Err(classify(err)),
+                Ok(Ok(response)) => response,
+            };
+            strip_hop_by_hop(response.headers_mut());
+            Ok(response.map(body::boxed))
+        }
+        .boxed()
+    }
+}
+
+fn is_retry_safe(method: &Method) -> bool {
+    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
+}
+
+fn classify(err: hyper_util::client::legacy::Error) -> GatewayError {
+    if let Some(too_large) = find_cause::<BodyTooLarge>(&err) {
+        return GatewayError::PayloadTooLarge {
+            limit: too_large.limit,
+        };
+    }
+    if find_cause::<ConnectTimedOut>(&err).is_some() {
+        return GatewayError::UpstreamUnreachable(Box::new(ConnectTimedOut));
+    }
+    GatewayError::UpstreamUnreachable(Box::new(err))
+}
+
+/// The connect phase (TCP and TLS) took longer than `upstream.connect_timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error("connection (TCP and TLS) not established within upstream.connect_timeout")]
+pub struct ConnectTimedOut;
+
+/// Bounds the whole connect phase, TLS handshake included (HttpConnector bounds TCP only).
+#[derive(Clone)]
+pub struct TimeoutConnector<C> {
+    inner: C,
+    timeout: Duration,
+}
+
+impl<C> Service<Uri> for TimeoutConnector<C>
+where
+    C: Service<Uri>,
+    C::Error: Into<BoxError>,
+    C::Future: Send + 'static,
+{
+    type Response = C::Response;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<C::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connecting = self.inner.call(uri);
+        let timeout = self.timeout;
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, connecting).await {
+                Ok(result) => result.map_err(Into::into),
+                Err(_) => Err(Box::new(ConnectTimedOut) as BoxError),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream(url: &str) -> Upstream {
+        let config = UpstreamConfig {
+            url: url.parse().unwrap(),
+            connect_timeout: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            ca_file: None,
+            pool_idle_timeout: Duration::from_secs(1),
+        };
+        Upstream::new(&config).unwrap()
+    }
+
+    #[tokio::test]
+    async fn absolute_form_cannot_change_the_host() {
+        let up = upstream("https://api.cloudcasa.io");
+        let target = up
+            .target(
+                &"http://elsewhere.example:81/api/v1/x?a=%2F&b"
+                    .parse()
+                    .unwrap(),
+            )
+            .unwrap();
+        assert_eq!(target, "https://api.cloudcasa.io/api/v1/x?a=%2F&b");
+    }
+
+    #[tokio::test]
+    async fn prefix_is_joined() {
+        let up = upstream("http://127.0.0.1:9/base/");
+        assert_eq!(
+            up.target(&"/api/v1/x".parse().unwrap()).unwrap(),
+            "http://127.0.0.1:9/base/api/v1/x"
+        );
+    }
+}

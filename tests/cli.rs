@@ -1,0 +1,171 @@
+//! The `cloudcasa-gateway` binary: `--check`, bad configurations, flags, and signals.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use http::StatusCode;
+use support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_cloudcasa-gateway");
+
+fn check(config: &str, token: Option<&str>) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let token_path = dir.path().join("token");
+    if let Some(t) = token {
+        std::fs::write(&token_path, t).unwrap();
+    }
+    let text = config.replace("TOKEN_PATH", &token_path.display().to_string());
+    let path = write_file(dir.path(), "gateway.toml", &text);
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .arg("--check")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn check_accepts_a_good_config() {
+    let (ok, out) = check("[token]\nfile = \"TOKEN_PATH\"\n", Some("t"));
+    assert!(ok, "{out}");
+    assert!(out.contains("configuration OK"));
+}
+
+#[test]
+fn check_names_the_offending_key() {
+    let cases = [
+        (
+            "[server]\nlistn = \"x\"\n[token]\nfile = \"TOKEN_PATH\"\n",
+            "server.listn",
+        ),
+        (
+            "[upstream]\ntimeout = \"later\"\n[token]\nfile = \"TOKEN_PATH\"\n",
+            "upstream.timeout",
+        ),
+        (
+            "[upstream]\nurl = \"gopher://x\"\n[token]\nfile = \"TOKEN_PATH\"\n",
+            "upstream.url",
+        ),
+        (
+            "[upstream]\nca_file = \"/nonexistent/ca.pem\"\n[token]\nfile = \"TOKEN_PATH\"\n",
+            "upstream.ca_file",
+        ),
+        (
+            "[server]\nmax_body_size = \"lots\"\n[token]\nfile = \"TOKEN_PATH\"\n",
+            "server.max_body_size",
+        ),
+        ("[token]\nfile = \"TOKEN_PATH\"\nenv = \"X\"\n", "token"),
+        ("[telemetry]\nx = 1\n", "telemetry"),
+    ];
+    for (config, key) in cases {
+        let (ok, out) = check(config, Some("t"));
+        assert!(!ok, "accepted: {config}");
+        assert!(out.contains(&format!("{key}:")), "expected {key} in: {out}");
+        assert!(!out.contains("panicked"), "{out}");
+    }
+}
+
+#[test]
+fn check_requires_named_files_to_be_readable() {
+    let (ok, out) = check("[token]\nfile = \"TOKEN_PATH\"\n", None);
+    assert!(!ok);
+    assert!(out.contains("token.file:"), "{out}");
+}
+
+#[test]
+fn help_and_version() {
+    let help = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(help.status.success());
+    let help = String::from_utf8_lossy(&help.stdout);
+    for flag in [
+        "--config",
+        "--check",
+        "--listen",
+        "--upstream",
+        "--token-file",
+    ] {
+        assert!(help.contains(flag), "{flag} missing from --help");
+    }
+    let version = Command::new(BIN).arg("--version").output().unwrap();
+    assert!(String::from_utf8_lossy(&version.stdout).contains(env!("CARGO_PKG_VERSION")));
+}
+
+#[tokio::test]
+async fn sigterm_drains_and_exits_zero() {
+    let mock = MockCloudCasa::start().await;
+    let secret = SecretDir::new("token-a");
+    let ports: Vec<u16> = (0..2)
+        .map(|_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        })
+        .collect();
+    let config = write_file(
+        secret.dir.path(),
+        "gateway.toml",
+        &format!(
+            "[admin]\nlisten = \"127.0.0.1:{}\"\n[server]\ndrain_timeout = \"10s\"\n",
+            ports[1]
+        ),
+    );
+    let child = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{}", ports[0]))
+        .arg("--upstream")
+        .arg(mock.url())
+        .arg("--token-file")
+        .arg(secret.token_path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ready = format!("http://127.0.0.1:{}/readyz", ports[1]);
+    eventually(
+        Duration::from_secs(10),
+        "the gateway to become ready",
+        || async {
+            match client().get(ready.parse().unwrap()).await {
+                Ok(r) => r.status() == StatusCode::OK,
+                Err(_) => false,
+            }
+        },
+    )
+    .await;
+
+    mock.state
+        .set_fault(Fault::Delay(Duration::from_millis(500)), Some(1));
+    let url = format!("http://127.0.0.1:{}/api/v1/clusters", ports[0]);
+    let in_flight = tokio::spawn(async move { get(&url, &[]).await });
+    mock.state.wait_for(1).await;
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(in_flight.await.unwrap().status, StatusCode::OK);
+    let exit = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.status.success(), "exit: {:?}", exit.status);
+    let logs = String::from_utf8_lossy(&exit.stderr);
+    assert!(logs.contains("SIGTERM"), "{logs}");
+    assert!(
+        !logs.contains("token-a"),
+        "the token leaked into the logs: {logs}"
+    );
+}

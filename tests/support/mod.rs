@@ -1,0 +1,248 @@
+//! Shared test support: the mock CloudCasa, a gateway running in-process on ephemeral ports, a
+//! Kubernetes-style Secret directory, and small HTTP helpers.
+#![allow(dead_code)]
+
+pub mod mock;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use cloudcasa_gateway::Gateway;
+use cloudcasa_gateway::config::{Config, Overrides};
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+
+#[allow(unused_imports)]
+pub use mock::{Fault, MockCloudCasa};
+
+/// A directory laid out like a Secret volume: `token -> ..data/token`, `..data -> ..<version>`.
+/// Rotation swaps `..data` atomically, as the kubelet does.
+pub struct SecretDir {
+    pub dir: tempfile::TempDir,
+    version: u32,
+}
+
+impl SecretDir {
+    pub fn new(token: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Self { dir, version: 0 };
+        s.write_version(token);
+        std::os::unix::fs::symlink("..data/token", s.dir.path().join("token")).unwrap();
+        s
+    }
+
+    /// An empty directory: the Secret has not been mounted yet.
+    pub fn empty() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+            version: 0,
+        }
+    }
+
+    pub fn token_path(&self) -> PathBuf {
+        self.dir.path().join("token")
+    }
+
+    fn write_version(&mut self, token: &str) {
+        self.version += 1;
+        let versioned = format!("..2026_11_27_00_00_{:02}.{}", self.version, self.version);
+        let vdir = self.dir.path().join(&versioned);
+        std::fs::create_dir(&vdir).unwrap();
+        std::fs::write(vdir.join("token"), format!("{token}\n")).unwrap();
+        let tmp = self.dir.path().join("..data_tmp");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(&versioned, &tmp).unwrap();
+        std::fs::rename(&tmp, self.dir.path().join("..data")).unwrap();
+    }
+
+    /// Rotates the token the way the kubelet does.
+    pub fn rotate(&mut self, token: &str) {
+        self.write_version(token);
+    }
+
+    /// Makes the Secret appear in an empty directory.
+    pub fn appear(&mut self, token: &str) {
+        self.write_version(token);
+        let link = self.dir.path().join("token");
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink("..data/token", link).unwrap();
+        }
+    }
+}
+
+/// A gateway running in this test's runtime.
+pub struct TestGateway {
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TestGateway {
+    /// Starts a gateway from TOML text; listeners default to ephemeral loopback ports.
+    pub async fn start(toml: &str) -> Self {
+        let text = format!("{toml}\n");
+        let mut raw = Config::parse(&text).unwrap_or_else(|e| panic!("test config: {e:?}"));
+        raw.server
+            .listen
+            .get_or_insert_with(|| "127.0.0.1:0".into());
+        raw.admin.listen.get_or_insert_with(|| "127.0.0.1:0".into());
+        let config = Config::from_raw(raw, &Overrides::default())
+            .unwrap_or_else(|e| panic!("test config: {e:?}"));
+        let gateway = Gateway::bind(config).await.expect("gateway binds");
+        let (proxy, admin) = (gateway.proxy_addr(), gateway.admin_addr());
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(gateway.run(async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            proxy,
+            admin,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// A gateway in front of `mock` with the token from `secret`, plus extra TOML.
+    pub async fn for_mock(mock: &MockCloudCasa, secret: &SecretDir, extra: &str) -> Self {
+        Self::start(&format!(
+            "[upstream]\nurl = \"{}\"\ntimeout = \"5s\"\n[token]\nfile = \"{}\"\n{extra}",
+            mock.url(),
+            secret.token_path().display()
+        ))
+        .await
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.proxy)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    /// Begins shutdown and returns a handle that completes when the gateway has stopped.
+    pub fn begin_shutdown(&mut self) -> &mut tokio::task::JoinHandle<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        &mut self.task
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A complete response.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    /// Asserts the body is CloudCasa's error envelope with `status`, and returns its message.
+    pub fn envelope_message(&self, status: u16) -> String {
+        assert_eq!(self.status.as_u16(), status, "{}", self.text());
+        assert_eq!(self.header("content-type"), Some("application/json"));
+        let v = self.json();
+        assert_eq!(v["_status"], "ERR", "{v}");
+        assert_eq!(v["_error"]["code"], status, "{v}");
+        v["_error"]["message"]
+            .as_str()
+            .expect("a message")
+            .to_string()
+    }
+}
+
+/// An HTTP/1.1 client for tests.
+pub fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// Sends a request and reads the whole response.
+pub async fn send(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Reply {
+    let mut req = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = client()
+        .request(req.body(Full::new(body.into())).unwrap())
+        .await
+        .expect("the gateway answers");
+    let (parts, body) = resp.into_parts();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.expect("a complete body").to_bytes(),
+    }
+}
+
+pub async fn get(url: &str, headers: &[(&str, &str)]) -> Reply {
+    send(Method::GET, url, headers, Bytes::new()).await
+}
+
+/// Writes raw bytes to `addr` and reads until the server closes the connection.
+pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out))
+        .await
+        .expect("the server closes the connection");
+    // A reset is the server closing too (it did not wait to read what we sent).
+    if let Err(e) = read {
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Waits until `check` holds, polling every 20 ms, for at most `limit`; panics with `what`.
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn write_file(dir: &Path, name: &str, content: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, content).unwrap();
+    path
+}
