@@ -1,4 +1,4 @@
-//! The admin listener: liveness, readiness, and (in later modules) cache control and metrics.
+//! The admin listener: liveness, readiness, and cache inspection and purging.
 //! Kept off the proxy port so that a sidecar's clients cannot reach it by accident.
 
 use std::convert::Infallible;
@@ -20,6 +20,9 @@ pub async fn handle(
     let response = match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => readyz(&shared),
+        (&Method::GET, "/cache") => cache_report(&shared).await,
+        (&Method::DELETE, "/cache") => cache_purge(&shared, req.uri().query()).await,
+        (_, "/cache") => error_response(StatusCode::METHOD_NOT_ALLOWED, "use GET or DELETE"),
         (_, "/healthz" | "/readyz") => error_response(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
         (_, path) => error_response(
             StatusCode::NOT_FOUND,
@@ -43,6 +46,69 @@ fn readyz(shared: &Shared) -> Response<Body> {
             ),
         ),
     }
+}
+
+async fn cache_report(shared: &Shared) -> Response<Body> {
+    let Some(cache) = &shared.cache else {
+        return json(StatusCode::OK, serde_json::json!({"enabled": false}));
+    };
+    let store = cache.store();
+    let (entries, weighted) = store.size().await;
+    let s = &store.stats;
+    let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    json(
+        StatusCode::OK,
+        serde_json::json!({
+            "enabled": true,
+            "entries": entries,
+            "weighted_bytes": weighted,
+            "max_bytes": store.max_size(),
+            "hits": n(&s.hits),
+            "misses": n(&s.misses),
+            "revalidations": n(&s.revalidations),
+            "stale_served": n(&s.stale_served),
+            "collapsed": n(&s.collapsed),
+            "evictions": n(&s.evictions),
+            "invalidations": n(&s.invalidations),
+        }),
+    )
+}
+
+/// `DELETE /cache` empties the cache; `DELETE /cache?prefix=/api/v1/x` removes one path prefix.
+async fn cache_purge(shared: &Shared, query: Option<&str>) -> Response<Body> {
+    let Some(cache) = &shared.cache else {
+        return error_response(
+            StatusCode::CONFLICT,
+            "the cache is disabled (cache.enabled = false)",
+        );
+    };
+    let mut prefix = String::new();
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("prefix", value)) if value.starts_with('/') => prefix = value.to_string(),
+            _ => {
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    &format!("unsupported parameter {pair:?}; use ?prefix=/api/v1/..."),
+                );
+            }
+        }
+    }
+    let removed = cache.store().purge_prefix(&prefix).await;
+    json(
+        StatusCode::OK,
+        serde_json::json!({"removed_paths": removed, "prefix": prefix}),
+    )
+}
+
+fn json(status: StatusCode, value: serde_json::Value) -> Response<Body> {
+    let mut response = Response::new(body::full(value.to_string()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 fn text(status: StatusCode, body_text: &'static str) -> Response<Body> {

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tower::{Service, ServiceBuilder};
 
 use crate::body::Body;
+use crate::cache::{Cache, CacheLayer};
 use crate::config::Config;
 use crate::credential::{InjectTokenLayer, SelectCredentialLayer};
 use crate::limits::BodyLimitLayer;
@@ -31,6 +32,8 @@ pub struct Shared {
     pub token: Arc<TokenSource>,
     /// Set once shutdown begins; `/readyz` turns 503.
     pub draining: AtomicBool,
+    /// The response cache, unless `cache.enabled = false`.
+    pub cache: Option<Arc<Cache>>,
 }
 
 /// Why the gateway could not start.
@@ -63,7 +66,7 @@ pub struct Gateway {
 
 impl Gateway {
     /// Start-up, in order: 1. build the upstream client (fails on a bad CA bundle);
-    /// 2. load the token (a missing one is tolerated); 3. bind both listeners.
+    /// 2. load the token (a missing one is tolerated); 3. bind both listeners; 4. make the cache.
     pub async fn bind(config: Config) -> Result<Self, StartError> {
         let upstream = Upstream::new(&config.upstream)?;
         let token = Arc::new(TokenSource::new(
@@ -78,6 +81,10 @@ impl Gateway {
         };
         let proxy = bind("server.listen", config.server.listen).await?;
         let admin = bind("admin.listen", config.admin.listen).await?;
+        let cache = config
+            .cache
+            .enabled
+            .then(|| Arc::new(Cache::new(config.cache.clone(), config.upstream.timeout)));
         Ok(Self {
             config,
             proxy,
@@ -86,6 +93,7 @@ impl Gateway {
             shared: Arc::new(Shared {
                 token,
                 draining: AtomicBool::new(false),
+                cache,
             }),
         })
     }
@@ -120,6 +128,8 @@ impl Gateway {
             .layer(BodyLimitLayer::new(self.config.server.max_body_size))
             // Policy, sidecar mode: the caller is local and uses the one credential.
             .layer(SelectCredentialLayer::new(self.shared.token.clone()))
+            // Reads from memory, revalidated by ETag; writes invalidate. Keyed by credential.
+            .layer(CacheLayer::new(self.shared.cache.clone()))
             // Last: swap the client's credential for the CloudCasa token.
             .layer(InjectTokenLayer)
             .service(self.upstream.clone())

@@ -37,6 +37,9 @@ pub enum GatewayError {
     /// The gateway is shutting down or otherwise not ready.
     #[error("{0}")]
     Unavailable(&'static str),
+    /// The client sent `Cache-Control: only-if-cached` and nothing usable is stored.
+    #[error("not in the gateway's cache (the request said only-if-cached)")]
+    NotCached,
     /// A bug: a handler panicked. The panic payload is logged, not returned.
     #[error("internal gateway error")]
     Internal,
@@ -50,7 +53,7 @@ impl GatewayError {
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::NoToken { .. } | Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
-            Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::UpstreamTimeout(_) | Self::NotCached => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -64,8 +67,18 @@ impl GatewayError {
             Self::UpstreamUnreachable(_) => "upstream_unreachable",
             Self::UpstreamTimeout(_) => "upstream_timeout",
             Self::Unavailable(_) => "unavailable",
+            Self::NotCached => "not_cached",
             Self::Internal => "internal",
         }
+    }
+
+    /// Whether the upstream failed (as opposed to the request being refused): the cases in
+    /// which a stale response may stand in (`stale-if-error`).
+    pub fn is_upstream_failure(&self) -> bool {
+        matches!(
+            self,
+            Self::UpstreamUnreachable(_) | Self::UpstreamTimeout(_)
+        )
     }
 
     /// The message including its cause chain (hyper's errors hide the useful part in `source`).

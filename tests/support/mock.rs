@@ -59,6 +59,11 @@ pub enum Fault {
     Reset,
     /// Answer with this status in the error envelope.
     Status(StatusCode),
+    /// Wait until `release` is notified, then answer normally, or with `then` in the envelope.
+    Hold {
+        release: Arc<Notify>,
+        then: Option<StatusCode>,
+    },
 }
 
 type Handler = Arc<dyn Fn(&Recorded) -> Response<Bytes> + Send + Sync>;
@@ -384,6 +389,12 @@ async fn handle(
         }
         Some(Fault::Delay(d)) => tokio::time::sleep(d).await,
         Some(Fault::Status(status)) => return Ok(finish(envelope(status, "mock failure"))),
+        Some(Fault::Hold { release, then }) => {
+            release.notified().await;
+            if let Some(status) = then {
+                return Ok(finish(envelope(status, "mock failure")));
+            }
+        }
         None => {}
     }
 

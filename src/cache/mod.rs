@@ -1,0 +1,648 @@
+//! The response cache: an RFC 9111 shared cache for GET in front of one origin, partitioned by
+//! the credential the gateway injects.
+//!
+//! Reads: a fresh stored response is served from memory; a stale one is revalidated with the
+//! upstream's validator; concurrent requests needing the upstream share one fetch; a failing
+//! upstream may be covered by a stale response (`stale-if-error`). Clients' own conditional
+//! requests are answered here. Writes pass through untouched and invalidate what they changed,
+//! so no read through the gateway ever returns the state from before a write.
+//!
+//! The rules live in [`policy`] (pure functions), the outcome in [`status`], storage and the
+//! collapsing lock in [`store`]; this module applies them to requests.
+
+pub mod policy;
+pub mod status;
+pub mod store;
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body::{Body as _, Frame};
+use http_body_util::BodyExt;
+use sha2::{Digest, Sha256};
+use tower::util::BoxCloneService;
+use tower::{Layer, Service};
+
+use crate::body::{self, Body, BoxError};
+use crate::config::CacheConfig;
+use crate::credential::{PinnedToken, SelectedCredential};
+use crate::error::GatewayError;
+use policy::{Directives, NotStorable};
+use status::{CacheStatus, Forward};
+use store::{CacheKey, FlightOutcome, Joined, PathKey, Store, Stored};
+
+/// The `Cache-Status` header (RFC 9211).
+pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+
+/// Client conditionals the cache answers itself; they are never sent upstream for cacheable
+/// reads (the cache wants a full response to store).
+const CLIENT_CONDITIONALS: [HeaderName; 5] = [
+    header::IF_NONE_MATCH,
+    header::IF_MODIFIED_SINCE,
+    header::IF_MATCH,
+    header::IF_UNMODIFIED_SINCE,
+    header::IF_RANGE,
+];
+
+/// The cache and its settings.
+#[derive(Debug)]
+pub struct Cache {
+    store: Store,
+    config: CacheConfig,
+    /// How long a collapsed request waits for the fetch it joined.
+    wait_limit: Duration,
+}
+
+impl Cache {
+    /// A cache per `config`; collapsed waits are bounded by `upstream_timeout`.
+    pub fn new(config: CacheConfig, upstream_timeout: Duration) -> Self {
+        Self {
+            store: Store::new(config.max_size),
+            config,
+            wait_limit: upstream_timeout,
+        }
+    }
+
+    /// The storage, for the admin endpoint and metrics.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+}
+
+/// Puts the cache into the stack.
+#[derive(Clone)]
+pub struct CacheLayer {
+    cache: Option<Arc<Cache>>,
+}
+
+impl CacheLayer {
+    /// `None` disables caching (responses still say `fwd=bypass`).
+    pub fn new(cache: Option<Arc<Cache>>) -> Self {
+        Self { cache }
+    }
+}
+
+/// The stack below the cache, type-erased: the cache's futures hold it across awaits, and a
+/// concrete type keeps them provably `Send`.
+pub type Inner = BoxCloneService<Request<Body>, Response<Body>, GatewayError>;
+
+impl<S> Layer<S> for CacheLayer
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = GatewayError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Service = CacheService;
+    fn layer(&self, inner: S) -> Self::Service {
+        CacheService {
+            inner: BoxCloneService::new(inner),
+            cache: self.cache.clone(),
+        }
+    }
+}
+
+/// See the module docs.
+#[derive(Clone)]
+pub struct CacheService {
+    inner: Inner,
+    cache: Option<Arc<Cache>>,
+}
+
+impl Service<Request<Body>> for CacheService {
+    type Response = Response<Body>;
+    type Error = GatewayError;
+    type Future = BoxFuture<'static, Result<Response<Body>, GatewayError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        // The ready clone stays here; the clone moves into the future (tower's usual swap).
+        let inner = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, inner);
+        let cache = self.cache.clone();
+        Box::pin(async move {
+            let (status, result) = match (cache, req.method()) {
+                (None, _) => (
+                    CacheStatus::forward(Forward::Bypass),
+                    pass(inner, req).await,
+                ),
+                (Some(cache), &Method::GET | &Method::HEAD) => cache.read(inner, req).await,
+                (Some(_), &Method::OPTIONS | &Method::TRACE) => (
+                    CacheStatus::forward(Forward::Method),
+                    pass(inner, req).await,
+                ),
+                (Some(cache), _) => (
+                    CacheStatus::forward(Forward::Method),
+                    cache.write(inner, req).await,
+                ),
+            };
+            tracing::Span::current().record("cache.status", status.label());
+            let mut response = match result {
+                Ok(response) => response,
+                // Rendered here rather than above so the error, too, says what the cache did.
+                Err(err) => crate::rescue::rescue(err),
+            };
+            response
+                .headers_mut()
+                .insert(CACHE_STATUS.clone(), status.header_value());
+            response.extensions_mut().insert(status);
+            Ok(response)
+        })
+    }
+}
+
+async fn pass(mut inner: Inner, req: Request<Body>) -> Result<Response<Body>, GatewayError> {
+    inner.call(req).await
+}
+
+/// What to answer a read with, decided after the upstream was asked.
+type Outcome = (CacheStatus, Result<Response<Body>, GatewayError>);
+
+impl Cache {
+    async fn write(
+        &self,
+        mut inner: Inner,
+        req: Request<Body>,
+    ) -> Result<Response<Body>, GatewayError> {
+        let partition = SelectedCredential::token_for(&req).map(|t| t.fingerprint());
+        let target = req.uri().path().to_string();
+        let response = inner.call(req).await?;
+        // RFC 9111 §4.4: a non-error response to an unsafe method invalidates the target, and
+        // here also its collection, with every query variant, plus Location/Content-Location.
+        if let Some(partition) = partition
+            && (response.status().is_success() || response.status().is_redirection())
+        {
+            let mut paths = vec![parent(&target).to_string(), target];
+            for h in [header::LOCATION, header::CONTENT_LOCATION] {
+                if let Some(path) = response.headers().get(&h).and_then(location_path) {
+                    paths.push(path);
+                }
+            }
+            paths.sort();
+            paths.dedup();
+            self.store.invalidate_paths(partition, &paths).await;
+        }
+        Ok(response)
+    }
+
+    async fn read(&self, inner: Inner, mut req: Request<Body>) -> Outcome {
+        let request_cc = Directives::parse(req.headers());
+        let Some(token) = SelectedCredential::token_for(&req) else {
+            // No credential, no partition: nothing can be served or stored (injection answers 503).
+            return (
+                CacheStatus::forward(Forward::Bypass),
+                pass(inner, req).await,
+            );
+        };
+        let key = CacheKey {
+            path: PathKey {
+                partition: token.fingerprint(),
+                path: req.uri().path().into(),
+            },
+            query: req.uri().query().unwrap_or("").into(),
+        };
+        req.extensions_mut().insert(PinnedToken(token));
+        let is_head = req.method() == Method::HEAD;
+        if request_cc.no_store {
+            let mut status = CacheStatus::forward(Forward::Request);
+            status.not_stored = Some(NotStorable::NoStore);
+            return (status, pass(inner, req).await);
+        }
+
+        let mut may_collapse = true;
+        loop {
+            let now = SystemTime::now();
+            let found = self.store.get(&key).await;
+            let vary_miss = found
+                .as_ref()
+                .is_some_and(|s| !s.matches_vary(req.headers()));
+            let stored = found.filter(|_| !vary_miss);
+            if let Some(s) = &stored
+                && policy::fresh_enough(s.age(now), s.lifetime, &request_cc)
+            {
+                self.store.stats.hits.fetch_add(1, Ordering::Relaxed);
+                return (
+                    CacheStatus::hit(s.ttl(now)),
+                    Ok(serve(s, req.headers(), is_head, now)),
+                );
+            }
+            if request_cc.only_if_cached {
+                return (
+                    CacheStatus::forward(Forward::Request),
+                    Err(GatewayError::NotCached),
+                );
+            }
+            let forward = match &stored {
+                Some(s) if s.age(now) < s.lifetime => Forward::Request,
+                Some(_) => Forward::Stale,
+                None if vary_miss => Forward::VaryMiss,
+                None => Forward::UriMiss,
+            };
+            if is_head {
+                // A HEAD cannot fill the cache; it goes upstream as it is.
+                self.store.stats.misses.fetch_add(1, Ordering::Relaxed);
+                return (CacheStatus::forward(forward), pass(inner, req).await);
+            }
+            let epoch = self.store.epoch();
+            let guard = if may_collapse {
+                match self.store.flights.join(&key, epoch) {
+                    Joined::Leader(guard) => Some(guard),
+                    Joined::Waiter(mut outcome) => {
+                        self.store.stats.collapsed.fetch_add(1, Ordering::Relaxed);
+                        let waited = tokio::time::timeout(
+                            self.wait_limit,
+                            outcome.wait_for(Option::is_some),
+                        )
+                        .await;
+                        if let Ok(Ok(done)) = waited
+                            && let Some(FlightOutcome::Stored(s)) = done.as_ref()
+                        {
+                            self.store.stats.misses.fetch_add(1, Ordering::Relaxed);
+                            let mut status = CacheStatus::forward(forward);
+                            status.collapsed = true;
+                            let now = SystemTime::now();
+                            return (status, Ok(serve(s, req.headers(), false, now)));
+                        }
+                        // The leader stored nothing, failed, or went away: fetch on our own.
+                        may_collapse = false;
+                        continue;
+                    }
+                }
+            } else {
+                None
+            };
+            return self
+                .fetch(inner, req, key, stored, forward, epoch, guard)
+                .await;
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn fetch(
+        &self,
+        mut inner: Inner,
+        req: Request<Body>,
+        key: CacheKey,
+        stored: Option<Arc<Stored>>,
+        forward: Forward,
+        epoch: u64,
+        guard: Option<store::FlightGuard>,
+    ) -> Outcome {
+        let mut status = CacheStatus::forward(forward);
+        let (mut parts, body) = req.into_parts();
+        let client = parts.headers.clone();
+        for h in &CLIENT_CONDITIONALS {
+            parts.headers.remove(h);
+        }
+        match &stored {
+            Some(s) if s.upstream_etag => {
+                parts.headers.insert(header::IF_NONE_MATCH, s.etag.clone());
+            }
+            Some(s) => {
+                if let Some(lm) = s.headers.get(header::LAST_MODIFIED) {
+                    parts.headers.insert(header::IF_MODIFIED_SINCE, lm.clone());
+                }
+            }
+            None => {
+                self.store.stats.misses.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let request_time = SystemTime::now();
+        let result = inner.call(Request::from_parts(parts, body)).await;
+        let now = SystemTime::now();
+        let stale = stored.as_ref().filter(|s| s.usable_if_error(now));
+
+        let response = match result {
+            Err(err) => {
+                if let Some(s) = stale
+                    && err.is_upstream_failure()
+                {
+                    return self.serve_stale(s, &client, now);
+                }
+                return (status, Err(err));
+            }
+            Ok(response) => response,
+        };
+        let code = response.status();
+        status.fwd_status = Some(code.as_u16());
+        if code.is_server_error()
+            && let Some(s) = stale
+        {
+            return self.serve_stale(s, &client, now);
+        }
+        if code == StatusCode::NOT_MODIFIED
+            && let Some(old) = &stored
+        {
+            let updated = Arc::new(revalidated(
+                old,
+                response.headers(),
+                &self.config,
+                request_time,
+                now,
+            ));
+            status.stored = self.store.insert(&key, updated.clone(), epoch).await;
+            self.store
+                .stats
+                .revalidations
+                .fetch_add(1, Ordering::Relaxed);
+            if let Some(guard) = guard {
+                guard.finish(FlightOutcome::Stored(updated.clone()));
+            }
+            status.ttl = Some(updated.ttl(now));
+            return (status, Ok(serve(&updated, &client, false, now)));
+        }
+        let response_cc = Directives::parse(response.headers());
+        let request_cc = Directives::parse(&client);
+        if let Err(reason) = policy::storable(code, &request_cc, response.headers(), &response_cc) {
+            if stored.is_some() && !code.is_server_error() {
+                // The upstream no longer gives what was stored (gone, or now uncacheable); a
+                // passing 5xx is no reason to forget it.
+                self.store.remove(&key).await;
+            }
+            if code == StatusCode::OK {
+                status.not_stored = Some(reason);
+            }
+            return (status, Ok(response));
+        }
+
+        let (parts, body) = response.into_parts();
+        let bytes = match collect_limited(body, self.config.max_object_size).await {
+            Ok(Collected::Complete(bytes)) => bytes,
+            Ok(Collected::TooLarge(prefix, rest)) => {
+                status.not_stored = Some(NotStorable::TooLarge);
+                let body = body::boxed(PrefixedBody { prefix, rest });
+                return (status, Ok(Response::from_parts(parts, body)));
+            }
+            Err(err) => return (status, Err(GatewayError::UpstreamUnreachable(err))),
+        };
+        let fresh = Arc::new(build_stored(
+            parts.headers,
+            bytes,
+            &client,
+            &self.config,
+            request_time,
+            now,
+        ));
+        if let Some(old) = &stored
+            && !old.upstream_etag
+            && old.etag == fresh.etag
+        {
+            // No validator upstream, but the same bytes: as good as a 304 for our clients.
+            self.store
+                .stats
+                .revalidations
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        status.stored = self.store.insert(&key, fresh.clone(), epoch).await;
+        if let Some(guard) = guard {
+            guard.finish(FlightOutcome::Stored(fresh.clone()));
+        }
+        (status, Ok(serve(&fresh, &client, false, now)))
+    }
+
+    fn serve_stale(&self, stale: &Stored, client: &HeaderMap, now: SystemTime) -> Outcome {
+        self.store
+            .stats
+            .stale_served
+            .fetch_add(1, Ordering::Relaxed);
+        let mut status = CacheStatus::hit(stale.ttl(now));
+        status.stale_if_error = true;
+        (status, Ok(serve(stale, client, false, now)))
+    }
+}
+
+/// The path of a `Location`-style header value (relative or absolute).
+fn location_path(value: &HeaderValue) -> Option<String> {
+    let uri: http::Uri = value.to_str().ok()?.parse().ok()?;
+    let path = uri.path();
+    path.starts_with('/').then(|| path.to_string())
+}
+
+/// The collection a resource belongs to: `/api/v1/usergroups/ID` → `/api/v1/usergroups`.
+fn parent(path: &str) -> &str {
+    let trimmed = path.trim_end_matches('/');
+    match trimmed.rfind('/') {
+        Some(0) | None => "/",
+        Some(i) => &trimmed[..i],
+    }
+}
+
+fn build_stored(
+    mut headers: HeaderMap,
+    body: Bytes,
+    client: &HeaderMap,
+    config: &CacheConfig,
+    request_time: SystemTime,
+    response_time: SystemTime,
+) -> Stored {
+    let directives = Directives::parse(&headers);
+    let initial_age = policy::initial_age(&headers, request_time, response_time);
+    // Age is recomputed on every response served from the cache.
+    headers.remove(header::AGE);
+    let (etag, upstream_etag) = match headers.get(header::ETAG) {
+        Some(e) => (e.clone(), true),
+        None => {
+            let digest = Sha256::digest(&body);
+            let tag = format!("\"cc-{}\"", hex::encode(&digest[..16]));
+            (
+                HeaderValue::from_str(&tag).expect("hex is a valid header value"),
+                false,
+            )
+        }
+    };
+    Stored {
+        vary: policy::vary_values(&policy::vary_names(&headers), client),
+        lifetime: policy::freshness_lifetime(&headers, &directives, config.fresh_for),
+        stale_if_error: config
+            .stale_if_error
+            .max(Duration::from_secs(directives.stale_if_error.unwrap_or(0))),
+        forbids_stale: directives.forbids_stale(),
+        headers,
+        body,
+        etag,
+        upstream_etag,
+        response_time,
+        initial_age,
+    }
+}
+
+/// A stored response updated with a 304's headers (RFC 9111 §4.3.4).
+fn revalidated(
+    old: &Stored,
+    update: &HeaderMap,
+    config: &CacheConfig,
+    request_time: SystemTime,
+    now: SystemTime,
+) -> Stored {
+    let mut headers = old.headers.clone();
+    for name in update.keys() {
+        if policy::keep_on_update(name) {
+            continue;
+        }
+        headers.remove(name);
+        for value in update.get_all(name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    let mut fresh = build_stored(
+        headers,
+        old.body.clone(),
+        &HeaderMap::new(),
+        config,
+        request_time,
+        now,
+    );
+    fresh.vary = old.vary.clone();
+    fresh.etag = old.etag.clone();
+    fresh.upstream_etag = old.upstream_etag;
+    fresh
+}
+
+/// A response from a stored one: 304 when the client's conditional matches, else 200 (with no
+/// body for HEAD).
+fn serve(stored: &Stored, client: &HeaderMap, head: bool, now: SystemTime) -> Response<Body> {
+    let age = HeaderValue::from(stored.age(now).as_secs());
+    if policy::not_modified(
+        client,
+        Some(&stored.etag),
+        stored.headers.get(header::LAST_MODIFIED),
+    ) {
+        let mut response = Response::new(body::empty());
+        *response.status_mut() = StatusCode::NOT_MODIFIED;
+        let headers = response.headers_mut();
+        for name in &policy::NOT_MODIFIED_HEADERS {
+            for value in stored.headers.get_all(name) {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+        headers.insert(header::ETAG, stored.etag.clone());
+        headers.insert(header::AGE, age);
+        return response;
+    }
+    let mut response = Response::new(if head {
+        body::empty()
+    } else {
+        body::full(stored.body.clone())
+    });
+    *response.status_mut() = stored.status();
+    let headers = response.headers_mut();
+    *headers = stored.headers.clone();
+    headers.insert(header::ETAG, stored.etag.clone());
+    headers.insert(header::AGE, age);
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(stored.body.len()));
+    response
+}
+
+enum Collected {
+    Complete(Bytes),
+    TooLarge(VecDeque<Bytes>, Body),
+}
+
+/// Reads a body whole if it fits in `limit`; otherwise hands back what was read and the rest,
+/// so the response can still stream through.
+async fn collect_limited(mut body: Body, limit: u64) -> Result<Collected, BoxError> {
+    let mut chunks = VecDeque::new();
+    if body.size_hint().lower() > limit {
+        return Ok(Collected::TooLarge(chunks, body));
+    }
+    let mut total = 0u64;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            total += data.len() as u64;
+            chunks.push_back(data);
+            if total > limit {
+                return Ok(Collected::TooLarge(chunks, body));
+            }
+        }
+    }
+    Ok(Collected::Complete(match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.pop_front().expect("one chunk"),
+        _ => {
+            let mut all = Vec::with_capacity(total as usize);
+            for c in chunks {
+                all.extend_from_slice(&c);
+            }
+            Bytes::from(all)
+        }
+    }))
+}
+
+/// Chunks already read, then the rest of the body.
+struct PrefixedBody {
+    prefix: VecDeque<Bytes>,
+    rest: Body,
+}
+
+impl http_body::Body for PrefixedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(chunk) = self.prefix.pop_front() {
+            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parents() {
+        assert_eq!(parent("/api/v1/usergroups/624e"), "/api/v1/usergroups");
+        assert_eq!(parent("/api/v1/usergroups/"), "/api/v1");
+        assert_eq!(parent("/x"), "/");
+    }
+
+    #[test]
+    fn location_paths() {
+        assert_eq!(
+            location_path(&HeaderValue::from_static(
+                "https://api.cloudcasa.io/api/v1/a/1"
+            ))
+            .as_deref(),
+            Some("/api/v1/a/1")
+        );
+        assert_eq!(
+            location_path(&HeaderValue::from_static("/api/v1/a/2?x")).as_deref(),
+            Some("/api/v1/a/2")
+        );
+        assert_eq!(location_path(&HeaderValue::from_static("relative")), None);
+    }
+
+    #[tokio::test]
+    async fn collects_within_the_limit_and_hands_back_the_rest() {
+        let Collected::Complete(b) = collect_limited(body::full("abc"), 3).await.unwrap() else {
+            panic!()
+        };
+        assert_eq!(b, "abc");
+        let Collected::TooLarge(prefix, rest) =
+            collect_limited(body::full("abcd"), 3).await.unwrap()
+        else {
+            panic!()
+        };
+        let whole = PrefixedBody { prefix, rest }
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
+        assert_eq!(whole, "abcd");
+    }
+}

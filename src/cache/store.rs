@@ -1,0 +1,507 @@
+//! Where responses are kept: a moka cache bounded by bytes, keyed by credential partition and
+//! path, holding every stored query variant of that path. Keeping a path's variants together
+//! makes "invalidate the collection with every query variant" a single removal.
+//!
+//! Also here: the collapsing lock ([`Flights`]) and the invalidation epoch that keeps a fetch
+//! started before a write from storing what the write just changed.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use tokio::sync::{RwLock, watch};
+
+use crate::token::Fingerprint;
+
+/// The primary cache key: the credential's keyed fingerprint (never the token) and the path.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PathKey {
+    /// Which credential fetched it: responses never cross credentials.
+    pub partition: Fingerprint,
+    /// The request path, exactly as sent upstream.
+    pub path: Box<str>,
+}
+
+/// A full key: the path key and the exact query.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CacheKey {
+    /// Partition and path.
+    pub path: PathKey,
+    /// The exact query string (empty when there is none).
+    pub query: Box<str>,
+}
+
+/// A stored response.
+#[derive(Debug)]
+pub struct Stored {
+    /// End-to-end response headers as received (hop-by-hop removed upstream).
+    pub headers: HeaderMap,
+    /// The whole body.
+    pub body: Bytes,
+    /// The ETag clients see: the upstream's, or the gateway's own when it sent none.
+    pub etag: HeaderValue,
+    /// Whether the upstream sent that ETag (and so can revalidate it).
+    pub upstream_etag: bool,
+    /// The request header values this response varies on.
+    pub vary: Vec<(HeaderName, Option<HeaderValue>)>,
+    /// When it was received.
+    pub response_time: SystemTime,
+    /// Its age when it was received.
+    pub initial_age: Duration,
+    /// Freshness lifetime.
+    pub lifetime: Duration,
+    /// How long past its lifetime it may stand in for a failing upstream.
+    pub stale_if_error: Duration,
+    /// Must never be served stale.
+    pub forbids_stale: bool,
+}
+
+impl Stored {
+    /// Current age (RFC 9111 §4.2.3).
+    pub fn age(&self, now: SystemTime) -> Duration {
+        self.initial_age
+            + now
+                .duration_since(self.response_time)
+                .unwrap_or(Duration::ZERO)
+    }
+
+    /// Remaining freshness in whole seconds (negative when stale).
+    pub fn ttl(&self, now: SystemTime) -> i64 {
+        let age = self.age(now).as_secs() as i64;
+        self.lifetime.as_secs() as i64 - age
+    }
+
+    /// Whether it may be served because the upstream failed.
+    pub fn usable_if_error(&self, now: SystemTime) -> bool {
+        !self.forbids_stale && self.age(now) < self.lifetime + self.stale_if_error
+    }
+
+    /// Whether the request's values match the ones this response was stored for.
+    pub fn matches_vary(&self, request: &HeaderMap) -> bool {
+        self.vary.iter().all(|(name, stored)| {
+            let mut values = request.get_all(name).iter();
+            match (stored, values.next()) {
+                (None, None) => true,
+                (Some(s), Some(first)) => {
+                    // Stored values are joined with ", "; compare the same way.
+                    let rest: Vec<_> = values.collect();
+                    if rest.is_empty() {
+                        s == first
+                    } else {
+                        let mut joined = first.as_bytes().to_vec();
+                        for r in rest {
+                            joined.extend_from_slice(b", ");
+                            joined.extend_from_slice(r.as_bytes());
+                        }
+                        s.as_bytes() == joined.as_slice()
+                    }
+                }
+                _ => false,
+            }
+        })
+    }
+
+    fn weight(&self) -> usize {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 32)
+            .sum();
+        self.body.len() + headers + 256
+    }
+
+    /// The status of every stored response.
+    pub fn status(&self) -> StatusCode {
+        StatusCode::OK
+    }
+}
+
+/// All stored query variants of one path.
+#[derive(Debug, Default)]
+pub struct PathEntry {
+    variants: Vec<(Box<str>, Arc<Stored>)>,
+}
+
+impl PathEntry {
+    fn weight(&self, key: &PathKey) -> u32 {
+        let total: usize = key.path.len()
+            + self
+                .variants
+                .iter()
+                .map(|(q, s)| q.len() + s.weight())
+                .sum::<usize>();
+        u32::try_from(total).unwrap_or(u32::MAX)
+    }
+}
+
+/// Counters, exported by the admin endpoint and metrics.
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    /// Requests answered from a fresh stored response (including collapsed waiters).
+    pub hits: AtomicU64,
+    /// Requests that needed the upstream for want of a usable stored response.
+    pub misses: AtomicU64,
+    /// Stored responses confirmed by a 304 (or an identical body).
+    pub revalidations: AtomicU64,
+    /// Stale responses served because the upstream failed.
+    pub stale_served: AtomicU64,
+    /// Requests that waited for another request's upstream fetch.
+    pub collapsed: AtomicU64,
+    /// Entries evicted for space.
+    pub evictions: AtomicU64,
+    /// Paths invalidated by writes or by the admin endpoint.
+    pub invalidations: AtomicU64,
+}
+
+/// The response store.
+pub struct Store {
+    cache: moka::future::Cache<PathKey, Arc<PathEntry>>,
+    /// Bumped by every invalidation; a fill started under an older epoch is not stored.
+    epoch: AtomicU64,
+    /// Fills hold it shared while checking the epoch and inserting; invalidations hold it
+    /// exclusively, so no fill can slip its old data in between.
+    fill_gate: RwLock<()>,
+    max_size: u64,
+    /// Counters.
+    pub stats: Arc<CacheStats>,
+    /// The collapsing lock.
+    pub flights: Arc<Flights>,
+}
+
+impl Store {
+    /// A store holding at most `max_size` weighted bytes.
+    pub fn new(max_size: u64) -> Self {
+        let stats = Arc::new(CacheStats::default());
+        let evicted = stats.clone();
+        let cache = moka::future::Cache::builder()
+            .max_capacity(max_size)
+            .weigher(|k: &PathKey, v: &Arc<PathEntry>| v.weight(k))
+            .eviction_listener(move |_k, _v, cause| {
+                if cause == moka::notification::RemovalCause::Size {
+                    evicted.evictions.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+            .build();
+        Self {
+            cache,
+            epoch: AtomicU64::new(0),
+            fill_gate: RwLock::new(()),
+            max_size,
+            stats,
+            flights: Arc::new(Flights::default()),
+        }
+    }
+
+    /// The current invalidation epoch; capture it before asking the upstream.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// The stored response for `key`, if any, and whether the path has other variants stored
+    /// (so a miss can be told apart from a vary-miss by the caller).
+    pub async fn get(&self, key: &CacheKey) -> Option<Arc<Stored>> {
+        let entry = self.cache.get(&key.path).await?;
+        entry
+            .variants
+            .iter()
+            .find(|(q, _)| **q == *key.query)
+            .map(|(_, s)| s.clone())
+    }
+
+    /// Stores `stored` unless an invalidation happened since `epoch`. Returns whether it was stored.
+    pub async fn insert(&self, key: &CacheKey, stored: Arc<Stored>, epoch: u64) -> bool {
+        let _gate = self.fill_gate.read().await;
+        if self.epoch() != epoch {
+            return false;
+        }
+        let mut variants = match self.cache.get(&key.path).await {
+            Some(entry) => entry
+                .variants
+                .iter()
+                .filter(|(q, _)| **q != *key.query)
+                .cloned()
+                .collect(),
+            None => Vec::new(),
+        };
+        variants.push((key.query.clone(), stored));
+        let entry = Arc::new(PathEntry { variants });
+        if u64::from(entry.weight(&key.path)) > self.max_size {
+            return false;
+        }
+        self.cache.insert(key.path.clone(), entry).await;
+        true
+    }
+
+    /// Removes one stored variant (the upstream said it is gone).
+    pub async fn remove(&self, key: &CacheKey) {
+        self.invalidate_with(|| async {
+            if let Some(entry) = self.cache.get(&key.path).await {
+                let variants: Vec<_> = entry
+                    .variants
+                    .iter()
+                    .filter(|(q, _)| **q != *key.query)
+                    .cloned()
+                    .collect();
+                if variants.is_empty() {
+                    self.cache.invalidate(&key.path).await;
+                } else {
+                    self.cache
+                        .insert(key.path.clone(), Arc::new(PathEntry { variants }))
+                        .await;
+                }
+            }
+        })
+        .await;
+    }
+
+    /// Removes every variant of each path, in one partition.
+    pub async fn invalidate_paths(&self, partition: Fingerprint, paths: &[String]) {
+        self.invalidate_with(|| async {
+            for path in paths {
+                let key = PathKey {
+                    partition,
+                    path: path.as_str().into(),
+                };
+                self.cache.invalidate(&key).await;
+                self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+        .await;
+    }
+
+    /// Removes every path starting with `prefix` in every partition (`""`: everything).
+    /// Returns how many paths were removed.
+    pub async fn purge_prefix(&self, prefix: &str) -> usize {
+        let mut removed = 0;
+        self.invalidate_with(|| async {
+            if prefix.is_empty() {
+                removed = self.cache.iter().count();
+                self.cache.invalidate_all();
+            } else {
+                let keys: Vec<Arc<PathKey>> = self
+                    .cache
+                    .iter()
+                    .filter(|(k, _)| k.path.starts_with(prefix))
+                    .map(|(k, _)| k)
+                    .collect();
+                removed = keys.len();
+                for key in keys {
+                    self.cache.invalidate(&*key).await;
+                }
+            }
+        })
+        .await;
+        self.stats
+            .invalidations
+            .fetch_add(removed as u64, Ordering::Relaxed);
+        self.cache.run_pending_tasks().await;
+        removed
+    }
+
+    async fn invalidate_with<F, Fut>(&self, invalidate: F)
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let _gate = self.fill_gate.write().await;
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        invalidate().await;
+    }
+
+    /// Entries (stored responses, all variants) and weighted bytes, after pending evictions ran.
+    pub async fn size(&self) -> (u64, u64) {
+        self.cache.run_pending_tasks().await;
+        let responses = self
+            .cache
+            .iter()
+            .map(|(_, e)| e.variants.len() as u64)
+            .sum();
+        (responses, self.cache.weighted_size())
+    }
+
+    /// The configured bound in bytes.
+    pub fn max_size(&self) -> u64 {
+        self.max_size
+    }
+}
+
+/// How an upstream fetch shared by several requests ended.
+#[derive(Debug, Clone)]
+pub enum FlightOutcome {
+    /// The response was stored: waiters answer from it.
+    Stored(Arc<Stored>),
+    /// Not storable, failed, or the fetching request went away: waiters go on their own.
+    Released,
+}
+
+/// One upstream fetch in progress.
+pub struct Flight {
+    epoch: u64,
+    outcome: watch::Receiver<Option<FlightOutcome>>,
+}
+
+/// The collapsing lock: concurrent requests for one key share one upstream fetch.
+#[derive(Default)]
+pub struct Flights {
+    in_progress: Mutex<HashMap<CacheKey, Arc<Flight>>>,
+}
+
+/// What a request gets from [`Flights::join`].
+pub enum Joined {
+    /// This request fetches; it must finish the guard.
+    Leader(FlightGuard),
+    /// Another request fetches; wait on this.
+    Waiter(watch::Receiver<Option<FlightOutcome>>),
+}
+
+impl Flights {
+    /// Joins the fetch for `key` under `epoch`, or starts one. A fetch begun under an older epoch
+    /// (before a write invalidated the key) is not joined.
+    pub fn join(self: &Arc<Self>, key: &CacheKey, epoch: u64) -> Joined {
+        let mut map = self.in_progress.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(flight) = map.get(key)
+            && flight.epoch == epoch
+        {
+            return Joined::Waiter(flight.outcome.clone());
+        }
+        let (tx, rx) = watch::channel(None);
+        map.insert(key.clone(), Arc::new(Flight { epoch, outcome: rx }));
+        Joined::Leader(FlightGuard {
+            flights: self.clone(),
+            key: key.clone(),
+            epoch,
+            tx: Some(tx),
+        })
+    }
+}
+
+/// Held by the leader; dropping it without finishing releases the waiters, so a leader whose
+/// client went away never leaves them hanging.
+pub struct FlightGuard {
+    flights: Arc<Flights>,
+    key: CacheKey,
+    epoch: u64,
+    tx: Option<watch::Sender<Option<FlightOutcome>>>,
+}
+
+impl FlightGuard {
+    /// Publishes the outcome to the waiters.
+    pub fn finish(mut self, outcome: FlightOutcome) {
+        self.release(outcome);
+    }
+
+    fn release(&mut self, outcome: FlightOutcome) {
+        if let Some(tx) = self.tx.take() {
+            let mut map = self
+                .flights
+                .in_progress
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if map.get(&self.key).is_some_and(|f| f.epoch == self.epoch) {
+                map.remove(&self.key);
+            }
+            drop(map);
+            let _ = tx.send(Some(outcome));
+        }
+    }
+}
+
+impl Drop for FlightGuard {
+    fn drop(&mut self) {
+        self.release(FlightOutcome::Released);
+    }
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("entries", &self.cache.entry_count())
+            .field("weighted_size", &self.cache.weighted_size())
+            .field("max_size", &self.max_size)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::token::FingerprintKey;
+
+    fn stored(body: &'static str) -> Arc<Stored> {
+        Arc::new(Stored {
+            headers: HeaderMap::new(),
+            body: Bytes::from_static(body.as_bytes()),
+            etag: HeaderValue::from_static("\"e\""),
+            upstream_etag: true,
+            vary: Vec::new(),
+            response_time: SystemTime::now(),
+            initial_age: Duration::ZERO,
+            lifetime: Duration::from_secs(60),
+            stale_if_error: Duration::ZERO,
+            forbids_stale: false,
+        })
+    }
+
+    fn key(path: &str, query: &str) -> CacheKey {
+        let partition = FingerprintKey::random().fingerprint(b"t");
+        CacheKey {
+            path: PathKey {
+                partition,
+                path: path.into(),
+            },
+            query: query.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_fill_started_before_an_invalidation_is_not_stored() {
+        let store = Store::new(1 << 20);
+        let k = key("/api/v1/x", "");
+        let epoch = store.epoch();
+        store
+            .invalidate_paths(k.path.partition, &["/api/v1/x".into()])
+            .await;
+        assert!(!store.insert(&k, stored("old"), epoch).await);
+        assert!(store.get(&k).await.is_none());
+        assert!(store.insert(&k, stored("new"), store.epoch()).await);
+        assert_eq!(store.get(&k).await.unwrap().body, "new");
+    }
+
+    #[tokio::test]
+    async fn variants_of_a_path_are_kept_and_invalidated_together() {
+        let store = Store::new(1 << 20);
+        let (a, b) = (key("/c", "page=1"), key("/c", "page=2"));
+        let b = CacheKey {
+            path: a.path.clone(),
+            ..b
+        };
+        assert!(store.insert(&a, stored("1"), store.epoch()).await);
+        assert!(store.insert(&b, stored("2"), store.epoch()).await);
+        assert_eq!(store.get(&a).await.unwrap().body, "1");
+        assert_eq!(store.get(&b).await.unwrap().body, "2");
+        store
+            .invalidate_paths(a.path.partition, &["/c".into()])
+            .await;
+        assert!(store.get(&a).await.is_none() && store.get(&b).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_leader_that_goes_away_releases_its_waiters() {
+        let flights = Arc::new(Flights::default());
+        let k = key("/x", "");
+        let Joined::Leader(guard) = flights.join(&k, 0) else {
+            panic!("first is leader")
+        };
+        let Joined::Waiter(mut rx) = flights.join(&k, 0) else {
+            panic!("second waits")
+        };
+        // A request joining after an invalidation does not wait on the older fetch.
+        assert!(matches!(flights.join(&k, 1), Joined::Leader(_)));
+        drop(guard);
+        let outcome = rx.wait_for(Option::is_some).await.unwrap().clone();
+        assert!(matches!(outcome, Some(FlightOutcome::Released)));
+    }
+}

@@ -1,0 +1,662 @@
+//! The cache end to end, counting what the mock CloudCasa receives.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use serde_json::json;
+use support::*;
+use tokio::sync::Notify;
+
+async fn setup(extra: &str) -> (MockCloudCasa, SecretDir, TestGateway) {
+    let mock = MockCloudCasa::start().await;
+    let secret = SecretDir::new("token-a");
+    let gw = TestGateway::for_mock(&mock, &secret, extra).await;
+    (mock, secret, gw)
+}
+
+async fn cache_report(gw: &TestGateway) -> serde_json::Value {
+    get(&gw.admin_url("/cache"), &[]).await.json()
+}
+
+/// Starts `n` concurrent GETs of `path`.
+fn spawn_gets(gw: &TestGateway, path: &str, n: usize) -> Vec<tokio::task::JoinHandle<Reply>> {
+    (0..n)
+        .map(|_| {
+            let url = gw.url(path);
+            tokio::spawn(async move { get(&url, &[]).await })
+        })
+        .collect()
+}
+
+/// Waits until `n` requests are waiting on another request's upstream fetch.
+async fn wait_collapsed(gw: &TestGateway, n: u64) {
+    let admin = gw.admin_url("/cache");
+    eventually(
+        Duration::from_secs(10),
+        &format!("{n} collapsed waiters"),
+        || async { get(&admin, &[]).await.json()["collapsed"] == n },
+    )
+    .await;
+}
+
+fn item(mock: &MockCloudCasa, name: &str) -> (String, String) {
+    let doc = mock.state.seed("a", "usergroups", json!({"name": name}));
+    (
+        doc["_id"].as_str().unwrap().to_string(),
+        doc["_etag"].as_str().unwrap().to_string(),
+    )
+}
+
+#[tokio::test]
+async fn fifty_concurrent_misses_make_one_upstream_request() {
+    let (mock, _secret, gw) = setup("").await;
+    let (id, _) = item(&mock, "g");
+    let path = format!("/api/v1/usergroups/{id}");
+    let release = Arc::new(Notify::new());
+    mock.state.set_fault(
+        Fault::Hold {
+            release: release.clone(),
+            then: None,
+        },
+        Some(1),
+    );
+
+    let tasks = spawn_gets(&gw, &path, 50);
+    // Wait until the leader is at the upstream and the other 49 are waiting for it.
+    mock.state.wait_for(1).await;
+    wait_collapsed(&gw, 49).await;
+    release.notify_one();
+    let mut collapsed = 0;
+    for t in tasks {
+        let reply = t.await.unwrap();
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.json()["name"], "g");
+        collapsed += reply.header("cache-status").unwrap().contains("collapsed") as usize;
+    }
+    assert_eq!(collapsed, 49);
+    assert_eq!(mock.state.requests_to(&path).len(), 1);
+}
+
+#[tokio::test]
+async fn waiters_still_get_an_answer_when_the_leader_fails() {
+    let (mock, _secret, gw) = setup("").await;
+    let (id, _) = item(&mock, "g");
+    let path = format!("/api/v1/usergroups/{id}");
+    let release = Arc::new(Notify::new());
+    mock.state.set_fault(
+        Fault::Hold {
+            release: release.clone(),
+            then: Some(StatusCode::SERVICE_UNAVAILABLE),
+        },
+        Some(1),
+    );
+    let leader = spawn_gets(&gw, &path, 1).remove(0);
+    mock.state.wait_for(1).await;
+    let waiters = spawn_gets(&gw, &path, 3);
+    wait_collapsed(&gw, 3).await;
+    release.notify_one();
+    assert_eq!(
+        leader.await.unwrap().status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    for w in waiters {
+        assert_eq!(
+            w.await.unwrap().status,
+            StatusCode::OK,
+            "a waiter went on by itself"
+        );
+    }
+}
+
+#[tokio::test]
+async fn revalidation_sends_the_etag_and_serves_the_stored_body_on_304() {
+    let (mock, _secret, gw) = setup("").await;
+    let (id, etag) = item(&mock, "g");
+    let url = gw.url(&format!("/api/v1/usergroups/{id}"));
+    let first = get(&url, &[]).await;
+    assert_eq!(
+        first.header("cache-status"),
+        Some("cloudcasa-gateway; fwd=uri-miss; stored")
+    );
+    let second = get(&url, &[]).await;
+    assert_eq!(second.status, StatusCode::OK);
+    assert_eq!(second.body, first.body);
+    assert_eq!(second.header("etag"), Some(format!("\"{etag}\"").as_str()));
+    assert!(
+        second
+            .header("cache-status")
+            .unwrap()
+            .starts_with("cloudcasa-gateway; fwd=stale; fwd-status=304")
+    );
+    assert!(second.header("age").is_some());
+    let seen = mock.state.last();
+    assert_eq!(
+        seen.header("if-none-match"),
+        Some(format!("\"{etag}\"").as_str())
+    );
+    assert_eq!(cache_report(&gw).await["revalidations"], 1);
+}
+
+#[tokio::test]
+async fn collections_are_revalidated_with_if_modified_since() {
+    let (mock, _secret, gw) = setup("").await;
+    item(&mock, "g");
+    let url = gw.url("/api/v1/usergroups");
+    let first = get(&url, &[]).await;
+    let second = get(&url, &[]).await;
+    assert_eq!(second.body, first.body);
+    let seen = mock.state.last();
+    assert_eq!(
+        seen.header("if-modified-since"),
+        first.header("last-modified")
+    );
+    assert!(
+        second
+            .header("cache-status")
+            .unwrap()
+            .contains("fwd-status=304")
+    );
+}
+
+#[tokio::test]
+async fn clients_get_304_for_items_and_for_collections() {
+    let (mock, _secret, gw) = setup("").await;
+    let (id, etag) = item(&mock, "g");
+    let quoted = format!("\"{etag}\"");
+    let reply = get(
+        &gw.url(&format!("/api/v1/usergroups/{id}")),
+        &[("if-none-match", &quoted)],
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::NOT_MODIFIED);
+    assert!(reply.body.is_empty());
+    assert_eq!(reply.header("etag"), Some(quoted.as_str()));
+    // The client's conditional was answered here; the upstream was asked unconditionally.
+    assert!(mock.state.last().header("if-none-match").is_none());
+
+    // Collections carry no ETag upstream; the gateway gives them one.
+    let list = get(&gw.url("/api/v1/usergroups"), &[]).await;
+    let list_etag = list.header("etag").expect("a gateway ETag").to_string();
+    assert!(list_etag.starts_with("\"cc-"), "{list_etag}");
+    let unchanged = get(
+        &gw.url("/api/v1/usergroups"),
+        &[("if-none-match", &list_etag)],
+    )
+    .await;
+    assert_eq!(unchanged.status, StatusCode::NOT_MODIFIED);
+    // After a write the list changes, and so does its ETag.
+    let created = send(
+        Method::POST,
+        &gw.url("/api/v1/usergroups"),
+        &[],
+        r#"{"name":"h"}"#,
+    )
+    .await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    let changed = get(
+        &gw.url("/api/v1/usergroups"),
+        &[("if-none-match", &list_etag)],
+    )
+    .await;
+    assert_eq!(changed.status, StatusCode::OK);
+    assert_ne!(changed.header("etag").unwrap(), list_etag);
+    assert_eq!(changed.json()["_meta"]["total"], 2);
+}
+
+#[tokio::test]
+async fn fresh_for_serves_from_memory_and_explicit_directives_win() {
+    let (mock, _secret, gw) = setup("[cache]\nfresh_for = \"1h\"").await;
+    let (id, _) = item(&mock, "g");
+    let path = format!("/api/v1/usergroups/{id}");
+    get(&gw.url(&path), &[]).await;
+    let hit = get(&gw.url(&path), &[]).await;
+    assert!(
+        hit.header("cache-status")
+            .unwrap()
+            .starts_with("cloudcasa-gateway; hit; ttl="),
+        "{:?}",
+        hit.headers
+    );
+    assert!(hit.header("age").is_some());
+    assert_eq!(mock.state.requests_to(&path).len(), 1);
+
+    mock.state.route("/api/v1/volatile", |_| {
+        http::Response::builder()
+            .header("cache-control", "max-age=0")
+            .header("etag", "\"v\"")
+            .body(Bytes::from_static(b"{}"))
+            .unwrap()
+    });
+    get(&gw.url("/api/v1/volatile"), &[]).await;
+    get(&gw.url("/api/v1/volatile"), &[]).await;
+    assert_eq!(
+        mock.state.requests_to("/api/v1/volatile").len(),
+        2,
+        "max-age=0 beats fresh_for"
+    );
+    // A client's no-cache is honoured too.
+    get(&gw.url(&path), &[("cache-control", "no-cache")]).await;
+    assert_eq!(mock.state.requests_to(&path).len(), 2);
+}
+
+#[tokio::test]
+async fn writes_invalidate_target_collection_variants_and_locations() {
+    let (mock, _secret, gw) = setup("[cache]\nfresh_for = \"1h\"").await;
+    let (id, etag) = item(&mock, "g");
+    let item_path = format!("/api/v1/usergroups/{id}");
+    let variants = [
+        "/api/v1/usergroups",
+        "/api/v1/usergroups?max_results=5",
+        "/api/v1/usergroups?page=2",
+    ];
+    let warm = || async {
+        get(&gw.url(&item_path), &[]).await;
+        for v in variants {
+            get(&gw.url(v), &[]).await;
+        }
+    };
+    warm().await;
+    let before = mock.state.count();
+    warm().await;
+    assert_eq!(mock.state.count(), before, "all served from the cache");
+
+    // A failed write (412) invalidates nothing.
+    let stale = send(
+        Method::PATCH,
+        &gw.url(&item_path),
+        &[("if-match", "nope")],
+        r#"{"name":"x"}"#,
+    )
+    .await;
+    assert_eq!(stale.status, StatusCode::PRECONDITION_FAILED);
+    assert!(stale.header("cache-status").unwrap().contains("fwd=method"));
+    warm().await;
+    assert_eq!(
+        mock.state.count(),
+        before + 1,
+        "only the PATCH went upstream"
+    );
+
+    // A successful PATCH invalidates the item and every variant of its collection.
+    let ok = send(
+        Method::PATCH,
+        &gw.url(&item_path),
+        &[("if-match", &etag)],
+        r#"{"name":"renamed"}"#,
+    )
+    .await;
+    assert_eq!(ok.status, StatusCode::OK);
+    assert_eq!(
+        get(&gw.url(&item_path), &[]).await.json()["name"],
+        "renamed"
+    );
+    for v in variants {
+        let reply = get(&gw.url(v), &[]).await;
+        assert_eq!(
+            reply.json()["_items"][0]["name"],
+            "renamed",
+            "{v} was served stale"
+        );
+    }
+
+    // POST: the collection and the new resource's Location.
+    let created = send(
+        Method::POST,
+        &gw.url("/api/v1/usergroups"),
+        &[],
+        r#"{"name":"new"}"#,
+    )
+    .await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    for v in variants {
+        assert_eq!(
+            get(&gw.url(v), &[]).await.json()["_meta"]["total"],
+            2,
+            "{v}"
+        );
+    }
+
+    // DELETE: the item is gone for readers at once.
+    let current = get(&gw.url(&item_path), &[]).await.json()["_etag"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let deleted = send(
+        Method::DELETE,
+        &gw.url(&item_path),
+        &[("if-match", &current)],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(deleted.status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        get(&gw.url(&item_path), &[]).await.status,
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test]
+async fn content_location_and_location_targets_are_invalidated() {
+    let (mock, _secret, gw) = setup("[cache]\nfresh_for = \"1h\"").await;
+    let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let c = counter.clone();
+    mock.state.route("/api/v1/jobs/7", move |_| {
+        let n = c.load(std::sync::atomic::Ordering::SeqCst);
+        mock_json(&json!({"version": n}))
+    });
+    let c = counter.clone();
+    mock.state.route("/api/v1/actions/run", move |_| {
+        c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut r = mock_json(&json!({"ok": true}));
+        r.headers_mut()
+            .insert("content-location", "/api/v1/jobs/7".parse().unwrap());
+        r.headers_mut().insert(
+            "location",
+            "http://upstream.example/api/v1/jobs/8".parse().unwrap(),
+        );
+        r
+    });
+    assert_eq!(
+        get(&gw.url("/api/v1/jobs/7"), &[]).await.json()["version"],
+        0
+    );
+    assert_eq!(
+        get(&gw.url("/api/v1/jobs/7"), &[]).await.json()["version"],
+        0
+    );
+    assert_eq!(
+        send(Method::POST, &gw.url("/api/v1/actions/run"), &[], "{}")
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get(&gw.url("/api/v1/jobs/7"), &[]).await.json()["version"],
+        1
+    );
+}
+
+fn mock_json(v: &serde_json::Value) -> http::Response<Bytes> {
+    support::mock::json_response(StatusCode::OK, v)
+}
+
+#[tokio::test]
+async fn the_cache_is_partitioned_by_credential() {
+    let mock = MockCloudCasa::start().await;
+    mock.state
+        .seed("a", "clusters", json!({"name": "tenant-a-cluster"}));
+    mock.state
+        .seed("b", "clusters", json!({"name": "tenant-b-cluster"}));
+    let mut secret = SecretDir::new("token-a");
+    let gw = TestGateway::for_mock(&mock, &secret, "[cache]\nfresh_for = \"1h\"").await;
+    let url = gw.url("/api/v1/clusters");
+    assert_eq!(
+        get(&url, &[]).await.json()["_items"][0]["name"],
+        "tenant-a-cluster"
+    );
+    assert!(
+        get(&url, &[])
+            .await
+            .header("cache-status")
+            .unwrap()
+            .contains("; hit")
+    );
+
+    secret.rotate("token-b");
+    eventually(Duration::from_secs(3), "tenant b's data", || async {
+        get(&url, &[]).await.json()["_items"][0]["name"] == "tenant-b-cluster"
+    })
+    .await;
+    // From now on nothing of tenant a is served, fresh as it is in the cache.
+    for _ in 0..5 {
+        assert_eq!(
+            get(&url, &[]).await.json()["_items"][0]["name"],
+            "tenant-b-cluster"
+        );
+    }
+}
+
+#[tokio::test]
+async fn no_store_private_set_cookie_and_vary() {
+    let (mock, _secret, gw) = setup("[cache]\nfresh_for = \"1h\"").await;
+    for (path, header, value) in [
+        ("/api/v1/nostore", "cache-control", "no-store"),
+        ("/api/v1/private", "cache-control", "private"),
+        ("/api/v1/cookie", "set-cookie", "session=1"),
+        ("/api/v1/varystar", "vary", "*"),
+    ] {
+        mock.state.route(path, move |_| {
+            http::Response::builder()
+                .header(header, value)
+                .body(Bytes::from_static(b"{}"))
+                .unwrap()
+        });
+        let first = get(&gw.url(path), &[]).await;
+        assert!(
+            first.header("cache-status").unwrap().contains("detail="),
+            "{path}: {:?}",
+            first.headers
+        );
+        get(&gw.url(path), &[]).await;
+        assert_eq!(mock.state.requests_to(path).len(), 2, "{path} was stored");
+    }
+    // A client's no-store: neither served from nor stored in the cache.
+    let (id, _) = item(&mock, "g");
+    let path = format!("/api/v1/usergroups/{id}");
+    get(&gw.url(&path), &[("cache-control", "no-store")]).await;
+    get(&gw.url(&path), &[]).await;
+    assert_eq!(mock.state.requests_to(&path).len(), 2);
+
+    mock.state.route("/api/v1/varied", |r| {
+        let lang = r.header("accept-language").unwrap_or("none").to_string();
+        http::Response::builder()
+            .header("vary", "Accept-Language")
+            .body(Bytes::from(lang))
+            .unwrap()
+    });
+    let en = get(&gw.url("/api/v1/varied"), &[("accept-language", "en")]).await;
+    assert_eq!(en.text(), "en");
+    let de = get(&gw.url("/api/v1/varied"), &[("accept-language", "de")]).await;
+    assert_eq!(
+        de.text(),
+        "de",
+        "a variant for another language is never served"
+    );
+    assert!(de.header("cache-status").unwrap().contains("fwd=vary-miss"));
+    let de_again = get(&gw.url("/api/v1/varied"), &[("accept-language", "de")]).await;
+    assert_eq!(de_again.text(), "de");
+    assert!(de_again.header("cache-status").unwrap().contains("; hit"));
+}
+
+#[tokio::test]
+async fn stale_if_error_covers_a_failing_upstream() {
+    let (mock, _secret, gw) = setup("[cache]\nstale_if_error = \"1h\"").await;
+    let (id, _) = item(&mock, "g");
+    let url = gw.url(&format!("/api/v1/usergroups/{id}"));
+    assert_eq!(get(&url, &[]).await.status, StatusCode::OK);
+    for fault in [Fault::Status(StatusCode::BAD_GATEWAY), Fault::Reset] {
+        mock.state.set_fault(fault, Some(1));
+        let reply = get(&url, &[]).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.json()["name"], "g");
+        assert!(
+            reply
+                .header("cache-status")
+                .unwrap()
+                .contains("hit; detail=stale-if-error"),
+            "{:?}",
+            reply.headers
+        );
+    }
+    // must-revalidate forbids it.
+    mock.state.route("/api/v1/strict", |_| {
+        http::Response::builder()
+            .header("cache-control", "must-revalidate")
+            .header("etag", "\"s\"")
+            .body(Bytes::from_static(b"{}"))
+            .unwrap()
+    });
+    assert_eq!(
+        get(&gw.url("/api/v1/strict"), &[]).await.status,
+        StatusCode::OK
+    );
+    mock.state
+        .set_fault(Fault::Status(StatusCode::SERVICE_UNAVAILABLE), Some(1));
+    assert_eq!(
+        get(&gw.url("/api/v1/strict"), &[]).await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    // Without stale_if_error, the error goes through.
+    let (mock2, _s2, gw2) = setup("").await;
+    let (id2, _) = item(&mock2, "g");
+    let url2 = gw2.url(&format!("/api/v1/usergroups/{id2}"));
+    get(&url2, &[]).await;
+    mock2
+        .state
+        .set_fault(Fault::Status(StatusCode::BAD_GATEWAY), Some(1));
+    assert_eq!(get(&url2, &[]).await.status, StatusCode::BAD_GATEWAY);
+}
+
+#[tokio::test]
+async fn max_size_is_respected_after_filling_well_past_it() {
+    let (mock, _secret, gw) =
+        setup("[cache]\nmax_size = \"64KiB\"\nmax_object_size = \"8KiB\"").await;
+    let pad = "p".repeat(4000);
+    let ids: Vec<String> = (0..100)
+        .map(|i| {
+            mock.state.seed("a", "pads", json!({"name": i, "pad": pad}))["_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    for id in &ids {
+        assert_eq!(
+            get(&gw.url(&format!("/api/v1/pads/{id}")), &[])
+                .await
+                .status,
+            StatusCode::OK
+        );
+    }
+    let report = cache_report(&gw).await;
+    let weighted = report["weighted_bytes"].as_u64().unwrap();
+    assert!(weighted <= 64 * 1024, "{report}");
+    assert!(weighted > 32 * 1024, "the cache is actually used: {report}");
+    assert!(report["evictions"].as_u64().unwrap() > 0, "{report}");
+}
+
+#[tokio::test]
+async fn large_objects_stream_through_unstored() {
+    let (mock, _secret, gw) =
+        setup("[cache]\nmax_object_size = \"64KiB\"\nfresh_for = \"1h\"").await;
+    let reply = get(&gw.url("/api/v1/_blob?size=300000"), &[]).await;
+    assert_eq!(reply.body.len(), 300_000);
+    assert!(
+        reply
+            .header("cache-status")
+            .unwrap()
+            .contains("detail=too-large")
+    );
+    get(&gw.url("/api/v1/_blob?size=300000"), &[]).await;
+    assert_eq!(mock.state.requests_to("/api/v1/_blob").len(), 2);
+}
+
+#[tokio::test]
+async fn head_is_answered_from_a_stored_get() {
+    let (mock, _secret, gw) = setup("[cache]\nfresh_for = \"1h\"").await;
+    let (id, _) = item(&mock, "g");
+    let path = format!("/api/v1/usergroups/{id}");
+    let full = get(&gw.url(&path), &[]).await;
+    let head = send(Method::HEAD, &gw.url(&path), &[], Bytes::new()).await;
+    assert_eq!(head.status, StatusCode::OK);
+    assert!(head.body.is_empty());
+    assert_eq!(
+        head.header("content-length"),
+        Some(full.body.len().to_string().as_str())
+    );
+    assert_eq!(head.header("etag"), full.header("etag"));
+    assert!(head.header("cache-status").unwrap().contains("; hit"));
+    assert_eq!(mock.state.requests_to(&path).len(), 1);
+}
+
+#[tokio::test]
+async fn admin_purges_by_prefix_and_entirely() {
+    let (mock, _secret, gw) = setup("[cache]\nfresh_for = \"1h\"").await;
+    let (id, _) = item(&mock, "g");
+    let paths = [
+        format!("/api/v1/usergroups/{id}"),
+        "/api/v1/clusters".to_string(),
+    ];
+    for p in &paths {
+        get(&gw.url(p), &[]).await;
+    }
+    let report = cache_report(&gw).await;
+    assert_eq!(report["entries"], 2, "{report}");
+    let purged = send(
+        Method::DELETE,
+        &gw.admin_url("/cache?prefix=/api/v1/usergroups"),
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(purged.json()["removed_paths"], 1);
+    assert!(
+        get(&gw.url(&paths[0]), &[])
+            .await
+            .header("cache-status")
+            .unwrap()
+            .contains("uri-miss")
+    );
+    assert!(
+        get(&gw.url(&paths[1]), &[])
+            .await
+            .header("cache-status")
+            .unwrap()
+            .contains("; hit")
+    );
+    send(Method::DELETE, &gw.admin_url("/cache"), &[], Bytes::new()).await;
+    assert_eq!(cache_report(&gw).await["entries"], 0);
+    assert!(
+        get(&gw.url(&paths[1]), &[])
+            .await
+            .header("cache-status")
+            .unwrap()
+            .contains("uri-miss")
+    );
+    let bad = send(
+        Method::DELETE,
+        &gw.admin_url("/cache?path=x"),
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    bad.envelope_message(400);
+    let report = cache_report(&gw).await;
+    for field in [
+        "hits",
+        "misses",
+        "revalidations",
+        "evictions",
+        "weighted_bytes",
+    ] {
+        assert!(report[field].is_u64(), "{field} in {report}");
+    }
+}
+
+#[tokio::test]
+async fn disabled_cache_bypasses() {
+    let (mock, _secret, gw) = setup("[cache]\nenabled = false").await;
+    let (id, _) = item(&mock, "g");
+    let path = format!("/api/v1/usergroups/{id}");
+    let reply = get(&gw.url(&path), &[]).await;
+    assert_eq!(
+        reply.header("cache-status"),
+        Some("cloudcasa-gateway; fwd=bypass")
+    );
+    get(&gw.url(&path), &[]).await;
+    assert_eq!(mock.state.requests_to(&path).len(), 2);
+}
