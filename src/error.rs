@@ -34,9 +34,6 @@ pub enum GatewayError {
     /// The upstream did not answer with response headers within `upstream.timeout`.
     #[error("CloudCasa upstream did not answer within {}", humantime::format_duration(*.0))]
     UpstreamTimeout(Duration),
-    /// The gateway is shutting down or otherwise not ready.
-    #[error("{0}")]
-    Unavailable(&'static str),
     /// The client sent `Cache-Control: only-if-cached` and nothing usable is stored.
     #[error("not in the gateway's cache (the request said only-if-cached)")]
     NotCached,
@@ -51,7 +48,7 @@ impl GatewayError {
         match self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::NoToken { .. } | Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NoToken { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout(_) | Self::NotCached => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -66,7 +63,6 @@ impl GatewayError {
             Self::NoToken { .. } => "no_token",
             Self::UpstreamUnreachable(_) => "upstream_unreachable",
             Self::UpstreamTimeout(_) => "upstream_timeout",
-            Self::Unavailable(_) => "unavailable",
             Self::NotCached => "not_cached",
             Self::Internal => "internal",
         }

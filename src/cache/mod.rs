@@ -535,7 +535,7 @@ fn serve(stored: &Stored, client: &HeaderMap, head: bool, now: SystemTime) -> Re
     } else {
         body::full(stored.body.clone())
     });
-    *response.status_mut() = stored.status();
+    // Only 200 responses are stored.
     let headers = response.headers_mut();
     *headers = stored.headers.clone();
     headers.insert(header::ETAG, stored.etag.clone());

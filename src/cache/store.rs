@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use tokio::sync::{RwLock, watch};
 
 use crate::token::Fingerprint;
@@ -111,11 +111,6 @@ impl Stored {
             .map(|(k, v)| k.as_str().len() + v.len() + 32)
             .sum();
         self.body.len() + headers + 256
-    }
-
-    /// The status of every stored response.
-    pub fn status(&self) -> StatusCode {
-        StatusCode::OK
     }
 }
 
