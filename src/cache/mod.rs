@@ -147,7 +147,6 @@ impl Service<Request<Body>> for CacheService {
                     cache.write(inner, req).await,
                 ),
             };
-            tracing::Span::current().record("cache.status", status.label());
             let mut response = match result {
                 Ok(response) => response,
                 // Rendered here rather than above so the error, too, says what the cache did.
@@ -283,7 +282,7 @@ impl Cache {
                 None
             };
             return self
-                .fetch(inner, req, key, stored, forward, epoch, guard)
+                .fetch(inner, req, &request_cc, key, stored, forward, epoch, guard)
                 .await;
         }
     }
@@ -293,6 +292,7 @@ impl Cache {
         &self,
         mut inner: Inner,
         req: Request<Body>,
+        request_cc: &Directives,
         key: CacheKey,
         stored: Option<Arc<Stored>>,
         forward: Forward,
@@ -363,8 +363,7 @@ impl Cache {
             return (status, Ok(serve(&updated, &client, false, now)));
         }
         let response_cc = Directives::parse(response.headers());
-        let request_cc = Directives::parse(&client);
-        if let Err(reason) = policy::storable(code, &request_cc, response.headers(), &response_cc) {
+        if let Err(reason) = policy::storable(code, request_cc, response.headers(), &response_cc) {
             if stored.is_some() && !code.is_server_error() {
                 // The upstream no longer gives what was stored (gone, or now uncacheable); a
                 // passing 5xx is no reason to forget it.

@@ -196,7 +196,8 @@ pub fn vary_values(
         .collect()
 }
 
-fn join_values(headers: &HeaderMap, name: &HeaderName) -> Option<HeaderValue> {
+/// A header's values joined with ", " (how `Vary` values are stored and compared).
+pub fn join_values(headers: &HeaderMap, name: &HeaderName) -> Option<HeaderValue> {
     let mut values = headers.get_all(name).iter();
     let first = values.next()?.clone();
     let rest: Vec<&[u8]> = values.map(HeaderValue::as_bytes).collect();

@@ -81,27 +81,9 @@ impl Stored {
 
     /// Whether the request's values match the ones this response was stored for.
     pub fn matches_vary(&self, request: &HeaderMap) -> bool {
-        self.vary.iter().all(|(name, stored)| {
-            let mut values = request.get_all(name).iter();
-            match (stored, values.next()) {
-                (None, None) => true,
-                (Some(s), Some(first)) => {
-                    // Stored values are joined with ", "; compare the same way.
-                    let rest: Vec<_> = values.collect();
-                    if rest.is_empty() {
-                        s == first
-                    } else {
-                        let mut joined = first.as_bytes().to_vec();
-                        for r in rest {
-                            joined.extend_from_slice(b", ");
-                            joined.extend_from_slice(r.as_bytes());
-                        }
-                        s.as_bytes() == joined.as_slice()
-                    }
-                }
-                _ => false,
-            }
-        })
+        self.vary
+            .iter()
+            .all(|(name, stored)| *stored == super::policy::join_values(request, name))
     }
 
     fn weight(&self) -> usize {
