@@ -1,4 +1,4 @@
-//! The admin listener: liveness, readiness, and cache inspection and purging.
+//! The admin listener: liveness, readiness, Prometheus metrics, and cache inspection and purging.
 //! Kept off the proxy port so that a sidecar's clients cannot reach it by accident.
 
 use std::convert::Infallible;
@@ -20,10 +20,13 @@ pub async fn handle(
     let response = match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => readyz(&shared),
+        (&Method::GET, "/metrics") => metrics(&shared).await,
         (&Method::GET, "/cache") => cache_report(&shared).await,
         (&Method::DELETE, "/cache") => cache_purge(&shared, req.uri().query()).await,
         (_, "/cache") => error_response(StatusCode::METHOD_NOT_ALLOWED, "use GET or DELETE"),
-        (_, "/healthz" | "/readyz") => error_response(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
+        (_, "/healthz" | "/readyz" | "/metrics") => {
+            error_response(StatusCode::METHOD_NOT_ALLOWED, "use GET")
+        }
         (_, path) => error_response(
             StatusCode::NOT_FOUND,
             &format!("no admin endpoint at {path}"),
@@ -99,6 +102,20 @@ async fn cache_purge(shared: &Shared, query: Option<&str>) -> Response<Body> {
         StatusCode::OK,
         serde_json::json!({"removed_paths": removed, "prefix": prefix}),
     )
+}
+
+async fn metrics(shared: &Shared) -> Response<Body> {
+    if let Some(cache) = &shared.cache {
+        cache.store().settle().await;
+    }
+    let mut response = Response::new(body::full(shared.observers.metrics.encode()));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static(
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+    );
+    response
 }
 
 fn json(status: StatusCode, value: serde_json::Value) -> Response<Body> {

@@ -14,14 +14,18 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tower::{Service, ServiceBuilder};
 
+use crate::audit::{AuditIntentLayer, AuditLog, AuditOpenError};
 use crate::body::Body;
 use crate::cache::{Cache, CacheLayer};
 use crate::config::Config;
 use crate::credential::{InjectTokenLayer, SelectCredentialLayer};
 use crate::limits::BodyLimitLayer;
+use crate::metrics::Metrics;
+use crate::observe::{ObserveLayer, Observers};
 use crate::request_id::RequestIdLayer;
 use crate::rescue::RescueLayer;
 use crate::server::{self, ServeOptions};
+use crate::telemetry::{Telemetry, TelemetryError};
 use crate::token::{FingerprintKey, TokenSource};
 use crate::upstream::{Upstream, UpstreamSetupError};
 
@@ -34,6 +38,8 @@ pub struct Shared {
     pub draining: AtomicBool,
     /// The response cache, unless `cache.enabled = false`.
     pub cache: Option<Arc<Cache>>,
+    /// Traces, metrics and the audit trail.
+    pub observers: Arc<Observers>,
 }
 
 /// Why the gateway could not start.
@@ -53,6 +59,12 @@ pub enum StartError {
     /// The upstream client could not be built.
     #[error(transparent)]
     Upstream(#[from] UpstreamSetupError),
+    /// The audit sink could not be opened.
+    #[error(transparent)]
+    Audit(#[from] AuditOpenError),
+    /// The trace exporter could not be built.
+    #[error(transparent)]
+    Telemetry(#[from] TelemetryError),
 }
 
 /// A gateway with its listeners bound, ready to run.
@@ -65,10 +77,12 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Start-up, in order: 1. build the upstream client (fails on a bad CA bundle);
-    /// 2. load the token (a missing one is tolerated); 3. bind both listeners; 4. make the cache.
+    /// Start-up, in order: 1. build the upstream client (fails on a bad CA bundle) and the
+    /// tracer; 2. load the token (a missing one is tolerated); 3. bind both listeners; 4. make
+    /// the cache and the metrics; 5. open the audit sink (fails if it cannot be opened).
     pub async fn bind(config: Config) -> Result<Self, StartError> {
         let upstream = Upstream::new(&config.upstream)?;
+        let telemetry = Telemetry::new(&config.telemetry)?;
         let token = Arc::new(TokenSource::new(
             "default",
             config.token.origin.clone(),
@@ -85,6 +99,16 @@ impl Gateway {
             .cache
             .enabled
             .then(|| Arc::new(Cache::new(config.cache.clone(), config.upstream.timeout)));
+        let metrics = Arc::new(Metrics::new(vec![token.clone()], cache.clone()));
+        let audit = match config.audit.enabled {
+            true => Some(AuditLog::open(&config.audit, metrics.audit.clone())?),
+            false => None,
+        };
+        let observers = Arc::new(Observers {
+            telemetry,
+            metrics,
+            audit,
+        });
         Ok(Self {
             config,
             proxy,
@@ -94,6 +118,7 @@ impl Gateway {
                 token,
                 draining: AtomicBool::new(false),
                 cache,
+                observers,
             }),
         })
     }
@@ -103,6 +128,11 @@ impl Gateway {
         self.proxy
             .local_addr()
             .expect("a bound listener has an address")
+    }
+
+    /// The audit trail, for reopening its file on SIGHUP.
+    pub fn audit(&self) -> Option<AuditLog> {
+        self.shared.observers.audit.clone()
     }
 
     /// The admin listener's bound address.
@@ -119,15 +149,21 @@ impl Gateway {
     + Clone
     + Send
     + 'static {
+        let observers = &self.shared.observers;
         ServiceBuilder::new()
-            // Errors and panics below become CloudCasa-style error responses, here only.
-            .layer(RescueLayer)
             // Every request gets an id, kept from the client when sane; echoed on the response.
             .layer(RequestIdLayer)
+            // Trace context, server span, audit record, metrics: opened here, completed when the
+            // response ends. Above everything that can refuse, so refusals are recorded too.
+            .layer(ObserveLayer::new(observers.clone()))
+            // Errors and panics below become CloudCasa-style error responses, here only.
+            .layer(RescueLayer)
             // Refuse oversized bodies before anything reads them.
             .layer(BodyLimitLayer::new(self.config.server.max_body_size))
             // Policy, sidecar mode: the caller is local and uses the one credential.
             .layer(SelectCredentialLayer::new(self.shared.token.clone()))
+            // Fail-closed auditing: a write goes on only once its intent record is on disk.
+            .layer(AuditIntentLayer::new(observers.audit.clone()))
             // Reads from memory, revalidated by ETag; writes invalidate. Keyed by credential.
             .layer(CacheLayer::new(self.shared.cache.clone()))
             // Last: swap the client's credential for the CloudCasa token.
@@ -171,6 +207,17 @@ impl Gateway {
         // The admin listener outlives the drain so probes can watch it happen.
         let _ = stop_admin.send(true);
         let _ = admin.await;
+        if let Some(audit) = &self.shared.observers.audit {
+            match audit.flush().await {
+                Some(head) => tracing::info!(head = %head, "audit trail flushed"),
+                None => tracing::error!("audit trail could not be flushed at shutdown"),
+            }
+        }
+        let telemetry = self.shared.observers.telemetry.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            telemetry.shutdown(std::time::Duration::from_secs(5))
+        })
+        .await;
         tracing::info!("stopped");
     }
 }

@@ -37,6 +37,9 @@ pub enum GatewayError {
     /// The client sent `Cache-Control: only-if-cached` and nothing usable is stored.
     #[error("not in the gateway's cache (the request said only-if-cached)")]
     NotCached,
+    /// Fail-closed auditing could not record the intent of a write, so it was not forwarded.
+    #[error("the write was not forwarded because its audit record could not be written ({0})")]
+    AuditUnavailable(String),
     /// A bug: a handler panicked. The panic payload is logged, not returned.
     #[error("internal gateway error")]
     Internal,
@@ -48,7 +51,7 @@ impl GatewayError {
         match self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::NoToken { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NoToken { .. } | Self::AuditUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout(_) | Self::NotCached => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -64,6 +67,7 @@ impl GatewayError {
             Self::UpstreamUnreachable(_) => "upstream_unreachable",
             Self::UpstreamTimeout(_) => "upstream_timeout",
             Self::NotCached => "not_cached",
+            Self::AuditUnavailable(_) => "audit_unavailable",
             Self::Internal => "internal",
         }
     }

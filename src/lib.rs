@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod audit;
 pub mod body;
 pub mod cache;
 pub mod config;
@@ -14,9 +15,12 @@ pub mod error;
 pub mod headers;
 pub mod limits;
 pub mod logging;
+pub mod metrics;
+pub mod observe;
 pub mod request_id;
 pub mod rescue;
 pub mod server;
+pub mod telemetry;
 pub mod token;
 pub mod upstream;
 

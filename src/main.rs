@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use cloudcasa_gateway::audit::chain::{self, GENESIS};
 use cloudcasa_gateway::config::{Config, Overrides};
 use cloudcasa_gateway::{Gateway, logging};
 
@@ -27,10 +28,55 @@ struct Cli {
     /// Override token.file.
     #[arg(long, value_name = "PATH")]
     token_file: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Tools for the audit trail.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain of audit files and name the first broken line. Give rotated files
+    /// oldest first; they are checked as one chain.
+    Verify {
+        /// The audit files (JSON Lines).
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
+}
+
+fn audit_verify(files: &[PathBuf]) -> ExitCode {
+    match chain::verify_files(files) {
+        Ok(v) => {
+            let anchor = match v.anchor {
+                None => "the file is empty".to_string(),
+                Some(a) if a == GENESIS => "the chain starts here".to_string(),
+                Some(a) => format!("continues a chain whose previous hash was {a}"),
+            };
+            let head = v.head.map_or_else(|| "-".to_string(), |h| h.to_hex());
+            println!(
+                "OK: {} records, chain intact ({anchor}); head {head}",
+                v.records
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("BROKEN: {e}");
+            ExitCode::from(if e.line == 0 { 2 } else { 1 })
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Audit(AuditCommand::Verify { files })) = &cli.command {
+        return audit_verify(files);
+    }
     let overrides = Overrides {
         listen: cli.listen,
         upstream: cli.upstream,
@@ -83,6 +129,9 @@ fn main() -> ExitCode {
             version = env!("CARGO_PKG_VERSION"),
             "cloudcasa-gateway listening"
         );
+        if let Some(audit) = gateway.audit() {
+            reopen_on_sighup(audit);
+        }
         gateway.run(shutdown_signal()).await;
         ExitCode::SUCCESS
     })
@@ -95,4 +144,22 @@ async fn shutdown_signal() {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
     }
+}
+
+/// logrotate moves the file and sends SIGHUP; the writer then reopens it by name.
+fn reopen_on_sighup(audit: cloudcasa_gateway::audit::AuditLog) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install the SIGHUP handler; the audit file will not be reopened");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP received: reopening the audit file");
+            audit.reopen();
+        }
+    });
 }

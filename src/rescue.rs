@@ -108,14 +108,18 @@ pub fn rescue(err: GatewayError) -> Response<Body> {
     } else {
         tracing::debug!(kind = err.kind(), %message, "request refused");
     }
+    let kind = err.kind();
     let mut response = err.into_response();
-    response.extensions_mut().insert(GatewayMade);
+    response.extensions_mut().insert(GatewayMade { kind });
     response
 }
 
 /// Marks a response the gateway made itself (for audit and metrics).
 #[derive(Debug, Clone, Copy)]
-pub struct GatewayMade;
+pub struct GatewayMade {
+    /// [`GatewayError::kind`].
+    pub kind: &'static str,
+}
 
 fn panicked(panic: Box<dyn Any + Send>) -> Response<Body> {
     let what = panic

@@ -25,10 +25,11 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use tower::Service;
 
-use crate::body::{self, Body, BodyTooLarge, BoxError};
+use crate::body::{self, Body, BodyTooLarge, BoxError, Tap};
 use crate::config::UpstreamConfig;
 use crate::error::{GatewayError, find_cause};
 use crate::headers::strip_hop_by_hop;
+use crate::observe::Exchange;
 
 type Connector = TimeoutConnector<HttpsConnector<HttpConnector>>;
 /// The pooled client used for CloudCasa.
@@ -163,6 +164,10 @@ impl Service<Request<Body>> for Upstream {
             Ok(uri) => uri,
             Err(e) => return std::future::ready(Err(e)).boxed(),
         };
+        let exchange = Exchange::of(&req).cloned();
+        let call = exchange
+            .as_ref()
+            .map(|ex| ex.upstream_call(&req.method().clone(), &uri, req.headers_mut()));
         *req.uri_mut() = uri;
         // hyper picks HTTP/2 when ALPN offers it; the client's own version is its business.
         *req.version_mut() = Version::HTTP_11;
@@ -185,13 +190,28 @@ impl Service<Request<Body>> for Upstream {
         let sent = client.request(req);
         let timeout = self.timeout;
         async move {
-            let mut response = match tokio::time::timeout(timeout, sent).await {
-                Err(_) => return Err(GatewayError::UpstreamTimeout(timeout)),
-                Ok(Err(err)) => return Err(classify(err)),
-                Ok(Ok(response)) => response,
+            let result = match tokio::time::timeout(timeout, sent).await {
+                Err(_) => Err(GatewayError::UpstreamTimeout(timeout)),
+                Ok(Err(err)) => Err(classify(err)),
+                Ok(Ok(response)) => Ok(response),
+            };
+            let mut response = match (result, call) {
+                (Err(err), Some(call)) => {
+                    call.end(None, Some(err.kind()));
+                    return Err(err);
+                }
+                (Err(err), None) => return Err(err),
+                (Ok(response), None) => response.map(body::boxed),
+                (Ok(response), Some(mut call)) => {
+                    if let Some(ex) = &exchange {
+                        ex.upstream_answered(&mut call, response.status());
+                    }
+                    // The client span lasts until the upstream's body has been passed on.
+                    response.map(|b| body::boxed(Tap::new(b, call)))
+                }
             };
             strip_hop_by_hop(response.headers_mut());
-            Ok(response.map(body::boxed))
+            Ok(response)
         }
         .boxed()
     }

@@ -11,13 +11,6 @@ use serde_json::json;
 use support::*;
 use tokio::sync::Notify;
 
-async fn setup(extra: &str) -> (MockCloudCasa, SecretDir, TestGateway) {
-    let mock = MockCloudCasa::start().await;
-    let secret = SecretDir::new("token-a");
-    let gw = TestGateway::for_mock(&mock, &secret, extra).await;
-    (mock, secret, gw)
-}
-
 async fn cache_report(gw: &TestGateway) -> serde_json::Value {
     get(&gw.admin_url("/cache"), &[]).await.json()
 }
@@ -41,14 +34,6 @@ async fn wait_collapsed(gw: &TestGateway, n: u64) {
         || async { get(&admin, &[]).await.json()["collapsed"] == n },
     )
     .await;
-}
-
-fn item(mock: &MockCloudCasa, name: &str) -> (String, String) {
-    let doc = mock.state.seed("a", "usergroups", json!({"name": name}));
-    (
-        doc["_id"].as_str().unwrap().to_string(),
-        doc["_etag"].as_str().unwrap().to_string(),
-    )
 }
 
 #[tokio::test]

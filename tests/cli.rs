@@ -63,7 +63,11 @@ fn check_names_the_offending_key() {
             "server.max_body_size",
         ),
         ("[token]\nfile = \"TOKEN_PATH\"\nenv = \"X\"\n", "token"),
-        ("[telemetry]\nx = 1\n", "telemetry"),
+        ("[telemetry]\nx = 1\n", "telemetry.x"),
+        (
+            "[audit]\npath = \"\"\n[token]\nfile = \"TOKEN_PATH\"\n",
+            "audit.path",
+        ),
     ];
     for (config, key) in cases {
         let (ok, out) = check(config, Some("t"));
@@ -98,10 +102,12 @@ fn help_and_version() {
     assert!(String::from_utf8_lossy(&version.stdout).contains(env!("CARGO_PKG_VERSION")));
 }
 
-#[tokio::test]
-async fn sigterm_drains_and_exits_zero() {
-    let mock = MockCloudCasa::start().await;
-    let secret = SecretDir::new("token-a");
+/// The real binary in front of `mock`, on free ports, with `extra` TOML; returns once ready.
+async fn spawn_gateway(
+    mock: &MockCloudCasa,
+    secret: &SecretDir,
+    extra: &str,
+) -> (std::process::Child, String) {
     let ports: Vec<u16> = (0..2)
         .map(|_| {
             std::net::TcpListener::bind("127.0.0.1:0")
@@ -115,7 +121,7 @@ async fn sigterm_drains_and_exits_zero() {
         secret.dir.path(),
         "gateway.toml",
         &format!(
-            "[admin]\nlisten = \"127.0.0.1:{}\"\n[server]\ndrain_timeout = \"10s\"\n",
+            "[admin]\nlisten = \"127.0.0.1:{}\"\n[server]\ndrain_timeout = \"10s\"\n{extra}\n",
             ports[1]
         ),
     );
@@ -144,18 +150,30 @@ async fn sigterm_drains_and_exits_zero() {
         },
     )
     .await;
+    (child, format!("http://127.0.0.1:{}", ports[0]))
+}
 
-    mock.state
-        .set_fault(Fault::Delay(Duration::from_millis(500)), Some(1));
-    let url = format!("http://127.0.0.1:{}/api/v1/clusters", ports[0]);
-    let in_flight = tokio::spawn(async move { get(&url, &[]).await });
-    mock.state.wait_for(1).await;
+fn signal(child: &std::process::Child, signal: &str) {
     let status = Command::new("kill")
-        .arg("-TERM")
+        .arg(format!("-{signal}"))
         .arg(child.id().to_string())
         .status()
         .unwrap();
     assert!(status.success());
+}
+
+#[tokio::test]
+async fn sigterm_drains_and_exits_zero() {
+    let mock = MockCloudCasa::start().await;
+    let secret = SecretDir::new("token-a");
+    let (child, base) = spawn_gateway(&mock, &secret, "").await;
+
+    mock.state
+        .set_fault(Fault::Delay(Duration::from_millis(500)), Some(1));
+    let url = format!("{base}/api/v1/clusters");
+    let in_flight = tokio::spawn(async move { get(&url, &[]).await });
+    mock.state.wait_for(1).await;
+    signal(&child, "TERM");
     assert_eq!(in_flight.await.unwrap().status, StatusCode::OK);
     let exit = tokio::task::spawn_blocking(move || child.wait_with_output())
         .await
@@ -167,5 +185,53 @@ async fn sigterm_drains_and_exits_zero() {
     assert!(
         !logs.contains("token-a"),
         "the token leaked into the logs: {logs}"
+    );
+}
+
+#[tokio::test]
+async fn sighup_reopens_the_audit_file_and_the_chain_goes_on() {
+    let mock = MockCloudCasa::start().await;
+    let secret = SecretDir::new("token-a");
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let rotated = dir.path().join("audit.jsonl.1");
+    let (child, base) = spawn_gateway(
+        &mock,
+        &secret,
+        &format!("[audit]\npath = \"{}\"", audit.display()),
+    )
+    .await;
+    let url = format!("{base}/api/v1/clusters");
+    get(&url, &[]).await;
+    eventually(Duration::from_secs(10), "the first record", || {
+        std::future::ready(read_records(&audit).len() == 1)
+    })
+    .await;
+    // What logrotate does: move the file, then signal.
+    std::fs::rename(&audit, &rotated).unwrap();
+    signal(&child, "HUP");
+    eventually(Duration::from_secs(10), "a new audit file", || {
+        std::future::ready(audit.exists())
+    })
+    .await;
+    get(&url, &[]).await;
+    signal(&child, "TERM");
+    let exit = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.status.success());
+    assert_eq!(read_records(&rotated).len(), 1);
+    assert_eq!(read_records(&audit).len(), 1);
+    let out = Command::new(BIN)
+        .args(["audit", "verify"])
+        .arg(&rotated)
+        .arg(&audit)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("OK: 2 records"),
+        "{text}"
     );
 }

@@ -87,7 +87,10 @@ impl CacheStatus {
         match self.forward {
             _ if self.stale_if_error => "stale",
             None => "hit",
-            Some(Forward::Stale) if self.fwd_status == Some(304) => "revalidated",
+            // The stored response was confirmed, whether it was stale or the client said no-cache.
+            Some(Forward::Stale | Forward::Request) if self.fwd_status == Some(304) => {
+                "revalidated"
+            }
             Some(Forward::Bypass | Forward::Method) => "bypass",
             Some(_) if self.collapsed && self.fwd_status.is_none() => "hit",
             Some(_) => "miss",

@@ -299,6 +299,16 @@ impl Store {
         (responses, self.cache.weighted_size())
     }
 
+    /// Applies pending inserts and evictions to the counts (moka updates them lazily).
+    pub async fn settle(&self) {
+        self.cache.run_pending_tasks().await;
+    }
+
+    /// Paths stored and weighted bytes as of the last maintenance (see [`Store::settle`]).
+    pub fn approximate_size(&self) -> (u64, u64) {
+        (self.cache.entry_count(), self.cache.weighted_size())
+    }
+
     /// The configured bound in bytes.
     pub fn max_size(&self) -> u64 {
         self.max_size

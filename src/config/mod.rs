@@ -37,6 +37,10 @@ pub struct Config {
     pub cache: CacheConfig,
     /// Diagnostic logs.
     pub log: LogConfig,
+    /// The audit trail.
+    pub audit: AuditConfig,
+    /// OpenTelemetry traces.
+    pub telemetry: TelemetryConfig,
 }
 
 /// `[server]`.
@@ -112,6 +116,35 @@ pub enum LogFormat {
 pub struct LogConfig {
     /// Output format of diagnostic logs (stderr).
     pub format: LogFormat,
+}
+
+/// Where audit records go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditSink {
+    /// `path = "-"`.
+    Stdout,
+    /// An append-only JSON Lines file.
+    File(PathBuf),
+}
+
+/// `[audit]`.
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    /// Whether records are written at all.
+    pub enabled: bool,
+    /// Where they go.
+    pub sink: AuditSink,
+    /// Writes wait for a durable intent record, and are refused (503) without one.
+    pub fail_closed: bool,
+}
+
+/// `[telemetry]`.
+#[derive(Debug, Clone)]
+pub struct TelemetryConfig {
+    /// Base URL of an OTLP/HTTP receiver (`/v1/traces` is appended).
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of exported spans (`OTEL_SERVICE_NAME` wins when set).
+    pub service_name: String,
 }
 
 /// Command-line values that take precedence over the file.
@@ -316,6 +349,43 @@ impl Config {
             }
         };
 
+        let audit_enabled = r.audit.enabled.unwrap_or(true);
+        let audit_sink = match r.audit.path.as_deref() {
+            None | Some("-") => AuditSink::Stdout,
+            Some("") => {
+                p.add(
+                    "audit.path",
+                    "must be \"-\" (stdout) or a file path; to turn auditing off set audit.enabled = false",
+                );
+                AuditSink::Stdout
+            }
+            Some(path) => AuditSink::File(PathBuf::from(path)),
+        };
+        let fail_closed = r.audit.fail_closed.unwrap_or(false);
+        if fail_closed && !audit_enabled {
+            p.add(
+                "audit.fail_closed",
+                "needs the audit trail: audit.enabled must not be false",
+            );
+        }
+        let otlp_endpoint = r.telemetry.otlp_endpoint.filter(|e| !e.is_empty());
+        if let Some(endpoint) = &otlp_endpoint {
+            match endpoint.parse::<Uri>() {
+                Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some() => {}
+                _ => p.add(
+                    "telemetry.otlp_endpoint",
+                    format!("{endpoint:?} is not an http:// or https:// URL, e.g. \"http://otel-collector:4318\""),
+                ),
+            }
+        }
+        let service_name = r
+            .telemetry
+            .service_name
+            .unwrap_or_else(|| "cloudcasa-gateway".into());
+        if service_name.is_empty() {
+            p.add("telemetry.service_name", "must not be empty");
+        }
+
         if let (Some(a), Some(b)) = (listen, admin_listen)
             && a == b
             && a.port() != 0
@@ -343,6 +413,15 @@ impl Config {
                 token: TokenConfig { origin },
                 cache,
                 log: LogConfig { format },
+                audit: AuditConfig {
+                    enabled: audit_enabled,
+                    sink: audit_sink,
+                    fail_closed,
+                },
+                telemetry: TelemetryConfig {
+                    otlp_endpoint,
+                    service_name,
+                },
             }),
             _ => Err(p.0),
         }
@@ -370,6 +449,18 @@ impl Config {
                         format!("environment variable {name} is not set or empty"),
                     );
                 }
+            }
+        }
+        if let (true, AuditSink::File(path)) = (self.audit.enabled, &self.audit.sink) {
+            let dir = path
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            if !dir.is_dir() {
+                p.add(
+                    "audit.path",
+                    format!("directory {} does not exist", dir.display()),
+                );
             }
         }
         if p.0.is_empty() {
@@ -552,6 +643,29 @@ mod tests {
         };
         let problems = Config::from_raw(raw, &o).unwrap_err();
         assert_eq!(keys(&problems), ["--listen"]);
+    }
+
+    #[test]
+    fn audit_and_telemetry() {
+        let c = validate("[token]\nfile = \"/t\"\n").unwrap();
+        assert_eq!(c.audit.sink, AuditSink::Stdout);
+        assert!(c.audit.enabled && !c.audit.fail_closed);
+        assert_eq!(c.telemetry.service_name, "cloudcasa-gateway");
+        assert_eq!(c.telemetry.otlp_endpoint, None);
+        let c = validate(
+            "[token]\nfile = \"/t\"\n[audit]\npath = \"/var/log/a.jsonl\"\nfail_closed = true\n[telemetry]\notlp_endpoint = \"http://c:4318\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.audit.sink, AuditSink::File("/var/log/a.jsonl".into()));
+        assert!(c.audit.fail_closed);
+        let problems = validate(
+            "[token]\nfile = \"/t\"\n[audit]\nenabled = false\nfail_closed = true\n[telemetry]\notlp_endpoint = \"c:4318\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            keys(&problems),
+            ["audit.fail_closed", "telemetry.otlp_endpoint"]
+        );
     }
 
     #[test]

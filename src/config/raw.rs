@@ -19,6 +19,8 @@ pub struct RawConfig {
     pub token: RawToken,
     pub cache: RawCache,
     pub log: RawLog,
+    pub audit: RawAudit,
+    pub telemetry: RawTelemetry,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -75,4 +77,19 @@ pub struct RawCache {
 #[serde(deny_unknown_fields, default)]
 pub struct RawLog {
     pub format: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAudit {
+    pub enabled: Option<bool>,
+    pub path: Option<String>,
+    pub fail_closed: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTelemetry {
+    pub otlp_endpoint: Option<String>,
+    pub service_name: Option<String>,
 }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod mock;
+pub mod otlp;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -83,6 +84,9 @@ impl SecretDir {
 pub struct TestGateway {
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
+    /// The audit file, unless the test configured its own sink.
+    pub audit: Option<PathBuf>,
+    _audit_dir: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -96,6 +100,16 @@ impl TestGateway {
             .listen
             .get_or_insert_with(|| "127.0.0.1:0".into());
         raw.admin.listen.get_or_insert_with(|| "127.0.0.1:0".into());
+        // Audit records go to a file of the test's own rather than the test runner's stdout.
+        let audit_dir = tempfile::tempdir().unwrap();
+        let audit = match raw.audit.path {
+            Some(_) => None,
+            None => {
+                let path = audit_dir.path().join("audit.jsonl");
+                raw.audit.path = Some(path.display().to_string());
+                Some(path)
+            }
+        };
         let config = Config::from_raw(raw, &Overrides::default())
             .unwrap_or_else(|e| panic!("test config: {e:?}"));
         let gateway = Gateway::bind(config).await.expect("gateway binds");
@@ -107,6 +121,8 @@ impl TestGateway {
         Self {
             proxy,
             admin,
+            audit,
+            _audit_dir: audit_dir,
             stop: Some(stop),
             task,
         }
@@ -128,6 +144,30 @@ impl TestGateway {
 
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.admin)
+    }
+
+    /// The audit records written so far, parsed.
+    pub fn audit_records(&self) -> Vec<serde_json::Value> {
+        let path = self
+            .audit
+            .as_ref()
+            .expect("the test gateway's own audit file");
+        read_records(path)
+    }
+
+    /// Waits until at least `n` audit records are written, and returns them all.
+    pub async fn wait_audit(&self, n: usize) -> Vec<serde_json::Value> {
+        let mut records = Vec::new();
+        eventually(
+            Duration::from_secs(10),
+            &format!("{n} audit records"),
+            || {
+                records = self.audit_records();
+                std::future::ready(records.len() >= n)
+            },
+        )
+        .await;
+        records
     }
 
     /// Begins shutdown and returns a handle that completes when the gateway has stopped.
@@ -245,4 +285,34 @@ pub fn write_file(dir: &Path, name: &str, content: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, content).unwrap();
     path
+}
+
+/// Parses a JSON Lines audit file.
+pub fn read_records(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {l}"))
+        })
+        .collect()
+}
+
+/// A mock CloudCasa, tenant `a`'s token in a Secret, and a gateway in front with `extra` TOML.
+pub async fn setup(extra: &str) -> (MockCloudCasa, SecretDir, TestGateway) {
+    let mock = MockCloudCasa::start().await;
+    let secret = SecretDir::new("token-a");
+    let gw = TestGateway::for_mock(&mock, &secret, extra).await;
+    (mock, secret, gw)
+}
+
+/// Seeds a usergroup in tenant `a`; returns its id and ETag.
+pub fn item(mock: &MockCloudCasa, name: &str) -> (String, String) {
+    let doc = mock
+        .state
+        .seed("a", "usergroups", serde_json::json!({"name": name}));
+    (
+        doc["_id"].as_str().unwrap().to_string(),
+        doc["_etag"].as_str().unwrap().to_string(),
+    )
 }

@@ -1,0 +1,331 @@
+//! The hash chain that makes an audit file tamper-evident, and its verification.
+//!
+//! Each line is `B + ,"hash":"H"}` where `B` is the record's JSON up to and including its
+//! `"prev":"P"` member, `P` is the previous line's `H` (64 zeros at the very start), and
+//! `H = hex(SHA-256(B))`. The hashed bytes are the bytes on disk, so there is no canonical-JSON
+//! step to get wrong: any edit to a line changes its hash, and deleting or reordering lines breaks
+//! the `prev` links.
+
+use std::fmt;
+use std::io::{BufRead, Read, Seek, SeekFrom};
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+
+/// The `prev` of the first record ever written.
+pub const GENESIS: ChainHash = ChainHash([0; 32]);
+
+const HASH_MEMBER: &[u8] = b",\"hash\":\"";
+
+/// A SHA-256 chain value.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct ChainHash(pub [u8; 32]);
+
+impl ChainHash {
+    /// Parses 64 lowercase hex digits.
+    pub fn parse(text: &str) -> Option<Self> {
+        let mut out = [0u8; 32];
+        (text.len() == 64 && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+            .then(|| hex::decode_to_slice(text, &mut out).ok())
+            .flatten()
+            .map(|()| Self(out))
+    }
+
+    /// Lowercase hex.
+    pub fn to_hex(self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl fmt::Display for ChainHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for ChainHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ChainHash({self})")
+    }
+}
+
+/// Appends the chain members to a record and returns the new chain head.
+///
+/// `open` is the record's JSON object without its closing brace (`{"ts":...,"error":null`).
+/// The finished line, newline included, is appended to `out`.
+pub fn seal(open: &[u8], prev: ChainHash, out: &mut Vec<u8>) -> ChainHash {
+    let start = out.len();
+    out.extend_from_slice(open);
+    out.extend_from_slice(b",\"prev\":\"");
+    out.extend_from_slice(prev.to_hex().as_bytes());
+    out.push(b'"');
+    let hash = ChainHash(Sha256::digest(&out[start..]).into());
+    out.extend_from_slice(HASH_MEMBER);
+    out.extend_from_slice(hash.to_hex().as_bytes());
+    out.extend_from_slice(b"\"}\n");
+    hash
+}
+
+/// Why a line does not continue the chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Broken {
+    /// The line is not a JSON object ending in a `hash` member.
+    Malformed(String),
+    /// The line's `prev` is not the previous line's `hash`: a line before it was deleted, or
+    /// lines were reordered.
+    Link {
+        /// What the previous line's hash says `prev` must be.
+        expected: ChainHash,
+        /// What the line says.
+        found: String,
+    },
+    /// The line's `hash` does not match its bytes: the line was edited.
+    Hash,
+}
+
+impl fmt::Display for Broken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Malformed(why) => write!(f, "not an audit record: {why}"),
+            Self::Link { expected, found } => write!(
+                f,
+                "prev is {found} but the previous record's hash is {expected} \
+                 (a record before this one was deleted, or records were reordered)"
+            ),
+            Self::Hash => f.write_str("hash does not match the record (the record was edited)"),
+        }
+    }
+}
+
+/// Checks one line. `expected_prev` is `None` for the first line of a verification, whose `prev`
+/// is taken as given (the chain may continue from an earlier, rotated file).
+/// Returns the line's hash, which the next line must name as its `prev`.
+pub fn check_line(line: &[u8], expected_prev: Option<ChainHash>) -> Result<ChainHash, Broken> {
+    let value: serde_json::Value = serde_json::from_slice(line)
+        .map_err(|e| Broken::Malformed(format!("invalid JSON ({e})")))?;
+    let field = |name: &str| {
+        value
+            .get(name)
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| Broken::Malformed(format!("no \"{name}\" string member")))
+    };
+    let (prev_text, hash_text) = (field("prev")?, field("hash")?);
+    let hash = ChainHash::parse(hash_text)
+        .ok_or_else(|| Broken::Malformed("hash is not 64 hex digits".into()))?;
+    let prev = ChainHash::parse(prev_text)
+        .ok_or_else(|| Broken::Malformed("prev is not 64 hex digits".into()))?;
+    // The hashed prefix ends where the hash member begins; it must be the line's last member.
+    let suffix_len = HASH_MEMBER.len() + 64 + 2;
+    let body_end = line.len().checked_sub(suffix_len);
+    let body = match body_end {
+        Some(end) if line[end..].starts_with(HASH_MEMBER) && line.ends_with(b"\"}") => &line[..end],
+        _ => return Err(Broken::Malformed("\"hash\" is not the last member".into())),
+    };
+    if !body.ends_with(format!(",\"prev\":\"{prev}\"").as_bytes()) {
+        return Err(Broken::Malformed(
+            "\"prev\" does not come right before \"hash\"".into(),
+        ));
+    }
+    if let Some(expected) = expected_prev
+        && expected != prev
+    {
+        return Err(Broken::Link {
+            expected,
+            found: prev_text.to_string(),
+        });
+    }
+    if ChainHash(Sha256::digest(body).into()) != hash {
+        return Err(Broken::Hash);
+    }
+    Ok(hash)
+}
+
+/// The result of verifying one or more files in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    /// Records checked.
+    pub records: u64,
+    /// The `prev` of the first record (all zeros when the chain starts there).
+    pub anchor: Option<ChainHash>,
+    /// The last record's hash.
+    pub head: Option<ChainHash>,
+}
+
+/// The first broken line found.
+#[derive(Debug)]
+pub struct VerifyError {
+    /// File name, as given.
+    pub file: String,
+    /// 1-based line number, or 0 when the file could not be read at all.
+    pub line: u64,
+    /// What is wrong.
+    pub problem: String,
+}
+
+impl fmt::Display for VerifyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            write!(f, "{}: {}", self.file, self.problem)
+        } else {
+            write!(f, "{} line {}: {}", self.file, self.line, self.problem)
+        }
+    }
+}
+
+/// Verifies files as one chain, in the order given (oldest rotated file first).
+pub fn verify_files(files: &[impl AsRef<Path>]) -> Result<Verified, VerifyError> {
+    let mut verified = Verified {
+        records: 0,
+        anchor: None,
+        head: None,
+    };
+    for file in files {
+        let path = file.as_ref();
+        let name = path.display().to_string();
+        let reader = std::fs::File::open(path).map(std::io::BufReader::new);
+        let reader = reader.map_err(|e| VerifyError {
+            file: name.clone(),
+            line: 0,
+            problem: e.to_string(),
+        })?;
+        for (index, line) in reader.split(b'\n').enumerate() {
+            let line_no = index as u64 + 1;
+            let broken = |problem: String| VerifyError {
+                file: name.clone(),
+                line: line_no,
+                problem,
+            };
+            let line = line.map_err(|e| broken(e.to_string()))?;
+            if verified.anchor.is_none() {
+                verified.anchor = serde_json::from_slice::<serde_json::Value>(&line)
+                    .ok()
+                    .and_then(|v| v.get("prev")?.as_str().and_then(ChainHash::parse));
+            }
+            let hash = check_line(&line, verified.head).map_err(|b| broken(b.to_string()))?;
+            verified.head = Some(hash);
+            verified.records += 1;
+        }
+    }
+    Ok(verified)
+}
+
+/// The hash of the last complete record in an existing audit file, so that a restarted gateway
+/// continues the chain. `Ok(None)` for a missing or empty file. A torn last line (a crash in the
+/// middle of a write) is skipped with a warning; the chain continues from the last good record and
+/// `audit verify` will point at the torn line.
+pub fn read_head(path: &Path) -> std::io::Result<Option<ChainHash>> {
+    let mut file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    // A device or a pipe has no records to continue from (and /dev/full reads forever).
+    if !file.metadata()?.is_file() {
+        return Ok(None);
+    }
+    let len = file.seek(SeekFrom::End(0))?;
+    // Records are small; a tail of 1 MiB holds many of them.
+    let start = len.saturating_sub(1024 * 1024);
+    file.seek(SeekFrom::Start(start))?;
+    let mut tail = Vec::new();
+    file.read_to_end(&mut tail)?;
+    for (n, line) in tail.rsplit(|b| *b == b'\n').enumerate() {
+        if line.is_empty() {
+            continue;
+        }
+        if let Ok(hash) = check_line(line, None) {
+            return Ok(Some(hash));
+        }
+        if n <= 1 {
+            tracing::warn!(
+                file = %path.display(),
+                "the last line of the audit file is not a complete record; continuing the chain \
+                 from the last complete one"
+            );
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chain(records: &[&str]) -> Vec<Vec<u8>> {
+        let mut prev = GENESIS;
+        records
+            .iter()
+            .map(|r| {
+                let mut line = Vec::new();
+                prev = seal(r.as_bytes(), prev, &mut line);
+                line.pop();
+                line
+            })
+            .collect()
+    }
+
+    fn check_all(lines: &[Vec<u8>]) -> Result<(), (usize, Broken)> {
+        let mut prev = Some(GENESIS);
+        for (i, line) in lines.iter().enumerate() {
+            prev = Some(check_line(line, prev).map_err(|b| (i + 1, b))?);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn sealed_lines_are_json_and_verify() {
+        let lines = chain(&[r#"{"a":1"#, r#"{"b":"x"}"#.trim_end_matches('}')]);
+        for line in &lines {
+            let v: serde_json::Value = serde_json::from_slice(line).unwrap();
+            assert!(v["hash"].as_str().unwrap().len() == 64);
+        }
+        check_all(&lines).unwrap();
+    }
+
+    #[test]
+    fn edit_delete_and_reorder_are_caught_at_the_right_line() {
+        let lines = chain(&[r#"{"n":1"#, r#"{"n":2"#, r#"{"n":3"#]);
+
+        let mut edited = lines.clone();
+        edited[1] = String::from_utf8(edited[1].clone())
+            .unwrap()
+            .replace("\"n\":2", "\"n\":7")
+            .into_bytes();
+        assert_eq!(check_all(&edited).unwrap_err(), (2, Broken::Hash));
+
+        let deleted = vec![lines[0].clone(), lines[2].clone()];
+        assert!(matches!(
+            check_all(&deleted).unwrap_err(),
+            (2, Broken::Link { .. })
+        ));
+
+        let reordered = vec![lines[1].clone(), lines[0].clone(), lines[2].clone()];
+        assert!(matches!(
+            check_all(&reordered).unwrap_err(),
+            (1, Broken::Link { .. })
+        ));
+    }
+
+    #[test]
+    fn hash_must_be_last_and_prev_adjacent() {
+        let line = br#"{"hash":"00","prev":"00"}"#;
+        assert!(matches!(check_line(line, None), Err(Broken::Malformed(_))));
+        assert!(matches!(
+            check_line(b"not json", None),
+            Err(Broken::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn head_skips_a_torn_last_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let lines = chain(&[r#"{"n":1"#, r#"{"n":2"#]);
+        let mut text = lines.join(&b'\n');
+        text.extend_from_slice(b"\n{\"n\":3,\"pr");
+        std::fs::write(&path, &text).unwrap();
+        let expected = check_line(&lines[1], None).unwrap();
+        assert_eq!(read_head(&path).unwrap(), Some(expected));
+        assert_eq!(read_head(&dir.path().join("missing")).unwrap(), None);
+    }
+}

@@ -1,0 +1,157 @@
+//! The audit record: which fields, in which order, and how an exchange becomes one.
+//!
+//! Only facts about the request are recorded, never credentials or bodies: there is no field an
+//! `Authorization` header could reach.
+
+use serde::Serialize;
+
+/// `/api/v1/<collection>/<id>`, as named in a request path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Resource<'a> {
+    /// The collection, e.g. `clusters`.
+    pub collection: &'a str,
+    /// The item id, when the path names one.
+    pub id: Option<&'a str>,
+}
+
+impl<'a> Resource<'a> {
+    /// Parses `/api/v1/<collection>[/<id>[/...]]`; other paths name no resource.
+    pub fn parse(path: &'a str) -> Option<Self> {
+        let rest = path.strip_prefix("/api/v1/")?;
+        let mut parts = rest.split('/');
+        let collection = parts.next().filter(|c| !c.is_empty())?;
+        let id = parts.next().filter(|i| !i.is_empty());
+        Some(Self { collection, id })
+    }
+}
+
+/// The route template for span names: low-cardinality by construction.
+pub fn route(path: &str) -> &'static str {
+    match Resource::parse(path) {
+        None => "/*",
+        Some(Resource { id: None, .. }) => "/api/v1/{collection}",
+        Some(_) if path.trim_end_matches('/').matches('/').count() > 4 => {
+            "/api/v1/{collection}/{id}/*"
+        }
+        Some(_) => "/api/v1/{collection}/{id}",
+    }
+}
+
+/// Who made the request.
+#[derive(Debug, Clone, Serialize)]
+pub struct Client<'a> {
+    /// The peer's address.
+    pub addr: Option<String>,
+    /// The client's identity (`local` in sidecar mode).
+    pub id: &'a str,
+}
+
+/// One line of the audit trail, without the chain members (`prev`, `hash`), which the writer adds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Record<'a> {
+    /// RFC 3339 UTC with milliseconds: when the request was received.
+    pub ts: String,
+    /// `intent` (before a write is forwarded, in fail-closed mode) or `outcome`.
+    pub phase: &'static str,
+    /// The request id (`X-Request-Id`).
+    pub request_id: &'a str,
+    /// 32 hex digits.
+    pub trace_id: String,
+    /// 16 hex digits: the gateway's server span.
+    pub span_id: String,
+    /// Who asked.
+    pub client: Client<'a>,
+    /// The request method.
+    pub method: &'a str,
+    /// The request path, as sent.
+    pub path: &'a str,
+    /// The query string, as sent.
+    pub query: Option<&'a str>,
+    /// The CloudCasa resource the path names.
+    pub resource: Option<Resource<'a>>,
+    /// The status the client got (499: it went away first). `null` in an intent record.
+    pub status: Option<u16>,
+    /// The upstream's status; `null` when the upstream was not asked or did not answer.
+    pub upstream_status: Option<u16>,
+    /// `hit`, `revalidated`, `miss`, `stale` or `bypass`.
+    pub cache: Option<&'static str>,
+    /// The client's `If-Match`, as sent.
+    pub if_match: Option<&'a str>,
+    /// The response's `ETag` value, unquoted.
+    pub etag: Option<String>,
+    /// Request body bytes read from the client.
+    pub bytes_in: Option<u64>,
+    /// Response body bytes sent to the client.
+    pub bytes_out: Option<u64>,
+    /// Received to response complete, in milliseconds.
+    pub duration_ms: Option<f64>,
+    /// Sent upstream to upstream response headers, in milliseconds.
+    pub upstream_ms: Option<f64>,
+    /// The error kind, when the gateway made the response itself.
+    pub error: Option<&'a str>,
+    /// `false` when the client went away before the response was complete.
+    pub complete: Option<bool>,
+}
+
+impl Record<'_> {
+    /// The record as a JSON object with its closing brace left off, ready for the chain members.
+    pub fn to_open_json(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(640);
+        serde_json::to_writer(&mut out, self).expect("a record always serializes");
+        debug_assert_eq!(out.last(), Some(&b'}'));
+        out.pop();
+        out
+    }
+}
+
+/// An ETag's value without its quotes (a weak one keeps its `W/`).
+pub fn unquote_etag(value: &str) -> String {
+    match value.strip_prefix("W/") {
+        Some(rest) => format!("W/{}", rest.trim_matches('"')),
+        None => value.trim_matches('"').to_string(),
+    }
+}
+
+/// Milliseconds with microsecond precision.
+pub fn millis(d: std::time::Duration) -> f64 {
+    (d.as_micros() as f64) / 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resources_and_routes() {
+        let r = |p| Resource::parse(p);
+        assert_eq!(
+            r("/api/v1/clusters/abc"),
+            Some(Resource {
+                collection: "clusters",
+                id: Some("abc")
+            })
+        );
+        assert_eq!(
+            r("/api/v1/clusters"),
+            Some(Resource {
+                collection: "clusters",
+                id: None
+            })
+        );
+        assert_eq!(r("/api/v1/"), None);
+        assert_eq!(r("/healthz"), None);
+        assert_eq!(route("/api/v1/clusters"), "/api/v1/{collection}");
+        assert_eq!(route("/api/v1/clusters/x"), "/api/v1/{collection}/{id}");
+        assert_eq!(
+            route("/api/v1/clusters/x/action"),
+            "/api/v1/{collection}/{id}/*"
+        );
+        assert_eq!(route("/other"), "/*");
+    }
+
+    #[test]
+    fn etags_lose_their_quotes() {
+        assert_eq!(unquote_etag("\"abc\""), "abc");
+        assert_eq!(unquote_etag("W/\"abc\""), "W/abc");
+    }
+}

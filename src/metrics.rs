@@ -1,0 +1,448 @@
+//! Prometheus metrics (prometheus-client, OpenMetrics text) served at the admin listener's
+//! `/metrics`.
+//!
+//! Request metrics are recorded once per request when it completes (by [`crate::observe`]);
+//! cache, token and audit figures are read from the counters those parts keep anyway, at scrape
+//! time, so nothing is counted twice.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::{Method, StatusCode};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::cache::Cache;
+use crate::token::TokenSource;
+
+/// Every metric name starts with this.
+pub const PREFIX: &str = "cloudcasa_gateway";
+
+/// Latency buckets in seconds: 100 µs (a cache hit) to 30 s (the default upstream timeout).
+const LATENCY_BUCKETS: [f64; 17] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    method: &'static str,
+    status_class: &'static str,
+    cache: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CacheLabel {
+    cache: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusClassLabel {
+    status_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabel {
+    phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
+}
+
+/// The audit sink's counters, shared with its writer thread.
+#[derive(Debug, Clone, Default)]
+pub struct AuditMetrics {
+    written: Family<PhaseLabel, Counter>,
+    failed: Family<ReasonLabel, Counter>,
+}
+
+impl AuditMetrics {
+    /// `n` records of `phase` (`intent` or `outcome`) reached the sink.
+    pub fn written(&self, phase: &'static str, n: u64) {
+        self.written.get_or_create(&PhaseLabel { phase }).inc_by(n);
+    }
+
+    /// `n` records were lost: `reason` is `write` (the sink failed) or `queue_full`.
+    pub fn failed(&self, reason: &'static str, n: u64) {
+        self.failed.get_or_create(&ReasonLabel { reason }).inc_by(n);
+    }
+}
+
+/// The gateway's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    request_duration: Family<CacheLabel, Histogram, fn() -> Histogram>,
+    upstream_duration: Histogram,
+    upstream_responses: Family<StatusClassLabel, Counter>,
+    gateway_errors: Family<KindLabel, Counter>,
+    in_flight: Gauge,
+    /// Handed to the audit sink.
+    pub audit: AuditMetrics,
+}
+
+impl Metrics {
+    /// Registers every metric; `tokens` and `cache` are read at scrape time.
+    pub fn new(tokens: Vec<Arc<TokenSource>>, cache: Option<Arc<Cache>>) -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        let request_duration =
+            Family::<CacheLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram,
+            );
+        let upstream_duration = latency_histogram();
+        let upstream_responses = Family::<StatusClassLabel, Counter>::default();
+        let gateway_errors = Family::<KindLabel, Counter>::default();
+        let in_flight = Gauge::default();
+        let audit = AuditMetrics::default();
+        let name = |n: &str| format!("{PREFIX}_{n}");
+        registry.register(
+            name("requests"),
+            "Requests answered, by method, status class and cache status",
+            requests.clone(),
+        );
+        registry.register(
+            name("request_duration_seconds"),
+            "Time from request received to response complete, by cache status",
+            request_duration.clone(),
+        );
+        registry.register(
+            name("upstream_duration_seconds"),
+            "Time from sending a request upstream to its response headers",
+            upstream_duration.clone(),
+        );
+        registry.register(
+            name("upstream_responses"),
+            "Responses received from the CloudCasa API, by status class",
+            upstream_responses.clone(),
+        );
+        registry.register(
+            name("gateway_errors"),
+            "Responses the gateway made itself, by error kind (e.g. upstream_unreachable)",
+            gateway_errors.clone(),
+        );
+        registry.register(
+            name("requests_in_flight"),
+            "Requests received and not yet complete",
+            in_flight.clone(),
+        );
+        registry.register(
+            name("audit_records_written"),
+            "Audit records written to the sink, by phase",
+            audit.written.clone(),
+        );
+        registry.register(
+            name("audit_records_failed"),
+            "Audit records lost, by reason (write: the sink failed; queue_full)",
+            audit.failed.clone(),
+        );
+        registry.register_collector(Box::new(TokenCollector(tokens)));
+        if let Some(cache) = cache {
+            registry.register_collector(Box::new(CacheCollector(cache)));
+        }
+        Self {
+            registry,
+            requests,
+            request_duration,
+            upstream_duration,
+            upstream_responses,
+            gateway_errors,
+            in_flight,
+            audit,
+        }
+    }
+
+    /// A request arrived.
+    pub fn request_started(&self) {
+        self.in_flight.inc();
+    }
+
+    /// A request completed (or its client went away, `status` 499).
+    pub fn request_finished(
+        &self,
+        method: &Method,
+        status: StatusCode,
+        cache: &'static str,
+        error: Option<&'static str>,
+        elapsed: Duration,
+    ) {
+        self.in_flight.dec();
+        self.requests
+            .get_or_create(&RequestLabels {
+                method: method_label(method),
+                status_class: status_class(status),
+                cache,
+            })
+            .inc();
+        self.request_duration
+            .get_or_create(&CacheLabel { cache })
+            .observe(elapsed.as_secs_f64());
+        if let Some(kind) = error {
+            self.gateway_errors.get_or_create(&KindLabel { kind }).inc();
+        }
+    }
+
+    /// An upstream call returned response headers.
+    pub fn upstream_answered(&self, status: StatusCode, elapsed: Duration) {
+        self.upstream_duration.observe(elapsed.as_secs_f64());
+        self.upstream_responses
+            .get_or_create(&StatusClassLabel {
+                status_class: status_class(status),
+            })
+            .inc();
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// Methods outside the standard set share one label value, so a client cannot grow the series.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// `2xx`, `4xx`, ...
+pub fn status_class(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+fn encode_one(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    labels: Option<&[(&str, &str)]>,
+    metric: impl EncodeMetric,
+) -> Result<(), std::fmt::Error> {
+    let name = format!("{PREFIX}_{name}");
+    let mut m = encoder.encode_descriptor(&name, help, None, metric.metric_type())?;
+    match labels {
+        Some(labels) => metric.encode(m.encode_family(&labels)?),
+        None => metric.encode(m),
+    }
+}
+
+#[derive(Debug)]
+struct TokenCollector(Vec<Arc<TokenSource>>);
+
+impl Collector for TokenCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let now = SystemTime::now();
+        // One descriptor per metric, then a sample per credential.
+        type Get = fn(&TokenSource, SystemTime) -> f64;
+        let gauges: [(&str, &str, Get); 2] = [
+            (
+                "token_age_seconds",
+                "Seconds since the credential's token was last loaded (-1: never loaded)",
+                |t, now| {
+                    t.current().map_or(-1.0, |l| {
+                        now.duration_since(l.loaded_at())
+                            .unwrap_or_default()
+                            .as_secs_f64()
+                    })
+                },
+            ),
+            (
+                "token_loaded",
+                "1 when a token is loaded for the credential",
+                |t, _| f64::from(u8::from(t.current().is_some())),
+            ),
+        ];
+        for (name, help, get) in gauges {
+            let name = format!("{PREFIX}_{name}");
+            let mut m =
+                encoder.encode_descriptor(&name, help, None, ConstGauge::new(0.0).metric_type())?;
+            for t in &self.0 {
+                let labels = [("credential", t.credential())];
+                ConstGauge::new(get(t, now)).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        type Count = fn(&TokenSource) -> u64;
+        let counters: [(&str, &str, Count); 2] = [
+            ("token_reloads", "Times a changed token was loaded", |t| {
+                t.stats.reloads.load(std::sync::atomic::Ordering::Relaxed)
+            }),
+            (
+                "token_load_failures",
+                "Times loading the token failed (the last good one stays in use)",
+                |t| t.stats.failures.load(std::sync::atomic::Ordering::Relaxed),
+            ),
+        ];
+        for (name, help, get) in counters {
+            let name = format!("{PREFIX}_{name}");
+            let mut m = encoder.encode_descriptor(
+                &name,
+                help,
+                None,
+                ConstCounter::new(0u64).metric_type(),
+            )?;
+            for t in &self.0 {
+                let labels = [("credential", t.credential())];
+                ConstCounter::new(get(t)).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct CacheCollector(Arc<Cache>);
+
+impl Collector for CacheCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let store = self.0.store();
+        let (entries, weighted) = store.approximate_size();
+        let e = &mut encoder;
+        encode_one(
+            e,
+            "cache_entries",
+            "Paths with a stored response",
+            None,
+            ConstGauge::new(entries as i64),
+        )?;
+        encode_one(
+            e,
+            "cache_weighted_bytes",
+            "Weighted size of stored responses",
+            None,
+            ConstGauge::new(weighted as i64),
+        )?;
+        encode_one(
+            e,
+            "cache_max_bytes",
+            "cache.max_size",
+            None,
+            ConstGauge::new(store.max_size() as i64),
+        )?;
+        let s = &store.stats;
+        let counters = [
+            (
+                "cache_hits",
+                "Requests answered from the cache without asking upstream",
+                &s.hits,
+            ),
+            (
+                "cache_misses",
+                "Requests with nothing usable stored",
+                &s.misses,
+            ),
+            (
+                "cache_revalidations",
+                "Stored responses revalidated upstream",
+                &s.revalidations,
+            ),
+            (
+                "cache_stale_served",
+                "Stale responses served because the upstream failed",
+                &s.stale_served,
+            ),
+            (
+                "cache_collapsed",
+                "Requests that waited for another request's upstream fetch",
+                &s.collapsed,
+            ),
+            (
+                "cache_evictions",
+                "Entries evicted to stay within cache.max_size",
+                &s.evictions,
+            ),
+            (
+                "cache_invalidations",
+                "Paths invalidated by writes",
+                &s.invalidations,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            encode_one(
+                e,
+                name,
+                help,
+                None,
+                ConstCounter::new(counter.load(Relaxed)),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_names_and_counts() {
+        let m = Metrics::new(Vec::new(), None);
+        m.request_started();
+        m.request_finished(
+            &Method::GET,
+            StatusCode::OK,
+            "hit",
+            None,
+            Duration::from_millis(1),
+        );
+        m.request_started();
+        m.request_finished(
+            &Method::from_bytes(b"BREW").unwrap(),
+            StatusCode::BAD_GATEWAY,
+            "bypass",
+            Some("upstream_unreachable"),
+            Duration::from_millis(1),
+        );
+        m.audit.failed("write", 2);
+        let text = m.encode();
+        assert!(
+            text.contains(
+                "cloudcasa_gateway_requests_total{method=\"GET\",status_class=\"2xx\",cache=\"hit\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(text.contains(
+            "cloudcasa_gateway_requests_total{method=\"other\",status_class=\"5xx\",cache=\"bypass\"} 1"
+        ));
+        assert!(
+            text.contains(
+                "cloudcasa_gateway_gateway_errors_total{kind=\"upstream_unreachable\"} 1"
+            )
+        );
+        assert!(text.contains("cloudcasa_gateway_requests_in_flight 0"));
+        assert!(text.contains("cloudcasa_gateway_audit_records_failed_total{reason=\"write\"} 2"));
+        assert!(text.ends_with("# EOF\n"));
+    }
+}

@@ -1,0 +1,472 @@
+//! The audit trail end to end: every field of the record for each kind of exchange, the hash chain
+//! and `audit verify`, restarts, fail-closed writes, and a client that goes away.
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use serde_json::{Value, json};
+use support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_cloudcasa-gateway");
+
+/// Every member a record has, in order. Nothing else may appear (no header, no body, no token).
+const MEMBERS: [&str; 23] = [
+    "ts",
+    "phase",
+    "request_id",
+    "trace_id",
+    "span_id",
+    "client",
+    "method",
+    "path",
+    "query",
+    "resource",
+    "status",
+    "upstream_status",
+    "cache",
+    "if_match",
+    "etag",
+    "bytes_in",
+    "bytes_out",
+    "duration_ms",
+    "upstream_ms",
+    "error",
+    "complete",
+    "prev",
+    "hash",
+];
+
+fn is_hex(v: &Value, len: usize) -> bool {
+    v.as_str()
+        .is_some_and(|s| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// The members every record has, checked the same way for all.
+fn check_shape(r: &Value, reply: &Reply) {
+    let keys: Vec<&str> = r.as_object().unwrap().keys().map(String::as_str).collect();
+    let mut expected = MEMBERS.to_vec();
+    expected.sort_unstable();
+    let mut sorted = keys.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, expected, "{r}");
+    let ts = r["ts"].as_str().unwrap();
+    assert!(
+        ts.len() == 24 && ts.ends_with('Z') && humantime::parse_rfc3339(ts).is_ok(),
+        "ts {ts}"
+    );
+    assert_eq!(r["phase"], "outcome");
+    assert_eq!(
+        r["request_id"].as_str(),
+        reply.header("x-request-id"),
+        "{r}"
+    );
+    assert!(is_hex(&r["trace_id"], 32), "{r}");
+    assert!(is_hex(&r["span_id"], 16), "{r}");
+    assert!(is_hex(&r["prev"], 64) && is_hex(&r["hash"], 64), "{r}");
+    assert_eq!(r["client"]["id"], "local");
+    let addr = r["client"]["addr"].as_str().unwrap();
+    assert!(addr.starts_with("127.0.0.1:"), "{addr}");
+    assert_eq!(r["status"], reply.status.as_u16());
+    assert_eq!(r["bytes_out"], reply.body.len() as u64, "{r}");
+    assert_eq!(r["complete"], true);
+    let duration = r["duration_ms"].as_f64().unwrap();
+    if let Some(upstream) = r["upstream_ms"].as_f64() {
+        assert!(upstream > 0.0 && upstream <= duration, "{r}");
+    }
+    let etag = reply
+        .header("etag")
+        .map(|e| e.trim_matches('"').to_string());
+    assert_eq!(r["etag"].as_str().map(str::to_string), etag, "{r}");
+}
+
+/// Checks the members that say what happened.
+#[allow(clippy::too_many_arguments)]
+fn check_outcome(
+    r: &Value,
+    reply: &Reply,
+    method: &str,
+    path: &str,
+    resource: Value,
+    upstream_status: Value,
+    cache: &str,
+    if_match: Value,
+    bytes_in: u64,
+    error: Value,
+) {
+    check_shape(r, reply);
+    assert_eq!(r["method"], method, "{r}");
+    assert_eq!(r["path"], path, "{r}");
+    assert_eq!(r["resource"], resource, "{r}");
+    assert_eq!(r["upstream_status"], upstream_status, "{r}");
+    assert_eq!(r["cache"], cache, "{r}");
+    assert_eq!(r["if_match"], if_match, "{r}");
+    assert_eq!(r["bytes_in"], bytes_in, "{r}");
+    assert_eq!(r["error"], error, "{r}");
+    assert_eq!(r["upstream_ms"].is_null(), upstream_status.is_null(), "{r}");
+}
+
+#[tokio::test]
+async fn every_field_for_each_kind_of_exchange() {
+    let (mock, _secret, gw) = setup("[server]\nmax_body_size = \"1KiB\"").await;
+    let (id, etag) = item(&mock, "ops");
+    let path = format!("/api/v1/usergroups/{id}");
+    let resource = json!({"collection": "usergroups", "id": id});
+    let client_credential = "Bearer client-held-secret";
+
+    // 1. A GET that misses, with a query and the client's own credential (stripped, unrecorded).
+    let query_url = gw.url(&format!("{path}?projection=%7B%22name%22%3A1%7D"));
+    let miss = get(&query_url, &[("authorization", client_credential)]).await;
+    assert_eq!(miss.status, StatusCode::OK);
+    // 2. The same item again: stale at once (no freshness), revalidated with a 304.
+    let revalidated = get(&query_url, &[]).await;
+    assert_eq!(
+        revalidated
+            .header("cache-status")
+            .map(|s| s.contains("fwd=stale")),
+        Some(true)
+    );
+    // 3. A PATCH with the right If-Match.
+    let patch_body = r#"{"name":"ops-renamed"}"#;
+    let if_match = format!("\"{etag}\"");
+    let patched = send(
+        Method::PATCH,
+        &gw.url(&path),
+        &[("if-match", &if_match)],
+        patch_body,
+    )
+    .await;
+    assert_eq!(patched.status, StatusCode::OK, "{}", patched.text());
+    // 4. The same PATCH again: its If-Match is stale now.
+    let stale = send(
+        Method::PATCH,
+        &gw.url(&path),
+        &[("if-match", &if_match)],
+        patch_body,
+    )
+    .await;
+    stale.envelope_message(412);
+    // 5. A request the gateway refuses itself: body over server.max_body_size.
+    let big = "x".repeat(2048);
+    let refused = send(Method::POST, &gw.url("/api/v1/usergroups"), &[], big).await;
+    refused.envelope_message(413);
+    // 6. The upstream drops the connection: a gateway-made 502.
+    mock.state.set_fault(Fault::Reset, None);
+    let failed = get(&gw.url("/api/v1/clusters"), &[]).await;
+    failed.envelope_message(502);
+    mock.state.clear_fault();
+
+    let records = gw.wait_audit(6).await;
+    assert_eq!(records.len(), 6, "{records:#?}");
+    let r = &records[0];
+    check_outcome(
+        r,
+        &miss,
+        "GET",
+        &path,
+        resource.clone(),
+        json!(200),
+        "miss",
+        Value::Null,
+        0,
+        Value::Null,
+    );
+    assert_eq!(r["query"], "projection=%7B%22name%22%3A1%7D");
+    check_outcome(
+        &records[1],
+        &revalidated,
+        "GET",
+        &path,
+        resource.clone(),
+        json!(304),
+        "revalidated",
+        Value::Null,
+        0,
+        Value::Null,
+    );
+    assert_eq!(records[1]["query"], r["query"]);
+    check_outcome(
+        &records[2],
+        &patched,
+        "PATCH",
+        &path,
+        resource.clone(),
+        json!(200),
+        "bypass",
+        json!(if_match),
+        patch_body.len() as u64,
+        Value::Null,
+    );
+    assert_ne!(
+        records[2]["etag"].as_str(),
+        Some(etag.as_str()),
+        "the new ETag"
+    );
+    check_outcome(
+        &records[3],
+        &stale,
+        "PATCH",
+        &path,
+        resource,
+        json!(412),
+        "bypass",
+        json!(if_match),
+        patch_body.len() as u64,
+        Value::Null,
+    );
+    check_outcome(
+        &records[4],
+        &refused,
+        "POST",
+        "/api/v1/usergroups",
+        json!({"collection": "usergroups", "id": null}),
+        Value::Null,
+        "bypass",
+        Value::Null,
+        0,
+        json!("payload_too_large"),
+    );
+    check_outcome(
+        &records[5],
+        &failed,
+        "GET",
+        "/api/v1/clusters",
+        json!({"collection": "clusters", "id": null}),
+        Value::Null,
+        "miss",
+        Value::Null,
+        0,
+        json!("upstream_unreachable"),
+    );
+    // Distinct requests, distinct ids; a trace per request (no traceparent was sent).
+    let ids: std::collections::HashSet<_> = records.iter().map(|r| r["trace_id"].clone()).collect();
+    assert_eq!(ids.len(), 6);
+
+    let text = std::fs::read_to_string(gw.audit.as_ref().unwrap()).unwrap();
+    for secret in ["token-a", "client-held-secret", "Bearer", "authorization"] {
+        assert!(
+            !text.to_lowercase().contains(&secret.to_lowercase()),
+            "{secret} in the audit trail"
+        );
+    }
+    let verified = verify(&[gw.audit.as_ref().unwrap()]);
+    assert!(verified.0, "{}", verified.1);
+    assert!(verified.1.contains("OK: 6 records"), "{}", verified.1);
+}
+
+fn verify(files: &[&Path]) -> (bool, String) {
+    let out = Command::new(BIN)
+        .args(["audit", "verify"])
+        .args(files)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Writes `lines` to a file in `dir` and runs `audit verify` on it.
+fn verify_lines(dir: &Path, name: &str, lines: &[&str]) -> (bool, String) {
+    let path = write_file(dir, name, &(lines.join("\n") + "\n"));
+    verify(&[&path])
+}
+
+#[tokio::test]
+async fn the_chain_survives_restarts_and_verify_finds_tampering() {
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let extra = format!("[audit]\npath = \"{}\"", audit.display());
+    let mock = MockCloudCasa::start().await;
+    let secret = SecretDir::new("token-a");
+    for run in 0..2 {
+        let mut gw = TestGateway::for_mock(&mock, &secret, &extra).await;
+        for _ in 0..2 {
+            assert_eq!(
+                get(&gw.url("/api/v1/clusters"), &[]).await.status,
+                StatusCode::OK
+            );
+        }
+        // Shutdown flushes the trail.
+        gw.begin_shutdown().await.unwrap();
+        assert_eq!(read_records(&audit).len(), 2 * (run + 1));
+    }
+    let records = read_records(&audit);
+    assert_eq!(
+        records[2]["prev"], records[1]["hash"],
+        "the second run continues the chain"
+    );
+    let (ok, out) = verify(&[&audit]);
+    assert!(
+        ok && out.contains("OK: 4 records") && out.contains("starts here"),
+        "{out}"
+    );
+
+    let text = std::fs::read_to_string(&audit).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let edited = lines[1].replace("\"status\":200", "\"status\":204");
+    assert_ne!(edited, lines[1]);
+    let cases: [(&str, Vec<&str>, &str); 3] = [
+        (
+            "edited",
+            vec![lines[0], &edited, lines[2], lines[3]],
+            "line 2: hash does not match",
+        ),
+        (
+            "deleted",
+            vec![lines[0], lines[2], lines[3]],
+            "line 2: prev is",
+        ),
+        (
+            "reordered",
+            vec![lines[0], lines[2], lines[1], lines[3]],
+            "line 2: prev is",
+        ),
+    ];
+    for (name, lines, expected) in cases {
+        let (ok, out) = verify_lines(dir.path(), name, &lines);
+        assert!(!ok, "{name} passed: {out}");
+        assert!(out.contains(expected), "{name}: {out}");
+    }
+    // Rotated files verify as one chain, oldest first; the second alone is anchored, not broken.
+    let old = write_file(dir.path(), "audit.1", &(lines[..2].join("\n") + "\n"));
+    let new = write_file(dir.path(), "audit.2", &(lines[2..].join("\n") + "\n"));
+    let (ok, out) = verify(&[&old, &new]);
+    assert!(ok && out.contains("OK: 4 records"), "{out}");
+    let (ok, out) = verify(&[&new]);
+    assert!(ok && out.contains("continues a chain"), "{out}");
+    let (ok, out) = verify(&[&new, &old]);
+    assert!(!ok && out.contains("audit.1 line 1: prev is"), "{out}");
+}
+
+async fn metric(gw: &TestGateway, line_start: &str) -> Option<f64> {
+    let text = get(&gw.admin_url("/metrics"), &[]).await.text();
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[tokio::test]
+async fn fail_closed_refuses_writes_it_cannot_record_but_never_blocks_reads() {
+    let (mock, _secret, gw) = setup("[audit]\npath = \"/dev/full\"\nfail_closed = true").await;
+    let (id, etag) = item(&mock, "ops");
+    let path = format!("/api/v1/usergroups/{id}");
+    let if_match = format!("\"{etag}\"");
+    for method in [Method::PATCH, Method::DELETE] {
+        let reply = send(
+            method,
+            &gw.url(&path),
+            &[("if-match", &if_match)],
+            r#"{"name":"x"}"#,
+        )
+        .await;
+        let message = reply.envelope_message(503);
+        assert!(message.contains("audit"), "{message}");
+    }
+    let post = send(
+        Method::POST,
+        &gw.url("/api/v1/usergroups"),
+        &[],
+        r#"{"name":"y"}"#,
+    )
+    .await;
+    post.envelope_message(503);
+    assert_eq!(mock.state.count(), 0, "nothing reached the upstream");
+
+    // Reads go on, their records lost and counted.
+    assert_eq!(get(&gw.url(&path), &[]).await.status, StatusCode::OK);
+    assert_eq!(mock.state.count(), 1);
+    let failed = "cloudcasa_gateway_audit_records_failed_total{reason=\"write\"}";
+    // 3 intents, 3 outcomes of refused writes, 1 outcome of the read.
+    eventually(
+        std::time::Duration::from_secs(10),
+        "7 failed records",
+        || async { metric(&gw, failed).await == Some(7.0) },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn fail_closed_writes_the_intent_before_forwarding() {
+    let (mock, _secret, gw) = setup("[audit]\nfail_closed = true").await;
+    // The test gateway keeps its own file; fail_closed applies to it.
+    let (id, etag) = item(&mock, "ops");
+    let path = format!("/api/v1/usergroups/{id}");
+    let reply = send(
+        Method::PATCH,
+        &gw.url(&path),
+        &[("if-match", &format!("\"{etag}\""))],
+        r#"{"name":"x"}"#,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let get_reply = get(&gw.url(&path), &[]).await;
+    assert_eq!(get_reply.status, StatusCode::OK);
+    let records = gw.wait_audit(3).await;
+    let phases: Vec<_> = records
+        .iter()
+        .map(|r| (r["phase"].clone(), r["method"].clone()))
+        .collect();
+    assert_eq!(
+        phases,
+        [
+            (json!("intent"), json!("PATCH")),
+            (json!("outcome"), json!("PATCH")),
+            (json!("outcome"), json!("GET")),
+        ],
+        "reads have no intent record"
+    );
+    let (intent, outcome) = (&records[0], &records[1]);
+    assert_eq!(intent["request_id"], outcome["request_id"]);
+    assert_eq!(intent["trace_id"], outcome["trace_id"]);
+    assert_eq!(intent["if_match"], format!("\"{etag}\""));
+    for member in [
+        "status",
+        "upstream_status",
+        "cache",
+        "etag",
+        "bytes_out",
+        "duration_ms",
+        "complete",
+    ] {
+        assert!(intent[member].is_null(), "intent {member}: {intent}");
+    }
+    assert_eq!(outcome["status"], 200);
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_is_recorded() {
+    let (mock, _secret, gw) = setup("[cache]\nmax_object_size = \"1MiB\"").await;
+    let big = Bytes::from(vec![b'x'; 32 * 1024 * 1024]);
+    mock.state.route("/api/v1/big", move |_| {
+        http::Response::builder()
+            .header("content-type", "application/octet-stream")
+            .body(big.clone())
+            .unwrap()
+    });
+    let response = client()
+        .get(gw.url("/api/v1/big").parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let request_id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    drop(response);
+    let records = gw.wait_audit(1).await;
+    let r = &records[0];
+    assert_eq!(r["request_id"], request_id);
+    assert_eq!(r["status"], 200);
+    assert_eq!(r["upstream_status"], 200);
+    assert_eq!(r["complete"], false, "{r}");
+    assert_eq!(r["error"], "client_closed", "{r}");
+    assert!(r["bytes_out"].as_u64().unwrap() < 32 * 1024 * 1024, "{r}");
+}
