@@ -39,15 +39,26 @@ fn readyz(shared: &Shared) -> Response<Body> {
     if shared.draining.load(Ordering::Acquire) {
         return error_response(StatusCode::SERVICE_UNAVAILABLE, "draining: shutting down");
     }
-    match shared.token.current() {
-        Some(_) => text(StatusCode::OK, "ready\n"),
-        None => error_response(
+    let missing: Vec<&str> = shared
+        .credentials
+        .iter()
+        .filter(|c| c.current().is_none())
+        .map(|c| c.credential())
+        .collect();
+    if missing.is_empty() {
+        text(StatusCode::OK, "ready\n")
+    } else {
+        error_response(
             StatusCode::SERVICE_UNAVAILABLE,
             &format!(
-                "no CloudCasa API token is loaded for credential '{}'",
-                shared.token.credential()
+                "no CloudCasa API token is loaded for credential(s) {}",
+                missing
+                    .iter()
+                    .map(|c| format!("'{c}'"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
-        ),
+        )
     }
 }
 

@@ -2,6 +2,7 @@
 //!
 //! Read [`Gateway::proxy_stack`] to follow a request through the gateway.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -18,22 +19,27 @@ use crate::audit::{AuditIntentLayer, AuditLog, AuditOpenError};
 use crate::body::Body;
 use crate::cache::{Cache, CacheLayer};
 use crate::config::Config;
-use crate::credential::{InjectTokenLayer, SelectCredentialLayer};
+use crate::credential::InjectTokenLayer;
+use crate::identity::api_keys::ApiKeys;
+use crate::identity::kubernetes::TokenReviewer;
+use crate::identity::{Authenticator, IdentityLayer};
 use crate::limits::BodyLimitLayer;
 use crate::metrics::Metrics;
 use crate::observe::{ObserveLayer, Observers};
+use crate::policy::{Policy, PolicyLayer, RuleSpec};
 use crate::request_id::RequestIdLayer;
 use crate::rescue::RescueLayer;
 use crate::server::{self, ServeOptions};
 use crate::telemetry::{Telemetry, TelemetryError};
+use crate::tls::ServerTls;
 use crate::token::{FingerprintKey, TokenSource};
 use crate::upstream::{Upstream, UpstreamSetupError};
 
 /// State shared by the proxy stack and the admin listener.
 #[derive(Debug)]
 pub struct Shared {
-    /// The credential in use (sidecar mode: the one named `default`).
-    pub token: Arc<TokenSource>,
+    /// The CloudCasa credentials (sidecar mode: the one named `default`).
+    pub credentials: Vec<Arc<TokenSource>>,
     /// Set once shutdown begins; `/readyz` turns 503.
     pub draining: AtomicBool,
     /// The response cache, unless `cache.enabled = false`.
@@ -65,6 +71,9 @@ pub enum StartError {
     /// The trace exporter could not be built.
     #[error(transparent)]
     Telemetry(#[from] TelemetryError),
+    /// The TLS files or a client-authentication source could not be loaded.
+    #[error("{0}")]
+    Setup(String),
 }
 
 /// A gateway with its listeners bound, ready to run.
@@ -74,20 +83,51 @@ pub struct Gateway {
     admin: TcpListener,
     upstream: Upstream,
     shared: Arc<Shared>,
+    tls: Option<Arc<ServerTls>>,
+    authenticator: Arc<Authenticator>,
+    policy: Arc<Policy>,
 }
 
 impl Gateway {
     /// Start-up, in order: 1. build the upstream client (fails on a bad CA bundle) and the
-    /// tracer; 2. load the token (a missing one is tolerated); 3. bind both listeners; 4. make
-    /// the cache and the metrics; 5. open the audit sink (fails if it cannot be opened).
+    /// tracer; 2. load the credentials (a missing token is tolerated), the TLS files and the
+    /// client-authentication sources (these must load); 3. bind both listeners; 4. make the
+    /// cache, the metrics and the policy; 5. open the audit sink (fails if it cannot be opened).
     pub async fn bind(config: Config) -> Result<Self, StartError> {
         let upstream = Upstream::new(&config.upstream)?;
         let telemetry = Telemetry::new(&config.telemetry)?;
-        let token = Arc::new(TokenSource::new(
-            "default",
-            config.token.origin.clone(),
-            FingerprintKey::random(),
-        ));
+        // One key for all: two credentials holding the same token share a cache partition.
+        let key = FingerprintKey::random();
+        let credentials: Vec<Arc<TokenSource>> = config
+            .credentials
+            .iter()
+            .map(|c| {
+                Arc::new(TokenSource::new(
+                    c.name.clone(),
+                    c.origin.clone(),
+                    key.clone(),
+                ))
+            })
+            .collect();
+        let tls = match &config.server.tls {
+            Some(t) => Some(ServerTls::load(t).map_err(StartError::Setup)?),
+            None => None,
+        };
+        let kubernetes = match &config.clients.kubernetes {
+            Some(k) => {
+                Some(Arc::new(TokenReviewer::new(k).map_err(|e| {
+                    StartError::Setup(format!("clients.kubernetes: {e}"))
+                })?))
+            }
+            None => None,
+        };
+        let api_keys = match &config.clients.api_keys {
+            Some(path) => Some(
+                ApiKeys::load(path)
+                    .map_err(|e| StartError::Setup(format!("clients.api_keys.file: {e}")))?,
+            ),
+            None => None,
+        };
         let bind = |key, addr| async move {
             TcpListener::bind(addr)
                 .await
@@ -99,7 +139,38 @@ impl Gateway {
             .cache
             .enabled
             .then(|| Arc::new(Cache::new(config.cache.clone(), config.upstream.timeout)));
-        let metrics = Arc::new(Metrics::new(vec![token.clone()], cache.clone()));
+        let metrics = Arc::new(Metrics::new(credentials.clone(), cache.clone()));
+        let by_name: HashMap<String, Arc<TokenSource>> = credentials
+            .iter()
+            .map(|c| (c.credential().to_string(), c.clone()))
+            .collect();
+        let rules = match config.policy.is_empty() {
+            true => vec![RuleSpec::allow_all(&config.credentials[0].name)],
+            false => config.policy.clone(),
+        };
+        let policy = Arc::new(Policy::new(rules, &by_name, metrics.clone()));
+        let loopback = config.server.listen.ip().is_loopback();
+        if !loopback && config.server.allow_unauthenticated {
+            tracing::warn!(
+                listen = %config.server.listen,
+                "server.allow_unauthenticated = true: callers without credentials are let in as \
+                 'anonymous' on a listener other hosts can reach"
+            );
+        }
+        if !loopback && tls.is_none() && config.clients.any_bearer() {
+            tracing::warn!(
+                "clients authenticate with bearer credentials over clear text: configure \
+                 [server.tls] unless a service mesh encrypts the connection"
+            );
+        }
+        let client_auth = config.clients.any_bearer() || tls.as_ref().is_some_and(|t| t.mtls());
+        let authenticator = Arc::new(Authenticator {
+            local: loopback && !client_auth,
+            allow_unauthenticated: config.server.allow_unauthenticated,
+            kubernetes,
+            api_keys,
+            metrics: metrics.clone(),
+        });
         let audit = match config.audit.enabled {
             true => Some(AuditLog::open(&config.audit, metrics.audit.clone())?),
             false => None,
@@ -114,8 +185,11 @@ impl Gateway {
             proxy,
             admin,
             upstream,
+            tls,
+            authenticator,
+            policy,
             shared: Arc::new(Shared {
-                token,
+                credentials,
                 draining: AtomicBool::new(false),
                 cache,
                 observers,
@@ -158,10 +232,12 @@ impl Gateway {
             .layer(ObserveLayer::new(observers.clone()))
             // Errors and panics below become CloudCasa-style error responses, here only.
             .layer(RescueLayer)
+            // Who is calling: client certificate, ServiceAccount token, API key, or `local`.
+            .layer(IdentityLayer::new(self.authenticator.clone()))
+            // Which rule allows it, with which credential, at what rate.
+            .layer(PolicyLayer::new(self.policy.clone()))
             // Refuse oversized bodies before anything reads them.
             .layer(BodyLimitLayer::new(self.config.server.max_body_size))
-            // Policy, sidecar mode: the caller is local and uses the one credential.
-            .layer(SelectCredentialLayer::new(self.shared.token.clone()))
             // Fail-closed auditing: a write goes on only once its intent record is on disk.
             .layer(AuditIntentLayer::new(observers.audit.clone()))
             // Reads from memory, revalidated by ETag; writes invalidate. Keyed by credential.
@@ -174,7 +250,23 @@ impl Gateway {
     /// Runs until `shutdown` resolves, then drains in-flight requests (bounded by
     /// `server.drain_timeout`) and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
-        self.shared.token.spawn_watcher();
+        for credential in &self.shared.credentials {
+            credential.spawn_watcher();
+        }
+        if let Some(tls) = &self.tls {
+            tls.spawn_watcher();
+        }
+        if let Some(keys) = &self.authenticator.api_keys {
+            keys.spawn_watcher();
+        }
+        let policy = self.policy.clone();
+        let forget = tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                every.tick().await;
+                policy.forget_idle_clients();
+            }
+        });
         let options = ServeOptions {
             header_timeout: self.config.server.header_timeout,
             drain_timeout: self.config.server.drain_timeout,
@@ -187,6 +279,7 @@ impl Gateway {
             self.proxy,
             stack,
             options,
+            self.tls.clone(),
             proxy_stopped,
         ));
         let shared = self.shared.clone();
@@ -196,6 +289,7 @@ impl Gateway {
             self.admin,
             admin_service,
             options,
+            None,
             admin_stopped,
         ));
 
@@ -207,6 +301,7 @@ impl Gateway {
         // The admin listener outlives the drain so probes can watch it happen.
         let _ = stop_admin.send(true);
         let _ = admin.await;
+        forget.abort();
         if let Some(audit) = &self.shared.observers.audit {
             match audit.flush().await {
                 Some(head) => tracing::info!(head = %head, "audit trail flushed"),

@@ -1,6 +1,6 @@
 //! Which CloudCasa credential a request is sent with, and putting it on the wire.
 //!
-//! The choice is made early ([`SelectCredentialLayer`]; in the shared gateway, by policy) because
+//! The choice is made early (by [`crate::policy`]; in sidecar mode, the one credential) because
 //! the cache partitions by it; the token is applied last ([`InjectTokenLayer`]) so it never enters
 //! the cache key or any layer's view of the request. The cache pins the token it keyed on as a
 //! [`PinnedToken`] so that a rotation between the two steps cannot mix tenants.
@@ -35,55 +35,6 @@ impl SelectedCredential {
             return Some(pinned.0.clone());
         }
         req.extensions().get::<SelectedCredential>()?.0.current()
-    }
-}
-
-/// Sidecar mode's policy: every request uses the one configured credential.
-#[derive(Debug, Clone)]
-pub struct SelectCredentialLayer {
-    credential: Arc<TokenSource>,
-}
-
-impl SelectCredentialLayer {
-    /// Every request will use `credential`.
-    pub fn new(credential: Arc<TokenSource>) -> Self {
-        Self { credential }
-    }
-}
-
-impl<S> Layer<S> for SelectCredentialLayer {
-    type Service = SelectCredential<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        SelectCredential {
-            inner,
-            credential: self.credential.clone(),
-        }
-    }
-}
-
-/// See [`SelectCredentialLayer`].
-#[derive(Debug, Clone)]
-pub struct SelectCredential<S> {
-    inner: S,
-    credential: Arc<TokenSource>,
-}
-
-impl<S, B> Service<Request<B>> for SelectCredential<S>
-where
-    S: Service<Request<B>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        req.extensions_mut()
-            .insert(SelectedCredential(self.credential.clone()));
-        self.inner.call(req)
     }
 }
 

@@ -40,6 +40,21 @@ pub enum GatewayError {
     /// Fail-closed auditing could not record the intent of a write, so it was not forwarded.
     #[error("the write was not forwarded because its audit record could not be written ({0})")]
     AuditUnavailable(String),
+    /// The caller could not be identified (or its credential is not valid here).
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// The caller's identity could not be checked (the Kubernetes API server is unreachable).
+    #[error("cannot check the client's identity now: {0}")]
+    IdentityUnavailable(String),
+    /// No policy rule lets this caller make this request.
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    /// The caller is over its rule's rate.
+    #[error("rate limit exceeded; retry in {}s", retry_after_secs(*retry_after))]
+    RateLimited {
+        /// When a request would be allowed again.
+        retry_after: Duration,
+    },
     /// A bug: a handler panicked. The panic payload is logged, not returned.
     #[error("internal gateway error")]
     Internal,
@@ -51,7 +66,12 @@ impl GatewayError {
         match self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::NoToken { .. } | Self::AuditUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NoToken { .. } | Self::AuditUnavailable(_) | Self::IdentityUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout(_) | Self::NotCached => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -68,6 +88,10 @@ impl GatewayError {
             Self::UpstreamTimeout(_) => "upstream_timeout",
             Self::NotCached => "not_cached",
             Self::AuditUnavailable(_) => "audit_unavailable",
+            Self::Unauthenticated(_) => "unauthenticated",
+            Self::IdentityUnavailable(_) => "identity_unavailable",
+            Self::Forbidden(_) => "forbidden",
+            Self::RateLimited { .. } => "rate_limited",
             Self::Internal => "internal",
         }
     }
@@ -98,8 +122,30 @@ impl GatewayError {
 
     /// Renders the CloudCasa error envelope. The single place errors become responses.
     pub fn into_response(self) -> Response<Body> {
-        error_response(self.status(), &self.message())
+        let mut response = error_response(self.status(), &self.message());
+        let headers = response.headers_mut();
+        match self {
+            Self::Unauthenticated(_) => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"cloudcasa-gateway\""),
+                );
+            }
+            Self::RateLimited { retry_after } => {
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(retry_after_secs(retry_after)),
+                );
+            }
+            _ => {}
+        }
+        response
     }
+}
+
+/// `Retry-After` is whole seconds; round up so a client that waits that long gets through.
+fn retry_after_secs(wait: Duration) -> u64 {
+    wait.as_secs() + u64::from(wait.subsec_nanos() > 0).max(u64::from(wait.is_zero()))
 }
 
 /// A response in CloudCasa's error envelope, for answers the gateway makes itself.

@@ -37,6 +37,39 @@ enum Command {
     /// Tools for the audit trail.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Read a new API key from stdin and print its line for the keys file
+    /// (`ID = "sha256:<hex>"`); only the hash is ever stored.
+    HashKey {
+        /// The key's id: the client identity policy rules match.
+        #[arg(value_name = "ID")]
+        id: String,
+    },
+}
+
+fn hash_key(id: &str) -> ExitCode {
+    let mut key = String::new();
+    if let Err(e) = std::io::stdin().read_line(&mut key) {
+        eprintln!("error: cannot read the key from stdin: {e}");
+        return ExitCode::from(2);
+    }
+    let key = key.trim_end_matches(['\r', '\n']);
+    if key.trim().is_empty() {
+        eprintln!(
+            "error: no key on stdin (e.g. `openssl rand -hex 32 | tee key | cloudcasa-gateway hash-key {id}`)"
+        );
+        return ExitCode::from(2);
+    }
+    if key.trim() != key || key.contains(char::is_whitespace) {
+        eprintln!(
+            "error: the key must not contain whitespace (clients send it as `Authorization: Bearer <key>`)"
+        );
+        return ExitCode::from(2);
+    }
+    println!(
+        "{}",
+        cloudcasa_gateway::identity::api_keys::key_line(id, key)
+    );
+    ExitCode::SUCCESS
 }
 
 #[derive(Debug, Subcommand)]
@@ -74,8 +107,10 @@ fn audit_verify(files: &[PathBuf]) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::Audit(AuditCommand::Verify { files })) = &cli.command {
-        return audit_verify(files);
+    match &cli.command {
+        Some(Command::Audit(AuditCommand::Verify { files })) => return audit_verify(files),
+        Some(Command::HashKey { id }) => return hash_key(id),
+        None => {}
     }
     let overrides = Overrides {
         listen: cli.listen,

@@ -57,6 +57,18 @@ struct PhaseLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClientLabels {
+    client: String,
+    status_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DenialLabels {
+    client: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
 }
@@ -94,6 +106,8 @@ pub struct Metrics {
     upstream_responses: Family<StatusClassLabel, Counter>,
     gateway_errors: Family<KindLabel, Counter>,
     in_flight: Gauge,
+    client_requests: Family<ClientLabels, Counter>,
+    client_denials: Family<DenialLabels, Counter>,
     /// Handed to the audit sink.
     pub audit: AuditMetrics,
 }
@@ -111,6 +125,8 @@ impl Metrics {
         let upstream_responses = Family::<StatusClassLabel, Counter>::default();
         let gateway_errors = Family::<KindLabel, Counter>::default();
         let in_flight = Gauge::default();
+        let client_requests = Family::<ClientLabels, Counter>::default();
+        let client_denials = Family::<DenialLabels, Counter>::default();
         let audit = AuditMetrics::default();
         let name = |n: &str| format!("{PREFIX}_{n}");
         registry.register(
@@ -144,6 +160,17 @@ impl Metrics {
             in_flight.clone(),
         );
         registry.register(
+            name("client_requests"),
+            "Requests by identified client and status class",
+            client_requests.clone(),
+        );
+        registry.register(
+            name("client_denials"),
+            "Requests refused by client (empty: not identified) and reason \
+             (unauthenticated, identity_unavailable, forbidden, rate_limited)",
+            client_denials.clone(),
+        );
+        registry.register(
             name("audit_records_written"),
             "Audit records written to the sink, by phase",
             audit.written.clone(),
@@ -165,8 +192,30 @@ impl Metrics {
             upstream_responses,
             gateway_errors,
             in_flight,
+            client_requests,
+            client_denials,
             audit,
         }
+    }
+
+    /// An identified client's request completed.
+    pub fn client_request(&self, client: &str, status: StatusCode) {
+        self.client_requests
+            .get_or_create(&ClientLabels {
+                client: client.to_string(),
+                status_class: status_class(status),
+            })
+            .inc();
+    }
+
+    /// A request was refused before reaching the cache or upstream.
+    pub fn client_denied(&self, client: &str, reason: &'static str) {
+        self.client_denials
+            .get_or_create(&DenialLabels {
+                client: client.to_string(),
+                reason,
+            })
+            .inc();
     }
 
     /// A request arrived.

@@ -11,7 +11,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -24,7 +24,9 @@ use crate::audit::AuditLog;
 use crate::audit::record::{self, Client, Record, Resource};
 use crate::body::{self, Body, Tap, TapHook};
 use crate::cache::status::CacheStatus;
+use crate::identity::ClientIdentity;
 use crate::metrics::Metrics;
+use crate::policy::Decision;
 use crate::request_id::RequestId;
 use crate::rescue::GatewayMade;
 use crate::server::ClientAddr;
@@ -61,7 +63,8 @@ pub struct Exchange {
     uri: Uri,
     if_match: Option<HeaderValue>,
     client_addr: Option<SocketAddr>,
-    client_id: &'static str,
+    client: OnceLock<Arc<ClientIdentity>>,
+    decision: OnceLock<Decision>,
     trace: opentelemetry::Context,
     bytes_in: AtomicU64,
     upstream: Mutex<UpstreamReport>,
@@ -72,6 +75,16 @@ impl Exchange {
     /// The exchange a request belongs to, when it came through [`ObserveLayer`].
     pub fn of<B>(req: &Request<B>) -> Option<&Arc<Exchange>> {
         req.extensions().get::<Arc<Exchange>>()
+    }
+
+    /// Records who the client is (by the identity layer).
+    pub fn set_client(&self, client: Arc<ClientIdentity>) {
+        let _ = self.client.set(client);
+    }
+
+    /// Records the policy's decision.
+    pub fn set_decision(&self, decision: Decision) {
+        let _ = self.decision.set(decision);
     }
 
     /// Starts the client span for an upstream call under this request's server span, and writes
@@ -122,8 +135,11 @@ impl Exchange {
             span_id: sc.span_id().to_string(),
             client: Client {
                 addr: self.client_addr.map(|a| a.to_string()),
-                id: self.client_id,
+                id: self.client.get().map(|c| c.id.as_ref()),
+                auth: self.client.get().map(|c| c.method.as_str()),
             },
+            rule: self.decision.get().map(|d| d.rule.as_ref()),
+            credential: self.decision.get().map(|d| d.credential.as_ref()),
             method: self.method.as_str(),
             path,
             query: self.uri.query(),
@@ -243,7 +259,8 @@ where
             uri: req.uri().clone(),
             if_match: req.headers().get(header::IF_MATCH).cloned(),
             client_addr,
-            client_id: "local",
+            client: OnceLock::new(),
+            decision: OnceLock::new(),
             trace,
             bytes_in: AtomicU64::new(0),
             upstream: Mutex::new(UpstreamReport::default()),
@@ -382,7 +399,27 @@ impl Completion {
                 detail.to_owned(),
             ));
         }
-        span.set_attribute(KeyValue::new("cloudcasa_gateway.client.id", ex.client_id));
+        if let Some(client) = ex.client.get() {
+            span.set_attribute(KeyValue::new(
+                "cloudcasa_gateway.client.id",
+                client.id.to_string(),
+            ));
+            span.set_attribute(KeyValue::new(
+                "cloudcasa_gateway.client.auth",
+                client.method.as_str(),
+            ));
+            observers.metrics.client_request(&client.id, status);
+        }
+        if let Some(d) = ex.decision.get() {
+            span.set_attribute(KeyValue::new(
+                "cloudcasa_gateway.policy.rule",
+                d.rule.to_string(),
+            ));
+            span.set_attribute(KeyValue::new(
+                "cloudcasa_gateway.credential",
+                d.credential.to_string(),
+            ));
+        }
         span.set_attribute(KeyValue::new(
             "http.response.body.size",
             self.bytes_out as i64,

@@ -1,8 +1,10 @@
-//! Listeners: accepting TCP connections, serving HTTP/1.1 and HTTP/2 (prior knowledge) on the
-//! same port, cutting off clients that trickle their headers, and draining on shutdown.
+//! Listeners: accepting TCP connections, TLS (with client certificates) when configured, serving
+//! HTTP/1.1 and HTTP/2 on the same port (prior knowledge in clear text, ALPN over TLS), cutting
+//! off clients that trickle their headers, and draining on shutdown.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -16,6 +18,8 @@ use tokio::sync::watch;
 use tower::{Service, ServiceExt};
 
 use crate::body::Body;
+use crate::identity::{PeerIdentity, identity_from_certificate};
+use crate::tls::ServerTls;
 
 /// The address of the peer that sent a request, in request extensions.
 #[derive(Debug, Clone, Copy)]
@@ -38,6 +42,7 @@ pub async fn serve<S>(
     listener: TcpListener,
     service: S,
     options: ServeOptions,
+    tls: Option<Arc<ServerTls>>,
     mut stop: watch::Receiver<bool>,
 ) where
     S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
@@ -69,21 +74,51 @@ pub async fn serve<S>(
             _ = stopped(&mut stop) => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = service
-            .clone()
-            .map_request(move |mut req: Request<Incoming>| {
-                req.extensions_mut().insert(ClientAddr(peer));
-                req
-            });
+        let service = service.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            if !await_protocol_bytes(&stream, options.header_timeout).await {
-                tracing::debug!(%peer, "closing a connection that sent no request in time");
+            let Some(tls) = tls else {
+                if !await_protocol_bytes(&stream, options.header_timeout).await {
+                    tracing::debug!(%peer, "closing a connection that sent no request in time");
+                    return;
+                }
+                let connection = builder
+                    .serve_connection(TokioIo::new(stream), per_request(service, peer, None))
+                    .into_owned();
+                if let Err(err) = watcher.watch(connection).await {
+                    tracing::debug!(%peer, error = %err, "connection ended with an error");
+                }
                 return;
-            }
+            };
+            let stream =
+                match tokio::time::timeout(options.header_timeout, tls.acceptor().accept(stream))
+                    .await
+                {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(err)) => {
+                        tracing::debug!(%peer, error = %err, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake not completed in time");
+                        return;
+                    }
+                };
+            let (_, session) = stream.get_ref();
+            let identity = session
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|cert| identity_from_certificate(cert))
+                .map(|id| PeerIdentity(Arc::new(id)));
+            // ALPN decided the protocol: no sniffing, so no wait for a silent client either.
+            let builder = match session.alpn_protocol() {
+                Some(b"h2") => builder.http2_only(),
+                _ => builder.http1_only(),
+            };
             let connection = builder
-                .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
+                .serve_connection(TokioIo::new(stream), per_request(service, peer, identity))
                 .into_owned();
             if let Err(err) = watcher.watch(connection).await {
                 tracing::debug!(%peer, error = %err, "connection ended with an error");
@@ -104,6 +139,30 @@ pub async fn serve<S>(
             "drain timeout reached; closing the remaining connections"
         );
     }
+}
+
+/// Adds what the connection knows (peer address, certificate identity) to each request.
+fn per_request<S>(
+    service: S,
+    peer: SocketAddr,
+    identity: Option<PeerIdentity>,
+) -> TowerToHyperService<
+    impl Service<Request<Incoming>, Response = Response<Body>, Error = Infallible, Future: Send> + Clone,
+>
+where
+    S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    TowerToHyperService::new(service.map_request(move |mut req: Request<Incoming>| {
+        req.extensions_mut().insert(ClientAddr(peer));
+        if let Some(identity) = &identity {
+            req.extensions_mut().insert(identity.clone());
+        }
+        req
+    }))
 }
 
 async fn stopped(stop: &mut watch::Receiver<bool>) {

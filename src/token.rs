@@ -7,19 +7,16 @@
 //! inside a sensitive [`HeaderValue`]; everything that prints shows a keyed [`Fingerprint`].
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use arc_swap::ArcSwapOption;
 use hmac::{Hmac, KeyInit, Mac};
 use http::HeaderValue;
 use sha2::Sha256;
-use tokio::sync::{Notify, mpsc};
-
-/// How often a file token is re-read even when no file event arrives.
-pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
+use tokio::sync::Notify;
 
 /// Where a token is read from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -269,70 +266,17 @@ impl TokenSource {
             // An environment variable cannot change under a running process.
             return;
         };
-        let (tx, rx) = mpsc::unbounded_channel();
-        let watcher = watch_directory(path, tx);
-        tokio::spawn(watch_loop(
+        crate::watch::spawn(
+            std::slice::from_ref(path),
             Arc::downgrade(self),
-            self.reload_requested.clone(),
-            rx,
-            watcher,
-        ));
+            Some(self.reload_requested.clone()),
+        );
     }
 }
 
-/// Watches the token file's directory: Kubernetes replaces the file by swapping a symlink there,
-/// which a watch on the file itself would miss.
-fn watch_directory(
-    path: &Path,
-    tx: mpsc::UnboundedSender<()>,
-) -> Option<notify::RecommendedWatcher> {
-    use notify::Watcher;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let handler = move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
-            let _ = tx.send(());
-        }
-    };
-    let mut watcher = match notify::recommended_watcher(handler) {
-        Ok(w) => w,
-        Err(err) => {
-            tracing::warn!(error = %err, "file watching unavailable; polling the token file");
-            return None;
-        }
-    };
-    if let Err(err) = watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
-        tracing::warn!(dir = %dir.display(), error = %err, "cannot watch the token directory; polling it");
-        return None;
-    }
-    Some(watcher)
-}
-
-async fn watch_loop(
-    source: Weak<TokenSource>,
-    reload_requested: Arc<Notify>,
-    mut events: mpsc::UnboundedReceiver<()>,
-    _watcher: Option<notify::RecommendedWatcher>,
-) {
-    let mut poll = tokio::time::interval(POLL_INTERVAL);
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = events.recv() => {
-                // A symlink swap arrives as a burst of events; read once for the burst.
-                while events.try_recv().is_ok() {}
-            }
-            _ = poll.tick() => {}
-            _ = reload_requested.notified() => {}
-        }
-        let Some(strong) = source.upgrade() else {
-            return;
-        };
-        let path_source = strong.clone();
-        // File reads are blocking; keep them off the request-serving threads.
-        let _ = tokio::task::spawn_blocking(move || path_source.reload()).await;
+impl crate::watch::Reload for TokenSource {
+    fn reload(&self) {
+        TokenSource::reload(self);
     }
 }
 

@@ -14,13 +14,15 @@ use support::*;
 const BIN: &str = env!("CARGO_BIN_EXE_cloudcasa-gateway");
 
 /// Every member a record has, in order. Nothing else may appear (no header, no body, no token).
-const MEMBERS: [&str; 23] = [
+const MEMBERS: [&str; 25] = [
     "ts",
     "phase",
     "request_id",
     "trace_id",
     "span_id",
     "client",
+    "rule",
+    "credential",
     "method",
     "path",
     "query",
@@ -68,6 +70,9 @@ fn check_shape(r: &Value, reply: &Reply) {
     assert!(is_hex(&r["span_id"], 16), "{r}");
     assert!(is_hex(&r["prev"], 64) && is_hex(&r["hash"], 64), "{r}");
     assert_eq!(r["client"]["id"], "local");
+    assert_eq!(r["client"]["auth"], "local");
+    assert_eq!(r["rule"], "default", "{r}");
+    assert_eq!(r["credential"], "default", "{r}");
     let addr = r["client"]["addr"].as_str().unwrap();
     assert!(addr.starts_with("127.0.0.1:"), "{addr}");
     assert_eq!(r["status"], reply.status.as_u16());

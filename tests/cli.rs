@@ -235,3 +235,99 @@ async fn sighup_reopens_the_audit_file_and_the_chain_goes_on() {
         "{text}"
     );
 }
+
+#[test]
+fn a_reachable_listener_without_client_authentication_refuses_to_start() {
+    let open = "[server]\nlisten = \"0.0.0.0:8443\"\n[token]\nfile = \"TOKEN_PATH\"\n";
+    let (ok, out) = check(open, Some("t"));
+    assert!(!ok, "started open: {out}");
+    assert!(
+        out.contains("server.listen:") && out.contains("allow_unauthenticated"),
+        "{out}"
+    );
+    let allowed = open.replace("[token]", "allow_unauthenticated = true\n[token]");
+    let (ok, out) = check(&allowed, Some("t"));
+    assert!(ok, "{out}");
+    let with_keys = format!("{open}[clients.api_keys]\nfile = \"TOKEN_PATH\"\n");
+    let (ok, out) = check(&with_keys, Some("t"));
+    assert!(ok, "{out}");
+}
+
+#[test]
+fn check_validates_credentials_and_policy() {
+    let base = "[[credentials]]\nname = \"team-a\"\nfile = \"TOKEN_PATH\"\n";
+    let cases = [
+        (
+            format!("{base}[[policy]]\nclients = [\"a\"]\ncredential = \"team-b\"\n"),
+            "policy[0].credential",
+        ),
+        (
+            format!("{base}[[policy]]\nclients = [\"a[\"]\ncredential = \"team-a\"\n"),
+            "policy[0].clients",
+        ),
+        (
+            format!(
+                "{base}[[policy]]\nclients = [\"a\"]\npaths = [\"api/**\"]\ncredential = \"team-a\"\n"
+            ),
+            "policy[0].paths",
+        ),
+        (
+            format!(
+                "{base}[[policy]]\nclients = [\"a\"]\nrate = \"fast\"\ncredential = \"team-a\"\n"
+            ),
+            "policy[0].rate",
+        ),
+        (
+            format!("{base}[[credentials]]\nname = \"team-b\"\nfile = \"TOKEN_PATH\"\n"),
+            "policy",
+        ),
+        (
+            format!("{base}[[credentials]]\nname = \"team-a\"\nfile = \"TOKEN_PATH\"\n"),
+            "credentials[1].name",
+        ),
+        (
+            format!(
+                "{base}[server.tls]\ncert_file = \"/nonexistent/tls.crt\"\nkey_file = \"/nonexistent/tls.key\"\n"
+            ),
+            "server.tls.cert_file",
+        ),
+    ];
+    for (config, key) in cases {
+        let (ok, out) = check(&config, Some("t"));
+        assert!(!ok, "accepted: {config}");
+        assert!(out.contains(&format!("{key}:")), "expected {key} in: {out}");
+    }
+    let good = format!(
+        "{base}[[policy]]\nclients = [\"system:serviceaccount:velero:*\"]\nmethods = [\"GET\"]\npaths = [\"/api/v1/**\"]\ncredential = \"team-a\"\nrate = \"50/s\"\n"
+    );
+    let (ok, out) = check(&good, Some("t"));
+    assert!(ok, "{out}");
+}
+
+#[test]
+fn hash_key_prints_a_line_for_the_keys_file() {
+    use std::io::Write;
+    let mut child = Command::new(BIN)
+        .args(["hash-key", "backup-bot"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"the-new-key\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let line = String::from_utf8(out.stdout).unwrap();
+    assert!(line.starts_with("backup-bot = \"sha256:"), "{line}");
+    assert!(!line.contains("the-new-key"));
+    let keys = cloudcasa_gateway::identity::api_keys::parse(&line).unwrap();
+    assert_eq!(keys.len(), 1);
+    assert_eq!(
+        line.trim(),
+        cloudcasa_gateway::identity::api_keys::key_line("backup-bot", "the-new-key")
+    );
+}

@@ -14,15 +14,12 @@ pub mod chain;
 pub mod record;
 
 use std::fs::File;
-use std::future::Future;
 use std::io::Write;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::future::BoxFuture;
 use http::{Method, Request, Response};
 use tokio::sync::oneshot;
 use tower::{Layer, Service};
@@ -30,6 +27,7 @@ use tower::{Layer, Service};
 use crate::body::Body;
 use crate::config::{AuditConfig, AuditSink};
 use crate::error::GatewayError;
+use crate::gate::{Admit, GateFuture};
 use crate::metrics::AuditMetrics;
 use crate::observe::Exchange;
 use chain::{ChainHash, GENESIS};
@@ -392,7 +390,7 @@ where
 {
     type Response = Response<Body>;
     type Error = GatewayError;
-    type Future = IntentFuture<S>;
+    type Future = GateFuture<S, Body>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -402,59 +400,16 @@ where
         let exchange = Exchange::of(&req).cloned();
         let (Some(audit), Some(exchange), true) = (&self.audit, exchange, is_write(req.method()))
         else {
-            return IntentFuture::Calling {
-                future: self.inner.call(req),
-            };
+            return GateFuture::call(&mut self.inner, req);
         };
         let audit = audit.clone();
         let json = exchange.intent_record();
-        // The ready service is kept for after the intent is written; a fresh clone stays here.
-        let clone = self.inner.clone();
-        IntentFuture::Writing {
-            intent: Box::pin(async move { audit.intent(json).await }),
-            next: Some((std::mem::replace(&mut self.inner, clone), req)),
-        }
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// Waits for the intent record, then calls the stack below.
-    // pin-project-lite cannot carry docs on enum fields.
-    #[allow(missing_docs)]
-    #[project = IntentProj]
-    pub enum IntentFuture<S: Service<Request<Body>>> {
-        /// The intent record is being written.
-        Writing {
-            intent: BoxFuture<'static, Result<(), String>>,
-            next: Option<(S, Request<Body>)>,
-        },
-        /// Forwarded.
-        Calling {
-            #[pin]
-            future: S::Future,
-        },
-    }
-}
-
-impl<S> Future for IntentFuture<S>
-where
-    S: Service<Request<Body>, Response = Response<Body>, Error = GatewayError>,
-{
-    type Output = Result<Response<Body>, GatewayError>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        loop {
-            let future = match self.as_mut().project() {
-                IntentProj::Calling { future } => return future.poll(cx),
-                IntentProj::Writing { intent, next } => {
-                    if let Err(why) = ready!(intent.as_mut().poll(cx)) {
-                        return Poll::Ready(Err(GatewayError::AuditUnavailable(why)));
-                    }
-                    let (mut inner, req) = next.take().expect("polled after completion");
-                    inner.call(req)
-                }
-            };
-            self.set(IntentFuture::Calling { future });
-        }
+        let step = async move {
+            match audit.intent(json).await {
+                Ok(()) => Ok(Box::new(|_: &mut Request<Body>| {}) as Admit<Body>),
+                Err(why) => Err(GatewayError::AuditUnavailable(why)),
+            }
+        };
+        GateFuture::wait(&mut self.inner, req, Box::pin(step))
     }
 }

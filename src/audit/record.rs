@@ -42,8 +42,10 @@ pub fn route(path: &str) -> &'static str {
 pub struct Client<'a> {
     /// The peer's address.
     pub addr: Option<String>,
-    /// The client's identity (`local` in sidecar mode).
-    pub id: &'a str,
+    /// The client's identity (`local` in sidecar mode); `null` when it was not identified.
+    pub id: Option<&'a str>,
+    /// How it was identified: `local`, `none`, `mtls`, `kubernetes`, `api_key`.
+    pub auth: Option<&'static str>,
 }
 
 /// One line of the audit trail, without the chain members (`prev`, `hash`), which the writer adds.
@@ -61,6 +63,10 @@ pub struct Record<'a> {
     pub span_id: String,
     /// Who asked.
     pub client: Client<'a>,
+    /// The policy rule that allowed the request.
+    pub rule: Option<&'a str>,
+    /// The CloudCasa credential used (its name, never its value).
+    pub credential: Option<&'a str>,
     /// The request method.
     pub method: &'a str,
     /// The request path, as sent.

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use http::Uri;
 
+use crate::policy::{Rate, RuleSpec};
 use crate::token::TokenOrigin;
 use raw::RawConfig;
 
@@ -31,8 +32,13 @@ pub struct Config {
     pub admin: AdminConfig,
     /// The CloudCasa API.
     pub upstream: UpstreamConfig,
-    /// Where the token comes from.
-    pub token: TokenConfig,
+    /// The CloudCasa credentials (`[token]` is the one named `default`).
+    pub credentials: Vec<CredentialConfig>,
+    /// How clients are authenticated.
+    pub clients: ClientsConfig,
+    /// Which client may do what with which credential; empty means every identified client uses
+    /// the only credential.
+    pub policy: Vec<RuleSpec>,
     /// The response cache.
     pub cache: CacheConfig,
     /// Diagnostic logs.
@@ -56,7 +62,67 @@ pub struct ServerConfig {
     pub drain_timeout: Duration,
     /// Tokio worker threads; `None` means one per core.
     pub worker_threads: Option<usize>,
+    /// TLS (and mTLS) on the proxy listener.
+    pub tls: Option<TlsConfig>,
+    /// A non-loopback listener without client authentication may start (with a warning).
+    pub allow_unauthenticated: bool,
 }
+
+/// `[server.tls]`.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert_file: PathBuf,
+    /// PEM private key.
+    pub key_file: PathBuf,
+    /// PEM CA bundle; when set, client certificates signed by it identify clients (mTLS).
+    pub client_ca_file: Option<PathBuf>,
+}
+
+/// One `[[credentials]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialConfig {
+    /// Name used by policy rules, audit records and metrics.
+    pub name: String,
+    /// File or environment variable.
+    pub origin: TokenOrigin,
+}
+
+/// `[clients]`.
+#[derive(Debug, Clone, Default)]
+pub struct ClientsConfig {
+    /// Kubernetes ServiceAccount tokens, checked with the TokenReview API.
+    pub kubernetes: Option<KubernetesConfig>,
+    /// The API keys file.
+    pub api_keys: Option<PathBuf>,
+}
+
+impl ClientsConfig {
+    /// Whether any client authentication is configured besides mTLS.
+    pub fn any_bearer(&self) -> bool {
+        self.kubernetes.is_some() || self.api_keys.is_some()
+    }
+}
+
+/// `[clients.kubernetes]`.
+#[derive(Debug, Clone)]
+pub struct KubernetesConfig {
+    /// The audience a client's token must be issued for.
+    pub audience: String,
+    /// The API server's base URL.
+    pub api_server: Uri,
+    /// The gateway's own ServiceAccount token (re-read as it rotates).
+    pub token_file: PathBuf,
+    /// The API server's CA bundle.
+    pub ca_file: PathBuf,
+    /// How long a review result is reused (never past the token's expiry).
+    pub cache_ttl: Duration,
+    /// Deadline for one TokenReview call.
+    pub timeout: Duration,
+}
+
+/// The in-cluster ServiceAccount mount.
+pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
 /// `[admin]`.
 #[derive(Debug, Clone)]
@@ -78,13 +144,6 @@ pub struct UpstreamConfig {
     pub ca_file: Option<PathBuf>,
     /// How long an idle pooled connection is kept.
     pub pool_idle_timeout: Duration,
-}
-
-/// `[token]`: one credential named `default`.
-#[derive(Debug, Clone)]
-pub struct TokenConfig {
-    /// File or environment variable.
-    pub origin: TokenOrigin,
 }
 
 /// `[cache]`.
@@ -247,7 +306,7 @@ impl Config {
         let listen_text = overrides
             .listen
             .clone()
-            .or(r.server.listen)
+            .or(r.server.listen.clone())
             .unwrap_or_else(|| "127.0.0.1:8080".into());
         let listen_key = if overrides.listen.is_some() {
             "--listen"
@@ -302,26 +361,38 @@ impl Config {
             p.add("upstream.ca_file", e);
         }
 
-        let token_file = overrides.token_file.clone().or(r.token.file);
-        let origin = match (token_file, r.token.env) {
-            (Some(file), None) => Some(TokenOrigin::File(file)),
-            (None, Some(env)) if !env.is_empty() => Some(TokenOrigin::Env(env)),
-            (None, Some(_)) => {
-                p.add("token.env", "must name an environment variable");
+        let credentials = credentials(&mut p, &r.token, &r.credentials, overrides);
+        let clients = clients(&mut p, r.clients);
+        let policy = policy(&mut p, r.policy, &credentials);
+        let tls = r.server.tls.and_then(|t| match (t.cert_file, t.key_file) {
+            (Some(cert_file), Some(key_file)) => Some(TlsConfig {
+                cert_file,
+                key_file,
+                client_ca_file: t.client_ca_file,
+            }),
+            _ => {
+                p.add("server.tls", "set both cert_file and key_file");
                 None
             }
-            (Some(_), Some(_)) => {
-                p.add(
-                    "token",
-                    "set exactly one of token.file and token.env, not both",
-                );
-                None
-            }
-            (None, None) => {
-                p.add("token", "set token.file (a mounted Secret) or token.env");
-                None
-            }
-        };
+        });
+        let allow_unauthenticated = r.server.allow_unauthenticated.unwrap_or(false);
+        let authenticates =
+            tls.as_ref().is_some_and(|t| t.client_ca_file.is_some()) || clients.any_bearer();
+        if let Some(addr) = listen
+            && !addr.ip().is_loopback()
+            && !authenticates
+            && !allow_unauthenticated
+        {
+            p.add(
+                listen_key,
+                format!(
+                    "{addr} is reachable from other hosts, but no client authentication is \
+                     configured, so anyone who can connect would get CloudCasa access: configure \
+                     server.tls.client_ca_file, [clients.kubernetes] or [clients.api_keys], or \
+                     set server.allow_unauthenticated = true"
+                ),
+            );
+        }
 
         let cache = CacheConfig {
             enabled: r.cache.enabled.unwrap_or(true),
@@ -393,14 +464,16 @@ impl Config {
             p.add("admin.listen", "must differ from server.listen");
         }
 
-        match (p.0.is_empty(), listen, admin_listen, url, origin) {
-            (true, Some(listen), Some(admin), Some(url), Some(origin)) => Ok(Config {
+        match (p.0.is_empty(), listen, admin_listen, url) {
+            (true, Some(listen), Some(admin), Some(url)) => Ok(Config {
                 server: ServerConfig {
                     listen,
                     max_body_size,
                     header_timeout,
                     drain_timeout,
                     worker_threads: r.server.worker_threads,
+                    tls,
+                    allow_unauthenticated,
                 },
                 admin: AdminConfig { listen: admin },
                 upstream: UpstreamConfig {
@@ -410,7 +483,9 @@ impl Config {
                     ca_file: r.upstream.ca_file,
                     pool_idle_timeout,
                 },
-                token: TokenConfig { origin },
+                credentials,
+                clients,
+                policy,
                 cache,
                 log: LogConfig { format },
                 audit: AuditConfig {
@@ -431,25 +506,50 @@ impl Config {
     /// (At run time a missing token file is tolerated: the Secret may appear later.)
     pub fn check_files(&self) -> Result<(), ConfigError> {
         let mut p = Problems::default();
-        match &self.token.origin {
-            TokenOrigin::File(path) => match std::fs::read_to_string(path) {
-                Ok(t) if t.trim().is_empty() => {
-                    p.add("token.file", format!("{} is empty", path.display()))
-                }
-                Ok(_) => {}
-                Err(e) => p.add("token.file", format!("cannot read {}: {e}", path.display())),
-            },
-            TokenOrigin::Env(name) => {
-                if std::env::var(name)
-                    .map(|v| v.trim().is_empty())
-                    .unwrap_or(true)
-                {
-                    p.add(
-                        "token.env",
-                        format!("environment variable {name} is not set or empty"),
-                    );
+        for (i, c) in self.credentials.iter().enumerate() {
+            let key = |field: &str| match c.name.as_str() {
+                "default" => format!("token.{field}"),
+                _ => format!("credentials[{i}].{field}"),
+            };
+            match &c.origin {
+                TokenOrigin::File(path) => match std::fs::read_to_string(path) {
+                    Ok(t) if t.trim().is_empty() => {
+                        p.add(&key("file"), format!("{} is empty", path.display()))
+                    }
+                    Ok(_) => {}
+                    Err(e) => p.add(&key("file"), format!("cannot read {}: {e}", path.display())),
+                },
+                TokenOrigin::Env(name) => {
+                    if std::env::var(name)
+                        .map(|v| v.trim().is_empty())
+                        .unwrap_or(true)
+                    {
+                        p.add(
+                            &key("env"),
+                            format!("environment variable {name} is not set or empty"),
+                        );
+                    }
                 }
             }
+        }
+        let mut readable = |key: &str, path: &Path| {
+            if let Err(e) = std::fs::metadata(path) {
+                p.add(key, format!("cannot read {}: {e}", path.display()));
+            }
+        };
+        if let Some(tls) = &self.server.tls {
+            readable("server.tls.cert_file", &tls.cert_file);
+            readable("server.tls.key_file", &tls.key_file);
+            if let Some(ca) = &tls.client_ca_file {
+                readable("server.tls.client_ca_file", ca);
+            }
+        }
+        if let Some(k) = &self.clients.kubernetes {
+            readable("clients.kubernetes.token_file", &k.token_file);
+            readable("clients.kubernetes.ca_file", &k.ca_file);
+        }
+        if let Some(keys) = &self.clients.api_keys {
+            readable("clients.api_keys.file", keys);
         }
         if let (true, AuditSink::File(path)) = (self.audit.enabled, &self.audit.sink) {
             let dir = path
@@ -470,6 +570,209 @@ impl Config {
                 origin: "the files named in the configuration".into(),
                 problems: p.0,
             })
+        }
+    }
+}
+
+fn token_origin(
+    p: &mut Problems,
+    section: &str,
+    file: Option<PathBuf>,
+    env: Option<String>,
+) -> Option<TokenOrigin> {
+    match (file, env) {
+        (Some(file), None) => Some(TokenOrigin::File(file)),
+        (None, Some(env)) if !env.is_empty() => Some(TokenOrigin::Env(env)),
+        (None, Some(_)) => {
+            p.add(
+                &format!("{section}.env"),
+                "must name an environment variable",
+            );
+            None
+        }
+        (Some(_), Some(_)) => {
+            p.add(
+                section,
+                format!("set exactly one of {section}.file and {section}.env, not both"),
+            );
+            None
+        }
+        (None, None) => {
+            p.add(
+                section,
+                format!("set {section}.file (a mounted Secret) or {section}.env"),
+            );
+            None
+        }
+    }
+}
+
+/// `[token]` (the credential named `default`) and `[[credentials]]`.
+fn credentials(
+    p: &mut Problems,
+    token: &raw::RawToken,
+    named: &[raw::RawCredential],
+    overrides: &Overrides,
+) -> Vec<CredentialConfig> {
+    let mut out = Vec::new();
+    let token_file = overrides.token_file.clone().or(token.file.clone());
+    let has_token = token_file.is_some() || token.env.is_some();
+    if (has_token || named.is_empty())
+        && let Some(origin) = token_origin(p, "token", token_file, token.env.clone())
+    {
+        out.push(CredentialConfig {
+            name: "default".into(),
+            origin,
+        });
+    }
+    for (i, c) in named.iter().enumerate() {
+        let section = format!("credentials[{i}]");
+        let name = match c.name.as_deref() {
+            Some(n)
+                if !n.is_empty()
+                    && n.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) =>
+            {
+                n
+            }
+            Some(n) => {
+                p.add(
+                    &format!("{section}.name"),
+                    format!("{n:?} must be letters, digits, '-', '_' or '.'"),
+                );
+                continue;
+            }
+            None => {
+                p.add(&format!("{section}.name"), "is required");
+                continue;
+            }
+        };
+        if out.iter().any(|o: &CredentialConfig| o.name == name) {
+            p.add(
+                &format!("{section}.name"),
+                format!("{name:?} is defined twice ([token] is the credential named \"default\")"),
+            );
+            continue;
+        }
+        if let Some(origin) = token_origin(p, &section, c.file.clone(), c.env.clone()) {
+            out.push(CredentialConfig {
+                name: name.to_string(),
+                origin,
+            });
+        }
+    }
+    out
+}
+
+fn clients(p: &mut Problems, r: raw::RawClients) -> ClientsConfig {
+    let kubernetes = r.kubernetes.map(|k| {
+        let sa = Path::new(SERVICE_ACCOUNT_DIR);
+        let api_server = match k.api_server {
+            Some(url) => parse_https_url(p, "clients.kubernetes.api_server", &url),
+            None => match (
+                std::env::var("KUBERNETES_SERVICE_HOST"),
+                std::env::var("KUBERNETES_SERVICE_PORT"),
+            ) {
+                (Ok(host), Ok(port)) => {
+                    let host = if host.contains(':') { format!("[{host}]") } else { host };
+                    parse_https_url(p, "clients.kubernetes.api_server", &format!("https://{host}:{port}"))
+                }
+                _ => {
+                    p.add(
+                        "clients.kubernetes.api_server",
+                        "not set, and KUBERNETES_SERVICE_HOST/PORT are not set (not running in a pod?)",
+                    );
+                    None
+                }
+            },
+        };
+        let audience = k.audience.unwrap_or_else(|| "cloudcasa-gateway".into());
+        if audience.is_empty() {
+            p.add("clients.kubernetes.audience", "must not be empty");
+        }
+        KubernetesConfig {
+            audience,
+            api_server: api_server.unwrap_or_default(),
+            token_file: k.token_file.unwrap_or_else(|| sa.join("token")),
+            ca_file: k.ca_file.unwrap_or_else(|| sa.join("ca.crt")),
+            cache_ttl: k.cache_ttl.unwrap_or(Duration::from_secs(30)),
+            timeout: positive(p, "clients.kubernetes.timeout", k.timeout, 5),
+        }
+    });
+    let api_keys = r.api_keys.and_then(|k| {
+        if k.file.is_none() {
+            p.add("clients.api_keys.file", "is required");
+        }
+        k.file
+    });
+    ClientsConfig {
+        kubernetes,
+        api_keys,
+    }
+}
+
+fn policy(
+    p: &mut Problems,
+    rules: Vec<raw::RawPolicy>,
+    credentials: &[CredentialConfig],
+) -> Vec<RuleSpec> {
+    let mut out = Vec::new();
+    for (i, r) in rules.into_iter().enumerate() {
+        let key = |field: &str| format!("policy[{i}].{field}");
+        let name = r.name.unwrap_or_else(|| format!("policy[{i}]"));
+        let credential = match r.credential {
+            Some(c) if credentials.iter().any(|k| k.name == c) => c,
+            Some(c) => {
+                let known: Vec<_> = credentials.iter().map(|k| k.name.as_str()).collect();
+                p.add(
+                    &key("credential"),
+                    format!("no credential named {c:?} (defined: {})", known.join(", ")),
+                );
+                continue;
+            }
+            None => {
+                p.add(
+                    &key("credential"),
+                    "is required: the credential this rule's requests use",
+                );
+                continue;
+            }
+        };
+        let rate = match r.rate.as_deref().map(Rate::parse) {
+            None => None,
+            Some(Ok(rate)) => Some(rate),
+            Some(Err(e)) => {
+                p.add(&key("rate"), e);
+                None
+            }
+        };
+        let Some(clients) = r.clients.filter(|c| !c.is_empty()) else {
+            p.add(
+                &key("clients"),
+                "is required: client ids or globs, e.g. [\"system:serviceaccount:velero:*\"]",
+            );
+            continue;
+        };
+        match RuleSpec::new(name, clients, r.methods, r.paths, credential, rate) {
+            Ok(rule) => out.push(rule),
+            Err((field, message)) => p.add(&key(field), message),
+        }
+    }
+    if out.is_empty() && credentials.len() > 1 {
+        p.add(
+            "policy",
+            "with more than one credential, [[policy]] rules must say which client uses which",
+        );
+    }
+    out
+}
+
+fn parse_https_url(p: &mut Problems, key: &str, text: &str) -> Option<Uri> {
+    match text.parse::<Uri>() {
+        Ok(u) if u.scheme_str() == Some("https") && u.host().is_some() => Some(u),
+        _ => {
+            p.add(key, format!("{text:?} is not an https:// URL"));
+            None
         }
     }
 }
@@ -594,7 +897,8 @@ mod tests {
         assert_eq!(c.upstream.url, STAGING_URL);
         assert_eq!(c.upstream.timeout, Duration::from_secs(300));
         assert_eq!(c.server.max_body_size, 1024);
-        assert_eq!(c.token.origin, TokenOrigin::Env("T".into()));
+        assert_eq!(c.credentials[0].origin, TokenOrigin::Env("T".into()));
+        assert_eq!(c.credentials[0].name, "default");
     }
 
     #[test]

@@ -21,6 +21,9 @@ pub struct RawConfig {
     pub log: RawLog,
     pub audit: RawAudit,
     pub telemetry: RawTelemetry,
+    pub credentials: Vec<RawCredential>,
+    pub clients: RawClients,
+    pub policy: Vec<RawPolicy>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -33,6 +36,16 @@ pub struct RawServer {
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Option<Duration>,
     pub worker_threads: Option<usize>,
+    pub allow_unauthenticated: Option<bool>,
+    pub tls: Option<RawServerTls>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawServerTls {
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub client_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -92,4 +105,49 @@ pub struct RawAudit {
 pub struct RawTelemetry {
     pub otlp_endpoint: Option<String>,
     pub service_name: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCredential {
+    pub name: Option<String>,
+    pub file: Option<PathBuf>,
+    pub env: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawClients {
+    pub kubernetes: Option<RawKubernetes>,
+    pub api_keys: Option<RawApiKeys>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawKubernetes {
+    pub audience: Option<String>,
+    pub api_server: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    #[serde(with = "humantime_serde")]
+    pub cache_ttl: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawApiKeys {
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawPolicy {
+    pub name: Option<String>,
+    pub clients: Option<Vec<String>>,
+    pub methods: Option<Vec<String>>,
+    pub paths: Option<Vec<String>>,
+    pub credential: Option<String>,
+    pub rate: Option<String>,
 }

@@ -2,6 +2,7 @@
 //! Kubernetes-style Secret directory, and small HTTP helpers.
 #![allow(dead_code)]
 
+pub mod kube;
 pub mod mock;
 pub mod otlp;
 pub mod tls;

@@ -1,0 +1,470 @@
+//! The shared egress gateway: TLS and mTLS, Kubernetes TokenReview, API keys, per-client policy
+//! and credentials, rate limits, and the identity in audit records and metrics.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use cloudcasa_gateway::identity::api_keys::key_line;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use serde_json::json;
+use support::kube::{FakeKube, GATEWAY_SA_TOKEN, sa_token};
+use support::tls::{ClientCert, TestCa, https_client};
+use support::*;
+
+const BOT_KEY: &str = "bot-key-0123456789abcdef";
+const SPIFFE_OPS: &str = "spiffe://cluster.local/ns/ops/sa/backup-bot";
+
+/// Everything a shared gateway needs on disk.
+struct Fixture {
+    dir: tempfile::TempDir,
+    server_ca: TestCa,
+    client_ca: TestCa,
+    kube: FakeKube,
+    mock: MockCloudCasa,
+    tenant_a: SecretDir,
+    _tenant_b: SecretDir,
+    gw: TestGateway,
+}
+
+impl Fixture {
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("https://127.0.0.1:{}{path}", self.gw.proxy.port())
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        bearer: Option<&str>,
+        cert: Option<ClientCert<'_>>,
+    ) -> Result<Reply, String> {
+        let identity = cert.map(|c| self.client_ca.client(c));
+        let client = https_client(&self.server_ca.pem(), identity);
+        let mut req = Request::builder().method(method).uri(self.url(path));
+        if let Some(b) = bearer {
+            req = req.header("authorization", format!("Bearer {b}"));
+        }
+        let resp = client
+            .request(req.body(Full::new(Bytes::new())).unwrap())
+            .await
+            .map_err(|e| format!("{e:?}"))?;
+        let (parts, body) = resp.into_parts();
+        Ok(Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body: body.collect().await.unwrap().to_bytes(),
+        })
+    }
+
+    async fn get(&self, path: &str, bearer: Option<&str>) -> Reply {
+        self.send(Method::GET, path, bearer, None).await.unwrap()
+    }
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    write_file(dir, name, text).display().to_string()
+}
+
+const POLICY: &str = r#"
+[[policy]]
+name = "velero-read"
+clients = ["system:serviceaccount:velero:*"]
+methods = ["GET"]
+paths = ["/api/v1/**"]
+credential = "team-a"
+
+[[policy]]
+name = "ops-mtls"
+clients = ["spiffe://cluster.local/ns/ops/sa/*"]
+credential = "team-a"
+
+[[policy]]
+name = "bot"
+clients = ["backup-bot"]
+paths = ["/api/v1/clusters", "/api/v1/clusters/*"]
+credential = "team-b"
+rate = "3/m"
+"#;
+
+async fn fixture(extra: &str) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let server_ca = TestCa::new("gateway server CA");
+    let client_ca = TestCa::new("gateway client CA");
+    let (cert, key) = server_ca.leaf_pem(&["127.0.0.1"]);
+    let kube = FakeKube::start().await;
+    let mock = MockCloudCasa::start().await;
+    mock.state
+        .seed("a", "clusters", json!({"name": "tenant-a-cluster"}));
+    mock.state
+        .seed("b", "clusters", json!({"name": "tenant-b-cluster"}));
+    let tenant_a = SecretDir::new("token-a");
+    let tenant_b = SecretDir::new("token-b");
+    let toml = format!(
+        r#"
+[server.tls]
+cert_file = "{cert}"
+key_file = "{key}"
+client_ca_file = "{client_ca}"
+
+[upstream]
+url = "{upstream}"
+
+[[credentials]]
+name = "team-a"
+file = "{a}"
+
+[[credentials]]
+name = "team-b"
+file = "{b}"
+
+[clients.kubernetes]
+api_server = "{kube}"
+token_file = "{sa}"
+ca_file = "{kube_ca}"
+
+[clients.api_keys]
+file = "{keys}"
+{POLICY}
+{extra}
+"#,
+        cert = write(d, "tls.crt", &cert),
+        key = write(d, "tls.key", &key),
+        client_ca = write(d, "client-ca.crt", &client_ca.pem()),
+        upstream = mock.url(),
+        a = tenant_a.token_path().display(),
+        b = tenant_b.token_path().display(),
+        kube = kube.url(),
+        sa = write(d, "sa-token", GATEWAY_SA_TOKEN),
+        kube_ca = write(d, "kube-ca.crt", &kube.ca_pem),
+        keys = write(
+            d,
+            "api-keys.toml",
+            &(key_line("backup-bot", BOT_KEY) + "\n")
+        ),
+    );
+    let gw = TestGateway::start(&toml).await;
+    Fixture {
+        dir,
+        server_ca,
+        client_ca,
+        kube,
+        mock,
+        tenant_a,
+        _tenant_b: tenant_b,
+        gw,
+    }
+}
+
+fn names(reply: &Reply) -> Vec<String> {
+    reply.json()["_items"]
+        .as_array()
+        .unwrap_or_else(|| panic!("not a collection: {}", reply.text()))
+        .iter()
+        .map(|i| i["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn service_account_tokens_are_reviewed_with_the_audience() {
+    let f = fixture("").await;
+    let velero = sa_token("velero");
+    let other_audience = sa_token("velero-other");
+    let other_ns = sa_token("default");
+    f.kube
+        .add(&velero, "velero", "server", &["cloudcasa-gateway"]);
+    f.kube.add(
+        &other_audience,
+        "velero",
+        "server",
+        &["https://kubernetes.default.svc"],
+    );
+    f.kube
+        .add(&other_ns, "default", "builder", &["cloudcasa-gateway"]);
+
+    let ok = f.get("/api/v1/clusters", Some(&velero)).await;
+    assert_eq!(ok.status, StatusCode::OK, "{}", ok.text());
+    assert_eq!(names(&ok), ["tenant-a-cluster"]);
+    // The client's token went nowhere upstream: the credential's did.
+    assert_eq!(
+        f.mock.state.last().header("authorization"),
+        Some("Bearer token-a")
+    );
+    // Reviews are cached.
+    let reviews = f.kube.reviews();
+    f.get("/api/v1/clusters", Some(&velero)).await;
+    assert_eq!(f.kube.reviews(), reviews);
+
+    let wrong_audience = f.get("/api/v1/clusters", Some(&other_audience)).await;
+    assert!(wrong_audience.envelope_message(401).contains("rejected"));
+    assert_eq!(
+        wrong_audience.header("www-authenticate"),
+        Some("Bearer realm=\"cloudcasa-gateway\"")
+    );
+    let unknown = f.get("/api/v1/clusters", Some(&sa_token("nobody"))).await;
+    unknown.envelope_message(401);
+    // Authenticated, but no rule for its namespace.
+    let denied = f.get("/api/v1/clusters", Some(&other_ns)).await;
+    let message = denied.envelope_message(403);
+    assert!(
+        message.contains("system:serviceaccount:default:builder"),
+        "{message}"
+    );
+    // Allowed client, disallowed method and path.
+    let delete = f
+        .send(Method::DELETE, "/api/v1/clusters/x", Some(&velero), None)
+        .await
+        .unwrap();
+    delete.envelope_message(403);
+    f.get("/version", Some(&velero)).await.envelope_message(403);
+
+    let records = f.gw.wait_audit(7).await;
+    let first = &records[0];
+    assert_eq!(first["client"]["id"], "system:serviceaccount:velero:server");
+    assert_eq!(first["client"]["auth"], "kubernetes");
+    assert_eq!(first["rule"], "velero-read");
+    assert_eq!(first["credential"], "team-a");
+    let refused = records.iter().find(|r| r["status"] == 401).unwrap();
+    assert_eq!(refused["client"]["id"], serde_json::Value::Null);
+    assert_eq!(refused["error"], "unauthenticated");
+    let forbidden = records.iter().find(|r| r["status"] == 403).unwrap();
+    assert_eq!(
+        forbidden["client"]["id"],
+        "system:serviceaccount:default:builder"
+    );
+    assert_eq!(forbidden["rule"], serde_json::Value::Null);
+    let audit = std::fs::read_to_string(f.gw.audit.as_ref().unwrap()).unwrap();
+    for secret in [velero.as_str(), "token-a", "token-b", GATEWAY_SA_TOKEN] {
+        assert!(!audit.contains(secret), "a credential in the audit trail");
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_api_server_means_503_never_access() {
+    let f = fixture("").await;
+    // A second gateway whose API server address has nothing listening.
+    let dead = format!("https://127.0.0.1:{}", {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    });
+    let gw = TestGateway::start(&format!(
+        r#"
+[upstream]
+url = "{}"
+[token]
+file = "{}"
+[clients.kubernetes]
+api_server = "{dead}"
+token_file = "{}"
+ca_file = "{}"
+timeout = "2s"
+"#,
+        f.mock.url(),
+        f.tenant_a.token_path().display(),
+        f.path("sa-token").display(),
+        f.path("kube-ca.crt").display(),
+    ))
+    .await;
+    let reply = get(
+        &gw.url("/api/v1/clusters"),
+        &[("authorization", &format!("Bearer {}", sa_token("velero")))],
+    )
+    .await;
+    let message = reply.envelope_message(503);
+    assert!(message.contains("TokenReview"), "{message}");
+    let before = f.mock.state.count();
+    assert_eq!(before, 0, "nothing reached the upstream");
+    // Without any credential: 401, not local access, although the listener is loopback.
+    get(&gw.url("/api/v1/clusters"), &[])
+        .await
+        .envelope_message(401);
+}
+
+#[tokio::test]
+async fn client_certificates_identify_clients() {
+    let f = fixture("").await;
+    let valid = ClientCert {
+        uri: Some(SPIFFE_OPS),
+        dns: Some("backup-bot.ops.svc"),
+        ..Default::default()
+    };
+    let ok = f
+        .send(Method::GET, "/api/v1/clusters", None, Some(valid))
+        .await
+        .unwrap();
+    assert_eq!(ok.status, StatusCode::OK, "{}", ok.text());
+    assert_eq!(names(&ok), ["tenant-a-cluster"]);
+
+    // No certificate, no other credential: 401.
+    f.get("/api/v1/clusters", None).await.envelope_message(401);
+
+    // A certificate from another CA, or an expired one: the handshake fails.
+    let stranger = TestCa::new("someone else");
+    let client = https_client(
+        &f.server_ca.pem(),
+        Some(stranger.client(ClientCert {
+            uri: Some(SPIFFE_OPS),
+            ..Default::default()
+        })),
+    );
+    let req = Request::get(f.url("/api/v1/clusters"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert!(
+        client.request(req).await.is_err(),
+        "another CA's certificate was accepted"
+    );
+    let expired = f
+        .send(
+            Method::GET,
+            "/api/v1/clusters",
+            None,
+            Some(ClientCert {
+                uri: Some(SPIFFE_OPS),
+                expired: true,
+                ..Default::default()
+            }),
+        )
+        .await;
+    assert!(
+        expired.is_err(),
+        "an expired certificate was accepted: {expired:?}"
+    );
+
+    // DNS SAN, then CN, when there is no URI SAN; such ids match no rule here.
+    let by_cn = f
+        .send(
+            Method::GET,
+            "/api/v1/clusters",
+            None,
+            Some(ClientCert {
+                cn: Some("just-a-cn"),
+                ..Default::default()
+            }),
+        )
+        .await
+        .unwrap();
+    assert!(by_cn.envelope_message(403).contains("just-a-cn"));
+
+    let records = f.gw.wait_audit(3).await;
+    assert_eq!(records[0]["client"]["id"], SPIFFE_OPS);
+    assert_eq!(records[0]["client"]["auth"], "mtls");
+    assert_eq!(records[0]["rule"], "ops-mtls");
+}
+
+#[tokio::test]
+async fn api_keys_map_to_their_own_tenant_and_rate() {
+    let f = fixture("").await;
+    let velero = sa_token("velero");
+    f.kube
+        .add(&velero, "velero", "server", &["cloudcasa-gateway"]);
+
+    // Same URL, two clients, two credentials: each sees its own tenant (the cache is partitioned).
+    let a = f.get("/api/v1/clusters", Some(&velero)).await;
+    let b = f.get("/api/v1/clusters", Some(BOT_KEY)).await;
+    assert_eq!(names(&a), ["tenant-a-cluster"]);
+    assert_eq!(names(&b), ["tenant-b-cluster"], "{}", b.text());
+    assert_eq!(
+        f.mock.state.last().header("authorization"),
+        Some("Bearer token-b")
+    );
+
+    f.get("/api/v1/clusters", Some("not-a-key"))
+        .await
+        .envelope_message(401);
+    // Outside the bot's paths.
+    f.get("/api/v1/users", Some(BOT_KEY))
+        .await
+        .envelope_message(403);
+
+    // 3 per minute: the first request above and two more, then 429.
+    for _ in 0..2 {
+        assert_eq!(
+            f.get("/api/v1/clusters", Some(BOT_KEY)).await.status,
+            StatusCode::OK
+        );
+    }
+    let limited = f.get("/api/v1/clusters", Some(BOT_KEY)).await;
+    limited.envelope_message(429);
+    let retry: u64 = limited.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=20).contains(&retry), "Retry-After {retry}");
+    // Other clients have their own budget.
+    assert_eq!(
+        f.get("/api/v1/clusters", Some(&velero)).await.status,
+        StatusCode::OK
+    );
+
+    let records = f.gw.wait_audit(8).await;
+    let bot = records
+        .iter()
+        .find(|r| r["client"]["id"] == "backup-bot")
+        .unwrap();
+    assert_eq!(bot["client"]["auth"], "api_key");
+    assert_eq!(bot["rule"], "bot");
+    assert_eq!(bot["credential"], "team-b");
+    let limited_record = records.iter().find(|r| r["status"] == 429).unwrap();
+    assert_eq!(limited_record["error"], "rate_limited");
+    assert_eq!(limited_record["client"]["id"], "backup-bot");
+
+    let metrics = get(&f.gw.admin_url("/metrics"), &[]).await.text();
+    for line in [
+        "cloudcasa_gateway_client_denials_total{client=\"backup-bot\",reason=\"rate_limited\"} 1",
+        "cloudcasa_gateway_client_denials_total{client=\"backup-bot\",reason=\"forbidden\"} 1",
+        "cloudcasa_gateway_client_denials_total{client=\"\",reason=\"unauthenticated\"} 1",
+        "cloudcasa_gateway_client_requests_total{client=\"backup-bot\",status_class=\"2xx\"} 3",
+        "cloudcasa_gateway_token_loaded{credential=\"team-b\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} not in\n{metrics}");
+    }
+}
+
+#[tokio::test]
+async fn rotated_keys_file_and_certificate_are_picked_up() {
+    let f = fixture("").await;
+    assert_eq!(
+        f.get("/api/v1/clusters", Some(BOT_KEY)).await.status,
+        StatusCode::OK
+    );
+    // Rotate the key: the old one stops working, the new one works.
+    let new_key = "bot-key-rotated-fedcba9876543210";
+    write(
+        f.dir.path(),
+        "api-keys.toml.tmp",
+        &(key_line("backup-bot", new_key) + "\n"),
+    );
+    std::fs::rename(f.path("api-keys.toml.tmp"), f.path("api-keys.toml")).unwrap();
+    eventually(Duration::from_secs(10), "the rotated key", || async {
+        f.get("/api/v1/clusters", Some(new_key)).await.status == StatusCode::OK
+    })
+    .await;
+    f.get("/api/v1/clusters", Some(BOT_KEY))
+        .await
+        .envelope_message(401);
+
+    // cert-manager renews the serving certificate from another CA: new connections get it.
+    let next_ca = TestCa::new("next server CA");
+    let (cert, key) = next_ca.leaf_pem(&["127.0.0.1"]);
+    write(f.dir.path(), "tls.key", &key);
+    write(f.dir.path(), "tls.crt", &cert);
+    eventually(
+        Duration::from_secs(10),
+        "the renewed certificate",
+        || async {
+            let client = https_client(&next_ca.pem(), None);
+            let req = Request::get(f.url("/api/v1/clusters"))
+                .header("authorization", format!("Bearer {new_key}"))
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            matches!(client.request(req).await, Ok(r) if r.status() == StatusCode::OK)
+        },
+    )
+    .await;
+}
