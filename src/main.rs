@@ -19,6 +19,10 @@ struct Cli {
     /// Validate the configuration and the files it names, then exit.
     #[arg(long)]
     check: bool,
+    /// With --check: validate the configuration alone, not the files it names (for checking
+    /// manifests outside the pod those files are mounted in).
+    #[arg(long, requires = "check")]
+    config_only: bool,
     /// Override server.listen.
     #[arg(long, value_name = "ADDR")]
     listen: Option<String>,
@@ -125,7 +129,11 @@ fn main() -> ExitCode {
         }
     };
     if cli.check {
-        return match config.check_files() {
+        let files = match cli.config_only {
+            true => Ok(()),
+            false => config.check_files(),
+        };
+        return match files {
             Ok(()) => {
                 println!("configuration OK");
                 ExitCode::SUCCESS

@@ -180,6 +180,23 @@ impl Metrics {
             "Audit records lost, by reason (write: the sink failed; queue_full)",
             audit.failed.clone(),
         );
+        // Series that alerts watch start at zero, so that the first increment is an increase.
+        for phase in ["intent", "outcome"] {
+            audit.written(phase, 0);
+        }
+        for reason in ["write", "queue_full"] {
+            audit.failed(reason, 0);
+        }
+        for status_class in ["2xx", "3xx", "4xx", "5xx"] {
+            let _ = upstream_responses.get_or_create(&StatusClassLabel { status_class });
+        }
+        for kind in [
+            "upstream_unreachable",
+            "upstream_timeout",
+            "audit_unavailable",
+        ] {
+            let _ = gateway_errors.get_or_create(&KindLabel { kind });
+        }
         registry.register_collector(Box::new(TokenCollector(tokens)));
         if let Some(cache) = cache {
             registry.register_collector(Box::new(CacheCollector(cache)));

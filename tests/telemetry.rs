@@ -217,14 +217,7 @@ async fn metrics_count_known_traffic() {
     )
     .await;
     stale.envelope_message(412);
-    send(
-        Method::POST,
-        &gw.url("/api/v1/usergroups"),
-        &[],
-        "x".repeat(2048),
-    )
-    .await
-    .envelope_message(413);
+    post_oversized(&gw).await.envelope_message(413);
 
     gw.wait_audit(5).await;
     let m = scrape(&gw).await;

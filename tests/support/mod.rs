@@ -317,3 +317,14 @@ pub fn item(mock: &MockCloudCasa, name: &str) -> (String, String) {
         doc["_etag"].as_str().unwrap().to_string(),
     )
 }
+
+/// POSTs 2 KiB to a collection: over a `max_body_size = "1KiB"` limit.
+pub async fn post_oversized(gw: &TestGateway) -> Reply {
+    send(
+        Method::POST,
+        &gw.url("/api/v1/usergroups"),
+        &[],
+        "x".repeat(2048),
+    )
+    .await
+}
