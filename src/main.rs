@@ -9,6 +9,11 @@ use cloudcasa_gateway::audit::chain::{self, GENESIS};
 use cloudcasa_gateway::config::{Config, Overrides};
 use cloudcasa_gateway::{Gateway, logging};
 
+// Every request allocates (headers, extensions, futures) and frees on another thread now and
+// then; mimalloc is faster than glibc's malloc at this and returns memory more readily.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A caching reverse proxy in front of the CloudCasa API that injects the API token.
 #[derive(Debug, Parser)]
 #[command(version, about)]

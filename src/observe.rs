@@ -390,40 +390,44 @@ impl Completion {
         let cache_label = cache.map_or("bypass", CacheStatus::label);
 
         let span = ex.trace.span();
-        span.set_attribute(KeyValue::new("cloudcasa_gateway.cache.status", cache_label));
-        if let Some(c) = cache
-            && let Ok(detail) = c.header_value().to_str()
-        {
+        if span.is_recording() {
+            span.set_attribute(KeyValue::new("cloudcasa_gateway.cache.status", cache_label));
+            if let Some(c) = cache
+                && let Ok(detail) = c.header_value().to_str()
+            {
+                span.set_attribute(KeyValue::new(
+                    "cloudcasa_gateway.cache.detail",
+                    detail.to_owned(),
+                ));
+            }
             span.set_attribute(KeyValue::new(
-                "cloudcasa_gateway.cache.detail",
-                detail.to_owned(),
+                "http.response.body.size",
+                self.bytes_out as i64,
             ));
+            if let Some(client) = ex.client.get() {
+                span.set_attribute(KeyValue::new(
+                    "cloudcasa_gateway.client.id",
+                    client.id.to_string(),
+                ));
+                span.set_attribute(KeyValue::new(
+                    "cloudcasa_gateway.client.auth",
+                    client.method.as_str(),
+                ));
+            }
+            if let Some(d) = ex.decision.get() {
+                span.set_attribute(KeyValue::new(
+                    "cloudcasa_gateway.policy.rule",
+                    d.rule.to_string(),
+                ));
+                span.set_attribute(KeyValue::new(
+                    "cloudcasa_gateway.credential",
+                    d.credential.to_string(),
+                ));
+            }
         }
         if let Some(client) = ex.client.get() {
-            span.set_attribute(KeyValue::new(
-                "cloudcasa_gateway.client.id",
-                client.id.to_string(),
-            ));
-            span.set_attribute(KeyValue::new(
-                "cloudcasa_gateway.client.auth",
-                client.method.as_str(),
-            ));
             observers.metrics.client_request(&client.id, status);
         }
-        if let Some(d) = ex.decision.get() {
-            span.set_attribute(KeyValue::new(
-                "cloudcasa_gateway.policy.rule",
-                d.rule.to_string(),
-            ));
-            span.set_attribute(KeyValue::new(
-                "cloudcasa_gateway.credential",
-                d.credential.to_string(),
-            ));
-        }
-        span.set_attribute(KeyValue::new(
-            "http.response.body.size",
-            self.bytes_out as i64,
-        ));
         telemetry::end_span(&ex.trace, Some(status), error, false);
 
         observers

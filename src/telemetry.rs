@@ -11,12 +11,14 @@ use std::time::Duration;
 
 use http::{HeaderMap, Method, StatusCode, Uri, Version};
 use opentelemetry::propagation::TextMapPropagator;
-use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _};
+use opentelemetry::trace::{
+    Span as _, SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _,
+};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_http::{HeaderExtractor, HeaderInjector};
 use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
+use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
 
 use crate::config::TelemetryConfig;
 
@@ -66,6 +68,11 @@ impl Telemetry {
                 .map_err(|e| TelemetryError(e.to_string()))?;
             builder = builder.with_batch_exporter(exporter);
         }
+        if !exporting {
+            // Nothing leaves the process: record only what a caller's sampled trace asks for
+            // (still propagated upstream), and give every other request ids but no span data.
+            builder = builder.with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOff)));
+        }
         let provider = builder.build();
         let tracer = provider.tracer("cloudcasa-gateway");
         Ok(Self {
@@ -85,38 +92,43 @@ impl Telemetry {
     /// `tracestate` when they are valid. The returned context holds the span.
     pub fn server_span(&self, request: ServerRequest<'_>) -> Context {
         let parent = self.propagator.extract(&HeaderExtractor(request.headers));
-        let mut attributes = Vec::with_capacity(9);
-        attributes.push(KeyValue::new(
-            "http.request.method",
-            request.method.as_str().to_owned(),
-        ));
-        attributes.push(KeyValue::new("url.path", request.uri.path().to_owned()));
-        if let Some(query) = request.uri.query() {
-            attributes.push(KeyValue::new("url.query", query.to_owned()));
-        }
-        attributes.push(KeyValue::new("url.scheme", request.scheme));
-        attributes.push(KeyValue::new("http.route", request.route));
-        attributes.push(KeyValue::new(
-            "network.protocol.version",
-            protocol_version(request.version),
-        ));
-        if let Some(addr) = request.client_addr {
-            attributes.push(KeyValue::new("client.address", addr.ip().to_string()));
-            attributes.push(KeyValue::new("client.port", i64::from(addr.port())));
-        }
-        if let Some(agent) = request
-            .headers
-            .get(http::header::USER_AGENT)
-            .and_then(|v| v.to_str().ok())
-        {
-            attributes.push(KeyValue::new("user_agent.original", agent.to_owned()));
-        }
-        let span = self
+        // Attributes only for spans that are recorded: without export, a request that carries no
+        // sampled trace context costs a span context (the ids) and nothing else.
+        let mut span = self
             .tracer
-            .span_builder(format!("{} {}", request.method, request.route))
+            .span_builder(request.route)
             .with_kind(SpanKind::Server)
-            .with_attributes(attributes)
             .start_with_context(&self.tracer, &parent);
+        if span.is_recording() {
+            span.update_name(format!("{} {}", request.method, request.route));
+            let mut attributes = Vec::with_capacity(9);
+            attributes.push(KeyValue::new(
+                "http.request.method",
+                request.method.as_str().to_owned(),
+            ));
+            attributes.push(KeyValue::new("url.path", request.uri.path().to_owned()));
+            if let Some(query) = request.uri.query() {
+                attributes.push(KeyValue::new("url.query", query.to_owned()));
+            }
+            attributes.push(KeyValue::new("url.scheme", request.scheme));
+            attributes.push(KeyValue::new("http.route", request.route));
+            attributes.push(KeyValue::new(
+                "network.protocol.version",
+                protocol_version(request.version),
+            ));
+            if let Some(addr) = request.client_addr {
+                attributes.push(KeyValue::new("client.address", addr.ip().to_string()));
+                attributes.push(KeyValue::new("client.port", i64::from(addr.port())));
+            }
+            if let Some(agent) = request
+                .headers
+                .get(http::header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+            {
+                attributes.push(KeyValue::new("user_agent.original", agent.to_owned()));
+            }
+            span.set_attributes(attributes);
+        }
         parent.with_span(span)
     }
 
@@ -129,24 +141,26 @@ impl Telemetry {
         url: &Uri,
         headers: &mut HeaderMap,
     ) -> Context {
-        let mut attributes = vec![
-            KeyValue::new("http.request.method", method.as_str().to_owned()),
-            KeyValue::new("url.full", url.to_string()),
-        ];
-        if let Some(host) = url.host() {
-            attributes.push(KeyValue::new("server.address", host.to_owned()));
-        }
-        let port = url.port_u16().unwrap_or(match url.scheme_str() {
-            Some("http") => 80,
-            _ => 443,
-        });
-        attributes.push(KeyValue::new("server.port", i64::from(port)));
-        let span = self
+        let mut span = self
             .tracer
             .span_builder(method.as_str().to_owned())
             .with_kind(SpanKind::Client)
-            .with_attributes(attributes)
             .start_with_context(&self.tracer, parent);
+        if span.is_recording() {
+            let mut attributes = vec![
+                KeyValue::new("http.request.method", method.as_str().to_owned()),
+                KeyValue::new("url.full", url.to_string()),
+            ];
+            if let Some(host) = url.host() {
+                attributes.push(KeyValue::new("server.address", host.to_owned()));
+            }
+            let port = url.port_u16().unwrap_or(match url.scheme_str() {
+                Some("http") => 80,
+                _ => 443,
+            });
+            attributes.push(KeyValue::new("server.port", i64::from(port)));
+            span.set_attributes(attributes);
+        }
         let cx = parent.with_span(span);
         headers.remove("traceparent");
         headers.remove("tracestate");
@@ -192,6 +206,10 @@ pub fn end_span(
     client: bool,
 ) {
     let span = cx.span();
+    if !span.is_recording() {
+        span.end();
+        return;
+    }
     if let Some(status) = status {
         span.set_attribute(KeyValue::new(
             "http.response.status_code",

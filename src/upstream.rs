@@ -60,9 +60,14 @@ pub enum UpstreamSetupError {
     Tls(#[from] rustls::Error),
 }
 
-/// The upstream service: the bottom of the stack.
+/// The upstream service: the bottom of the stack. Cloned for every request by the layers above
+/// (tower's ready-clone pattern), so it is one `Arc`.
 #[derive(Clone)]
 pub struct Upstream {
+    inner: Arc<UpstreamInner>,
+}
+
+struct UpstreamInner {
     scheme: Scheme,
     authority: Authority,
     prefix: Arc<str>,
@@ -115,15 +120,17 @@ impl Upstream {
         };
         let url = &config.url;
         Ok(Self {
-            scheme: url.scheme().cloned().unwrap_or(Scheme::HTTPS),
-            authority: url
-                .authority()
-                .cloned()
-                .expect("validated: upstream.url has a host"),
-            prefix: url.path().trim_end_matches('/').into(),
-            reads: client(true),
-            writes: client(false),
-            timeout: config.timeout,
+            inner: Arc::new(UpstreamInner {
+                scheme: url.scheme().cloned().unwrap_or(Scheme::HTTPS),
+                authority: url
+                    .authority()
+                    .cloned()
+                    .expect("validated: upstream.url has a host"),
+                prefix: url.path().trim_end_matches('/').into(),
+                reads: client(true),
+                writes: client(false),
+                timeout: config.timeout,
+            }),
         })
     }
 
@@ -135,15 +142,16 @@ impl Upstream {
                 "request target {pq:?} is not a path; send origin-form targets such as /api/v1/clusters"
             )));
         }
-        let pq: PathAndQuery = if self.prefix.is_empty() {
+        let up = &*self.inner;
+        let pq: PathAndQuery = if up.prefix.is_empty() {
             PathAndQuery::from_maybe_shared(bytes::Bytes::copy_from_slice(pq.as_bytes()))
         } else {
-            format!("{}{}", self.prefix, pq).parse()
+            format!("{}{}", up.prefix, pq).parse()
         }
         .map_err(|e| GatewayError::BadRequest(format!("request target: {e}")))?;
         Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
+            .scheme(up.scheme.clone())
+            .authority(up.authority.clone())
             .path_and_query(pq)
             .build()
             .map_err(|e| GatewayError::BadRequest(format!("request target: {e}")))
@@ -182,14 +190,13 @@ impl Service<Request<Body>> for Upstream {
             req.headers_mut()
                 .insert(header::CONTENT_TYPE, APPLICATION_JSON.clone());
         }
-        let client = if is_retry_safe(req.method()) {
-            &self.reads
-        } else {
-            &self.writes
-        };
-        let sent = client.request(req);
-        let timeout = self.timeout;
+        let retry_safe = is_retry_safe(req.method());
+        let up = self.inner.clone();
+        let timeout = up.timeout;
         async move {
+            let req = buffer_small_body(req).await?;
+            let client = if retry_safe { &up.reads } else { &up.writes };
+            let sent = client.request(req);
             let result = match tokio::time::timeout(timeout, sent).await {
                 Err(_) => Err(GatewayError::UpstreamTimeout(timeout)),
                 Ok(Err(err)) => Err(classify(err)),
@@ -219,6 +226,34 @@ impl Service<Request<Body>> for Upstream {
 
 fn is_retry_safe(method: &Method) -> bool {
     matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
+}
+
+/// Request bodies up to this size are read whole before the request is sent.
+const BUFFER_BODIES_UP_TO: u64 = 64 * 1024;
+
+/// Reads a small request body (its `Content-Length` at most [`BUFFER_BODIES_UP_TO`]) before
+/// sending, as nginx does by default: the headers and body then leave in one write, and the
+/// upstream connection is not held while a slow client trickles its body in. Larger and chunked
+/// bodies stream.
+async fn buffer_small_body(req: Request<Body>) -> Result<Request<Body>, GatewayError> {
+    let small = req
+        .body()
+        .size_hint()
+        .exact()
+        .is_some_and(|n| n > 0 && n <= BUFFER_BODIES_UP_TO);
+    if !small {
+        return Ok(req);
+    }
+    let (parts, body) = req.into_parts();
+    match http_body_util::BodyExt::collect(body).await {
+        Ok(collected) => Ok(Request::from_parts(parts, body::full(collected.to_bytes()))),
+        Err(e) => match find_cause::<BodyTooLarge>(e.as_ref()) {
+            Some(t) => Err(GatewayError::PayloadTooLarge { limit: t.limit }),
+            None => Err(GatewayError::BadRequest(format!(
+                "the request body could not be read: {e}"
+            ))),
+        },
+    }
 }
 
 fn classify(err: hyper_util::client::legacy::Error) -> GatewayError {

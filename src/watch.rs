@@ -5,6 +5,7 @@
 //! files are re-read every second as a fallback for filesystems without events. Re-reading is
 //! the target's business: it compares with what it has and acts only on a change.
 
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -27,7 +28,11 @@ pub fn spawn<T: Reload>(paths: &[PathBuf], target: Weak<T>, nudge: Option<Arc<No
     let mut dirs: Vec<PathBuf> = paths.iter().map(|p| directory_of(p)).collect();
     dirs.sort();
     dirs.dedup();
-    let watcher = watch_directories(&dirs, tx);
+    let names: Vec<OsString> = paths
+        .iter()
+        .filter_map(|p| p.file_name().map(OsStr::to_os_string))
+        .collect();
+    let watcher = watch_directories(&dirs, names, tx);
     tokio::spawn(watch_loop(target, nudge.unwrap_or_default(), rx, watcher));
 }
 
@@ -38,13 +43,30 @@ fn directory_of(path: &Path) -> PathBuf {
     }
 }
 
+/// Whether an event concerns the watched files: their own names, or the `..data` symlink and
+/// `..<timestamp>` directories a Kubernetes volume update swaps. Other files in the directory
+/// (an audit log next to a token, say) must not cause re-reads, and neither may reads: re-reading
+/// a file opens it, and an open that caused a re-read would loop (with two processes watching one
+/// directory, each one's reads would wake the other for ever).
+fn relevant(event: &notify::Event, names: &[OsString]) -> bool {
+    if matches!(event.kind, notify::EventKind::Access(_)) {
+        return false;
+    }
+    event.paths.iter().any(|p| {
+        p.file_name().is_some_and(|n| {
+            names.iter().any(|w| w == n) || n.as_encoded_bytes().starts_with(b"..")
+        })
+    })
+}
+
 fn watch_directories(
     dirs: &[PathBuf],
+    names: Vec<OsString>,
     tx: mpsc::UnboundedSender<()>,
 ) -> Option<notify::RecommendedWatcher> {
     use notify::Watcher;
     let handler = move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        if event.is_ok_and(|e| relevant(&e, &names)) {
             let _ = tx.send(());
         }
     };
@@ -85,5 +107,28 @@ async fn watch_loop<T: Reload>(
         };
         // File reads are blocking; keep them off the request-serving threads.
         let _ = tokio::task::spawn_blocking(move || strong.reload()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_watched_files_and_kubernetes_swaps_are_relevant() {
+        let names = vec![OsString::from("token")];
+        let event = |p: &str| notify::Event::new(notify::EventKind::Any).add_path(PathBuf::from(p));
+        assert!(relevant(&event("/s/token"), &names));
+        let read = notify::Event::new(notify::EventKind::Access(notify::event::AccessKind::Open(
+            notify::event::AccessMode::Read,
+        )))
+        .add_path(PathBuf::from("/s/token"));
+        assert!(
+            !relevant(&read, &names),
+            "reading the file must not trigger a re-read"
+        );
+        assert!(relevant(&event("/s/..data"), &names));
+        assert!(relevant(&event("/s/..2026_11_27_00_00_01.1"), &names));
+        assert!(!relevant(&event("/s/audit.jsonl"), &names));
     }
 }

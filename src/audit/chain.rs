@@ -33,7 +33,14 @@ impl ChainHash {
 
     /// Lowercase hex.
     pub fn to_hex(self) -> String {
-        hex::encode(self.0)
+        String::from_utf8_lossy(&self.hex_bytes()).into_owned()
+    }
+
+    /// Lowercase hex, without allocating (this runs once per audit record).
+    pub fn hex_bytes(self) -> [u8; 64] {
+        let mut out = [0u8; 64];
+        hex::encode_to_slice(self.0, &mut out).expect("64 bytes hold 32 in hex");
+        out
     }
 }
 
@@ -57,11 +64,11 @@ pub fn seal(open: &[u8], prev: ChainHash, out: &mut Vec<u8>) -> ChainHash {
     let start = out.len();
     out.extend_from_slice(open);
     out.extend_from_slice(b",\"prev\":\"");
-    out.extend_from_slice(prev.to_hex().as_bytes());
+    out.extend_from_slice(&prev.hex_bytes());
     out.push(b'"');
     let hash = ChainHash(Sha256::digest(&out[start..]).into());
     out.extend_from_slice(HASH_MEMBER);
-    out.extend_from_slice(hash.to_hex().as_bytes());
+    out.extend_from_slice(&hash.hex_bytes());
     out.extend_from_slice(b"\"}\n");
     hash
 }

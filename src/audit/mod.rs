@@ -6,8 +6,8 @@
 //! ([`AuditIntentLayer`]): a write is forwarded only once its intent record is on disk (written and
 //! fsynced); otherwise the client gets 503 and the upstream sees nothing.
 //!
-//! The writer batches whatever is queued into one write, so each record is flushed as soon as the
-//! writer reaches it; a failed batch is truncated away when the sink is a regular file, so the
+//! The writer batches whatever is queued into one write (letting outcome records gather for a
+//! millisecond), so each record is flushed within about a millisecond of the response ending; a failed batch is truncated away when the sink is a regular file, so the
 //! chain on disk stays whole.
 
 pub mod chain;
@@ -36,6 +36,11 @@ use chain::{ChainHash, GENESIS};
 const QUEUE_CAPACITY: usize = 64 * 1024;
 /// Records written in one go at most.
 const BATCH: usize = 1024;
+/// How long the writer lets outcome records gather before writing them. Waking a thread per
+/// record costs a context switch each; at tens of thousands of requests a second on one core,
+/// that alone halved throughput. A millisecond's delay turns them into one write per batch.
+/// Intent records (fail-closed writes wait on them), flushes and reopens are never delayed.
+const GATHER: std::time::Duration = std::time::Duration::from_millis(1);
 /// How long a write waits for its intent record to be durable before it is refused.
 const INTENT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -267,6 +272,9 @@ impl Writer {
         let mut buf = Vec::with_capacity(256 * 1024);
         let mut jobs = Vec::with_capacity(BATCH);
         while let Ok(first) = rx.recv() {
+            if matches!(first, Job::Record(_)) {
+                std::thread::sleep(GATHER);
+            }
             jobs.push(first);
             while jobs.len() < BATCH {
                 match rx.try_recv() {

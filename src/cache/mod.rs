@@ -377,7 +377,8 @@ impl Cache {
 
         let (parts, body) = response.into_parts();
         let bytes = match collect_limited(body, self.config.max_object_size).await {
-            Ok(Collected::Complete(bytes)) => bytes,
+            // An exact-size copy, for the same reason as `detach_value`.
+            Ok(Collected::Complete(bytes)) => Bytes::copy_from_slice(&bytes),
             Ok(Collected::TooLarge(prefix, rest)) => {
                 status.not_stored = Some(NotStorable::TooLarge);
                 let body = body::boxed(PrefixedBody { prefix, rest });
@@ -460,20 +461,41 @@ fn build_stored(
             )
         }
     };
+    let etag = detach_value(&etag);
+    let vary = policy::vary_values(&policy::vary_names(&headers), client)
+        .into_iter()
+        .map(|(name, value)| (name, value.as_ref().map(detach_value)))
+        .collect();
     Stored {
-        vary: policy::vary_values(&policy::vary_names(&headers), client),
+        vary,
         lifetime: policy::freshness_lifetime(&headers, &directives, config.fresh_for),
         stale_if_error: config
             .stale_if_error
             .max(Duration::from_secs(directives.stale_if_error.unwrap_or(0))),
         forbids_stale: directives.forbids_stale(),
-        headers,
+        headers: detach_headers(&headers),
         body,
         etag,
         upstream_etag,
         response_time,
         initial_age,
     }
+}
+
+/// A copy of a header value that owns exactly its bytes: hyper's values are slices of its read
+/// buffers, and a stored slice would keep the whole buffer (kilobytes) alive as long as the entry.
+fn detach_value(value: &HeaderValue) -> HeaderValue {
+    let mut copy = HeaderValue::from_bytes(value.as_bytes()).expect("already a valid value");
+    copy.set_sensitive(value.is_sensitive());
+    copy
+}
+
+fn detach_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut copy = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        copy.append(name.clone(), detach_value(value));
+    }
+    copy
 }
 
 /// A stored response updated with a 304's headers (RFC 9111 §4.3.4).

@@ -125,6 +125,22 @@ pub struct Authenticator {
     pub metrics: Arc<Metrics>,
 }
 
+/// The sidecar's caller.
+static LOCAL: std::sync::LazyLock<Arc<ClientIdentity>> = std::sync::LazyLock::new(|| {
+    Arc::new(ClientIdentity {
+        id: "local".into(),
+        method: AuthMethod::Local,
+    })
+});
+
+/// An unauthenticated caller where that is allowed.
+static ANONYMOUS: std::sync::LazyLock<Arc<ClientIdentity>> = std::sync::LazyLock::new(|| {
+    Arc::new(ClientIdentity {
+        id: "anonymous".into(),
+        method: AuthMethod::Anonymous,
+    })
+});
+
 enum Outcome {
     Known(Arc<ClientIdentity>),
     Review(String),
@@ -170,15 +186,9 @@ impl Authenticator {
             _ => {}
         }
         if self.local {
-            Outcome::Known(Arc::new(ClientIdentity {
-                id: "local".into(),
-                method: AuthMethod::Local,
-            }))
+            Outcome::Known(LOCAL.clone())
         } else if self.allow_unauthenticated {
-            Outcome::Known(Arc::new(ClientIdentity {
-                id: "anonymous".into(),
-                method: AuthMethod::Anonymous,
-            }))
+            Outcome::Known(ANONYMOUS.clone())
         } else {
             Outcome::Refused(GatewayError::Unauthenticated(
                 "no client credential: present a client certificate, a ServiceAccount token or \

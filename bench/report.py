@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""Turns bench/run.sh's raw wrk outputs into the results table.
+
+Reads RESULTS_DIR/*.wrk (named SCENARIO.SERVER.ROUND.wrk) and RESULTS_DIR/*.txt facts; writes
+Markdown to stdout.
+"""
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+SCENARIOS = {
+    "a": "fresh hit, 1 KiB item",
+    "b": "fresh hit, 100 KiB collection",
+    "c": "hit revalidated upstream (304)",
+    "d": "uncached GET pass-through",
+    "e": "PATCH with If-Match pass-through",
+    "f": "fresh hit, 1 KiB, 256 connections",
+    "g": "fresh hit, 1 KiB: audit to a file on vs off",
+}
+# scenario -> (minimum gateway/nginx req/s, minimum gateway/ceiling req/s)
+TARGETS = {"a": (1.2, 0.85), "b": (1.2, 0.85), "f": (1.2, 0.85), "c": (1.0, None),
+           "d": (1.0, None), "e": (1.0, None)}
+
+
+def parse(path):
+    text = path.read_text()
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    lat = dict(re.findall(r"^\s+(50|99)%\s+([\d.]+\w+)", text, re.M))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    sockets = re.search(r"Socket errors: (.*)", text)
+
+    def ms(v):
+        m = re.match(r"([\d.]+)(\w+)", v)
+        return float(m.group(1)) * UNITS[m.group(2)]
+
+    if not rps or "50" not in lat or "99" not in lat:
+        return None
+    return {"rps": float(rps.group(1)), "p50": ms(lat["50"]), "p99": ms(lat["99"]),
+            "bad": int(errors.group(1)) if errors else 0, "socket": sockets.group(1) if sockets else ""}
+
+
+def main():
+    d = Path(sys.argv[1])
+    runs = defaultdict(list)
+    for f in sorted(d.glob("*.wrk")):
+        scenario, server, _round = f.stem.split(".")
+        r = parse(f)
+        if r is None:
+            print(f"warning: could not parse {f.name}", file=sys.stderr)
+            continue
+        runs[(scenario, server)].append(r)
+
+    def mean(scenario, server, key):
+        rs = runs.get((scenario, server))
+        return sum(r[key] for r in rs) / len(rs) if rs else None
+
+    out = []
+    out.append("| scenario | server | req/s | p50 ms | p99 ms | gateway/nginx req/s | gateway p99 ≤ nginx | gateway/ceiling req/s | target |")
+    out.append("|---|---|---:|---:|---:|---:|---|---:|---|")
+    problems = []
+    for s, title in SCENARIOS.items():
+        servers = sorted({srv for (sc, srv) in runs if sc == s}, key=lambda x: ["gateway", "nginx", "ceiling", "gateway-audit"].index(x))
+        for srv in servers:
+            rps, p50, p99 = (mean(s, srv, k) for k in ("rps", "p50", "p99"))
+            bad = sum(r["bad"] for r in runs[(s, srv)])
+            if bad:
+                problems.append(f"{s}/{srv}: {bad} non-2xx/3xx responses")
+            ratio_n = ratio_c = le = verdict = ""
+            if s == "g" and srv == "gateway-audit":
+                base = mean(s, "gateway", "rps")
+                r = rps / base
+                ratio_n = f"{r:.2f}× audit off"
+                verdict = "met (≥ 0.90)" if r >= 0.9 else "missed (< 0.90)"
+            elif srv == "gateway" and s in TARGETS:
+                n_rps, n_p99 = mean(s, "nginx", "rps"), mean(s, "nginx", "p99")
+                c_rps = mean(s, "ceiling", "rps")
+                want_n, want_c = TARGETS[s]
+                r_n = rps / n_rps
+                ratio_n = f"{r_n:.2f}"
+                le = "yes" if p99 <= n_p99 else f"no ({p99:.2f} > {n_p99:.2f})"
+                ok = r_n >= want_n and p99 <= n_p99
+                if c_rps:
+                    r_c = rps / c_rps
+                    ratio_c = f"{r_c:.2f}"
+                    ok = ok and r_c >= want_c
+                want = f"≥ {want_n}× nginx, p99 ≤ nginx" + (f", ≥ {want_c}× ceiling" if want_c else "")
+                verdict = ("met" if ok else "missed") + f" ({want})"
+            label = f"({s}) {title}" if srv == servers[0] else ""
+            out.append(f"| {label} | {srv} | {rps:,.0f} | {p50:.3f} | {p99:.3f} | {ratio_n} | {le} | {ratio_c} | {verdict} |")
+    for f in sorted(d.glob("*.txt")):
+        out.append("")
+        out.append(f.read_text().rstrip())
+    if problems:
+        out.append("")
+        out.append("**Errors during the runs:** " + "; ".join(problems))
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()

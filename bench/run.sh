@@ -1,0 +1,203 @@
+#!/usr/bin/env bash
+# The benchmark: cloudcasa-gateway against nginx (the equivalent caching proxy, bench/nginx.conf)
+# and a bare hyper server (the ceiling for a cache hit), on one machine, in one run, measured in
+# alternation (A B A B) with the same connections, duration and payload.
+#
+#   bench/run.sh            full run (about 6 minutes after the release build)
+#   bench/run.sh --smoke    a few seconds per scenario, debug build: checks the script works
+#
+# Environment: BENCH_DURATION (seconds per measurement, default 10), BENCH_CONNECTIONS
+# (default 64), BENCH_ROUNDS (default 2), BENCH_ENTRIES (memory run, default 100000; 0 skips
+# it), BENCH_SCENARIOS (default "abcdefg").
+# Writes the table to stdout and to bench/results/latest.md (smoke: bench/results/smoke.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SMOKE=0
+[[ "${1:-}" == "--smoke" ]] && SMOKE=1
+DURATION=${BENCH_DURATION:-10}
+CONNECTIONS=${BENCH_CONNECTIONS:-64}
+ROUNDS=${BENCH_ROUNDS:-2}
+ENTRIES=${BENCH_ENTRIES:-100000}
+SCENARIOS=${BENCH_SCENARIOS:-abcdefg}
+WARMUP=3
+PROFILE=release
+if ((SMOKE)); then
+  DURATION=1 ROUNDS=1 ENTRIES=2000 WARMUP=1 PROFILE=debug
+fi
+
+say() { printf '==> %s\n' "$*" >&2; }
+
+# --- what the benchmark needs --------------------------------------------------------------
+missing=()
+command -v wrk >/dev/null || missing+=(wrk)
+command -v nginx >/dev/null || missing+=(nginx-light)
+command -v taskset >/dev/null || missing+=(util-linux)
+command -v curl >/dev/null || missing+=(curl)
+if ((${#missing[@]})); then
+  say "installing ${missing[*]} from Debian's packages"
+  SUDO=""
+  [[ $(id -u) -ne 0 ]] && SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+say "building ($PROFILE)"
+if [[ $PROFILE == release ]]; then
+  cargo build --release --locked --bin cloudcasa-gateway --example bench_servers >&2
+else
+  cargo build --locked --bin cloudcasa-gateway --example bench_servers >&2
+fi
+BIN=target/$PROFILE
+
+# --- cores: servers on one, the load generator (and the upstream) on the other ---------------
+CORES=$(nproc)
+SERVER_CORE=0
+LOAD_CORE=$((CORES > 1 ? 1 : 0))
+((CORES > 1)) || say "warning: one core only; servers and load generator share it"
+
+WORK=$(mktemp -d /tmp/cloudcasa-bench.XXXXXX)
+RAW=$WORK/raw
+mkdir -p "$RAW"
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+UPSTREAM=18090 GATEWAY=18080 GATEWAY_AUDIT=18082 NGINX=18081 CEILING=18083 MEMORY=18084
+
+wait_port() {
+  for _ in $(seq 1 200); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.05
+  done
+  say "nothing listening on $1"
+  exit 1
+}
+
+echo -n "bench-token" >"$WORK/token"
+gateway_config() { # PORT ADMIN_PORT AUDIT(on|off) CACHE_SIZE
+  cat <<EOF
+[server]
+listen = "127.0.0.1:$1"
+worker_threads = 1
+[admin]
+listen = "127.0.0.1:$2"
+[upstream]
+url = "http://127.0.0.1:$UPSTREAM"
+[token]
+file = "$WORK/token"
+[cache]
+max_size = "$4"
+[audit]
+enabled = $([[ $3 == on ]] && echo true || echo false)
+path = "$WORK/audit-$1.jsonl"
+EOF
+}
+
+start() { # NAME COMMAND...
+  local name=$1
+  shift
+  "$@" >"$WORK/$name.log" 2>&1 &
+  PIDS+=($!)
+  echo $! >"$WORK/$name.pid"
+}
+
+say "starting the upstream, the gateways, nginx and the ceiling"
+start upstream taskset -c "$LOAD_CORE" "$BIN/examples/bench_servers" upstream "127.0.0.1:$UPSTREAM" 1
+gateway_config $GATEWAY 19080 off 512MiB >"$WORK/gateway.toml"
+gateway_config $GATEWAY_AUDIT 19082 on 512MiB >"$WORK/gateway-audit.toml"
+RUST_LOG=warn start gateway taskset -c "$SERVER_CORE" "$BIN/cloudcasa-gateway" --config "$WORK/gateway.toml"
+RUST_LOG=warn start gateway-audit taskset -c "$SERVER_CORE" "$BIN/cloudcasa-gateway" --config "$WORK/gateway-audit.toml"
+mkdir -p "$WORK/nginx-cache"
+sed "s#@DIR@#$WORK#g; s#@PORT@#$NGINX#; s#@UPSTREAM@#$UPSTREAM#" bench/nginx.conf >"$WORK/nginx.conf"
+start nginx taskset -c "$SERVER_CORE" nginx -c "$WORK/nginx.conf" -e "$WORK/nginx-error.log"
+start ceiling taskset -c "$SERVER_CORE" "$BIN/examples/bench_servers" ceiling "127.0.0.1:$CEILING" 1
+for p in $UPSTREAM $GATEWAY $GATEWAY_AUDIT $NGINX $CEILING; do wait_port $p; done
+
+port_of() {
+  case $1 in
+    gateway) echo $GATEWAY ;; gateway-audit) echo $GATEWAY_AUDIT ;;
+    nginx) echo $NGINX ;; ceiling) echo $CEILING ;;
+  esac
+}
+
+load() { # DURATION CONNECTIONS URL [SCRIPT] -> wrk output
+  local args=(-t1 "-c$2" "-d${1}s" --latency --timeout 5s)
+  [[ -n ${4:-} ]] && args+=(-s "$4")
+  taskset -c "$LOAD_CORE" wrk "${args[@]}" "$3"
+}
+
+# scenario path connections script servers...
+scenario() {
+  local name=$1 path=$2 conns=$3 script=$4
+  shift 4
+  [[ $SCENARIOS == *"$name"* ]] || return 0
+  say "scenario ($name) $path, $conns connections: ${*}"
+  for server in "$@"; do
+    load "$WARMUP" "$conns" "http://127.0.0.1:$(port_of "$server")$path" "$script" >/dev/null
+  done
+  for round in $(seq 1 "$ROUNDS"); do
+    for server in "$@"; do
+      load "$DURATION" "$conns" "http://127.0.0.1:$(port_of "$server")$path" "$script" \
+        >"$RAW/$name.$server.$round.wrk"
+    done
+  done
+}
+
+scenario a /api/v1/fresh "$CONNECTIONS" "" gateway nginx ceiling
+scenario b /api/v1/collection "$CONNECTIONS" "" gateway nginx ceiling
+scenario c /api/v1/revalidate "$CONNECTIONS" "" gateway nginx
+scenario d /api/v1/uncached "$CONNECTIONS" "" gateway nginx
+scenario e /api/v1/patch "$CONNECTIONS" bench/patch.lua gateway nginx
+scenario f /api/v1/fresh 256 "" gateway nginx ceiling
+scenario g /api/v1/fresh "$CONNECTIONS" "" gateway-audit gateway
+
+rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$(cat "$WORK/$1.pid")/status"; }
+{
+  echo "**Gateway RSS after the scenarios:** $(($(rss_kib gateway) / 1024)) MiB (audit off), $(($(rss_kib gateway-audit) / 1024)) MiB (audit on); nginx worker and master are separate processes and not compared."
+} >"$RAW/1-rss.txt"
+
+if ((ENTRIES > 0)); then
+say "memory run: $ENTRIES distinct 1 KiB entries"
+export BENCH_ENTRIES=$ENTRIES
+gateway_config $MEMORY 19084 off 1GiB >"$WORK/gateway-memory.toml"
+RUST_LOG=warn start gateway-memory taskset -c "$SERVER_CORE" "$BIN/cloudcasa-gateway" --config "$WORK/gateway-memory.toml"
+wait_port $MEMORY
+before=$(rss_kib gateway-memory)
+report() { curl -s http://127.0.0.1:19084/cache; }
+for _ in $(seq 1 30); do
+  load 5 "$CONNECTIONS" "http://127.0.0.1:$MEMORY/" bench/distinct.lua >/dev/null
+  entries=$(report | python3 -c 'import json,sys; print(json.load(sys.stdin)["entries"])')
+  ((entries >= ENTRIES)) && break
+done
+after=$(rss_kib gateway-memory)
+python3 - "$before" "$after" "$(report)" "$ENTRIES" >"$RAW/2-memory.txt" <<'EOF'
+import json, sys
+before, after, report, wanted = int(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
+weighted = report["weighted_bytes"] / 1024 / 1024
+rss = after / 1024
+limit = 1.5 * weighted + 30
+verdict = "met" if rss <= limit else "missed"
+print(f"**Memory:** {report['entries']} entries stored (asked for {wanted}); cache weighted size "
+      f"{weighted:.1f} MiB; RSS {before / 1024:.1f} MiB empty, {rss:.1f} MiB full; "
+      f"limit 1.5 × weighted + 30 MiB = {limit:.1f} MiB: {verdict}.")
+EOF
+fi
+
+{
+  echo "**Machine:** $(nproc) cores ($(lscpu | sed -n 's/^Model name:\s*//p' | head -1)), $(uname -sr);"
+  echo "servers pinned to core $SERVER_CORE, wrk and the upstream to core $LOAD_CORE; gateway with 1 worker thread, nginx $(nginx -v 2>&1 | sed 's#.*/##') with 1 worker;"
+  echo "wrk -t1 -c$CONNECTIONS (f: -c256), ${DURATION}s per measurement after ${WARMUP}s warm-up, $ROUNDS rounds in alternation; means of the rounds."
+  echo "Run: $(date -u +%Y-%m-%dT%H:%MZ), profile $PROFILE, commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- src bench Cargo.toml 2>/dev/null || echo " with uncommitted changes")."
+} >"$RAW/0-machine.txt"
+
+mkdir -p bench/results
+OUT=bench/results/latest.md
+((SMOKE)) && OUT=bench/results/smoke.md
+python3 bench/report.py "$RAW" | tee "$OUT"
+rm -rf bench/results/raw && cp -r "$RAW" bench/results/raw
+say "written to $OUT (wrk's own output in bench/results/raw/)"

@@ -1,0 +1,189 @@
+//! The benchmark's servers, built for speed so that they are never the bottleneck:
+//!
+//! - `upstream`: a mock CloudCasa API. It checks the bearer token, serves a 1 KiB item that stays
+//!   fresh (`max-age`), a 1 KiB item that must be revalidated (`no-cache` + ETag, 304 on
+//!   `If-None-Match`), a 100 KiB collection, an uncacheable item (`no-store`), any
+//!   `/api/v1/items/<n>` (for the memory run), and accepts PATCH with a matching `If-Match`.
+//! - `ceiling`: a bare hyper server answering every GET with the 1 KiB item's bytes from memory:
+//!   what a cache hit costs with no proxying at all.
+//!
+//! Usage: bench_servers upstream|ceiling ADDR [THREADS]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+
+const TOKEN: &str = "Bearer bench-token";
+const ETAG: &str = "\"bench-etag-0001\"";
+
+fn item(size: usize) -> Bytes {
+    // A JSON document of exactly `size` bytes, shaped like an Eve item.
+    let head =
+        r#"{"_id":"624e188b47ea96df6df10001","_etag":"bench-etag-0001","name":"bench","pad":""#;
+    let tail = r#""}"#;
+    let pad = "x".repeat(size - head.len() - tail.len());
+    Bytes::from(format!("{head}{pad}{tail}"))
+}
+
+struct Bodies {
+    small: Bytes,
+    collection: Bytes,
+}
+
+fn respond(status: StatusCode, body: Bytes, cache_control: &'static str) -> Response<Full<Bytes>> {
+    respond_with(status, body, cache_control, None)
+}
+
+fn respond_with(
+    status: StatusCode,
+    body: Bytes,
+    cache_control: &'static str,
+    accel_expires: Option<&'static str>,
+) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    // nginx reads X-Accel-Expires only when it comes before Cache-Control.
+    if let Some(v) = accel_expires {
+        h.insert("x-accel-expires", HeaderValue::from_static(v));
+    }
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::ETAG, HeaderValue::from_static(ETAG));
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static(cache_control),
+    );
+    h.insert(
+        header::LAST_MODIFIED,
+        HeaderValue::from_static("Fri, 27 Nov 2026 00:00:00 GMT"),
+    );
+    r
+}
+
+async fn upstream(req: Request<Incoming>, bodies: &Bodies) -> Response<Full<Bytes>> {
+    if req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes())
+        != Some(TOKEN.as_bytes())
+    {
+        return respond(
+            StatusCode::UNAUTHORIZED,
+            Bytes::from_static(br#"{"_status":"ERR","_error":{"code":401,"message":"no token"}}"#),
+            "no-store",
+        );
+    }
+    let path = req.uri().path();
+    let not_modified = req
+        .headers()
+        .get(header::IF_NONE_MATCH)
+        .map(|v| v.as_bytes())
+        == Some(ETAG.as_bytes());
+    match (req.method(), path) {
+        (&Method::GET, "/api/v1/fresh") => {
+            respond(StatusCode::OK, bodies.small.clone(), "max-age=3600")
+        }
+        (&Method::GET, "/api/v1/collection") => {
+            respond(StatusCode::OK, bodies.collection.clone(), "max-age=3600")
+        }
+        (&Method::GET, "/api/v1/revalidate") => {
+            let (status, body) = match not_modified {
+                true => (StatusCode::NOT_MODIFIED, Bytes::new()),
+                false => (StatusCode::OK, bodies.small.clone()),
+            };
+            // nginx cannot store a response that is stale at once from Cache-Control alone
+            // (no-cache and max-age=0 make it uncacheable); an expiry in the past does that.
+            respond_with(status, body, "no-cache", Some("@1"))
+        }
+        (&Method::GET, "/api/v1/uncached") => {
+            respond(StatusCode::OK, bodies.small.clone(), "no-store")
+        }
+        (&Method::GET, p) if p.starts_with("/api/v1/items/") => {
+            respond(StatusCode::OK, bodies.small.clone(), "max-age=3600")
+        }
+        (&Method::PATCH, "/api/v1/patch") => {
+            let matches =
+                req.headers().get(header::IF_MATCH).map(|v| v.as_bytes()) == Some(ETAG.as_bytes());
+            let _ = req.into_body().collect().await;
+            if matches {
+                respond(
+                    StatusCode::OK,
+                    Bytes::from_static(br#"{"_status":"OK","_etag":"bench-etag-0001"}"#),
+                    "no-store",
+                )
+            } else {
+                respond(
+                    StatusCode::PRECONDITION_FAILED,
+                    Bytes::from_static(br#"{"_status":"ERR"}"#),
+                    "no-store",
+                )
+            }
+        }
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            Bytes::from_static(br#"{"_status":"ERR"}"#),
+            "no-store",
+        ),
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let (mode, addr) = match (args.get(1), args.get(2)) {
+        (Some(m), Some(a)) => (m.clone(), a.parse::<SocketAddr>().expect("ADDR")),
+        _ => {
+            eprintln!("usage: bench_servers upstream|ceiling ADDR [THREADS]");
+            std::process::exit(2);
+        }
+    };
+    let threads = args.get(3).and_then(|t| t.parse().ok()).unwrap_or(1);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .unwrap();
+    let bodies: &'static Bodies = Box::leak(Box::new(Bodies {
+        small: item(1024),
+        collection: item(100 * 1024),
+    }));
+    let ceiling = mode == "ceiling";
+    runtime.block_on(async move {
+        let listener = TcpListener::bind(addr).await.expect("bind");
+        eprintln!("bench_servers {mode} on {addr}");
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |req: Request<Incoming>| async move {
+                        let response = if ceiling {
+                            let body = if req.uri().path() == "/api/v1/collection" {
+                                bodies.collection.clone()
+                            } else {
+                                bodies.small.clone()
+                            };
+                            respond(StatusCode::OK, body, "max-age=3600")
+                        } else {
+                            upstream(req, bodies).await
+                        };
+                        Ok::<_, Infallible>(response)
+                    });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+}
