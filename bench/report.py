@@ -57,6 +57,10 @@ def main():
         return sum(r[key] for r in rs) / len(rs) if rs else None
 
     out = []
+    if len(sys.argv) > 2 and sys.argv[2] == "--smoke":
+        out.append("*Smoke run: debug build, about a second per scenario. It shows the script works; "
+                   "its figures and verdicts measure nothing.*")
+        out.append("")
     out.append("| scenario | server | req/s | p50 ms | p99 ms | gateway/nginx req/s | gateway p99 ≤ nginx | gateway/ceiling req/s | target |")
     out.append("|---|---|---:|---:|---:|---:|---|---:|---|")
     problems = []

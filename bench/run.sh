@@ -198,6 +198,6 @@ fi
 mkdir -p bench/results
 OUT=bench/results/latest.md
 ((SMOKE)) && OUT=bench/results/smoke.md
-python3 bench/report.py "$RAW" | tee "$OUT"
+python3 bench/report.py "$RAW" $( ((SMOKE)) && echo --smoke) | tee "$OUT"
 rm -rf bench/results/raw && cp -r "$RAW" bench/results/raw
 say "written to $OUT (wrk's own output in bench/results/raw/)"
