@@ -107,17 +107,7 @@ impl GatewayError {
 
     /// The message including its cause chain (hyper's errors hide the useful part in `source`).
     pub fn message(&self) -> String {
-        let mut msg = self.to_string();
-        let mut source = std::error::Error::source(self);
-        while let Some(cause) = source {
-            let text = cause.to_string();
-            if !msg.contains(&text) {
-                msg.push_str(": ");
-                msg.push_str(&text);
-            }
-            source = cause.source();
-        }
-        msg
+        chain_text(self)
     }
 
     /// Renders the CloudCasa error envelope. The single place errors become responses.
@@ -146,6 +136,22 @@ impl GatewayError {
 /// `Retry-After` is whole seconds; round up so a client that waits that long gets through.
 fn retry_after_secs(wait: Duration) -> u64 {
     wait.as_secs() + u64::from(wait.subsec_nanos() > 0).max(u64::from(wait.is_zero()))
+}
+
+/// An error and its causes as one line, each cause once (hyper's errors hide the useful part in
+/// `source`, and some causes repeat their parent's text).
+pub fn chain_text(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut msg = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+        source = cause.source();
+    }
+    msg
 }
 
 /// A response in CloudCasa's error envelope, for answers the gateway makes itself.

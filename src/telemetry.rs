@@ -33,7 +33,6 @@ pub struct Telemetry {
     provider: SdkTracerProvider,
     tracer: SdkTracer,
     propagator: TraceContextPropagator,
-    exporting: bool,
 }
 
 /// The environment variable that turns on OTLP export without a config entry.
@@ -79,13 +78,7 @@ impl Telemetry {
             provider,
             tracer,
             propagator: TraceContextPropagator::new(),
-            exporting,
         })
-    }
-
-    /// Whether spans leave the process.
-    pub fn exporting(&self) -> bool {
-        self.exporting
     }
 
     /// Starts the server span for a request, continuing the client's `traceparent` /

@@ -105,13 +105,8 @@ fn build(config: &TlsConfig) -> Result<(Vec<u8>, ServerConfig), String> {
         None => builder.with_no_client_auth(),
         Some(ca) => {
             let mut roots = rustls::RootCertStore::empty();
-            for cert in crate::upstream::read_pem_roots(ca)
-                .map_err(|e| format!("server.tls.client_ca_file: {e}"))?
-            {
-                roots
-                    .add(cert)
-                    .map_err(|e| format!("server.tls.client_ca_file: {e}"))?;
-            }
+            crate::upstream::add_pem_roots(&mut roots, ca)
+                .map_err(|e| format!("server.tls.client_ca_file: {e}"))?;
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .allow_unauthenticated()
                 .build()

@@ -49,6 +49,16 @@ pub fn read_pem_roots(path: &Path) -> Result<Vec<CertificateDer<'static>>, Strin
     Ok(certs)
 }
 
+/// Adds the certificates of a PEM bundle to `roots`; errors name the file.
+pub fn add_pem_roots(roots: &mut RootCertStore, path: &Path) -> Result<(), String> {
+    for cert in read_pem_roots(path)? {
+        roots
+            .add(cert)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// Errors building the upstream client.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamSetupError {
@@ -82,11 +92,7 @@ impl Upstream {
         let mut roots = RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         if let Some(path) = &config.ca_file {
-            for cert in read_pem_roots(path).map_err(UpstreamSetupError::CaFile)? {
-                roots
-                    .add(cert)
-                    .map_err(|e| UpstreamSetupError::CaFile(format!("{}: {e}", path.display())))?;
-            }
+            add_pem_roots(&mut roots, path).map_err(UpstreamSetupError::CaFile)?;
         }
         let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),

@@ -98,11 +98,7 @@ impl TokenReviewer {
     /// ServiceAccount token (re-read as it rotates).
     pub fn new(config: &KubernetesConfig) -> Result<Self, String> {
         let mut roots = rustls::RootCertStore::empty();
-        for cert in crate::upstream::read_pem_roots(&config.ca_file)? {
-            roots
-                .add(cert)
-                .map_err(|e| format!("{}: {e}", config.ca_file.display()))?;
-        }
+        crate::upstream::add_pem_roots(&mut roots, &config.ca_file)?;
         let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
@@ -185,15 +181,11 @@ impl TokenReviewer {
             .body(Full::new(Bytes::from(body.to_string())))
             .map_err(|e| unavailable(e.to_string()))?;
         let exchange = async {
-            let response = self.client.request(request).await.map_err(|e| {
-                let mut text = e.to_string();
-                let mut source = std::error::Error::source(&e);
-                while let Some(s) = source {
-                    text = format!("{text}: {s}");
-                    source = s.source();
-                }
-                text
-            })?;
+            let response = self
+                .client
+                .request(request)
+                .await
+                .map_err(|e| crate::error::chain_text(&e))?;
             let status = response.status();
             let bytes = response
                 .into_body()

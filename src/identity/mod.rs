@@ -10,7 +10,6 @@
 pub mod api_keys;
 pub mod kubernetes;
 
-use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -61,12 +60,6 @@ pub struct ClientIdentity {
     pub id: Arc<str>,
     /// How it was established.
     pub method: AuthMethod,
-}
-
-impl fmt::Display for ClientIdentity {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} ({})", self.id, self.method.as_str())
-    }
 }
 
 /// The identity a verified client certificate gave the connection; set by the listener.
