@@ -58,13 +58,14 @@ struct PhaseLabel {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ClientLabels {
-    client: String,
+    // Arc<str>: the identity's own id, shared, so counting a request allocates nothing.
+    client: Arc<str>,
     status_class: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DenialLabels {
-    client: String,
+    client: Arc<str>,
     reason: &'static str,
 }
 
@@ -108,6 +109,8 @@ pub struct Metrics {
     in_flight: Gauge,
     client_requests: Family<ClientLabels, Counter>,
     client_denials: Family<DenialLabels, Counter>,
+    /// The `client` label of callers that were not identified.
+    unidentified: Arc<str>,
     /// Handed to the audit sink.
     pub audit: AuditMetrics,
 }
@@ -211,25 +214,27 @@ impl Metrics {
             in_flight,
             client_requests,
             client_denials,
+            unidentified: Arc::from(""),
             audit,
         }
     }
 
     /// An identified client's request completed.
-    pub fn client_request(&self, client: &str, status: StatusCode) {
+    pub fn client_request(&self, client: &Arc<str>, status: StatusCode) {
         self.client_requests
             .get_or_create(&ClientLabels {
-                client: client.to_string(),
+                client: client.clone(),
                 status_class: status_class(status),
             })
             .inc();
     }
 
-    /// A request was refused before reaching the cache or upstream.
-    pub fn client_denied(&self, client: &str, reason: &'static str) {
+    /// A request was refused before reaching the cache or upstream; `None`: the caller was not
+    /// identified.
+    pub fn client_denied(&self, client: Option<&Arc<str>>, reason: &'static str) {
         self.client_denials
             .get_or_create(&DenialLabels {
-                client: client.to_string(),
+                client: client.unwrap_or(&self.unidentified).clone(),
                 reason,
             })
             .inc();

@@ -153,7 +153,8 @@ impl RuleSpec {
 struct Rule {
     spec: RuleSpec,
     credential: Arc<TokenSource>,
-    name: Arc<str>,
+    /// What every request this rule allows records: built once, cloned per request.
+    decision: Decision,
     limiter: Option<DefaultKeyedRateLimiter<Arc<str>>>,
 }
 
@@ -192,7 +193,10 @@ impl Policy {
             .into_iter()
             .map(|spec| Rule {
                 credential: credentials[&spec.credential].clone(),
-                name: spec.name.as_str().into(),
+                decision: Decision {
+                    rule: spec.name.as_str().into(),
+                    credential: spec.credential.as_str().into(),
+                },
                 limiter: spec.rate.map(|r| RateLimiter::keyed(r.quota())),
                 spec,
             })
@@ -216,7 +220,7 @@ impl Policy {
             .iter()
             .find(|r| r.spec.matches(&client.id, method, path))
         else {
-            self.metrics.client_denied(&client.id, "forbidden");
+            self.metrics.client_denied(Some(&client.id), "forbidden");
             return Err(GatewayError::Forbidden(format!(
                 "client '{}' may not {method} {path}",
                 client.id
@@ -225,16 +229,12 @@ impl Policy {
         if let Some(limiter) = &rule.limiter
             && let Err(not_until) = limiter.check_key(&client.id)
         {
-            self.metrics.client_denied(&client.id, "rate_limited");
+            self.metrics.client_denied(Some(&client.id), "rate_limited");
             return Err(GatewayError::RateLimited {
                 retry_after: not_until.wait_time_from(self.clock.now()),
             });
         }
-        let decision = Decision {
-            rule: rule.name.clone(),
-            credential: rule.spec.credential.as_str().into(),
-        };
-        Ok((rule, decision))
+        Ok((rule, rule.decision.clone()))
     }
 
     /// Drops idle rate-limit state (called periodically).

@@ -250,7 +250,7 @@ where
                 GateFuture::call(&mut self.inner, req)
             }
             Outcome::Refused(e) => {
-                auth.metrics.client_denied("", "unauthenticated");
+                auth.metrics.client_denied(None, "unauthenticated");
                 GateFuture::refuse(e)
             }
             Outcome::Review(token) => {
@@ -269,7 +269,7 @@ where
                                 GatewayError::IdentityUnavailable(_) => "identity_unavailable",
                                 _ => "unauthenticated",
                             };
-                            metrics.client_denied("", reason);
+                            metrics.client_denied(None, reason);
                             Err(e)
                         }
                     }
