@@ -9,7 +9,6 @@ use bytes::Bytes;
 use http::{Method, StatusCode};
 use serde_json::json;
 use support::*;
-use tokio::sync::Notify;
 
 async fn cache_report(gw: &TestGateway) -> serde_json::Value {
     get(&gw.admin_url("/cache"), &[]).await.json()
@@ -41,14 +40,7 @@ async fn fifty_concurrent_misses_make_one_upstream_request() {
     let (mock, _secret, gw) = setup("").await;
     let (id, _) = item(&mock, "g");
     let path = format!("/api/v1/usergroups/{id}");
-    let release = Arc::new(Notify::new());
-    mock.state.set_fault(
-        Fault::Hold {
-            release: release.clone(),
-            then: None,
-        },
-        Some(1),
-    );
+    let release = mock.state.hold_next(None);
 
     let tasks = spawn_gets(&gw, &path, 50);
     // Wait until the leader is at the upstream and the other 49 are waiting for it.
@@ -71,14 +63,7 @@ async fn waiters_still_get_an_answer_when_the_leader_fails() {
     let (mock, _secret, gw) = setup("").await;
     let (id, _) = item(&mock, "g");
     let path = format!("/api/v1/usergroups/{id}");
-    let release = Arc::new(Notify::new());
-    mock.state.set_fault(
-        Fault::Hold {
-            release: release.clone(),
-            then: Some(StatusCode::SERVICE_UNAVAILABLE),
-        },
-        Some(1),
-    );
+    let release = mock.state.hold_next(Some(StatusCode::SERVICE_UNAVAILABLE));
     let leader = spawn_gets(&gw, &path, 1).remove(0);
     mock.state.wait_for(1).await;
     let waiters = spawn_gets(&gw, &path, 3);

@@ -242,6 +242,20 @@ impl MockState {
     }
 
     /// Behave again.
+    /// Holds the next request until the returned `Notify` is notified, then answers normally or
+    /// with `then` in the envelope.
+    pub fn hold_next(&self, then: Option<StatusCode>) -> Arc<Notify> {
+        let release = Arc::new(Notify::new());
+        self.set_fault(
+            Fault::Hold {
+                release: release.clone(),
+                then,
+            },
+            Some(1),
+        );
+        release
+    }
+
     pub fn clear_fault(&self) {
         *self.fault.lock().unwrap() = None;
     }
