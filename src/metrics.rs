@@ -5,7 +5,7 @@
 //! cache, token and audit figures are read from the counters those parts keep anyway, at scrape
 //! time, so nothing is counted twice.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use http::{Method, StatusCode};
@@ -103,6 +103,10 @@ pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     request_duration: Family<CacheLabel, Histogram, fn() -> Histogram>,
+    /// `requests` and `request_duration` series by label index, filled on first use.
+    request_handles: Handles<Counter>,
+    duration_handles: Handles<Histogram>,
+    upstream_handles: Handles<Counter>,
     upstream_duration: Histogram,
     upstream_responses: Family<StatusClassLabel, Counter>,
     gateway_errors: Family<KindLabel, Counter>,
@@ -208,6 +212,11 @@ impl Metrics {
             registry,
             requests,
             request_duration,
+            request_handles: Handles::new(
+                METHODS.len() * STATUS_CLASSES.len() * CACHE_LABELS.len(),
+            ),
+            duration_handles: Handles::new(CACHE_LABELS.len()),
+            upstream_handles: Handles::new(STATUS_CLASSES.len()),
             upstream_duration,
             upstream_responses,
             gateway_errors,
@@ -255,16 +264,40 @@ impl Metrics {
         elapsed: Duration,
     ) {
         self.in_flight.dec();
-        self.requests
-            .get_or_create(&RequestLabels {
-                method: method_label(method),
-                status_class: status_class(status),
-                cache,
-            })
-            .inc();
-        self.request_duration
-            .get_or_create(&CacheLabel { cache })
-            .observe(elapsed.as_secs_f64());
+        let method = method_label(method);
+        let status_class = status_class(status);
+        let requests = || {
+            self.requests
+                .get_or_create(&RequestLabels {
+                    method,
+                    status_class,
+                    cache,
+                })
+                .clone()
+        };
+        let duration = || {
+            self.request_duration
+                .get_or_create(&CacheLabel { cache })
+                .clone()
+        };
+        let position = |set: &[&str], v: &str| set.iter().position(|x| *x == v);
+        match (
+            position(&METHODS, method),
+            position(&STATUS_CLASSES, status_class),
+            position(&CACHE_LABELS, cache),
+        ) {
+            (Some(m), Some(s), Some(c)) => {
+                let i = (m * STATUS_CLASSES.len() + s) * CACHE_LABELS.len() + c;
+                self.request_handles.get(i, requests).inc();
+                self.duration_handles
+                    .get(c, duration)
+                    .observe(elapsed.as_secs_f64());
+            }
+            _ => {
+                requests().inc();
+                duration().observe(elapsed.as_secs_f64());
+            }
+        }
         if let Some(kind) = error {
             self.gateway_errors.get_or_create(&KindLabel { kind }).inc();
         }
@@ -273,9 +306,16 @@ impl Metrics {
     /// An upstream call returned response headers.
     pub fn upstream_answered(&self, status: StatusCode, elapsed: Duration) {
         self.upstream_duration.observe(elapsed.as_secs_f64());
-        self.upstream_responses
-            .get_or_create(&StatusClassLabel {
-                status_class: status_class(status),
+        let status_class = status_class(status);
+        let i = STATUS_CLASSES
+            .iter()
+            .position(|c| *c == status_class)
+            .expect("status_class returns one of STATUS_CLASSES");
+        self.upstream_handles
+            .get(i, || {
+                self.upstream_responses
+                    .get_or_create(&StatusClassLabel { status_class })
+                    .clone()
             })
             .inc();
     }
@@ -286,6 +326,33 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+}
+
+/// The label values of the per-request series, in the order their handles are indexed.
+const METHODS: [&str; 8] = [
+    "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "other",
+];
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+const CACHE_LABELS: [&str; 5] = ["hit", "miss", "revalidated", "stale", "bypass"];
+
+/// Series handles of one family by label index, each looked up in the family once: recording
+/// is then an array index instead of hashing the labels and taking the family's lock on every
+/// request. The handles share their values with the family, which still does the exposition.
+#[derive(Debug)]
+struct Handles<M> {
+    slots: Box<[OnceLock<M>]>,
+}
+
+impl<M> Handles<M> {
+    fn new(n: usize) -> Self {
+        Self {
+            slots: (0..n).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    fn get(&self, i: usize, create: impl FnOnce() -> M) -> &M {
+        self.slots[i].get_or_init(create)
     }
 }
 
@@ -515,5 +582,51 @@ mod tests {
         assert!(text.contains("cloudcasa_gateway_requests_in_flight 0"));
         assert!(text.contains("cloudcasa_gateway_audit_records_failed_total{reason=\"write\"} 2"));
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn memoised_handles_count_into_the_exposed_series() {
+        let m = Metrics::new(Vec::new(), None);
+        let finish = |cache: &'static str| {
+            m.request_started();
+            m.request_finished(
+                &Method::PATCH,
+                StatusCode::PRECONDITION_FAILED,
+                cache,
+                None,
+                Duration::from_micros(50),
+            );
+        };
+        // Three through the memoised handle, one through the family (a label with no index).
+        for _ in 0..3 {
+            finish("miss");
+        }
+        finish("unindexed");
+        for _ in 0..2 {
+            m.upstream_answered(StatusCode::NOT_MODIFIED, Duration::from_micros(10));
+        }
+        let text = m.encode();
+        assert!(
+            text.contains("cloudcasa_gateway_upstream_responses_total{status_class=\"3xx\"} 2")
+        );
+        assert!(
+            text.contains(
+                "cloudcasa_gateway_requests_total{method=\"PATCH\",status_class=\"4xx\",cache=\"miss\"} 3"
+            ),
+            "{text}"
+        );
+        assert!(text.contains(
+            "cloudcasa_gateway_requests_total{method=\"PATCH\",status_class=\"4xx\",cache=\"unindexed\"} 1"
+        ));
+        assert!(
+            text.contains("cloudcasa_gateway_request_duration_seconds_count{cache=\"miss\"} 3")
+        );
+        assert!(
+            text.contains(
+                "cloudcasa_gateway_request_duration_seconds_bucket{le=\"0.0001\",cache=\"miss\"} 3"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("cloudcasa_gateway_requests_in_flight 0"));
     }
 }

@@ -63,7 +63,8 @@ impl Rate {
 pub struct RuleSpec {
     /// `name`, or `policy[N]`.
     pub name: String,
-    clients: GlobSet,
+    /// `None`: any client (a `*` glob), matched without running the glob set.
+    clients: Option<GlobSet>,
     methods: Option<Vec<Method>>,
     paths: Option<GlobSet>,
     /// The credential requests matching this rule use.
@@ -88,7 +89,12 @@ impl RuleSpec {
             let glob = Glob::new(c).map_err(|e| ("clients", format!("{c:?}: {e}")))?;
             set.add(glob);
         }
-        let clients = set.build().map_err(|e| ("clients", e.to_string()))?;
+        let built = set.build().map_err(|e| ("clients", e.to_string()))?;
+        // A glob of stars alone matches every id: the rule then skips the glob set per request.
+        let any_client = clients
+            .iter()
+            .any(|c| !c.is_empty() && c.chars().all(|ch| ch == '*'));
+        let clients = (!any_client).then_some(built);
         let methods = match methods {
             None => None,
             Some(list) if list.iter().any(|m| m == "*") => None,
@@ -144,7 +150,7 @@ impl RuleSpec {
     }
 
     fn matches(&self, client: &str, method: &Method, path: &str) -> bool {
-        self.clients.is_match(client)
+        self.clients.as_ref().is_none_or(|c| c.is_match(client))
             && self.methods.as_ref().is_none_or(|m| m.contains(method))
             && self.paths.as_ref().is_none_or(|p| p.is_match(path))
     }

@@ -7,15 +7,16 @@
 //! collector costs dropped spans, never request latency: the batch queue is bounded and spans are
 //! handed over without waiting.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
-use http::{HeaderMap, Method, StatusCode, Uri, Version};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, Version};
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{
-    Span as _, SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _,
+    Span as _, SpanKind, Status, TraceContextExt, TraceFlags, Tracer as _, TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue};
-use opentelemetry_http::{HeaderExtractor, HeaderInjector};
+use opentelemetry_http::HeaderExtractor;
 use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
@@ -84,7 +85,12 @@ impl Telemetry {
     /// Starts the server span for a request, continuing the client's `traceparent` /
     /// `tracestate` when they are valid. The returned context holds the span.
     pub fn server_span(&self, request: ServerRequest<'_>) -> Context {
-        let parent = self.propagator.extract(&HeaderExtractor(request.headers));
+        // Most requests carry no trace context: a lookup by a static name settles that.
+        let parent = if request.headers.contains_key(&TRACEPARENT) {
+            self.propagator.extract(&HeaderExtractor(request.headers))
+        } else {
+            Context::current()
+        };
         // Attributes only for spans that are recorded: without export, a request that carries no
         // sampled trace context costs a span context (the ids) and nothing else.
         let mut span = self
@@ -136,7 +142,7 @@ impl Telemetry {
     ) -> Context {
         let mut span = self
             .tracer
-            .span_builder(method.as_str().to_owned())
+            .span_builder(method_name(method))
             .with_kind(SpanKind::Client)
             .start_with_context(&self.tracer, parent);
         if span.is_recording() {
@@ -155,10 +161,9 @@ impl Telemetry {
             span.set_attributes(attributes);
         }
         let cx = parent.with_span(span);
-        headers.remove("traceparent");
-        headers.remove("tracestate");
-        self.propagator
-            .inject_context(&cx, &mut HeaderInjector(headers));
+        headers.remove(&TRACEPARENT);
+        headers.remove(&TRACESTATE);
+        inject(&cx, headers);
         cx
     }
 
@@ -167,6 +172,53 @@ impl Telemetry {
         if let Err(e) = self.provider.shutdown_with_timeout(timeout) {
             tracing::warn!(error = %e, "telemetry: spans may have been lost at shutdown");
         }
+    }
+}
+
+static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+
+/// Writes the W3C `traceparent` for the span in `cx` (and `tracestate`, when it has one) into
+/// `headers`: what the SDK's `TraceContextPropagator` writes, hex-encoded into a fixed buffer
+/// instead of through `format!`, because every upstream call does it.
+fn inject(cx: &Context, headers: &mut HeaderMap) {
+    let span = cx.span();
+    let sc = span.span_context();
+    if !sc.is_valid() {
+        return;
+    }
+    // version "00", trace id, span id, flags (only "sampled" is defined)
+    let mut value = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    let flags = [sc.trace_flags().to_u8() & TraceFlags::SAMPLED.to_u8()];
+    let hex_into = |out: &mut [u8], bytes: &[u8]| {
+        hex::encode_to_slice(bytes, out).expect("the buffer holds two digits per byte");
+    };
+    hex_into(&mut value[3..35], &sc.trace_id().to_bytes());
+    hex_into(&mut value[36..52], &sc.span_id().to_bytes());
+    hex_into(&mut value[53..55], &flags);
+    headers.insert(
+        TRACEPARENT.clone(),
+        HeaderValue::from_bytes(&value).expect("hex digits and dashes"),
+    );
+    let state = sc.trace_state().header();
+    if !state.is_empty()
+        && let Ok(state) = HeaderValue::from_str(&state)
+    {
+        headers.insert(TRACESTATE.clone(), state);
+    }
+}
+
+/// A span name from a method, without allocating for the standard ones.
+fn method_name(method: &Method) -> Cow<'static, str> {
+    match *method {
+        Method::GET => Cow::Borrowed("GET"),
+        Method::HEAD => Cow::Borrowed("HEAD"),
+        Method::POST => Cow::Borrowed("POST"),
+        Method::PUT => Cow::Borrowed("PUT"),
+        Method::PATCH => Cow::Borrowed("PATCH"),
+        Method::DELETE => Cow::Borrowed("DELETE"),
+        Method::OPTIONS => Cow::Borrowed("OPTIONS"),
+        _ => Cow::Owned(method.as_str().to_owned()),
     }
 }
 
@@ -312,6 +364,38 @@ mod tests {
             a.span().span_context().trace_id(),
             b.span().span_context().trace_id()
         );
+    }
+
+    #[test]
+    fn injects_what_the_sdk_propagator_injects() {
+        use opentelemetry::trace::{SpanContext, SpanId, TraceId, TraceState};
+        let propagator = TraceContextPropagator::new();
+        let state = TraceState::from_key_value([("vendor", "x"), ("other", "1")]).unwrap();
+        for (flags, state) in [
+            (TraceFlags::SAMPLED, TraceState::default()),
+            (TraceFlags::default(), TraceState::default()),
+            (TraceFlags::SAMPLED, state),
+        ] {
+            let sc = SpanContext::new(
+                TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
+                SpanId::from_hex("00f067aa0ba902b7").unwrap(),
+                flags,
+                true,
+                state,
+            );
+            let cx = Context::new().with_remote_span_context(sc);
+            let mut ours = HeaderMap::new();
+            inject(&cx, &mut ours);
+            let mut theirs = HeaderMap::new();
+            propagator.inject_context(&cx, &mut opentelemetry_http::HeaderInjector(&mut theirs));
+            assert_eq!(ours["traceparent"], theirs["traceparent"]);
+            // The SDK writes an empty tracestate when there is none; the gateway leaves it out.
+            let state = theirs.get("tracestate").filter(|v| !v.is_empty());
+            assert_eq!(ours.get("tracestate"), state);
+        }
+        let mut none = HeaderMap::new();
+        inject(&Context::new(), &mut none);
+        assert!(none.is_empty(), "an invalid span context writes nothing");
     }
 
     #[test]

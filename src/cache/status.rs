@@ -1,8 +1,6 @@
 //! What the cache did with a request: the `Cache-Status` header (RFC 9211) and the short label
 //! used by audit records and metrics.
 
-use std::fmt::Write as _;
-
 use http::HeaderValue;
 
 use super::policy::NotStorable;
@@ -99,21 +97,26 @@ impl CacheStatus {
 
     /// The `Cache-Status` header value.
     pub fn header_value(&self) -> HeaderValue {
+        // Built with push_str and itoa rather than write!: this runs for every response.
+        let mut numbers = itoa::Buffer::new();
         let mut v = String::with_capacity(64);
         v.push_str(CACHE_NAME);
         match self.forward {
             _ if self.stale_if_error => v.push_str("; hit; detail=stale-if-error"),
             None => v.push_str("; hit"),
             Some(fwd) => {
-                let _ = write!(v, "; fwd={}", fwd.as_str());
+                v.push_str("; fwd=");
+                v.push_str(fwd.as_str());
                 // 200 is what a forward normally yields; say so only when it is something else.
                 if let Some(s) = self.fwd_status.filter(|s| *s != 200) {
-                    let _ = write!(v, "; fwd-status={s}");
+                    v.push_str("; fwd-status=");
+                    v.push_str(numbers.format(s));
                 }
             }
         }
         if let Some(ttl) = self.ttl {
-            let _ = write!(v, "; ttl={ttl}");
+            v.push_str("; ttl=");
+            v.push_str(numbers.format(ttl));
         }
         if self.stored {
             v.push_str("; stored");
@@ -122,9 +125,11 @@ impl CacheStatus {
             v.push_str("; collapsed");
         }
         if let Some(reason) = self.not_stored {
-            let _ = write!(v, "; detail={}", reason.as_str());
+            v.push_str("; detail=");
+            v.push_str(reason.as_str());
         }
-        HeaderValue::from_str(&v).expect("Cache-Status is ASCII")
+        // The string's buffer becomes the value's: no second copy.
+        HeaderValue::from_maybe_shared(bytes::Bytes::from(v)).expect("Cache-Status is ASCII")
     }
 }
 
