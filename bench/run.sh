@@ -3,7 +3,7 @@
 # and a bare hyper server (the ceiling for a cache hit), on one machine, in one run, measured in
 # alternation (A B A B) with the same connections, duration and payload.
 #
-#   bench/run.sh            full run (about 6 minutes after the release build)
+#   bench/run.sh            full run (about 7 minutes after the release build)
 #   bench/run.sh --smoke    a few seconds per scenario, debug build: checks the script works
 #
 # Environment: BENCH_DURATION (seconds per measurement, default 10), BENCH_CONNECTIONS
@@ -68,6 +68,7 @@ cleanup() {
 trap cleanup EXIT
 
 UPSTREAM=18090 GATEWAY=18080 GATEWAY_AUDIT=18082 NGINX=18081 CEILING=18083 MEMORY=18084
+BARE_PROXY=18085
 
 wait_port() {
   for _ in $(seq 1 200); do
@@ -116,12 +117,14 @@ mkdir -p "$WORK/nginx-cache"
 sed "s#@DIR@#$WORK#g; s#@PORT@#$NGINX#; s#@UPSTREAM@#$UPSTREAM#" bench/nginx.conf >"$WORK/nginx.conf"
 start nginx taskset -c "$SERVER_CORE" nginx -c "$WORK/nginx.conf" -e "$WORK/nginx-error.log"
 start ceiling taskset -c "$SERVER_CORE" "$BIN/examples/bench_servers" ceiling "127.0.0.1:$CEILING" 1
-for p in $UPSTREAM $GATEWAY $GATEWAY_AUDIT $NGINX $CEILING; do wait_port $p; done
+start bare-proxy taskset -c "$SERVER_CORE" "$BIN/examples/bench_servers" proxy "127.0.0.1:$BARE_PROXY" 1 \
+  "127.0.0.1:$UPSTREAM"
+for p in $UPSTREAM $GATEWAY $GATEWAY_AUDIT $NGINX $CEILING $BARE_PROXY; do wait_port $p; done
 
 port_of() {
   case $1 in
     gateway) echo $GATEWAY ;; gateway-audit) echo $GATEWAY_AUDIT ;;
-    nginx) echo $NGINX ;; ceiling) echo $CEILING ;;
+    nginx) echo $NGINX ;; ceiling) echo $CEILING ;; bare-proxy) echo $BARE_PROXY ;;
   esac
 }
 
@@ -151,8 +154,9 @@ scenario() {
 scenario a /api/v1/fresh "$CONNECTIONS" "" gateway nginx ceiling
 scenario b /api/v1/collection "$CONNECTIONS" "" gateway nginx ceiling
 scenario c /api/v1/revalidate "$CONNECTIONS" "" gateway nginx
-scenario d /api/v1/uncached "$CONNECTIONS" "" gateway nginx
-scenario e /api/v1/patch "$CONNECTIONS" bench/patch.lua gateway nginx
+# (d), (e): the bare hyper proxy is measured too, to tell the gateway's own cost from hyper's.
+scenario d /api/v1/uncached "$CONNECTIONS" "" gateway nginx bare-proxy
+scenario e /api/v1/patch "$CONNECTIONS" bench/patch.lua gateway nginx bare-proxy
 scenario f /api/v1/fresh 256 "" gateway nginx ceiling
 scenario g /api/v1/fresh "$CONNECTIONS" "" gateway-audit gateway
 
@@ -191,6 +195,7 @@ fi
 {
   echo "**Machine:** $(nproc) cores ($(lscpu | sed -n 's/^Model name:\s*//p' | head -1)), $(uname -sr);"
   echo "servers pinned to core $SERVER_CORE, wrk and the upstream to core $LOAD_CORE; gateway with 1 worker thread, nginx $(nginx -v 2>&1 | sed 's#.*/##') with 1 worker;"
+  echo "ceiling: a bare hyper server answering from memory (a, b, f); bare-proxy: a bare hyper proxy, hyper-util's pooled client and the token header and nothing else (d, e; no target, it shows what hyper itself costs);"
   echo "wrk -t1 -c$CONNECTIONS (f: -c256), ${DURATION}s per measurement after ${WARMUP}s warm-up, $ROUNDS rounds in alternation; means of the rounds."
   echo "Run: $(date -u +%Y-%m-%dT%H:%MZ), profile $PROFILE, commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- src bench Cargo.toml 2>/dev/null || echo " with uncommitted changes")."
 } >"$RAW/0-machine.txt"

@@ -6,8 +6,13 @@
 //!   `/api/v1/items/<n>` (for the memory run), and accepts PATCH with a matching `If-Match`.
 //! - `ceiling`: a bare hyper server answering every GET with the 1 KiB item's bytes from memory:
 //!   what a cache hit costs with no proxying at all.
+//! - `proxy`: a bare hyper reverse proxy (hyper server, hyper-util pooled client, the token set
+//!   in `Authorization`, small bodies read whole) and nothing else: no cache, audit, metrics,
+//!   spans or identity. What pass-through costs when built on the same crates as the gateway, so
+//!   the table can tell the gateway's own cost from hyper's.
 //!
 //! Usage: bench_servers upstream|ceiling ADDR [THREADS]
+//!        bench_servers proxy ADDR THREADS UPSTREAM_ADDR
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -16,6 +21,8 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
@@ -137,12 +144,50 @@ async fn upstream(req: Request<Incoming>, bodies: &Bodies) -> Response<Full<Byte
     }
 }
 
+type ProxyClient = Client<HttpConnector, Full<Bytes>>;
+/// The servers' own answers, or the upstream's relayed by the proxy (no boxing: the ceiling
+/// must not pay for the proxy's body type).
+type AnyBody = http_body_util::Either<Full<Bytes>, Incoming>;
+
+fn own(response: Response<Full<Bytes>>) -> Response<AnyBody> {
+    response.map(AnyBody::Left)
+}
+
+/// The bare proxy's whole request path.
+async fn proxy(
+    req: Request<Incoming>,
+    client: ProxyClient,
+    upstream: SocketAddr,
+) -> Response<AnyBody> {
+    let (mut parts, body) = req.into_parts();
+    let Ok(body) = body.collect().await else {
+        return own(respond(StatusCode::BAD_REQUEST, Bytes::new(), "no-store"));
+    };
+    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    parts.uri = format!("http://{upstream}{pq}")
+        .parse()
+        .expect("a valid URI");
+    parts.headers.remove(header::HOST);
+    parts
+        .headers
+        .insert(header::AUTHORIZATION, HeaderValue::from_static(TOKEN));
+    match client
+        .request(Request::from_parts(parts, Full::new(body.to_bytes())))
+        .await
+    {
+        Ok(response) => response.map(AnyBody::Right),
+        Err(_) => own(respond(StatusCode::BAD_GATEWAY, Bytes::new(), "no-store")),
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (mode, addr) = match (args.get(1), args.get(2)) {
         (Some(m), Some(a)) => (m.clone(), a.parse::<SocketAddr>().expect("ADDR")),
         _ => {
-            eprintln!("usage: bench_servers upstream|ceiling ADDR [THREADS]");
+            eprintln!(
+                "usage: bench_servers upstream|ceiling ADDR [THREADS] | proxy ADDR THREADS UPSTREAM"
+            );
             std::process::exit(2);
         }
     };
@@ -157,6 +202,16 @@ fn main() {
         collection: item(100 * 1024),
     }));
     let ceiling = mode == "ceiling";
+    let upstream_addr: Option<SocketAddr> = (mode == "proxy").then(|| {
+        args.get(4)
+            .and_then(|a| a.parse().ok())
+            .expect("proxy needs UPSTREAM_ADDR")
+    });
+    let client: ProxyClient = {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        Client::builder(TokioExecutor::new()).build(http)
+    };
     runtime.block_on(async move {
         let listener = TcpListener::bind(addr).await.expect("bind");
         eprintln!("bench_servers {mode} on {addr}");
@@ -165,21 +220,26 @@ fn main() {
                 continue;
             };
             let _ = stream.set_nodelay(true);
+            let client = client.clone();
             tokio::spawn(async move {
-                let service =
-                    hyper::service::service_fn(move |req: Request<Incoming>| async move {
-                        let response = if ceiling {
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let client = client.clone();
+                    async move {
+                        let response = if let Some(upstream) = upstream_addr {
+                            proxy(req, client, upstream).await
+                        } else if ceiling {
                             let body = if req.uri().path() == "/api/v1/collection" {
                                 bodies.collection.clone()
                             } else {
                                 bodies.small.clone()
                             };
-                            respond(StatusCode::OK, body, "max-age=3600")
+                            own(respond(StatusCode::OK, body, "max-age=3600"))
                         } else {
-                            upstream(req, bodies).await
+                            own(upstream(req, bodies).await)
                         };
                         Ok::<_, Infallible>(response)
-                    });
+                    }
+                });
                 let _ = auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
