@@ -26,21 +26,11 @@ if ((SMOKE)); then
   DURATION=1 ROUNDS=1 ENTRIES=2000 WARMUP=1 PROFILE=debug
 fi
 
-say() { printf '==> %s\n' "$*" >&2; }
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
 
 # --- what the benchmark needs --------------------------------------------------------------
-missing=()
-command -v wrk >/dev/null || missing+=(wrk)
-command -v nginx >/dev/null || missing+=(nginx-light)
-command -v taskset >/dev/null || missing+=(util-linux)
-command -v curl >/dev/null || missing+=(curl)
-if ((${#missing[@]})); then
-  say "installing ${missing[*]} from Debian's packages"
-  SUDO=""
-  [[ $(id -u) -ne 0 ]] && SUDO=sudo
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+need wrk=wrk nginx=nginx-light taskset=util-linux curl=curl
 
 say "building ($PROFILE)"
 if [[ $PROFILE == release ]]; then

@@ -8,7 +8,6 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -62,7 +61,7 @@ pub struct Exchange {
     method: Method,
     uri: Uri,
     if_match: Option<HeaderValue>,
-    client_addr: Option<SocketAddr>,
+    client_addr: Option<ClientAddr>,
     client: OnceLock<Arc<ClientIdentity>>,
     decision: OnceLock<Decision>,
     trace: opentelemetry::Context,
@@ -131,10 +130,11 @@ impl Exchange {
             ts: humantime::format_rfc3339_millis(self.received_at).to_string(),
             phase,
             request_id: self.request_id.to_str().unwrap_or_default(),
-            trace_id: sc.trace_id().to_string(),
-            span_id: sc.span_id().to_string(),
+            // The same lowercase hex as their Display, without the formatter.
+            trace_id: hex::encode(sc.trace_id().to_bytes()),
+            span_id: hex::encode(sc.span_id().to_bytes()),
             client: Client {
-                addr: self.client_addr.map(|a| a.to_string()),
+                addr: self.client_addr.as_ref().map(|a| &*a.text),
                 id: self.client.get().map(|c| c.id.as_ref()),
                 auth: self.client.get().map(|c| c.method.as_str()),
             },
@@ -237,7 +237,7 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let client_addr = req.extensions().get::<ClientAddr>().map(|a| a.0);
+        let client_addr = req.extensions().get::<ClientAddr>().cloned();
         let trace = self.observers.telemetry.server_span(ServerRequest {
             method: req.method(),
             uri: req.uri(),
@@ -245,7 +245,7 @@ where
             version: req.version(),
             scheme: "http",
             route: record::route(req.uri().path()),
-            client_addr,
+            client_addr: client_addr.as_ref().map(|a| a.addr),
         });
         let exchange = Arc::new(Exchange {
             received_at: SystemTime::now(),

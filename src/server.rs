@@ -22,8 +22,23 @@ use crate::identity::{PeerIdentity, identity_from_certificate};
 use crate::tls::ServerTls;
 
 /// The address of the peer that sent a request, in request extensions.
-#[derive(Debug, Clone, Copy)]
-pub struct ClientAddr(pub SocketAddr);
+#[derive(Debug, Clone)]
+pub struct ClientAddr {
+    /// The peer's socket address.
+    pub addr: SocketAddr,
+    /// The address as text, formatted once per connection (every audit record carries it).
+    pub text: Arc<str>,
+}
+
+impl ClientAddr {
+    /// Formats `addr` once.
+    pub fn new(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            text: addr.to_string().into(),
+        }
+    }
+}
 
 /// How connections are served.
 #[derive(Debug, Clone, Copy)]
@@ -156,8 +171,9 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
+    let peer = ClientAddr::new(peer);
     TowerToHyperService::new(service.map_request(move |mut req: Request<Incoming>| {
-        req.extensions_mut().insert(ClientAddr(peer));
+        req.extensions_mut().insert(peer.clone());
         if let Some(identity) = &identity {
             req.extensions_mut().insert(identity.clone());
         }

@@ -41,7 +41,7 @@ pub fn route(path: &str) -> &'static str {
 #[derive(Debug, Clone, Serialize)]
 pub struct Client<'a> {
     /// The peer's address.
-    pub addr: Option<String>,
+    pub addr: Option<&'a str>,
     /// The client's identity (`local` in sidecar mode); `null` when it was not identified.
     pub id: Option<&'a str>,
     /// How it was identified: `local`, `none`, `mtls`, `kubernetes`, `api_key`.

@@ -490,13 +490,8 @@ fn detach_value(value: &HeaderValue) -> HeaderValue {
     copy
 }
 
-/// Room in a stored header map for what serving adds (`ETag`, `Age`, `Content-Length`,
-/// `Cache-Status`, `X-Request-Id`): a clone keeps the capacity, so the hit path's inserts do not
-/// rehash the map.
-const SERVE_ROOM: usize = 6;
-
 fn detach_headers(headers: &HeaderMap) -> HeaderMap {
-    let mut copy = HeaderMap::with_capacity(headers.len() + SERVE_ROOM);
+    let mut copy = HeaderMap::with_capacity(headers.len());
     for (name, value) in headers {
         copy.append(name.clone(), detach_value(value));
     }
@@ -561,7 +556,9 @@ fn serve(stored: &Stored, client: &HeaderMap, head: bool, now: SystemTime) -> Re
     } else {
         body::full(stored.body.clone())
     });
-    // Only 200 responses are stored.
+    // Only 200 responses are stored. (Measured with callgrind: cloning and letting the first
+    // insert grow the map is cheaper than building a map with room, and spare room in every
+    // stored map would cost memory per entry.)
     let headers = response.headers_mut();
     *headers = stored.headers.clone();
     headers.insert(header::ETAG, stored.etag.clone());

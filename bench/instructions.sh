@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Instructions per request, counted by callgrind: a figure that repeats from run to run, unlike
+# req/s on a shared machine, so it can tell a 2% change in the gateway's own work from noise.
+# (It says nothing about the kernel's share or cache misses; bench/run.sh measures those.)
+#
+#   bench/instructions.sh [SCENARIO...]     scenarios: hit (a), hit-audit (a with the audit
+#                                           file on), patch (e), uncached (d), bare-patch (the
+#                                           bare hyper proxy on e); default all
+#
+# The audit writer's thread counts too: with the file on, the SHA-256 chain runs in software
+# under valgrind (no SHA extensions), so hit-audit overstates what the chain costs.
+#
+# Environment: INSTR_SECONDS (measured seconds per scenario, default 10).
+# Needs valgrind and wrk (installed from Debian's packages if missing); builds release binaries.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SECONDS_PER=${INSTR_SECONDS:-10}
+SCENARIOS=("$@")
+((${#SCENARIOS[@]})) || SCENARIOS=(hit hit-audit patch uncached bare-patch)
+
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
+
+need valgrind=valgrind callgrind_annotate=valgrind wrk=wrk curl=curl
+
+say "building (release)"
+cargo build --release --locked --bin cloudcasa-gateway --example bench_servers >&2
+BIN=target/release
+
+WORK=$(mktemp -d /tmp/cloudcasa-instr.XXXXXX)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+UPSTREAM=17090 GATEWAY=17080 ADMIN=17081
+echo -n "bench-token" >"$WORK/token"
+cat >"$WORK/gateway.toml" <<EOF
+[server]
+listen = "127.0.0.1:$GATEWAY"
+worker_threads = 1
+[admin]
+listen = "127.0.0.1:$ADMIN"
+[upstream]
+url = "http://127.0.0.1:$UPSTREAM"
+[token]
+file = "$WORK/token"
+[audit]
+enabled = false
+path = "$WORK/audit.jsonl"
+EOF
+sed 's/^enabled = false/enabled = true/' "$WORK/gateway.toml" >"$WORK/gateway-audit.toml"
+
+"$BIN/examples/bench_servers" upstream "127.0.0.1:$UPSTREAM" 1 >"$WORK/upstream.log" 2>&1 &
+PIDS+=($!)
+
+wait_for() { # URL
+  for _ in $(seq 1 240); do
+    curl -s -o /dev/null "$1" && return 0
+    sleep 0.25
+  done
+  say "no answer from $1"
+  exit 1
+}
+
+count() { # NAME PATH SCRIPT COMMAND...
+  local name=$1 path=$2 script=$3
+  shift 3
+  valgrind --tool=callgrind --callgrind-out-file="$WORK/$name.out" "$@" >"$WORK/$name.log" 2>&1 &
+  local vg=$!
+  local url="http://127.0.0.1:$PORT$path"
+  wait_for "$url"
+  local args=(-t1 -c8)
+  [[ -n $script ]] && args+=(-s "$script")
+  wrk "${args[@]}" -d2s "$url" >/dev/null
+  callgrind_control -z "$vg" >/dev/null 2>&1
+  local n
+  n=$(wrk "${args[@]}" "-d${SECONDS_PER}s" "$url" | awk '/requests in/ {print $1}')
+  callgrind_control -d "$vg" >/dev/null 2>&1
+  kill -9 "$vg" 2>/dev/null || true
+  wait "$vg" 2>/dev/null || true
+  local dump total
+  dump=$(ls "$WORK/$name.out".* | tail -1)
+  total=$(callgrind_annotate "$dump" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
+  printf '%-11s %8d requests  %7d instructions/request\n' "$name" "$n" $((total / n))
+}
+
+wait_for "http://127.0.0.1:$UPSTREAM/api/v1/fresh"
+for s in "${SCENARIOS[@]}"; do
+  case $s in
+    hit) PORT=$GATEWAY count hit /api/v1/fresh "" "$BIN/cloudcasa-gateway" --config "$WORK/gateway.toml" ;;
+    hit-audit) PORT=$GATEWAY count hit-audit /api/v1/fresh "" "$BIN/cloudcasa-gateway" --config "$WORK/gateway-audit.toml" ;;
+    patch) PORT=$GATEWAY count patch /api/v1/patch bench/patch.lua "$BIN/cloudcasa-gateway" --config "$WORK/gateway.toml" ;;
+    uncached) PORT=$GATEWAY count uncached /api/v1/uncached "" "$BIN/cloudcasa-gateway" --config "$WORK/gateway.toml" ;;
+    bare-patch) PORT=$GATEWAY count bare-patch /api/v1/patch bench/patch.lua "$BIN/examples/bench_servers" proxy "127.0.0.1:$GATEWAY" 1 "127.0.0.1:$UPSTREAM" ;;
+    *) say "unknown scenario $s (hit, hit-audit, patch, uncached, bare-patch)"; exit 2 ;;
+  esac
+done
