@@ -11,6 +11,7 @@ use hyper::body::Incoming;
 use crate::app::Shared;
 use crate::body::{self, Body};
 use crate::error::error_response;
+use crate::server::ClientAddr;
 
 /// Handles one admin request.
 pub async fn handle(
@@ -22,6 +23,12 @@ pub async fn handle(
         (&Method::GET, "/readyz") => readyz(&shared),
         (&Method::GET, "/metrics") => metrics(&shared).await,
         (&Method::GET, "/cache") => cache_report(&shared).await,
+        (&Method::DELETE, "/cache") if !may_purge(req.extensions().get::<ClientAddr>()) => {
+            error_response(
+                StatusCode::FORBIDDEN,
+                "DELETE /cache is accepted from loopback only (kubectl exec or port-forward)",
+            )
+        }
         (&Method::DELETE, "/cache") => cache_purge(&shared, req.uri().query()).await,
         (_, "/cache") => error_response(StatusCode::METHOD_NOT_ALLOWED, "use GET or DELETE"),
         (_, "/healthz" | "/readyz" | "/metrics") => {
@@ -88,6 +95,14 @@ async fn cache_report(shared: &Shared) -> Response<Body> {
     )
 }
 
+/// Whether a peer may purge: the admin port also serves probes and scrapes from the pod network
+/// (a sidecar's listens on 0.0.0.0 for the kubelet), and anyone there could otherwise empty the
+/// cache and turn every read into an upstream call. Loopback is what `kubectl exec` and
+/// `kubectl port-forward` arrive from.
+fn may_purge(peer: Option<&ClientAddr>) -> bool {
+    peer.is_some_and(|p| p.addr.ip().to_canonical().is_loopback())
+}
+
 /// `DELETE /cache` empties the cache; `DELETE /cache?prefix=/api/v1/x` removes one path prefix.
 async fn cache_purge(shared: &Shared, query: Option<&str>) -> Response<Body> {
     let Some(cache) = &shared.cache else {
@@ -147,4 +162,31 @@ fn text(status: StatusCode, body_text: &'static str) -> Response<Body> {
         http::HeaderValue::from_static("text/plain"),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_peers_may_purge() {
+        let peer = |a: &str| ClientAddr::new(a.parse().unwrap());
+        for allowed in [
+            "127.0.0.1:5000",
+            "127.8.9.1:5000",
+            "[::1]:5000",
+            "[::ffff:127.0.0.1]:5000",
+        ] {
+            assert!(may_purge(Some(&peer(allowed))), "{allowed}");
+        }
+        for refused in [
+            "10.1.2.3:5000",
+            "0.0.0.0:5000",
+            "[fd00::1]:5000",
+            "[::ffff:10.0.0.1]:5000",
+        ] {
+            assert!(!may_purge(Some(&peer(refused))), "{refused}");
+        }
+        assert!(!may_purge(None), "an unknown peer is refused");
+    }
 }
