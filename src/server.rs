@@ -1,10 +1,14 @@
 //! Listeners: accepting TCP connections, TLS (with client certificates) when configured, serving
 //! HTTP/1.1 and HTTP/2 on the same port (prior knowledge in clear text, ALPN over TLS), cutting
-//! off clients that trickle their headers, and draining on shutdown.
+//! off clients that trickle their headers or, after TLS, send nothing, and draining on shutdown.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -13,6 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tower::{Service, ServiceExt};
@@ -132,6 +137,9 @@ pub async fn serve<S>(
                 Some(b"h2") => builder.http2_only(),
                 _ => builder.http1_only(),
             };
+            // hyper has no timer before an HTTP/2 client's preface: without this bound, a client
+            // that negotiated h2 and then stayed silent would hold the connection forever.
+            let stream = FirstBytesBy::new(stream, options.header_timeout);
             let connection = builder
                 .serve_connection(TokioIo::new(stream), per_request(service, peer, identity))
                 .into_owned();
@@ -189,6 +197,84 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 /// Waits until the client has sent enough bytes for hyper to tell HTTP/1 from HTTP/2, within
 /// `timeout`. hyper's automatic protocol detection has no timer of its own (hyper#3962), so
 /// without this a client that connects and stays silent would hold a connection forever.
+/// A stream whose reads fail with `TimedOut` if its first bytes have not arrived by a deadline;
+/// after they have, it is the inner stream.
+struct FirstBytesBy<T> {
+    inner: T,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<T> FirstBytesBy<T> {
+    fn new(inner: T, within: Duration) -> Self {
+        Self {
+            inner,
+            deadline: Some(Box::pin(tokio::time::sleep(within))),
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for FirstBytesBy<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(result) => {
+                if buf.filled().len() > before {
+                    this.deadline = None;
+                }
+                Poll::Ready(result)
+            }
+            Poll::Pending => {
+                let expired = this
+                    .deadline
+                    .as_mut()
+                    .is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready());
+                if expired {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no request bytes in time",
+                    )));
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for FirstBytesBy<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 async fn await_protocol_bytes(stream: &TcpStream, timeout: Duration) -> bool {
     let wait = async {
         let mut buf = [0u8; H2_PREFACE.len()];

@@ -468,3 +468,34 @@ async fn rotated_keys_file_and_certificate_are_picked_up() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_tls_client_that_negotiates_h2_and_then_stays_silent_is_cut_off() {
+    use rustls_pki_types::pem::PemObject;
+    use tokio::io::AsyncReadExt;
+    let f = fixture("[server]\nheader_timeout = \"300ms\"").await;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(f.server_ca.pem().as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(f.gw.proxy).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect("127.0.0.1".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    // No preface, nothing at all: the gateway must close the connection (whatever it wrote
+    // first, such as its SETTINGS frame, is read and ignored here).
+    let mut ignored = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut ignored)).await;
+    assert!(closed.is_ok(), "a silent h2 client kept its connection");
+    assert_eq!(f.mock.state.count(), 0);
+}
