@@ -225,6 +225,8 @@ impl Gateway {
     + 'static {
         let observers = &self.shared.observers;
         ServiceBuilder::new()
+            // Last resort: a panic in the two layers above the inner rescue still becomes a 500.
+            .layer(RescueLayer)
             // Every request gets an id, kept from the client when sane; echoed on the response.
             .layer(RequestIdLayer)
             // Trace context, server span, audit record, metrics: opened here, completed when the

@@ -4,6 +4,7 @@
 //! envelope `{"_status":"ERR","_error":{"code":N,"message":"..."}}`. Messages are written here from
 //! the error's own fields, never from request headers, so no credential can reach an error body.
 
+use std::convert::Infallible;
 use std::time::Duration;
 
 use http::{HeaderValue, Response, StatusCode, header};
@@ -58,6 +59,13 @@ pub enum GatewayError {
     /// A bug: a handler panicked. The panic payload is logged, not returned.
     #[error("internal gateway error")]
     Internal,
+}
+
+/// Services that cannot fail fit where a `GatewayError` is expected.
+impl From<Infallible> for GatewayError {
+    fn from(never: Infallible) -> Self {
+        match never {}
+    }
 }
 
 impl GatewayError {

@@ -1,7 +1,9 @@
-//! The top of the proxy stack: the one place where an error or a panic below becomes a response.
+//! The one place where an error or a panic below becomes a response.
 //!
 //! Errors are [`GatewayError`]s rendered in CloudCasa's envelope; a panic (a bug) is caught,
-//! logged, and answered 500, so a client never sees a dropped connection for it.
+//! logged, and answered 500, so a client never sees a dropped connection for it. The layer runs
+//! twice in the proxy stack: under observe (so what it answers is audited), and as a last resort
+//! at the very top, where only a panic in the layers between can reach it.
 
 use std::any::Any;
 use std::convert::Infallible;
@@ -37,7 +39,8 @@ pub struct Rescue<S> {
 
 impl<S, B> Service<Request<B>> for Rescue<S>
 where
-    S: Service<Request<B>, Response = Response<Body>, Error = GatewayError>,
+    S: Service<Request<B>, Response = Response<Body>>,
+    S::Error: Into<GatewayError>,
 {
     type Response = Response<Body>;
     type Error = Infallible;
@@ -79,9 +82,10 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl<F> Future for RescueFuture<F>
+impl<F, E> Future for RescueFuture<F>
 where
-    F: Future<Output = Result<Response<Body>, GatewayError>>,
+    F: Future<Output = Result<Response<Body>, E>>,
+    E: Into<GatewayError>,
 {
     type Output = Result<Response<Body>, Infallible>;
 
@@ -89,7 +93,7 @@ where
         let response = match self.project() {
             RescueProj::Running { future } => match ready!(future.poll(cx)) {
                 Ok(Ok(response)) => response,
-                Ok(Err(err)) => rescue(err),
+                Ok(Err(err)) => rescue(err.into()),
                 Err(panic) => panicked(panic),
             },
             RescueProj::Done { response } => response
@@ -129,4 +133,63 @@ fn panicked(panic: Box<dyn Any + Send>) -> Response<Body> {
         .unwrap_or_else(|| "(no message)".into());
     tracing::error!(panic = %what, "a request handler panicked");
     rescue(GatewayError::Internal)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::StatusCode;
+    use tower::ServiceExt;
+
+    async fn answer<S>(service: S) -> Response<Body>
+    where
+        S: Service<Request<()>, Response = Response<Body>>,
+        S::Error: Into<GatewayError>,
+    {
+        let Ok(response) = RescueLayer.layer(service).oneshot(Request::new(())).await;
+        response
+    }
+
+    #[tokio::test]
+    async fn errors_and_panics_become_envelopes() {
+        let refused = answer(tower::service_fn(|_: Request<()>| async {
+            Err::<Response<Body>, _>(GatewayError::NotCached)
+        }))
+        .await;
+        assert_eq!(refused.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(
+            refused.extensions().get::<GatewayMade>().map(|g| g.kind),
+            Some(GatewayError::NotCached.kind())
+        );
+
+        // A service that cannot fail (the layers above the inner rescue) and panics: in the
+        // future, and in the call itself.
+        let in_future = answer(tower::service_fn(|_: Request<()>| async {
+            if true {
+                panic!("a bug");
+            }
+            Ok::<Response<Body>, Infallible>(Response::new(crate::body::empty()))
+        }))
+        .await;
+        assert_eq!(in_future.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        #[derive(Clone)]
+        struct PanicsInCall;
+        impl Service<Request<()>> for PanicsInCall {
+            type Response = Response<Body>;
+            type Error = Infallible;
+            type Future = std::future::Ready<Result<Response<Body>, Infallible>>;
+            fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+                Poll::Ready(Ok(()))
+            }
+            fn call(&mut self, _: Request<()>) -> Self::Future {
+                panic!("a bug in call")
+            }
+        }
+        let in_call = answer(PanicsInCall).await;
+        assert_eq!(in_call.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            in_call.extensions().get::<GatewayMade>().map(|g| g.kind),
+            Some(GatewayError::Internal.kind())
+        );
+    }
 }
