@@ -103,7 +103,8 @@ pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     request_duration: Family<CacheLabel, Histogram, fn() -> Histogram>,
-    /// `requests` and `request_duration` series by label index, filled on first use.
+    /// `requests`, `request_duration` and `upstream_responses` series by label index, filled on
+    /// first use.
     request_handles: Handles<Counter>,
     duration_handles: Handles<Histogram>,
     upstream_handles: Handles<Counter>,
@@ -264,8 +265,8 @@ impl Metrics {
         elapsed: Duration,
     ) {
         self.in_flight.dec();
-        let method = method_label(method);
-        let status_class = status_class(status);
+        let (m, s) = (method_index(method), status_class_index(status));
+        let (method, status_class) = (METHODS[m], STATUS_CLASSES[s]);
         let requests = || {
             self.requests
                 .get_or_create(&RequestLabels {
@@ -280,20 +281,16 @@ impl Metrics {
                 .get_or_create(&CacheLabel { cache })
                 .clone()
         };
-        let position = |set: &[&str], v: &str| set.iter().position(|x| *x == v);
-        match (
-            position(&METHODS, method),
-            position(&STATUS_CLASSES, status_class),
-            position(&CACHE_LABELS, cache),
-        ) {
-            (Some(m), Some(s), Some(c)) => {
+        // Cache labels come from CacheStatus::label; one outside the list still counts.
+        match CACHE_LABELS.iter().position(|c| *c == cache) {
+            Some(c) => {
                 let i = (m * STATUS_CLASSES.len() + s) * CACHE_LABELS.len() + c;
                 self.request_handles.get(i, requests).inc();
                 self.duration_handles
                     .get(c, duration)
                     .observe(elapsed.as_secs_f64());
             }
-            _ => {
+            None => {
                 requests().inc();
                 duration().observe(elapsed.as_secs_f64());
             }
@@ -306,11 +303,8 @@ impl Metrics {
     /// An upstream call returned response headers.
     pub fn upstream_answered(&self, status: StatusCode, elapsed: Duration) {
         self.upstream_duration.observe(elapsed.as_secs_f64());
-        let status_class = status_class(status);
-        let i = STATUS_CLASSES
-            .iter()
-            .position(|c| *c == status_class)
-            .expect("status_class returns one of STATUS_CLASSES");
+        let i = status_class_index(status);
+        let status_class = STATUS_CLASSES[i];
         self.upstream_handles
             .get(i, || {
                 self.upstream_responses
@@ -329,7 +323,9 @@ impl Metrics {
     }
 }
 
-/// The label values of the per-request series, in the order their handles are indexed.
+/// The label values of the per-request series, in the order their handles are indexed
+/// ([`method_index`], [`status_class_index`]). Methods outside the standard set share one label
+/// value, so a client cannot grow the series.
 const METHODS: [&str; 8] = [
     "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "other",
 ];
@@ -356,29 +352,34 @@ impl<M> Handles<M> {
     }
 }
 
-/// Methods outside the standard set share one label value, so a client cannot grow the series.
-fn method_label(method: &Method) -> &'static str {
+/// The position of a method's label in [`METHODS`].
+fn method_index(method: &Method) -> usize {
     match *method {
-        Method::GET => "GET",
-        Method::HEAD => "HEAD",
-        Method::POST => "POST",
-        Method::PUT => "PUT",
-        Method::PATCH => "PATCH",
-        Method::DELETE => "DELETE",
-        Method::OPTIONS => "OPTIONS",
-        _ => "other",
+        Method::GET => 0,
+        Method::HEAD => 1,
+        Method::POST => 2,
+        Method::PUT => 3,
+        Method::PATCH => 4,
+        Method::DELETE => 5,
+        Method::OPTIONS => 6,
+        _ => 7,
+    }
+}
+
+/// The position of a status's class in [`STATUS_CLASSES`].
+fn status_class_index(status: StatusCode) -> usize {
+    match status.as_u16() {
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        _ => 4,
     }
 }
 
 /// `2xx`, `4xx`, ...
 pub fn status_class(status: StatusCode) -> &'static str {
-    match status.as_u16() {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    }
+    STATUS_CLASSES[status_class_index(status)]
 }
 
 fn encode_one(
@@ -582,6 +583,26 @@ mod tests {
         assert!(text.contains("cloudcasa_gateway_requests_in_flight 0"));
         assert!(text.contains("cloudcasa_gateway_audit_records_failed_total{reason=\"write\"} 2"));
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn label_indexes_point_at_their_labels() {
+        for m in [
+            Method::GET,
+            Method::HEAD,
+            Method::POST,
+            Method::PUT,
+            Method::PATCH,
+            Method::DELETE,
+            Method::OPTIONS,
+        ] {
+            assert_eq!(METHODS[method_index(&m)], m.as_str());
+        }
+        assert_eq!(METHODS[method_index(&Method::TRACE)], "other");
+        for code in [100, 204, 304, 412, 503, 599] {
+            let status = StatusCode::from_u16(code).unwrap();
+            assert_eq!(status_class(status), format!("{}xx", code / 100));
+        }
     }
 
     #[test]
