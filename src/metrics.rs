@@ -366,6 +366,12 @@ fn method_index(method: &Method) -> usize {
     }
 }
 
+/// A standard method's name as a `&'static str`; `None` for an extension method.
+pub fn standard_method(method: &Method) -> Option<&'static str> {
+    let i = method_index(method);
+    (i < METHODS.len() - 1).then_some(METHODS[i])
+}
+
 /// The position of a status's class in [`STATUS_CLASSES`].
 fn status_class_index(status: StatusCode) -> usize {
     match status.as_u16() {
@@ -599,6 +605,8 @@ mod tests {
             assert_eq!(METHODS[method_index(&m)], m.as_str());
         }
         assert_eq!(METHODS[method_index(&Method::TRACE)], "other");
+        assert_eq!(standard_method(&Method::PATCH), Some("PATCH"));
+        assert_eq!(standard_method(&Method::TRACE), None);
         for code in [100, 204, 304, 412, 503, 599] {
             let status = StatusCode::from_u16(code).unwrap();
             assert_eq!(status_class(status), format!("{}xx", code / 100));

@@ -89,12 +89,15 @@ impl RuleSpec {
             let glob = Glob::new(c).map_err(|e| ("clients", format!("{c:?}: {e}")))?;
             set.add(glob);
         }
-        let built = set.build().map_err(|e| ("clients", e.to_string()))?;
-        // A glob of stars alone matches every id: the rule then skips the glob set per request.
+        // A glob of stars alone matches every id: the rule then needs no glob set at all.
         let any_client = clients
             .iter()
             .any(|c| !c.is_empty() && c.chars().all(|ch| ch == '*'));
-        let clients = (!any_client).then_some(built);
+        let clients = if any_client {
+            None
+        } else {
+            Some(set.build().map_err(|e| ("clients", e.to_string()))?)
+        };
         let methods = match methods {
             None => None,
             Some(list) if list.iter().any(|m| m == "*") => None,

@@ -194,9 +194,6 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|stopped| *stopped).await;
 }
 
-/// Waits until the client has sent enough bytes for hyper to tell HTTP/1 from HTTP/2, within
-/// `timeout`. hyper's automatic protocol detection has no timer of its own (hyper#3962), so
-/// without this a client that connects and stays silent would hold a connection forever.
 /// A stream whose reads fail with `TimedOut` if its first bytes have not arrived by a deadline;
 /// after they have, it is the inner stream.
 struct FirstBytesBy<T> {
@@ -275,6 +272,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FirstBytesBy<T> {
     }
 }
 
+/// Waits until the client has sent enough bytes for hyper to tell HTTP/1 from HTTP/2, within
+/// `timeout`. hyper's automatic protocol detection has no timer of its own (hyper#3962), so
+/// without this a client that connects and stays silent would hold a connection forever.
 async fn await_protocol_bytes(stream: &TcpStream, timeout: Duration) -> bool {
     let wait = async {
         let mut buf = [0u8; H2_PREFACE.len()];

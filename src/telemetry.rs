@@ -210,16 +210,8 @@ fn inject(cx: &Context, headers: &mut HeaderMap) {
 
 /// A span name from a method, without allocating for the standard ones.
 fn method_name(method: &Method) -> Cow<'static, str> {
-    match *method {
-        Method::GET => Cow::Borrowed("GET"),
-        Method::HEAD => Cow::Borrowed("HEAD"),
-        Method::POST => Cow::Borrowed("POST"),
-        Method::PUT => Cow::Borrowed("PUT"),
-        Method::PATCH => Cow::Borrowed("PATCH"),
-        Method::DELETE => Cow::Borrowed("DELETE"),
-        Method::OPTIONS => Cow::Borrowed("OPTIONS"),
-        _ => Cow::Owned(method.as_str().to_owned()),
-    }
+    crate::metrics::standard_method(method)
+        .map_or_else(|| Cow::Owned(method.as_str().to_owned()), Cow::Borrowed)
 }
 
 /// What the server span is made from.
