@@ -22,7 +22,7 @@ SCENARIOS=("$@")
 # shellcheck source=bench/lib.sh
 source bench/lib.sh
 
-need valgrind=valgrind callgrind_annotate=valgrind wrk=wrk curl=curl
+need valgrind=valgrind callgrind_annotate=valgrind wrk=wrk
 
 say "building (release)"
 cargo build --release --locked --bin cloudcasa-gateway --example bench_servers >&2
@@ -58,22 +58,14 @@ sed 's/^enabled = false/enabled = true/' "$WORK/gateway.toml" >"$WORK/gateway-au
 "$BIN/examples/bench_servers" upstream "127.0.0.1:$UPSTREAM" 1 >"$WORK/upstream.log" 2>&1 &
 PIDS+=($!)
 
-wait_for() { # URL
-  for _ in $(seq 1 240); do
-    curl -s -o /dev/null "$1" && return 0
-    sleep 0.25
-  done
-  say "no answer from $1"
-  exit 1
-}
-
-count() { # NAME PATH SCRIPT COMMAND...
+count() { # NAME PATH SCRIPT COMMAND... (the command listens on $GATEWAY)
   local name=$1 path=$2 script=$3
   shift 3
   valgrind --tool=callgrind --callgrind-out-file="$WORK/$name.out" "$@" >"$WORK/$name.log" 2>&1 &
   local vg=$!
-  local url="http://127.0.0.1:$PORT$path"
-  wait_for "$url"
+  local url="http://127.0.0.1:$GATEWAY$path"
+  # Under valgrind the gateway takes a while to start.
+  wait_port "$GATEWAY" 60
   local args=(-t1 -c8)
   [[ -n $script ]] && args+=(-s "$script")
   wrk "${args[@]}" -d2s "$url" >/dev/null
@@ -89,14 +81,15 @@ count() { # NAME PATH SCRIPT COMMAND...
   printf '%-11s %8d requests  %7d instructions/request\n' "$name" "$n" $((total / n))
 }
 
-wait_for "http://127.0.0.1:$UPSTREAM/api/v1/fresh"
+wait_port "$UPSTREAM"
+gateway=("$BIN/cloudcasa-gateway" --config "$WORK/gateway.toml")
 for s in "${SCENARIOS[@]}"; do
   case $s in
-    hit) PORT=$GATEWAY count hit /api/v1/fresh "" "$BIN/cloudcasa-gateway" --config "$WORK/gateway.toml" ;;
-    hit-audit) PORT=$GATEWAY count hit-audit /api/v1/fresh "" "$BIN/cloudcasa-gateway" --config "$WORK/gateway-audit.toml" ;;
-    patch) PORT=$GATEWAY count patch /api/v1/patch bench/patch.lua "$BIN/cloudcasa-gateway" --config "$WORK/gateway.toml" ;;
-    uncached) PORT=$GATEWAY count uncached /api/v1/uncached "" "$BIN/cloudcasa-gateway" --config "$WORK/gateway.toml" ;;
-    bare-patch) PORT=$GATEWAY count bare-patch /api/v1/patch bench/patch.lua "$BIN/examples/bench_servers" proxy "127.0.0.1:$GATEWAY" 1 "127.0.0.1:$UPSTREAM" ;;
+    hit) count hit /api/v1/fresh "" "${gateway[@]}" ;;
+    hit-audit) count hit-audit /api/v1/fresh "" "$BIN/cloudcasa-gateway" --config "$WORK/gateway-audit.toml" ;;
+    patch) count patch /api/v1/patch bench/patch.lua "${gateway[@]}" ;;
+    uncached) count uncached /api/v1/uncached "" "${gateway[@]}" ;;
+    bare-patch) count bare-patch /api/v1/patch bench/patch.lua "$BIN/examples/bench_servers" proxy "127.0.0.1:$GATEWAY" 1 "127.0.0.1:$UPSTREAM" ;;
     *) say "unknown scenario $s (hit, hit-audit, patch, uncached, bare-patch)"; exit 2 ;;
   esac
 done

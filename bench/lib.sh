@@ -2,6 +2,17 @@
 
 say() { printf '==> %s\n' "$*" >&2; }
 
+# wait_port PORT [SECONDS]: until something listens on 127.0.0.1:PORT (default 10 s).
+wait_port() {
+  local tries=$((${2:-10} * 20))
+  for _ in $(seq 1 "$tries"); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.05
+  done
+  say "nothing listening on $1"
+  exit 1
+}
+
 # need COMMAND=PACKAGE...: installs from Debian's packages the packages whose command is missing.
 need() {
   local missing=() pair

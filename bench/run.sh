@@ -60,15 +60,6 @@ trap cleanup EXIT
 UPSTREAM=18090 GATEWAY=18080 GATEWAY_AUDIT=18082 NGINX=18081 CEILING=18083 MEMORY=18084
 BARE_PROXY=18085
 
-wait_port() {
-  for _ in $(seq 1 200); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.05
-  done
-  say "nothing listening on $1"
-  exit 1
-}
-
 echo -n "bench-token" >"$WORK/token"
 gateway_config() { # PORT ADMIN_PORT AUDIT(on|off) CACHE_SIZE
   cat <<EOF

@@ -18,7 +18,8 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http::uri::{Authority, Scheme};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
@@ -157,16 +158,21 @@ fn own(response: Response<Full<Bytes>>) -> Response<AnyBody> {
 async fn proxy(
     req: Request<Incoming>,
     client: ProxyClient,
-    upstream: SocketAddr,
+    upstream: Authority,
 ) -> Response<AnyBody> {
     let (mut parts, body) = req.into_parts();
     let Ok(body) = body.collect().await else {
         return own(respond(StatusCode::BAD_REQUEST, Bytes::new(), "no-store"));
     };
-    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    parts.uri = format!("http://{upstream}{pq}")
-        .parse()
-        .expect("a valid URI");
+    // The client's path and query under the upstream's scheme and authority, built from parts
+    // as the gateway does: the reference should not pay for formatting the gateway avoids.
+    let mut uri = std::mem::take(&mut parts.uri).into_parts();
+    uri.scheme = Some(Scheme::HTTP);
+    uri.authority = Some(upstream);
+    let Ok(uri) = Uri::from_parts(uri) else {
+        return own(respond(StatusCode::BAD_REQUEST, Bytes::new(), "no-store"));
+    };
+    parts.uri = uri;
     parts.headers.remove(header::HOST);
     parts
         .headers
@@ -202,9 +208,10 @@ fn main() {
         collection: item(100 * 1024),
     }));
     let ceiling = mode == "ceiling";
-    let upstream_addr: Option<SocketAddr> = (mode == "proxy").then(|| {
+    let upstream_addr: Option<Authority> = (mode == "proxy").then(|| {
         args.get(4)
-            .and_then(|a| a.parse().ok())
+            .and_then(|a| a.parse::<SocketAddr>().ok())
+            .and_then(|a| a.to_string().parse().ok())
             .expect("proxy needs UPSTREAM_ADDR")
     });
     let client: ProxyClient = {
@@ -221,9 +228,11 @@ fn main() {
             };
             let _ = stream.set_nodelay(true);
             let client = client.clone();
+            let upstream_addr = upstream_addr.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let client = client.clone();
+                    let upstream_addr = upstream_addr.clone();
                     async move {
                         let response = if let Some(upstream) = upstream_addr {
                             proxy(req, client, upstream).await
