@@ -26,7 +26,7 @@ pub async fn handle(
         (&Method::DELETE, "/cache") if !may_purge(req.extensions().get::<ClientAddr>()) => {
             error_response(
                 StatusCode::FORBIDDEN,
-                "DELETE /cache is accepted from loopback only (kubectl exec or port-forward)",
+                "DELETE /cache is accepted from 127.0.0.1 and ::1 only (kubectl exec or port-forward)",
             )
         }
         (&Method::DELETE, "/cache") => cache_purge(&shared, req.uri().query()).await,
@@ -99,8 +99,15 @@ async fn cache_report(shared: &Shared) -> Response<Body> {
 /// (a sidecar's listens on 0.0.0.0 for the kubelet), and anyone there could otherwise empty the
 /// cache and turn every read into an upstream call. Loopback is what `kubectl exec` and
 /// `kubectl port-forward` arrive from.
+///
+/// Exactly `127.0.0.1` and `::1`, not all of `127.0.0.0/8`: a service mesh's inbound sidecar
+/// (Istio's) forwards traffic from the pod network to the application from `127.0.0.6`.
 fn may_purge(peer: Option<&ClientAddr>) -> bool {
-    peer.is_some_and(|p| p.addr.ip().to_canonical().is_loopback())
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    peer.is_some_and(|p| match p.addr.ip().to_canonical() {
+        IpAddr::V4(ip) => ip == Ipv4Addr::LOCALHOST,
+        IpAddr::V6(ip) => ip == Ipv6Addr::LOCALHOST,
+    })
 }
 
 /// `DELETE /cache` empties the cache; `DELETE /cache?prefix=/api/v1/x` removes one path prefix.
@@ -171,16 +178,14 @@ mod tests {
     #[test]
     fn only_loopback_peers_may_purge() {
         let peer = |a: &str| ClientAddr::new(a.parse().unwrap());
-        for allowed in [
-            "127.0.0.1:5000",
-            "127.8.9.1:5000",
-            "[::1]:5000",
-            "[::ffff:127.0.0.1]:5000",
-        ] {
+        for allowed in ["127.0.0.1:5000", "[::1]:5000", "[::ffff:127.0.0.1]:5000"] {
             assert!(may_purge(Some(&peer(allowed))), "{allowed}");
         }
         for refused in [
             "10.1.2.3:5000",
+            "127.0.0.6:5000",
+            "127.8.9.1:5000",
+            "[::ffff:127.0.0.6]:5000",
             "0.0.0.0:5000",
             "[fd00::1]:5000",
             "[::ffff:10.0.0.1]:5000",

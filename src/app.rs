@@ -18,6 +18,7 @@ use tower::{Service, ServiceBuilder};
 use crate::audit::{AuditIntentLayer, AuditLog, AuditOpenError};
 use crate::body::Body;
 use crate::cache::{Cache, CacheLayer};
+use crate::canonical::{CanonicalLayer, MethodRules};
 use crate::config::Config;
 use crate::credential::InjectTokenLayer;
 use crate::identity::api_keys::ApiKeys;
@@ -234,6 +235,12 @@ impl Gateway {
             .layer(ObserveLayer::new(observers.clone()))
             // Errors and panics below become CloudCasa-style error responses, here only.
             .layer(RescueLayer)
+            // The request the upstream will execute: effective method (overrides resolved,
+            // unknown methods refused), canonical path. Everything below judges this request.
+            .layer(CanonicalLayer::new(MethodRules {
+                allowed: self.config.server.methods.clone().into(),
+                overrides: self.config.server.method_override,
+            }))
             // Who is calling: client certificate, ServiceAccount token, API key, or `local`.
             .layer(IdentityLayer::new(self.authenticator.clone()))
             // Which rule allows it, with which credential, at what rate.

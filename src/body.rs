@@ -3,7 +3,12 @@
 //! Requests arrive as hyper's `Incoming`, responses come from the upstream or from the cache's
 //! memory; every layer sees [`Body`], so layers stay independent of where bytes come from.
 
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use bytes::Bytes;
+use http_body::{Body as _, Frame};
 use http_body_util::{BodyExt, Empty, Full, combinators::UnsyncBoxBody};
 
 /// Error type carried by bodies and by the stack before it is classified.
@@ -41,7 +46,14 @@ pub struct BodyTooLarge {
     pub limit: u64,
 }
 
-/// Wraps a client's body so that it errors with [`BodyTooLarge`] past `limit` bytes.
+/// The client's request body failed: it broke off, or its framing was malformed. Marked so that
+/// the upstream call can tell the client's fault (400) from the upstream's (502).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ClientBodyError(#[source] pub BoxError);
+
+/// Wraps a client's body so that it errors with [`BodyTooLarge`] past `limit` bytes, and with
+/// [`ClientBodyError`] when the client's own stream fails.
 pub fn limited<B>(body: B, limit: u64) -> Body
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -52,7 +64,7 @@ where
             if e.is::<http_body_util::LengthLimitError>() {
                 Box::new(BodyTooLarge { limit }) as BoxError
             } else {
-                e
+                Box::new(ClientBodyError(e)) as BoxError
             }
         })
         .boxed_unsync()
@@ -136,5 +148,89 @@ where
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// A body read up to a limit by [`collect_limited`].
+pub enum Collected {
+    /// The whole body, within the limit.
+    Complete(Bytes),
+    /// Past the limit: the chunks read so far, and the rest of the body.
+    TooLarge(VecDeque<Bytes>, Body),
+}
+
+/// Reads a body whole if it fits in `limit`; otherwise hands back what was read and the rest,
+/// so the response can still stream through.
+pub async fn collect_limited(mut body: Body, limit: u64) -> Result<Collected, BoxError> {
+    let mut chunks = VecDeque::new();
+    if body.size_hint().lower() > limit {
+        return Ok(Collected::TooLarge(chunks, body));
+    }
+    let mut total = 0u64;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            total += data.len() as u64;
+            chunks.push_back(data);
+            if total > limit {
+                return Ok(Collected::TooLarge(chunks, body));
+            }
+        }
+    }
+    Ok(Collected::Complete(match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.pop_front().expect("one chunk"),
+        _ => {
+            let mut all = Vec::with_capacity(total as usize);
+            for c in chunks {
+                all.extend_from_slice(&c);
+            }
+            Bytes::from(all)
+        }
+    }))
+}
+
+/// Chunks already read, then the rest of the body.
+pub struct PrefixedBody {
+    /// Read already.
+    pub prefix: VecDeque<Bytes>,
+    /// Not read yet.
+    pub rest: Body,
+}
+
+impl http_body::Body for PrefixedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(chunk) = self.prefix.pop_front() {
+            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn collects_within_the_limit_and_hands_back_the_rest() {
+        let Collected::Complete(b) = collect_limited(full("abc"), 3).await.unwrap() else {
+            panic!()
+        };
+        assert_eq!(b, "abc");
+        let Collected::TooLarge(prefix, rest) = collect_limited(full("abcd"), 3).await.unwrap()
+        else {
+            panic!()
+        };
+        let whole = PrefixedBody { prefix, rest }
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
+        assert_eq!(whole, "abcd");
     }
 }

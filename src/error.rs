@@ -17,6 +17,20 @@ pub enum GatewayError {
     /// The request could not be understood (bad header value, bad URI).
     #[error("malformed request: {0}")]
     BadRequest(String),
+    /// The request path cannot be made canonical (dot segments, encoded separators, empty
+    /// segments): refused before policy, so no rule can be matched on a path the upstream
+    /// would read differently.
+    #[error("invalid request path: {0}")]
+    InvalidPath(String),
+    /// The method is not in `server.methods` (or is never forwarded, like TRACE and CONNECT).
+    #[error("method {0} is not forwarded by this gateway")]
+    UnsupportedMethod(String),
+    /// A method-override header where the gateway does not honour one.
+    #[error("method override refused: {0}")]
+    MethodOverride(String),
+    /// The client's request body broke off or was malformed (a bad chunk, a short body).
+    #[error("the request body could not be read: {0}")]
+    BadRequestBody(#[source] BoxError),
     /// The request body exceeds `server.max_body_size`.
     #[error("request body exceeds the limit of {limit} bytes")]
     PayloadTooLarge {
@@ -47,6 +61,12 @@ pub enum GatewayError {
     /// The caller's identity could not be checked (the Kubernetes API server is unreachable).
     #[error("cannot check the client's identity now: {0}")]
     IdentityUnavailable(String),
+    /// Too many TokenReview calls are in flight or were made recently; the caller may retry.
+    #[error("too many client identities to check right now; retry in {}s", retry_after_secs(*retry_after))]
+    IdentityThrottled {
+        /// When to try again.
+        retry_after: Duration,
+    },
     /// No policy rule lets this caller make this request.
     #[error("forbidden: {0}")]
     Forbidden(String),
@@ -72,7 +92,12 @@ impl GatewayError {
     /// The HTTP status this error is answered with.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::BadRequest(_)
+            | Self::InvalidPath(_)
+            | Self::MethodOverride(_)
+            | Self::BadRequestBody(_) => StatusCode::BAD_REQUEST,
+            Self::UnsupportedMethod(_) => StatusCode::NOT_IMPLEMENTED,
+            Self::IdentityThrottled { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::NoToken { .. } | Self::AuditUnavailable(_) | Self::IdentityUnavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -90,6 +115,11 @@ impl GatewayError {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::BadRequest(_) => "bad_request",
+            Self::InvalidPath(_) => "invalid_path",
+            Self::UnsupportedMethod(_) => "unsupported_method",
+            Self::MethodOverride(_) => "method_override",
+            Self::BadRequestBody(_) => "bad_request_body",
+            Self::IdentityThrottled { .. } => "identity_throttled",
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::NoToken { .. } => "no_token",
             Self::UpstreamUnreachable(_) => "upstream_unreachable",
@@ -129,7 +159,7 @@ impl GatewayError {
                     HeaderValue::from_static("Bearer realm=\"cloudcasa-gateway\""),
                 );
             }
-            Self::RateLimited { retry_after } => {
+            Self::RateLimited { retry_after } | Self::IdentityThrottled { retry_after } => {
                 headers.insert(
                     header::RETRY_AFTER,
                     HeaderValue::from(retry_after_secs(retry_after)),

@@ -9,6 +9,7 @@ pub mod app;
 pub mod audit;
 pub mod body;
 pub mod cache;
+pub mod canonical;
 pub mod config;
 pub mod credential;
 pub mod error;

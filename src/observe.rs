@@ -58,8 +58,13 @@ pub struct Exchange {
     received_at: SystemTime,
     started: Instant,
     request_id: HeaderValue,
+    /// The method as it arrived.
     method: Method,
     uri: Uri,
+    /// Set by the canonical layer when a method override replaced the wire method.
+    effective_method: OnceLock<Method>,
+    /// Set by the canonical layer when the path was rewritten to its canonical form.
+    canonical_uri: OnceLock<Uri>,
     if_match: Option<HeaderValue>,
     client_addr: Option<ClientAddr>,
     client: OnceLock<Arc<ClientIdentity>>,
@@ -79,6 +84,37 @@ impl Exchange {
     /// Records who the client is (by the identity layer).
     pub fn set_client(&self, client: Arc<ClientIdentity>) {
         let _ = self.client.set(client);
+    }
+
+    /// Records the request the upstream will execute, where it differs from the one that
+    /// arrived (by the canonical layer): the audit record, span and metrics then describe it.
+    pub fn set_effective(&self, method: Option<Method>, uri: Option<Uri>) {
+        if let Some(method) = method {
+            let span = self.trace.span();
+            if span.is_recording() {
+                span.set_attribute(KeyValue::new(
+                    "http.request.method",
+                    method.as_str().to_owned(),
+                ));
+                span.set_attribute(KeyValue::new(
+                    "http.request.method_original",
+                    self.method.as_str().to_owned(),
+                ));
+            }
+            let _ = self.effective_method.set(method);
+        }
+        if let Some(uri) = uri {
+            let _ = self.canonical_uri.set(uri);
+        }
+    }
+
+    /// The method every layer below the canonical one sees.
+    pub fn method(&self) -> &Method {
+        self.effective_method.get().unwrap_or(&self.method)
+    }
+
+    fn uri(&self) -> &Uri {
+        self.canonical_uri.get().unwrap_or(&self.uri)
     }
 
     /// Records the policy's decision.
@@ -123,7 +159,7 @@ impl Exchange {
     }
 
     fn record_base(&self, phase: &'static str) -> Record<'_> {
-        let path = self.uri.path();
+        let path = self.uri().path();
         let span = self.trace.span();
         let sc = span.span_context();
         Record {
@@ -140,9 +176,10 @@ impl Exchange {
             },
             rule: self.decision.get().map(|d| d.rule.as_ref()),
             credential: self.decision.get().map(|d| d.credential.as_ref()),
-            method: self.method.as_str(),
+            method: self.method().as_str(),
+            wire_method: self.effective_method.get().map(|_| self.method.as_str()),
             path,
-            query: self.uri.query(),
+            query: self.uri().query(),
             resource: Resource::parse(path),
             status: None,
             upstream_status: None,
@@ -257,6 +294,8 @@ where
                 .unwrap_or_else(|| HeaderValue::from_static("-")),
             method: req.method().clone(),
             uri: req.uri().clone(),
+            effective_method: OnceLock::new(),
+            canonical_uri: OnceLock::new(),
             if_match: req.headers().get(header::IF_MATCH).cloned(),
             client_addr,
             client: OnceLock::new(),
@@ -307,7 +346,7 @@ where
         };
         completion.response = Some(Answered::from(
             &response,
-            completion.exchange.method == Method::HEAD,
+            *completion.exchange.method() == Method::HEAD,
         ));
         Poll::Ready(Ok(response.map(|b| body::boxed(Tap::new(b, completion)))))
     }
@@ -432,7 +471,7 @@ impl Completion {
 
         observers
             .metrics
-            .request_finished(&ex.method, status, cache_label, error, duration);
+            .request_finished(ex.method(), status, cache_label, error, duration);
 
         if let Some(audit) = &observers.audit {
             let mut r = ex.record_base("outcome");

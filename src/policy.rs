@@ -48,10 +48,18 @@ impl Rate {
             "h" => Duration::from_secs(3600),
             _ => return Err(bad()),
         };
+        // GCRA admits one request per `per / count`: that interval must be at least a
+        // nanosecond, or there is no quota to build (and nothing could be enforced).
+        if (per / count.get()).is_zero() {
+            return Err(format!(
+                "{text:?} is more than one request per nanosecond; the largest rate is \"1000000000/s\""
+            ));
+        }
         Ok(Self { count, per })
     }
 
-    fn quota(self) -> Quota {
+    /// The GCRA quota: one request per `per / count`, bursts up to `count`.
+    pub fn quota(self) -> Quota {
         Quota::with_period(self.per / self.count.get())
             .expect("a positive period")
             .allow_burst(self.count)
@@ -86,6 +94,9 @@ impl RuleSpec {
     ) -> Result<Self, (&'static str, String)> {
         let mut set = GlobSetBuilder::new();
         for c in &clients {
+            if let Some(problem) = client_form_problem(c) {
+                return Err(("clients", problem));
+            }
             let glob = Glob::new(c).map_err(|e| ("clients", format!("{c:?}: {e}")))?;
             set.add(glob);
         }
@@ -157,6 +168,37 @@ impl RuleSpec {
             && self.methods.as_ref().is_none_or(|m| m.contains(method))
             && self.paths.as_ref().is_none_or(|p| p.is_match(path))
     }
+}
+
+/// Why a `clients` entry names no identity of any kind: every client id says its kind
+/// (`apikey:`, `system:serviceaccount:`, a URI SAN's `scheme://`, `dns:`, `cn:`, or the bare
+/// `local` and `anonymous`), so an entry without one could only ever match by accident.
+fn client_form_problem(entry: &str) -> Option<String> {
+    const PREFIXES: [&str; 4] = ["apikey:", "system:serviceaccount:", "dns:", "cn:"];
+    let is_scheme = |s: &str| {
+        let mut bytes = s.bytes();
+        bytes.next().is_some_and(|b| b.is_ascii_alphabetic())
+            && bytes.all(|b| b.is_ascii_alphanumeric() || b"+.-".contains(&b))
+    };
+    let uri = entry
+        .split_once("://")
+        .is_some_and(|(scheme, _)| is_scheme(scheme));
+    let stars = !entry.is_empty() && entry.bytes().all(|b| b == b'*');
+    if stars
+        || uri
+        || matches!(entry, "local" | "anonymous")
+        || PREFIXES
+            .iter()
+            .any(|p| entry.starts_with(p) && entry.len() > p.len())
+    {
+        return None;
+    }
+    Some(format!(
+        "{entry:?} names no kind of client: write \"apikey:<id>\", \
+         \"system:serviceaccount:<namespace>:<name>\", a certificate's URI SAN \
+         (\"spiffe://…\"), \"dns:<SAN>\", \"cn:<common name>\", \"local\", \"anonymous\" or \"*\"; \
+         did you mean \"apikey:{entry}\"?"
+    ))
 }
 
 struct Rule {
@@ -370,18 +412,29 @@ mod tests {
         ));
 
         let one_segment = rule(&["*"], None, Some(&["/api/v1/clusters/*"]));
+        let kinds = rule(&["apikey:backup-bot", "cn:backup-*"], None, None);
+        assert!(kinds.matches("apikey:backup-bot", &Method::GET, "/"));
+        assert!(kinds.matches("cn:backup-bot", &Method::GET, "/"));
+        assert!(!kinds.matches("dns:backup-bot", &Method::GET, "/"));
         assert!(one_segment.matches("x", &Method::DELETE, "/api/v1/clusters/abc"));
         assert!(!one_segment.matches("x", &Method::DELETE, "/api/v1/clusters/abc/action"));
     }
 
     #[test]
     fn bad_rules_name_the_field() {
-        let err =
-            RuleSpec::new("r".into(), vec!["a[".into()], None, None, "c".into(), None).unwrap_err();
+        let err = RuleSpec::new(
+            "r".into(),
+            vec!["apikey:a[".into()],
+            None,
+            None,
+            "c".into(),
+            None,
+        )
+        .unwrap_err();
         assert_eq!(err.0, "clients");
         let err = RuleSpec::new(
             "r".into(),
-            vec!["a".into()],
+            vec!["apikey:a".into()],
             None,
             Some(vec!["api/**".into()]),
             "c".into(),
@@ -391,7 +444,7 @@ mod tests {
         assert_eq!(err.0, "paths");
         let err = RuleSpec::new(
             "r".into(),
-            vec!["a".into()],
+            vec!["apikey:a".into()],
             Some(vec!["G T".into()]),
             None,
             "c".into(),
@@ -399,6 +452,40 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.0, "methods");
+    }
+
+    #[test]
+    fn client_entries_must_say_their_kind() {
+        for ok in [
+            "*",
+            "**",
+            "local",
+            "anonymous",
+            "apikey:bot",
+            "apikey:*",
+            "system:serviceaccount:velero:*",
+            "spiffe://cluster.local/ns/ops/sa/*",
+            "dns:bot.ops.svc",
+            "cn:backup-bot",
+        ] {
+            assert_eq!(client_form_problem(ok), None, "{ok}");
+        }
+        for bad in [
+            "backup-bot",
+            "bot*",
+            "apikey:",
+            "://x",
+            "1x://y",
+            "localhost",
+            "",
+        ] {
+            assert!(client_form_problem(bad).is_some(), "{bad}");
+        }
+        assert!(
+            client_form_problem("backup-bot")
+                .unwrap()
+                .contains("did you mean \"apikey:backup-bot\"?")
+        );
     }
 
     #[test]
@@ -411,7 +498,8 @@ mod tests {
             }
         );
         assert_eq!(Rate::parse("600/m").unwrap().per, Duration::from_secs(60));
-        for bad in ["0/s", "50", "50/d", "x/s"] {
+        assert!(Rate::parse("1000000000/s").is_ok());
+        for bad in ["0/s", "50", "50/d", "x/s", "2000000000/s", "4294967295/s"] {
             assert!(Rate::parse(bad).is_err(), "{bad}");
         }
     }

@@ -9,6 +9,7 @@ use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -25,7 +26,10 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use tower::Service;
 
-use crate::body::{self, Body, BodyTooLarge, BoxError, Tap};
+use crate::body::{
+    self, Body, BodyTooLarge, BoxError, ClientBodyError, Collected, PrefixedBody, Tap,
+    collect_limited,
+};
 use crate::config::UpstreamConfig;
 use crate::error::{GatewayError, find_cause};
 use crate::headers::strip_hop_by_hop;
@@ -84,6 +88,8 @@ struct UpstreamInner {
     reads: HttpClient,
     writes: HttpClient,
     timeout: Duration,
+    /// The upstream's last response was HTTP/1.0: chunked request bodies must be sent whole.
+    http10: AtomicBool,
 }
 
 impl Upstream {
@@ -136,6 +142,7 @@ impl Upstream {
                 reads: client(true),
                 writes: client(false),
                 timeout: config.timeout,
+                http10: AtomicBool::new(false),
             }),
         })
     }
@@ -189,9 +196,6 @@ impl Service<Request<Body>> for Upstream {
         strip_hop_by_hop(headers);
         // The client set Host for us; the upstream's is set by hyper from the URI.
         headers.remove(header::HOST);
-        if !headers.contains_key(header::ACCEPT) {
-            headers.insert(header::ACCEPT, APPLICATION_JSON.clone());
-        }
         if !headers.contains_key(header::CONTENT_TYPE) && !req.body().is_end_stream() {
             req.headers_mut()
                 .insert(header::CONTENT_TYPE, APPLICATION_JSON.clone());
@@ -200,7 +204,7 @@ impl Service<Request<Body>> for Upstream {
         let up = self.inner.clone();
         let timeout = up.timeout;
         async move {
-            let req = buffer_small_body(req).await?;
+            let req = buffer_body(req, up.http10.load(Ordering::Relaxed)).await?;
             let client = if retry_safe { &up.reads } else { &up.writes };
             let sent = client.request(req);
             let result = match tokio::time::timeout(timeout, sent).await {
@@ -224,9 +228,58 @@ impl Service<Request<Body>> for Upstream {
                 }
             };
             strip_hop_by_hop(response.headers_mut());
+            // A proxy answers with its own HTTP version (RFC 9110 §2.5): an HTTP/1.0 upstream
+            // must not make HTTP/1.1 clients close their connections.
+            up.http10
+                .store(response.version() == Version::HTTP_10, Ordering::Relaxed);
+            *response.version_mut() = Version::HTTP_11;
+            up.localize_locations(response.headers_mut());
             Ok(response)
         }
         .boxed()
+    }
+}
+
+impl UpstreamInner {
+    /// Rewrites `Location` and `Content-Location` values that point at the upstream origin into
+    /// paths on the gateway, the upstream's path prefix taken off (as nginx's default
+    /// `proxy_redirect`): a client that follows one stays behind the gateway, where its requests
+    /// get the token. Other hosts are left as they are.
+    fn localize_locations(&self, headers: &mut http::HeaderMap) {
+        for name in [header::LOCATION, header::CONTENT_LOCATION] {
+            let Some(value) = headers.get(&name) else {
+                continue;
+            };
+            if let Some(local) = self.local_path(value) {
+                headers.insert(name, local);
+            }
+        }
+    }
+
+    fn local_path(&self, value: &HeaderValue) -> Option<HeaderValue> {
+        let uri: Uri = value.to_str().ok()?.parse().ok()?;
+        let (scheme, authority) = (uri.scheme()?, uri.authority()?);
+        let default_port = |s: &Scheme| if *s == Scheme::HTTPS { 443 } else { 80 };
+        let same_origin = *scheme == self.scheme
+            && authority.host().eq_ignore_ascii_case(self.authority.host())
+            && authority.port_u16().unwrap_or(default_port(scheme))
+                == self
+                    .authority
+                    .port_u16()
+                    .unwrap_or(default_port(&self.scheme));
+        if !same_origin {
+            return None;
+        }
+        let path = uri.path().strip_prefix(&*self.prefix)?;
+        if !(path.is_empty() || path.starts_with('/')) {
+            return None;
+        }
+        let path = if path.is_empty() { "/" } else { path };
+        let local = match uri.query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path.to_string(),
+        };
+        HeaderValue::from_str(&local).ok()
     }
 }
 
@@ -234,31 +287,49 @@ fn is_retry_safe(method: &Method) -> bool {
     matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
 }
 
-/// Request bodies up to this size are read whole before the request is sent.
+/// Request bodies with a `Content-Length` up to this size are read whole before sending.
 const BUFFER_BODIES_UP_TO: u64 = 64 * 1024;
+/// Request bodies of unknown length (chunked) up to this size are read whole and sent with a
+/// `Content-Length`; past it they stream, unless the upstream speaks HTTP/1.0.
+const BUFFER_CHUNKED_UP_TO: u64 = 1024 * 1024;
 
-/// Reads a small request body (its `Content-Length` at most [`BUFFER_BODIES_UP_TO`]) before
-/// sending, as nginx does by default: the headers and body then leave in one write, and the
-/// upstream connection is not held while a slow client trickles its body in. Larger and chunked
-/// bodies stream.
-async fn buffer_small_body(req: Request<Body>) -> Result<Request<Body>, GatewayError> {
-    let small = req
-        .body()
-        .size_hint()
-        .exact()
-        .is_some_and(|n| n > 0 && n <= BUFFER_BODIES_UP_TO);
-    if !small {
-        return Ok(req);
+/// Reads a request body before sending when it is small (a `Content-Length` of at most
+/// [`BUFFER_BODIES_UP_TO`], as nginx does by default: headers and body leave in one write, and
+/// the upstream connection is not held while a slow client trickles its body in) or of unknown
+/// length (chunked). A chunked body is forwarded with a `Content-Length` when it fits in
+/// [`BUFFER_CHUNKED_UP_TO`], or in `server.max_body_size` (enforced as the body streams) when
+/// the upstream answered HTTP/1.0 last time: an HTTP/1.0 server (Werkzeug's, under Eve) reads
+/// nothing of a chunked body. Larger bodies stream.
+async fn buffer_body(req: Request<Body>, http10: bool) -> Result<Request<Body>, GatewayError> {
+    let limit = match req.body().size_hint().exact() {
+        Some(n) if n > 0 && n <= BUFFER_BODIES_UP_TO => n,
+        Some(_) => return Ok(req),
+        None if req.body().is_end_stream() => return Ok(req),
+        None if http10 => u64::MAX,
+        None => BUFFER_CHUNKED_UP_TO,
+    };
+    let (mut parts, body) = req.into_parts();
+    match collect_limited(body, limit).await {
+        Ok(Collected::Complete(bytes)) => {
+            parts.headers.remove(header::TRANSFER_ENCODING);
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+            Ok(Request::from_parts(parts, body::full(bytes)))
+        }
+        Ok(Collected::TooLarge(prefix, rest)) => Ok(Request::from_parts(
+            parts,
+            body::boxed(PrefixedBody { prefix, rest }),
+        )),
+        Err(e) => Err(client_body_error(e)),
     }
-    let (parts, body) = req.into_parts();
-    match http_body_util::BodyExt::collect(body).await {
-        Ok(collected) => Ok(Request::from_parts(parts, body::full(collected.to_bytes()))),
-        Err(e) => match find_cause::<BodyTooLarge>(e.as_ref()) {
-            Some(t) => Err(GatewayError::PayloadTooLarge { limit: t.limit }),
-            None => Err(GatewayError::BadRequest(format!(
-                "the request body could not be read: {e}"
-            ))),
-        },
+}
+
+/// What a client's failed body becomes: 413 past the limit, else 400.
+fn client_body_error(e: BoxError) -> GatewayError {
+    match find_cause::<BodyTooLarge>(e.as_ref()) {
+        Some(t) => GatewayError::PayloadTooLarge { limit: t.limit },
+        None => GatewayError::BadRequestBody(e),
     }
 }
 
@@ -267,6 +338,9 @@ fn classify(err: hyper_util::client::legacy::Error) -> GatewayError {
         return GatewayError::PayloadTooLarge {
             limit: too_large.limit,
         };
+    }
+    if find_cause::<ClientBodyError>(&err).is_some() {
+        return GatewayError::BadRequestBody(Box::new(err));
     }
     if find_cause::<ConnectTimedOut>(&err).is_some() {
         return GatewayError::UpstreamUnreachable(Box::new(ConnectTimedOut));
@@ -338,6 +412,32 @@ mod tests {
             )
             .unwrap();
         assert_eq!(target, "https://api.cloudcasa.io/api/v1/x?a=%2F&b");
+    }
+
+    #[tokio::test]
+    async fn locations_at_the_upstream_become_gateway_paths() {
+        let up = upstream("http://127.0.0.1:5000/base/");
+        let local = |v: &'static str| up.inner.local_path(&HeaderValue::from_static(v));
+        assert_eq!(
+            local("http://127.0.0.1:5000/base/api/v1/usergroups/10").unwrap(),
+            "/api/v1/usergroups/10"
+        );
+        assert_eq!(local("http://127.0.0.1:5000/base?x=1").unwrap(), "/?x=1");
+        // Not the upstream, or not under its prefix: left alone.
+        assert_eq!(local("http://127.0.0.1:5001/base/x"), None);
+        assert_eq!(local("https://127.0.0.1:5000/base/x"), None);
+        assert_eq!(local("http://127.0.0.1:5000/basement/x"), None);
+        assert_eq!(local("http://elsewhere.example/base/x"), None);
+        assert_eq!(local("/already/relative"), None);
+        let up = upstream("https://API.cloudcasa.io");
+        assert_eq!(
+            up.inner
+                .local_path(&HeaderValue::from_static(
+                    "https://api.cloudcasa.io:443/api/v1/x"
+                ))
+                .unwrap(),
+            "/api/v1/x"
+        );
     }
 
     #[tokio::test]

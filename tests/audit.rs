@@ -14,7 +14,7 @@ use support::*;
 const BIN: &str = env!("CARGO_BIN_EXE_cloudcasa-gateway");
 
 /// Every member a record has, in order. Nothing else may appear (no header, no body, no token).
-const MEMBERS: [&str; 25] = [
+const MEMBERS: [&str; 26] = [
     "ts",
     "phase",
     "request_id",
@@ -24,6 +24,7 @@ const MEMBERS: [&str; 25] = [
     "rule",
     "credential",
     "method",
+    "wire_method",
     "path",
     "query",
     "resource",

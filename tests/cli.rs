@@ -258,28 +258,61 @@ fn check_validates_credentials_and_policy() {
     let base = "[[credentials]]\nname = \"team-a\"\nfile = \"TOKEN_PATH\"\n";
     let cases = [
         (
-            format!("{base}[[policy]]\nclients = [\"a\"]\ncredential = \"team-b\"\n"),
+            format!("{base}[[policy]]\nclients = [\"apikey:a\"]\ncredential = \"team-b\"\n"),
             "policy[0].credential",
         ),
         (
-            format!("{base}[[policy]]\nclients = [\"a[\"]\ncredential = \"team-a\"\n"),
+            format!("{base}[[policy]]\nclients = [\"apikey:a[\"]\ncredential = \"team-a\"\n"),
             "policy[0].clients",
         ),
         (
             format!(
-                "{base}[[policy]]\nclients = [\"a\"]\npaths = [\"api/**\"]\ncredential = \"team-a\"\n"
+                "{base}[[policy]]\nclients = [\"apikey:a\"]\npaths = [\"api/**\"]\ncredential = \"team-a\"\n"
             ),
             "policy[0].paths",
         ),
         (
             format!(
-                "{base}[[policy]]\nclients = [\"a\"]\nrate = \"fast\"\ncredential = \"team-a\"\n"
+                "{base}[[policy]]\nclients = [\"apikey:a\"]\nrate = \"fast\"\ncredential = \"team-a\"\n"
             ),
             "policy[0].rate",
         ),
         (
             format!("{base}[[credentials]]\nname = \"team-b\"\nfile = \"TOKEN_PATH\"\n"),
             "policy",
+        ),
+        (
+            // A bare id names no kind of client: an API key's id is apikey:<id>.
+            format!("{base}[[policy]]\nclients = [\"backup-bot\"]\ncredential = \"team-a\"\n"),
+            "policy[0].clients",
+        ),
+        (
+            format!(
+                "{base}[[policy]]\nclients = [\"apikey:a\"]\nrate = \"2000000000/s\"\ncredential = \"team-a\"\n"
+            ),
+            "policy[0].rate",
+        ),
+        (
+            format!("{base}[server]\nmethods = [\"GET\", \"TRACE\"]\n"),
+            "server.methods",
+        ),
+        (
+            format!("{base}[server]\nmethods = [\"get\"]\n"),
+            "server.methods",
+        ),
+        (
+            format!("{base}[server]\nmethod_override = \"always\"\n"),
+            "server.method_override",
+        ),
+        (
+            format!("{base}[cache]\nkey_headers = [\"authorization\"]\n"),
+            "cache.key_headers",
+        ),
+        (
+            format!(
+                "{base}[clients.kubernetes]\napi_server = \"https://127.0.0.1:6443\"\nreview_rate = \"0/s\"\nmax_concurrent_reviews = 0\n"
+            ),
+            "clients.kubernetes.review_rate",
         ),
         (
             format!("{base}[[credentials]]\nname = \"team-a\"\nfile = \"TOKEN_PATH\"\n"),
@@ -297,6 +330,14 @@ fn check_validates_credentials_and_policy() {
         assert!(!ok, "accepted: {config}");
         assert!(out.contains(&format!("{key}:")), "expected {key} in: {out}");
     }
+    let (_, out) = check(
+        &format!("{base}[[policy]]\nclients = [\"backup-bot\"]\ncredential = \"team-a\"\n"),
+        Some("t"),
+    );
+    assert!(
+        out.contains("did you mean \"apikey:backup-bot\"?"),
+        "no hint: {out}"
+    );
     let good = format!(
         "{base}[[policy]]\nclients = [\"system:serviceaccount:velero:*\"]\nmethods = [\"GET\"]\npaths = [\"/api/v1/**\"]\ncredential = \"team-a\"\nrate = \"50/s\"\n"
     );

@@ -88,13 +88,18 @@ credential = "team-a"
 
 [[policy]]
 name = "bot"
-clients = ["backup-bot"]
+clients = ["apikey:backup-bot"]
 paths = ["/api/v1/clusters", "/api/v1/clusters/*"]
 credential = "team-b"
 rate = "3/m"
 "#;
 
 async fn fixture(extra: &str) -> Fixture {
+    fixture_with(extra, "").await
+}
+
+/// As [`fixture`], with `kubernetes` lines added to `[clients.kubernetes]`.
+async fn fixture_with(extra: &str, kubernetes: &str) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let server_ca = TestCa::new("gateway server CA");
@@ -130,6 +135,7 @@ file = "{b}"
 api_server = "{kube}"
 token_file = "{sa}"
 ca_file = "{kube_ca}"
+{kubernetes}
 
 [clients.api_keys]
 file = "{keys}"
@@ -405,21 +411,21 @@ async fn api_keys_map_to_their_own_tenant_and_rate() {
     let records = f.gw.wait_audit(8).await;
     let bot = records
         .iter()
-        .find(|r| r["client"]["id"] == "backup-bot")
+        .find(|r| r["client"]["id"] == "apikey:backup-bot")
         .unwrap();
     assert_eq!(bot["client"]["auth"], "api_key");
     assert_eq!(bot["rule"], "bot");
     assert_eq!(bot["credential"], "team-b");
     let limited_record = records.iter().find(|r| r["status"] == 429).unwrap();
     assert_eq!(limited_record["error"], "rate_limited");
-    assert_eq!(limited_record["client"]["id"], "backup-bot");
+    assert_eq!(limited_record["client"]["id"], "apikey:backup-bot");
 
     let metrics = get(&f.gw.admin_url("/metrics"), &[]).await.text();
     for line in [
-        "cloudcasa_gateway_client_denials_total{client=\"backup-bot\",reason=\"rate_limited\"} 1",
-        "cloudcasa_gateway_client_denials_total{client=\"backup-bot\",reason=\"forbidden\"} 1",
+        "cloudcasa_gateway_client_denials_total{client=\"apikey:backup-bot\",reason=\"rate_limited\"} 1",
+        "cloudcasa_gateway_client_denials_total{client=\"apikey:backup-bot\",reason=\"forbidden\"} 1",
         "cloudcasa_gateway_client_denials_total{client=\"\",reason=\"unauthenticated\"} 1",
-        "cloudcasa_gateway_client_requests_total{client=\"backup-bot\",status_class=\"2xx\"} 3",
+        "cloudcasa_gateway_client_requests_total{client=\"apikey:backup-bot\",status_class=\"2xx\"} 3",
         "cloudcasa_gateway_token_loaded{credential=\"team-b\"} 1",
     ] {
         assert!(metrics.contains(line), "{line} not in\n{metrics}");
@@ -498,4 +504,130 @@ async fn a_tls_client_that_negotiates_h2_and_then_stays_silent_is_cut_off() {
     let closed = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut ignored)).await;
     assert!(closed.is_ok(), "a silent h2 client kept its connection");
     assert_eq!(f.mock.state.count(), 0);
+}
+
+#[tokio::test]
+async fn a_review_without_the_gateways_audience_is_refused() {
+    let f = fixture("").await;
+    // The API server says "authenticated" but names no audience: the token was checked for the
+    // API server's own audience, not the gateway's.
+    let api_server_token = sa_token("velero-apiserver");
+    f.kube
+        .add_without_audiences(&api_server_token, "velero", "server");
+    let reply = f.get("/api/v1/clusters", Some(&api_server_token)).await;
+    assert!(
+        reply.envelope_message(401).contains("audience"),
+        "{}",
+        reply.text()
+    );
+    assert_eq!(f.kube.reviews(), 1);
+    assert_eq!(f.mock.state.count(), 0, "nothing reached the upstream");
+}
+
+/// A JWT with the given header and claims, unsigned (the fake API server does not verify).
+fn jwt(header: serde_json::Value, claims: serde_json::Value) -> String {
+    use base64::Engine;
+    let b64 = |v: &serde_json::Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    format!("{}.{}.c2ln", b64(&header), b64(&claims))
+}
+
+#[tokio::test]
+async fn junk_tokens_never_reach_the_api_server() {
+    let f = fixture("").await;
+    let far = 4_000_000_000u64;
+    for i in 0..150u64 {
+        let junk = match i % 5 {
+            // JWT-shaped bytes that are not JSON.
+            0 => format!("eyJh{i}.eyJi{i}.c2ln"),
+            // Symmetric or no algorithm: not what the API server signs with.
+            1 => jwt(json!({"alg": "HS256"}), json!({"exp": far, "n": i})),
+            2 => jwt(json!({"alg": "none"}), json!({"exp": far, "n": i})),
+            // Expired.
+            3 => jwt(json!({"alg": "RS256"}), json!({"exp": 1_000 + i})),
+            // Issued for another audience.
+            _ => jwt(
+                json!({"alg": "RS256"}),
+                json!({"exp": far, "aud": ["https://kubernetes.default.svc"], "n": i}),
+            ),
+        };
+        f.get("/api/v1/clusters", Some(&junk))
+            .await
+            .envelope_message(401);
+    }
+    assert_eq!(f.kube.reviews(), 0, "junk was sent for review");
+}
+
+#[tokio::test]
+async fn token_reviews_are_bounded_in_rate() {
+    let f = fixture_with("", "review_rate = \"5/m\"").await;
+    let far = 4_000_000_000u64;
+    let mut throttled = 0;
+    for i in 0..40u64 {
+        // Plausible tokens the API server does not know: each needs a review.
+        let token = jwt(
+            json!({"alg": "RS256"}),
+            json!({"exp": far, "aud": ["cloudcasa-gateway"], "n": i}),
+        );
+        let reply = f.get("/api/v1/clusters", Some(&token)).await;
+        match reply.status.as_u16() {
+            401 => {}
+            503 => {
+                assert!(reply.header("retry-after").is_some(), "no Retry-After");
+                assert!(reply.envelope_message(503).contains("retry"));
+                throttled += 1;
+            }
+            other => panic!("unexpected {other}: {}", reply.text()),
+        }
+    }
+    assert_eq!(
+        f.kube.reviews(),
+        5,
+        "the burst of the 5/m budget, then no more"
+    );
+    assert_eq!(throttled, 35);
+    let metrics = get(&f.gw.admin_url("/metrics"), &[]).await.text();
+    assert!(
+        metrics.contains("reason=\"identity_throttled\"} 35"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn identities_of_different_kinds_never_collide() {
+    // The rule names the API key backup-bot; a certificate whose CN (or DNS SAN) is backup-bot
+    // is another identity.
+    let f = fixture("").await;
+    for cert in [
+        ClientCert {
+            cn: Some("backup-bot"),
+            ..Default::default()
+        },
+        ClientCert {
+            dns: Some("backup-bot"),
+            ..Default::default()
+        },
+    ] {
+        let reply = f
+            .send(Method::GET, "/api/v1/clusters", None, Some(cert))
+            .await
+            .unwrap();
+        let message = reply.envelope_message(403);
+        assert!(
+            message.contains("'cn:backup-bot'") || message.contains("'dns:backup-bot'"),
+            "{message}"
+        );
+    }
+    let by_key = f.get("/api/v1/clusters", Some(BOT_KEY)).await;
+    assert_eq!(by_key.status, StatusCode::OK, "{}", by_key.text());
+    let records = f.gw.wait_audit(3).await;
+    let ids: Vec<&str> = records
+        .iter()
+        .map(|r| r["client"]["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        ["cn:backup-bot", "dns:backup-bot", "apikey:backup-bot"]
+    );
 }

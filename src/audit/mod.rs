@@ -20,7 +20,7 @@ use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::{Method, Request, Response};
+use http::{Request, Response};
 use tokio::sync::oneshot;
 use tower::{Layer, Service};
 
@@ -353,7 +353,8 @@ impl Writer {
     }
 }
 
-/// Fail-closed mode: POST, PUT, PATCH and DELETE wait here for their intent record to be durable.
+/// Fail-closed mode: every write (any effective method but GET, HEAD and OPTIONS) waits here for
+/// its intent record to be durable.
 #[derive(Debug, Clone)]
 pub struct AuditIntentLayer {
     audit: Option<AuditLog>,
@@ -385,13 +386,6 @@ pub struct AuditIntent<S> {
     audit: Option<AuditLog>,
 }
 
-fn is_write(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::POST | Method::PUT | Method::PATCH | Method::DELETE
-    )
-}
-
 impl<S> Service<Request<Body>> for AuditIntent<S>
 where
     S: Service<Request<Body>, Response = Response<Body>, Error = GatewayError> + Clone,
@@ -406,8 +400,11 @@ where
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         let exchange = Exchange::of(&req).cloned();
-        let (Some(audit), Some(exchange), true) = (&self.audit, exchange, is_write(req.method()))
-        else {
+        let (Some(audit), Some(exchange), true) = (
+            &self.audit,
+            exchange,
+            !crate::canonical::is_read(req.method()),
+        ) else {
             return GateFuture::call(&mut self.inner, req);
         };
         let audit = audit.clone();

@@ -67,9 +67,11 @@ pub struct Record<'a> {
     pub rule: Option<&'a str>,
     /// The CloudCasa credential used (its name, never its value).
     pub credential: Option<&'a str>,
-    /// The request method.
+    /// The effective method: the one the upstream was (or would have been) asked to execute.
     pub method: &'a str,
-    /// The request path, as sent.
+    /// The method on the wire, when a method-override header replaced it (`null` otherwise).
+    pub wire_method: Option<&'a str>,
+    /// The request path in canonical form (as forwarded).
     pub path: &'a str,
     /// The query string, as sent.
     pub query: Option<&'a str>,

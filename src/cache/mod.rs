@@ -14,8 +14,6 @@ pub mod policy;
 pub mod status;
 pub mod store;
 
-use std::collections::VecDeque;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
@@ -24,19 +22,18 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body::{Body as _, Frame};
-use http_body_util::BodyExt;
 use sha2::{Digest, Sha256};
 use tower::util::BoxCloneService;
 use tower::{Layer, Service};
 
-use crate::body::{self, Body, BoxError};
+use crate::body::{self, Body, Collected, PrefixedBody, collect_limited};
+use crate::canonical::{WireMethod, is_read};
 use crate::config::CacheConfig;
 use crate::credential::{PinnedToken, SelectedCredential};
 use crate::error::GatewayError;
 use policy::{Directives, NotStorable};
 use status::{CacheStatus, Forward};
-use store::{CacheKey, FlightOutcome, Joined, PathKey, Store, Stored};
+use store::{CacheKey, FlightOutcome, Joined, PathKey, Store, Stored, VariantKey};
 
 /// The `Cache-Status` header (RFC 9211).
 pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
@@ -132,16 +129,25 @@ impl Service<Request<Body>> for CacheService {
         let inner = std::mem::replace(&mut self.inner, inner);
         let cache = self.cache.clone();
         Box::pin(async move {
+            // The method is the effective one (see `canonical`). A request whose method came
+            // from an override header is never served from or stored in the cache: the stored
+            // response would be keyed on what the client sent, not on what was executed.
+            let overridden = req.extensions().get::<WireMethod>().is_some();
             let (status, result) = match (cache, req.method()) {
                 (None, _) => (
                     CacheStatus::forward(Forward::Bypass),
                     pass(inner, req).await,
                 ),
-                (Some(cache), &Method::GET | &Method::HEAD) => cache.read(inner, req).await,
-                (Some(_), &Method::OPTIONS | &Method::TRACE) => (
+                (Some(_), m) if is_read(m) && overridden => (
                     CacheStatus::forward(Forward::Method),
                     pass(inner, req).await,
                 ),
+                (Some(cache), &Method::GET | &Method::HEAD) => cache.read(inner, req).await,
+                (Some(_), &Method::OPTIONS) => (
+                    CacheStatus::forward(Forward::Method),
+                    pass(inner, req).await,
+                ),
+                // Every other effective method is a write, and invalidates.
                 (Some(cache), _) => (
                     CacheStatus::forward(Forward::Method),
                     cache.write(inner, req).await,
@@ -204,14 +210,26 @@ impl Cache {
                 pass(inner, req).await,
             );
         };
+        req.extensions_mut().insert(PinnedToken(token.clone()));
+        if req.headers().contains_key(header::RANGE) {
+            // A partial request goes upstream as it came, `Range` and `If-Range` together, and
+            // its answer is not stored: the upstream alone can tell whether `If-Range` still
+            // names the current representation (RFC 9110 §13.1.5).
+            return (
+                CacheStatus::forward(Forward::Request),
+                pass(inner, req).await,
+            );
+        }
         let key = CacheKey {
             path: PathKey {
                 partition: token.fingerprint(),
                 path: req.uri().path().into(),
             },
-            query: req.uri().query().unwrap_or("").into(),
+            variant: VariantKey {
+                query: req.uri().query().unwrap_or("").into(),
+                representation: policy::representation_key(&self.config.key_headers, req.headers()),
+            },
         };
-        req.extensions_mut().insert(PinnedToken(token));
         let is_head = req.method() == Method::HEAD;
         if request_cc.no_store {
             let mut status = CacheStatus::forward(Forward::Request);
@@ -567,62 +585,6 @@ fn serve(stored: &Stored, client: &HeaderMap, head: bool, now: SystemTime) -> Re
     response
 }
 
-enum Collected {
-    Complete(Bytes),
-    TooLarge(VecDeque<Bytes>, Body),
-}
-
-/// Reads a body whole if it fits in `limit`; otherwise hands back what was read and the rest,
-/// so the response can still stream through.
-async fn collect_limited(mut body: Body, limit: u64) -> Result<Collected, BoxError> {
-    let mut chunks = VecDeque::new();
-    if body.size_hint().lower() > limit {
-        return Ok(Collected::TooLarge(chunks, body));
-    }
-    let mut total = 0u64;
-    while let Some(frame) = body.frame().await {
-        if let Ok(data) = frame?.into_data() {
-            total += data.len() as u64;
-            chunks.push_back(data);
-            if total > limit {
-                return Ok(Collected::TooLarge(chunks, body));
-            }
-        }
-    }
-    Ok(Collected::Complete(match chunks.len() {
-        0 => Bytes::new(),
-        1 => chunks.pop_front().expect("one chunk"),
-        _ => {
-            let mut all = Vec::with_capacity(total as usize);
-            for c in chunks {
-                all.extend_from_slice(&c);
-            }
-            Bytes::from(all)
-        }
-    }))
-}
-
-/// Chunks already read, then the rest of the body.
-struct PrefixedBody {
-    prefix: VecDeque<Bytes>,
-    rest: Body,
-}
-
-impl http_body::Body for PrefixedBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if let Some(chunk) = self.prefix.pop_front() {
-            return Poll::Ready(Some(Ok(Frame::data(chunk))));
-        }
-        Pin::new(&mut self.rest).poll_frame(cx)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -648,24 +610,5 @@ mod tests {
             Some("/api/v1/a/2")
         );
         assert_eq!(location_path(&HeaderValue::from_static("relative")), None);
-    }
-
-    #[tokio::test]
-    async fn collects_within_the_limit_and_hands_back_the_rest() {
-        let Collected::Complete(b) = collect_limited(body::full("abc"), 3).await.unwrap() else {
-            panic!()
-        };
-        assert_eq!(b, "abc");
-        let Collected::TooLarge(prefix, rest) =
-            collect_limited(body::full("abcd"), 3).await.unwrap()
-        else {
-            panic!()
-        };
-        let whole = PrefixedBody { prefix, rest }
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes();
-        assert_eq!(whole, "abcd");
     }
 }

@@ -196,6 +196,32 @@ pub fn vary_values(
         .collect()
 }
 
+/// The representation part of a cache key: the request's values of `names` (`cache.key_headers`),
+/// each lower-cased with its whitespace removed, values of one header joined by `,`, headers by
+/// `\n` (which no header value can contain, so two different requests cannot produce one key).
+/// `Accept: Application/JSON, text/*` and `accept: application/json,text/*` are one variant.
+pub fn representation_key(names: &[HeaderName], request: &HeaderMap) -> Box<str> {
+    let mut key = String::new();
+    for (i, name) in names.iter().enumerate() {
+        if i > 0 {
+            key.push('\n');
+        }
+        for (j, value) in request.get_all(name).iter().enumerate() {
+            if j > 0 {
+                key.push(',');
+            }
+            key.extend(
+                value
+                    .as_bytes()
+                    .iter()
+                    .filter(|b| !matches!(b, b' ' | b'\t'))
+                    .map(|b| char::from(b.to_ascii_lowercase())),
+            );
+        }
+    }
+    key.into_boxed_str()
+}
+
 /// A header's values joined with ", " (how `Vary` values are stored and compared).
 pub fn join_values(headers: &HeaderMap, name: &HeaderName) -> Option<HeaderValue> {
     let mut values = headers.get_all(name).iter();
@@ -259,7 +285,8 @@ pub fn initial_age(
     let delay = response_time
         .duration_since(request_time)
         .unwrap_or(Duration::ZERO);
-    apparent.max(age_value + delay)
+    // The upstream's number: `Age: 18446744073709551615` must not overflow.
+    apparent.max(age_value.saturating_add(delay))
 }
 
 /// Parses an HTTP date header value.
@@ -279,7 +306,8 @@ pub fn fresh_enough(age: Duration, lifetime: Duration, request: &Directives) -> 
         return false;
     }
     let min_fresh = Duration::from_secs(request.min_fresh.unwrap_or(0));
-    age + min_fresh < lifetime
+    // A client's number: `min-fresh=18446744073709551615` must not overflow.
+    age.saturating_add(min_fresh) < lifetime
 }
 
 /// Whether the entity tag `etag` matches any in an `If-None-Match` list (weak comparison,
@@ -339,18 +367,8 @@ pub fn keep_on_update(name: &HeaderName) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::headers::test_map as headers;
     use http::StatusCode;
-
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.append(
-                HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                v.parse().unwrap(),
-            );
-        }
-        h
-    }
 
     #[test]
     fn parses_directives() {
@@ -528,6 +546,36 @@ mod tests {
             Some(&etag),
             Some(&lm)
         ));
+    }
+
+    #[test]
+    fn representation_keys_normalize_and_separate() {
+        let names = [header::ACCEPT, header::ACCEPT_ENCODING];
+        let key = |pairs: &[(&str, &str)]| representation_key(&names, &headers(pairs));
+        assert_eq!(
+            key(&[
+                ("accept", "Application/JSON, text/*"),
+                ("accept-encoding", "gzip")
+            ]),
+            key(&[
+                ("accept", "application/json,text/*"),
+                ("accept-encoding", " GZIP")
+            ])
+        );
+        assert_eq!(
+            key(&[("accept", "a"), ("accept", "b")]),
+            key(&[("accept", "a, b")])
+        );
+        assert_ne!(
+            key(&[("accept", "application/xml")]),
+            key(&[("accept", "application/json")])
+        );
+        // A value cannot pose as another header's.
+        assert_ne!(
+            key(&[("accept", "gzip")]),
+            key(&[("accept-encoding", "gzip")])
+        );
+        assert_eq!(&*key(&[]), "\n");
     }
 
     #[test]

@@ -25,13 +25,24 @@ pub struct PathKey {
     pub path: Box<str>,
 }
 
-/// A full key: the path key and the exact query.
+/// Which stored response of a path: the query and the representation asked for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct VariantKey {
+    /// The exact query string (empty when there is none).
+    pub query: Box<str>,
+    /// The request's `cache.key_headers` values, normalized (see `policy::key_headers`): two
+    /// requests that could get different representations never share a stored response, whether
+    /// or not the upstream says `Vary`.
+    pub representation: Box<str>,
+}
+
+/// A full key: the path key and the variant.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CacheKey {
     /// Partition and path.
     pub path: PathKey,
-    /// The exact query string (empty when there is none).
-    pub query: Box<str>,
+    /// Query and representation.
+    pub variant: VariantKey,
 }
 
 /// A stored response.
@@ -61,22 +72,23 @@ pub struct Stored {
 
 impl Stored {
     /// Current age (RFC 9111 §4.2.3).
+    /// Saturates: ages and lifetimes come from the upstream's numbers.
     pub fn age(&self, now: SystemTime) -> Duration {
-        self.initial_age
-            + now
-                .duration_since(self.response_time)
-                .unwrap_or(Duration::ZERO)
+        self.initial_age.saturating_add(
+            now.duration_since(self.response_time)
+                .unwrap_or(Duration::ZERO),
+        )
     }
 
-    /// Remaining freshness in whole seconds (negative when stale).
+    /// Remaining freshness in whole seconds (negative when stale), saturating.
     pub fn ttl(&self, now: SystemTime) -> i64 {
-        let age = self.age(now).as_secs() as i64;
-        self.lifetime.as_secs() as i64 - age
+        let secs = |d: Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+        secs(self.lifetime).saturating_sub(secs(self.age(now)))
     }
 
     /// Whether it may be served because the upstream failed.
     pub fn usable_if_error(&self, now: SystemTime) -> bool {
-        !self.forbids_stale && self.age(now) < self.lifetime + self.stale_if_error
+        !self.forbids_stale && self.age(now) < self.lifetime.saturating_add(self.stale_if_error)
     }
 
     /// Whether the request's values match the ones this response was stored for.
@@ -111,7 +123,7 @@ const PATH_OVERHEAD: usize = 384;
 /// All stored query variants of one path.
 #[derive(Debug, Default)]
 pub struct PathEntry {
-    variants: Vec<(Box<str>, Arc<Stored>)>,
+    variants: Vec<(VariantKey, Arc<Stored>)>,
 }
 
 impl PathEntry {
@@ -121,7 +133,7 @@ impl PathEntry {
             + self
                 .variants
                 .iter()
-                .map(|(q, s)| q.len() + s.weight())
+                .map(|(v, s)| v.query.len() + v.representation.len() + s.weight())
                 .sum::<usize>();
         u32::try_from(total).unwrap_or(u32::MAX)
     }
@@ -197,7 +209,7 @@ impl Store {
         entry
             .variants
             .iter()
-            .find(|(q, _)| **q == *key.query)
+            .find(|(v, _)| *v == key.variant)
             .map(|(_, s)| s.clone())
     }
 
@@ -211,12 +223,12 @@ impl Store {
             Some(entry) => entry
                 .variants
                 .iter()
-                .filter(|(q, _)| **q != *key.query)
+                .filter(|(v, _)| *v != key.variant)
                 .cloned()
                 .collect(),
             None => Vec::new(),
         };
-        variants.push((key.query.clone(), stored));
+        variants.push((key.variant.clone(), stored));
         let entry = Arc::new(PathEntry { variants });
         if u64::from(entry.weight(&key.path)) > self.max_size {
             return false;
@@ -232,7 +244,7 @@ impl Store {
                 let variants: Vec<_> = entry
                     .variants
                     .iter()
-                    .filter(|(q, _)| **q != *key.query)
+                    .filter(|(v, _)| *v != key.variant)
                     .cloned()
                     .collect();
                 if variants.is_empty() {
@@ -452,7 +464,10 @@ mod tests {
                 partition,
                 path: path.into(),
             },
-            query: query.into(),
+            variant: VariantKey {
+                query: query.into(),
+                representation: "application/json".into(),
+            },
         }
     }
 

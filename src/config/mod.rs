@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use http::Uri;
+use http::{Method, Uri};
 
 use crate::policy::{Rate, RuleSpec};
 use crate::token::TokenOrigin;
@@ -66,6 +66,45 @@ pub struct ServerConfig {
     pub tls: Option<TlsConfig>,
     /// A non-loopback listener without client authentication may start (with a warning).
     pub allow_unauthenticated: bool,
+    /// The methods forwarded (case-sensitive); anything else is refused with 501.
+    pub methods: Vec<http::Method>,
+    /// What a method-override header does.
+    pub method_override: OverrideMode,
+}
+
+/// Methods forwarded when `server.methods` is not set.
+pub const DEFAULT_METHODS: [Method; 7] = [
+    Method::GET,
+    Method::HEAD,
+    Method::OPTIONS,
+    Method::POST,
+    Method::PUT,
+    Method::PATCH,
+    Method::DELETE,
+];
+
+/// Methods that are never forwarded, whatever `server.methods` says: `TRACE` would echo the
+/// injected token back to the client; `CONNECT` would open a tunnel with it.
+pub const NEVER_FORWARDED: [Method; 2] = [Method::TRACE, Method::CONNECT];
+
+/// What the gateway does with a method-override header (`server.method_override`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OverrideMode {
+    /// Honoured on `POST` only (its value becomes the request's method); refused (400) on any
+    /// other method.
+    OnPost,
+    /// Refused (400) on every method.
+    Refuse,
+}
+
+impl OverrideMode {
+    /// The value in `server.method_override`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::OnPost => "on-post",
+            Self::Refuse => "refuse",
+        }
+    }
 }
 
 /// `[server.tls]`.
@@ -119,6 +158,10 @@ pub struct KubernetesConfig {
     pub cache_ttl: Duration,
     /// Deadline for one TokenReview call.
     pub timeout: Duration,
+    /// TokenReview calls in flight at most; past it callers get 503 with `Retry-After`.
+    pub max_concurrent_reviews: u32,
+    /// TokenReview calls started per period at most (a burst of that many is allowed).
+    pub review_rate: Rate,
 }
 
 /// The in-cluster ServiceAccount mount.
@@ -159,7 +202,13 @@ pub struct CacheConfig {
     pub fresh_for: Duration,
     /// How long past freshness a stored response may stand in for a failing upstream.
     pub stale_if_error: Duration,
+    /// Request headers that select a representation: part of every stored variant, whether or
+    /// not the upstream sends `Vary` (lower-case names).
+    pub key_headers: Vec<http::HeaderName>,
 }
+
+/// `cache.key_headers` when not set: the headers Eve (and most APIs) content-negotiate on.
+pub const DEFAULT_KEY_HEADERS: [&str; 2] = ["accept", "accept-encoding"];
 
 /// `[log]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -376,6 +425,18 @@ impl Config {
             }
         });
         let allow_unauthenticated = r.server.allow_unauthenticated.unwrap_or(false);
+        let methods = methods(&mut p, r.server.methods);
+        let method_override = match r.server.method_override.as_deref() {
+            None | Some("on-post") => OverrideMode::OnPost,
+            Some("refuse") => OverrideMode::Refuse,
+            Some(other) => {
+                p.add(
+                    "server.method_override",
+                    format!("must be \"on-post\" or \"refuse\", not {other:?}"),
+                );
+                OverrideMode::OnPost
+            }
+        };
         let authenticates =
             tls.as_ref().is_some_and(|t| t.client_ca_file.is_some()) || clients.any_bearer();
         if let Some(addr) = listen
@@ -403,6 +464,7 @@ impl Config {
                 .map_or(8 * 1024 * 1024, |s| s.as_u64()),
             fresh_for: r.cache.fresh_for.unwrap_or_default(),
             stale_if_error: r.cache.stale_if_error.unwrap_or_default(),
+            key_headers: key_headers(&mut p, r.cache.key_headers),
         };
         if cache.enabled && cache.max_object_size > cache.max_size {
             p.add("cache.max_object_size", "must not exceed cache.max_size");
@@ -474,6 +536,8 @@ impl Config {
                     worker_threads: r.server.worker_threads,
                     tls,
                     allow_unauthenticated,
+                    methods,
+                    method_override,
                 },
                 admin: AdminConfig { listen: admin },
                 upstream: UpstreamConfig {
@@ -572,6 +636,60 @@ impl Config {
             })
         }
     }
+}
+
+/// `cache.key_headers`: valid header names, lower-cased; `authorization` is refused (the cache
+/// is partitioned by the credential the gateway injects, and the client's own never travels).
+fn key_headers(p: &mut Problems, raw: Option<Vec<String>>) -> Vec<http::HeaderName> {
+    let list = raw.unwrap_or_else(|| DEFAULT_KEY_HEADERS.map(String::from).to_vec());
+    let mut out: Vec<http::HeaderName> = Vec::new();
+    for name in list {
+        match http::HeaderName::from_bytes(name.trim().to_ascii_lowercase().as_bytes()) {
+            Ok(h) if h == http::header::AUTHORIZATION => p.add(
+                "cache.key_headers",
+                "authorization cannot be a key header: the cache is partitioned by credential",
+            ),
+            Ok(h) if out.contains(&h) => {}
+            Ok(h) => out.push(h),
+            Err(_) => p.add(
+                "cache.key_headers",
+                format!("{name:?} is not a header name"),
+            ),
+        }
+    }
+    out
+}
+
+/// `server.methods`: method names exactly as they travel (case-sensitive); TRACE and CONNECT are
+/// never forwarded.
+fn methods(p: &mut Problems, raw: Option<Vec<String>>) -> Vec<http::Method> {
+    let Some(list) = raw else {
+        return DEFAULT_METHODS.to_vec();
+    };
+    if list.is_empty() {
+        p.add("server.methods", "must not be empty");
+    }
+    let mut out = Vec::new();
+    for name in list {
+        match http::Method::from_bytes(name.as_bytes()) {
+            Ok(m) if NEVER_FORWARDED.contains(&m) => p.add(
+                "server.methods",
+                format!("{name} is never forwarded (it would echo or tunnel the injected token)"),
+            ),
+            Ok(m) if m.as_str().bytes().any(|b| b.is_ascii_lowercase()) => p.add(
+                "server.methods",
+                format!(
+                    "{name:?}: method names are case-sensitive and the standard ones are \
+                     upper-case; did you mean {:?}?",
+                    name.to_ascii_uppercase()
+                ),
+            ),
+            Ok(m) if out.contains(&m) => {}
+            Ok(m) => out.push(m),
+            Err(_) => p.add("server.methods", format!("{name:?} is not an HTTP method")),
+        }
+    }
+    out
 }
 
 fn token_origin(
@@ -697,6 +815,22 @@ fn clients(p: &mut Problems, r: raw::RawClients) -> ClientsConfig {
             ca_file: k.ca_file.unwrap_or_else(|| sa.join("ca.crt")),
             cache_ttl: k.cache_ttl.unwrap_or(Duration::from_secs(30)),
             timeout: positive(p, "clients.kubernetes.timeout", k.timeout, 5),
+            max_concurrent_reviews: match k.max_concurrent_reviews {
+                None => 16,
+                Some(0) => {
+                    p.add("clients.kubernetes.max_concurrent_reviews", "must be at least 1");
+                    1
+                }
+                Some(n) => n,
+            },
+            review_rate: match k.review_rate.as_deref().map(Rate::parse) {
+                None => Rate::parse("50/s").expect("a valid rate"),
+                Some(Ok(rate)) => rate,
+                Some(Err(e)) => {
+                    p.add("clients.kubernetes.review_rate", e);
+                    Rate::parse("50/s").expect("a valid rate")
+                }
+            },
         }
     });
     let api_keys = r.api_keys.and_then(|k| {

@@ -38,6 +38,8 @@ pub struct RawServer {
     pub worker_threads: Option<usize>,
     pub allow_unauthenticated: Option<bool>,
     pub tls: Option<RawServerTls>,
+    pub methods: Option<Vec<String>>,
+    pub method_override: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -84,6 +86,7 @@ pub struct RawCache {
     pub fresh_for: Option<Duration>,
     #[serde(with = "humantime_serde")]
     pub stale_if_error: Option<Duration>,
+    pub key_headers: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -133,6 +136,8 @@ pub struct RawKubernetes {
     pub cache_ttl: Option<Duration>,
     #[serde(with = "humantime_serde")]
     pub timeout: Option<Duration>,
+    pub max_concurrent_reviews: Option<u32>,
+    pub review_rate: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

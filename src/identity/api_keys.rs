@@ -12,7 +12,10 @@ use arc_swap::ArcSwap;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-/// Key ids with the SHA-256 of their keys.
+/// The namespace of API-key identities: the key `backup-bot` identifies `apikey:backup-bot`.
+pub const API_KEY_PREFIX: &str = "apikey:";
+
+/// Key ids (with [`API_KEY_PREFIX`]) with the SHA-256 of their keys.
 pub type KeyHashes = Vec<(Arc<str>, [u8; 32])>;
 
 /// The keys file, kept current.
@@ -51,7 +54,8 @@ pub fn parse(text: &str) -> Result<KeyHashes, String> {
             let mut digest = [0u8; 32];
             hex::decode_to_slice(hex_digest, &mut digest)
                 .map_err(|_| format!("{id}: \"{hex_digest}\" is not 64 hex digits"))?;
-            Ok((Arc::from(id.as_str()), digest))
+            // Stored in its namespace, so that no other kind of identity can take its name.
+            Ok((Arc::from(format!("{API_KEY_PREFIX}{id}")), digest))
         })
         .collect()
 }
@@ -129,7 +133,7 @@ mod tests {
         let path = dir.path().join("keys.toml");
         std::fs::write(&path, format!("{line}\n")).unwrap();
         let api = ApiKeys::load(&path).unwrap();
-        assert_eq!(api.identify("s3cret").as_deref(), Some("backup-bot"));
+        assert_eq!(api.identify("s3cret").as_deref(), Some("apikey:backup-bot"));
         assert_eq!(api.identify("s3cre"), None);
     }
 

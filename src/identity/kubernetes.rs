@@ -1,10 +1,19 @@
 //! Kubernetes ServiceAccount tokens, checked with the cluster's TokenReview API.
 //!
-//! A review asks the API server whether the token is valid *for the gateway's audience*; only a
-//! ServiceAccount (`system:serviceaccount:<namespace>:<name>`) is accepted. Results are cached by
-//! a hash of the token for `clients.kubernetes.cache_ttl`, never past the token's own `exp`;
-//! refusals for a few seconds, to blunt floods of bad tokens. If the API server cannot be asked,
-//! the caller gets 503: an outage never turns into access.
+//! A review asks the API server whether the token is valid *for the gateway's audience*, and the
+//! answer counts only if its `status.audiences` names that audience (an empty list means the
+//! token was checked for the API server's own audience); only a ServiceAccount
+//! (`system:serviceaccount:<namespace>:<name>`) is accepted. Results are cached by a hash of the
+//! token for `clients.kubernetes.cache_ttl`, never past the token's own `exp`; refusals for a few
+//! seconds. If the API server cannot be asked, the caller gets 503: an outage never turns into
+//! access.
+//!
+//! The API server is a shared resource an unauthenticated client must not be able to flood:
+//! what cannot be a valid ServiceAccount token for this audience (not a JWS with a JSON header
+//! naming an asymmetric `alg`, an `exp` in the past, an `aud` claim without the audience) is
+//! refused without asking, and calls are bounded in concurrency and rate
+//! (`max_concurrent_reviews`, `review_rate`); past the bound the caller gets 503 with
+//! `Retry-After`.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -43,6 +52,8 @@ pub struct TokenReviewer {
     own_token: Arc<TokenSource>,
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     cache: moka::future::Cache<[u8; 32], Reviewed>,
+    in_flight: Arc<tokio::sync::Semaphore>,
+    rate: governor::DefaultDirectRateLimiter,
 }
 
 impl std::fmt::Debug for TokenReviewer {
@@ -138,6 +149,10 @@ impl TokenReviewer {
                 .max_capacity(100_000)
                 .expire_after(Expiry)
                 .build(),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(
+                config.max_concurrent_reviews as usize,
+            )),
+            rate: governor::RateLimiter::direct(config.review_rate.quota()),
         })
     }
 
@@ -148,6 +163,12 @@ impl TokenReviewer {
         let reviewed = match self.cache.get(&key).await {
             Some(r) => r,
             None => {
+                if let Err(why) = precheck(token, &self.audience, SystemTime::now()) {
+                    return Err(GatewayError::Unauthenticated(format!(
+                        "not a valid ServiceAccount token for this gateway ({why})"
+                    )));
+                }
+                let _permit = self.admit()?;
                 let r = self.ask(token).await?;
                 self.cache.insert(key, r.clone()).await;
                 r
@@ -157,6 +178,22 @@ impl TokenReviewer {
             Reviewed::Valid(identity, _) => Ok(identity),
             Reviewed::Refused(why) => Err(GatewayError::Unauthenticated(why)),
         }
+    }
+
+    /// A place among the TokenReview calls allowed now, or 503 with a time to retry.
+    fn admit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, GatewayError> {
+        use governor::clock::{Clock, DefaultClock};
+        let permit = self.in_flight.clone().try_acquire_owned().map_err(|_| {
+            GatewayError::IdentityThrottled {
+                retry_after: Duration::from_secs(1),
+            }
+        })?;
+        if let Err(not_until) = self.rate.check() {
+            return Err(GatewayError::IdentityThrottled {
+                retry_after: not_until.wait_time_from(DefaultClock::default().now()),
+            });
+        }
+        Ok(permit)
     }
 
     async fn ask(&self, token: &str) -> Result<Reviewed, GatewayError> {
@@ -215,7 +252,8 @@ impl TokenReviewer {
                 why.chars().take(200).collect::<String>()
             )));
         }
-        if !st.audiences.is_empty() && !st.audiences.contains(&self.audience) {
+        // An empty list means the API server checked the token for its own audience, not ours.
+        if !st.audiences.contains(&self.audience) {
             return Ok(Reviewed::Refused(format!(
                 "Kubernetes token is not for audience '{}'",
                 self.audience
@@ -258,6 +296,49 @@ pub fn is_jwt(token: &str) -> bool {
     shaped(parts.next()) && shaped(parts.next()) && shaped(parts.next()) && parts.next().is_none()
 }
 
+/// Refuses, without asking the API server, what cannot be a ServiceAccount token valid for
+/// `audience` at `now`: the signature is the API server's to check, but the header must be JSON
+/// naming an asymmetric `alg` (the API server signs with RS256 or ES256), and the claims, when
+/// present, must not say the token expired or was issued for other audiences.
+pub fn precheck(token: &str, audience: &str, now: SystemTime) -> Result<(), &'static str> {
+    if !is_jwt(token) {
+        return Err("not a JWT");
+    }
+    let mut parts = token.split('.');
+    let decode = |part: Option<&str>| {
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(part?.trim_end_matches('='))
+            .ok()?;
+        serde_json::from_slice::<serde_json::Value>(&bytes).ok()
+    };
+    let header = decode(parts.next()).ok_or("its header is not base64url JSON")?;
+    let alg = header.get("alg").and_then(|a| a.as_str()).unwrap_or("");
+    const ASYMMETRIC: [&str; 10] = [
+        "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
+    ];
+    if !ASYMMETRIC.contains(&alg) {
+        return Err("its header names no asymmetric signature algorithm");
+    }
+    let claims = decode(parts.next()).ok_or("its claims are not base64url JSON")?;
+    if let Some(exp) = claims.get("exp") {
+        let exp = exp.as_u64().ok_or("its exp is not a number of seconds")?;
+        let now = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if exp <= now {
+            return Err("it has expired");
+        }
+    }
+    let for_us = match claims.get("aud") {
+        None => true,
+        Some(serde_json::Value::String(a)) => a == audience,
+        Some(serde_json::Value::Array(list)) => list.iter().any(|a| a.as_str() == Some(audience)),
+        Some(_) => false,
+    };
+    if !for_us {
+        return Err("it was issued for another audience");
+    }
+    Ok(())
+}
+
 /// The `exp` claim of a JWT, read without verifying it (the API server verifies); used only to
 /// bound how long a review is cached.
 pub fn token_expiry(token: &str) -> Option<SystemTime> {
@@ -269,12 +350,45 @@ pub fn token_expiry(token: &str) -> Option<SystemTime> {
         .ok()?
         .get("exp")?
         .as_u64()?;
-    Some(UNIX_EPOCH + Duration::from_secs(exp))
+    // A client's number: an `exp` past what SystemTime holds is no expiry we can use.
+    UNIX_EPOCH.checked_add(Duration::from_secs(exp))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn jwt(header: &str, claims: &str) -> String {
+        let b = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s.as_bytes());
+        format!("{}.{}.c2ln", b(header), b(claims))
+    }
+
+    #[test]
+    fn precheck_refuses_what_cannot_be_a_valid_token() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_900_000_000);
+        let rs = r#"{"alg":"RS256","kid":"k"}"#;
+        let ok = |claims: &str| precheck(&jwt(rs, claims), "gw", now);
+        assert_eq!(ok(r#"{"aud":["gw","x"],"exp":2000000000}"#), Ok(()));
+        assert_eq!(ok(r#"{"aud":"gw"}"#), Ok(()));
+        assert_eq!(ok(r#"{"sub":"legacy"}"#), Ok(()));
+        assert!(ok(r#"{"aud":["api"],"exp":2000000000}"#).is_err());
+        assert!(ok(r#"{"aud":[],"exp":2000000000}"#).is_err());
+        assert!(ok(r#"{"aud":"gw","exp":1800000000}"#).is_err());
+        assert!(ok(r#"{"aud":"gw","exp":"soon"}"#).is_err());
+        for header in [
+            r#"{"alg":"none"}"#,
+            r#"{"alg":"HS256"}"#,
+            r#"{}"#,
+            "not json",
+        ] {
+            assert!(
+                precheck(&jwt(header, r#"{"aud":"gw"}"#), "gw", now).is_err(),
+                "{header}"
+            );
+        }
+        assert!(precheck("aaaa.bbbb.cccc", "gw", now).is_err());
+        assert!(precheck("plain-key", "gw", now).is_err());
+    }
 
     #[test]
     fn jwt_shape_and_expiry() {

@@ -66,8 +66,10 @@ pub struct ClientIdentity {
 #[derive(Debug, Clone)]
 pub struct PeerIdentity(pub Arc<ClientIdentity>);
 
-/// The identity in a client certificate: its first URI SAN (a SPIFFE ID), else its first DNS
-/// SAN, else its subject CN.
+/// The identity in a client certificate, in its namespace: its first URI SAN as it is (a SPIFFE
+/// ID, `spiffe://…`), else `dns:<first DNS SAN>`, else `cn:<subject CN>`. The prefixes keep
+/// identities of different kinds apart: a certificate whose CN is `backup-bot` is `cn:backup-bot`,
+/// never the API key `apikey:backup-bot`.
 pub fn identity_from_certificate(der: &[u8]) -> Option<ClientIdentity> {
     use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
     let (_, cert) = X509Certificate::from_der(der).ok()?;
@@ -83,7 +85,7 @@ pub fn identity_from_certificate(der: &[u8]) -> Option<ClientIdentity> {
     });
     let dns = || {
         sans.iter().find_map(|n| match n {
-            GeneralName::DNSName(d) => Some(d.to_string()),
+            GeneralName::DNSName(d) => Some(format!("dns:{d}")),
             _ => None,
         })
     };
@@ -92,7 +94,7 @@ pub fn identity_from_certificate(der: &[u8]) -> Option<ClientIdentity> {
             .iter_common_name()
             .next()
             .and_then(|cn| cn.as_str().ok())
-            .map(str::to_string)
+            .map(|cn| format!("cn:{cn}"))
     };
     let id = uri.or_else(dns).or_else(cn)?;
     Some(ClientIdentity {
@@ -265,11 +267,8 @@ where
                                 as Admit<B>)
                         }
                         Err(e) => {
-                            let reason = match &e {
-                                GatewayError::IdentityUnavailable(_) => "identity_unavailable",
-                                _ => "unauthenticated",
-                            };
-                            metrics.client_denied(None, reason);
+                            // unauthenticated, identity_unavailable or identity_throttled.
+                            metrics.client_denied(None, e.kind());
                             Err(e)
                         }
                     }
@@ -302,7 +301,7 @@ mod tests {
         let p = rcgen::CertificateParams::new(vec!["bot.ops.svc".into()]).unwrap();
         assert_eq!(
             identity_from_certificate(&cert(p)).unwrap().id.as_ref(),
-            "bot.ops.svc"
+            "dns:bot.ops.svc"
         );
         let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         p.distinguished_name
@@ -310,7 +309,7 @@ mod tests {
         let id = identity_from_certificate(&cert(p)).unwrap();
         assert_eq!(
             (id.id.as_ref(), id.method),
-            ("backup-bot", AuthMethod::Mtls)
+            ("cn:backup-bot", AuthMethod::Mtls)
         );
     }
 }

@@ -6,6 +6,13 @@
 //! `If-Modified-Since`) but no ETag; PATCH/PUT/DELETE require `If-Match` (428 without, 412 when
 //! stale). `/api/v1/_blob` streams large bodies both ways. It records every request it receives
 //! and can be told to delay, reset or fail, or to answer a path with a canned response.
+//!
+//! It also behaves as the real Eve 0.7 / Werkzeug stack does where that matters to a gateway's
+//! security: it upper-cases the method (Werkzeug executes `delete` as `DELETE`), honours
+//! `X-HTTP-Method-Override` on every wire method (Eve's default), renders XML for
+//! `Accept: application/xml` with the same ETag and no `Vary`, answers `TRACE` by echoing the
+//! request's headers, sends `Location` as an absolute URL naming its own host, and, when told to
+//! (`set_http10`), answers HTTP/1.0 and reads nothing of a chunked request body.
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap};
@@ -97,6 +104,7 @@ pub struct MockState {
     fault: Mutex<Option<(Fault, Option<usize>)>>,
     routes: Mutex<HashMap<String, Handler>>,
     next_id: Mutex<u64>,
+    http10: std::sync::atomic::AtomicBool,
 }
 
 /// A running mock.
@@ -256,6 +264,12 @@ impl MockState {
         release
     }
 
+    /// Answer as Werkzeug's development server does: HTTP/1.0, and a chunked request body is
+    /// read as empty.
+    pub fn set_http10(&self, on: bool) {
+        self.http10.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub fn clear_fault(&self) {
         *self.fault.lock().unwrap() = None;
     }
@@ -355,6 +369,13 @@ pub fn json_response(status: StatusCode, value: &Value) -> Response<Bytes> {
         .unwrap()
 }
 
+fn xml_response(value: &Value) -> Response<Bytes> {
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/xml; charset=utf-8")
+        .body(xml_of(value))
+        .unwrap()
+}
+
 fn etag_matches(header_value: Option<&HeaderValue>, etag: &str) -> bool {
     let Some(value) = header_value.and_then(|v| v.to_str().ok()) else {
         return false;
@@ -382,6 +403,12 @@ async fn handle(
                 kept.extend_from_slice(&data[..data.len().min(room)]);
             }
         }
+    }
+    let http10 = state.http10.load(std::sync::atomic::Ordering::Relaxed);
+    if http10 && parts.headers.contains_key(header::TRANSFER_ENCODING) {
+        // Werkzeug 0.11 reads `Content-Length` bytes, and there is none.
+        kept.clear();
+        body_len = 0;
     }
     let recorded = Recorded {
         method: parts.method.clone(),
@@ -430,7 +457,46 @@ async fn handle(
     if parts.uri.path() == "/api/v1/_blob" {
         return Ok(blob(&recorded));
     }
-    Ok(finish(api(&state, &tenant, &recorded)))
+    // What Eve executes: Werkzeug upper-cases the method, and Eve lets
+    // X-HTTP-Method-Override replace it on any request.
+    let mut executed = recorded.clone();
+    let method = recorded
+        .header("x-http-method-override")
+        .unwrap_or(recorded.method.as_str())
+        .to_ascii_uppercase();
+    executed.method = Method::from_bytes(method.as_bytes()).unwrap_or(Method::GET);
+    if executed.method == Method::TRACE {
+        // A server with TRACE on echoes the request, headers and all.
+        return Ok(finish(
+            Response::builder()
+                .header(header::CONTENT_TYPE, "message/http")
+                .body(Bytes::from(format!("{:?}", recorded.headers)))
+                .unwrap(),
+        ));
+    }
+    let mut response = finish(api(&state, &tenant, &executed));
+    if let Some(location) = response.headers().get(header::LOCATION).cloned() {
+        // Eve's Location is absolute, naming the host it was asked as.
+        let host = recorded.header("host").unwrap_or("localhost").to_string();
+        let absolute = format!("http://{host}{}", location.to_str().unwrap());
+        response
+            .headers_mut()
+            .insert(header::LOCATION, absolute.parse().unwrap());
+    }
+    if http10 {
+        *response.version_mut() = Version::HTTP_10;
+    }
+    Ok(response)
+}
+
+/// Eve renders XML for clients that prefer it, with the same ETag and no `Vary`.
+fn wants_xml(req: &Recorded) -> bool {
+    req.header("accept")
+        .is_some_and(|a| a.contains("application/xml"))
+}
+
+fn xml_of(value: &Value) -> Bytes {
+    Bytes::from(format!("<resource><json>{value}</json></resource>"))
 }
 
 fn finish(resp: Response<Bytes>) -> Response<MockBody> {
@@ -525,15 +591,25 @@ fn api(state: &MockState, tenant: &str, req: &Recorded) -> Response<Bytes> {
                     .unwrap();
             }
             let items: Vec<&Value> = coll.items.values().collect();
-            let mut resp = json_response(
-                StatusCode::OK,
-                &json!({"_items": items, "_meta": {"page": 1, "max_results": 25, "total": items.len()}}),
-            );
+            let listing = json!({"_items": items, "_meta": {"page": 1, "max_results": 25, "total": items.len()}});
+            let mut resp = json_response(StatusCode::OK, &listing);
+            if wants_xml(req) {
+                resp = xml_response(&listing);
+            }
             resp.headers_mut().insert(
                 header::LAST_MODIFIED,
                 httpdate::fmt_http_date(last_modified).parse().unwrap(),
             );
             resp
+        }
+        (1, &Method::DELETE) => {
+            // Eve deletes the whole collection (RESOURCE_METHODS includes DELETE).
+            coll.items.clear();
+            coll.modified = now_secs();
+            Response::builder()
+                .status(StatusCode::NO_CONTENT)
+                .body(Bytes::new())
+                .unwrap()
         }
         (1, &Method::POST) => {
             let Ok(doc @ Value::Object(_)) = serde_json::from_slice::<Value>(&req.body) else {
@@ -576,7 +652,9 @@ fn api(state: &MockState, tenant: &str, req: &Recorded) -> Response<Bytes> {
                     } else {
                         StatusCode::OK
                     };
-                    let mut resp = if status == StatusCode::OK {
+                    let mut resp = if status == StatusCode::OK && wants_xml(req) {
+                        xml_response(&doc)
+                    } else if status == StatusCode::OK {
                         json_response(status, &doc)
                     } else {
                         Response::builder()
