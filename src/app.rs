@@ -36,6 +36,9 @@ use crate::tls::ServerTls;
 use crate::token::{FingerprintKey, TokenSource};
 use crate::upstream::{Upstream, UpstreamSetupError};
 
+/// Connections the admin listener serves at once.
+const ADMIN_MAX_CONNECTIONS: usize = 256;
+
 /// State shared by the proxy stack and the admin listener.
 #[derive(Debug)]
 pub struct Shared {
@@ -245,8 +248,11 @@ impl Gateway {
             .layer(IdentityLayer::new(self.authenticator.clone()))
             // Which rule allows it, with which credential, at what rate.
             .layer(PolicyLayer::new(self.policy.clone()))
-            // Refuse oversized bodies before anything reads them.
-            .layer(BodyLimitLayer::new(self.config.server.max_body_size))
+            // Refuse oversized bodies before anything reads them; time out stalled ones.
+            .layer(BodyLimitLayer::new(
+                self.config.server.max_body_size,
+                self.config.server.body_timeout,
+            ))
             // Fail-closed auditing: a write goes on only once its intent record is on disk.
             .layer(AuditIntentLayer::new(observers.audit.clone()))
             // Reads from memory, revalidated by ETag; writes invalidate. Keyed by credential.
@@ -276,10 +282,14 @@ impl Gateway {
                 policy.forget_idle_clients();
             }
         });
+        let server = &self.config.server;
         let options = ServeOptions {
-            header_timeout: self.config.server.header_timeout,
-            drain_timeout: self.config.server.drain_timeout,
+            header_timeout: server.header_timeout,
+            drain_timeout: server.drain_timeout,
+            idle_timeout: server.idle_timeout,
+            max_connections: server.max_connections,
         };
+        let connections = &self.shared.observers.metrics.connections;
         let (stop_proxy, proxy_stopped) = watch::channel(false);
         let (stop_admin, admin_stopped) = watch::channel(false);
         let stack = self.proxy_stack();
@@ -290,6 +300,7 @@ impl Gateway {
             options,
             self.tls.clone(),
             proxy_stopped,
+            connections.listener("proxy"),
         ));
         let shared = self.shared.clone();
         let admin_service = tower::service_fn(move |req| crate::admin::handle(shared.clone(), req));
@@ -297,9 +308,14 @@ impl Gateway {
             "admin",
             self.admin,
             admin_service,
-            options,
+            ServeOptions {
+                // Probes and scrapes: a few at a time. A flood here cannot starve the proxy.
+                max_connections: ADMIN_MAX_CONNECTIONS,
+                ..options
+            },
             None,
             admin_stopped,
+            connections.listener("admin"),
         ));
 
         shutdown.await;

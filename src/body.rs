@@ -52,22 +52,116 @@ pub struct BodyTooLarge {
 #[error("{0}")]
 pub struct ClientBodyError(#[source] pub BoxError);
 
-/// Wraps a client's body so that it errors with [`BodyTooLarge`] past `limit` bytes, and with
+/// A client's request body stalled: no bytes for `server.body_timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error("no request body bytes for {}", humantime::format_duration(*.timeout))]
+pub struct BodyTimedOut {
+    /// The configured gap.
+    pub timeout: std::time::Duration,
+}
+
+/// Wraps a client's body so that it errors with [`BodyTooLarge`] past `limit` bytes, with
+/// [`BodyTimedOut`] when no bytes come for `timeout` while someone waits for them, and with
 /// [`ClientBodyError`] when the client's own stream fails.
-pub fn limited<B>(body: B, limit: u64) -> Body
+pub fn client_body<B>(body: B, limit: u64, timeout: std::time::Duration) -> Body
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    http_body_util::Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))
+    let limited = http_body_util::Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
+    Deadline::new(limited, timeout)
         .map_err(move |e| {
-            if e.is::<http_body_util::LengthLimitError>() {
+            if find_in::<http_body_util::LengthLimitError>(&e) {
                 Box::new(BodyTooLarge { limit }) as BoxError
+            } else if e.is::<BodyTimedOut>() {
+                e
             } else {
                 Box::new(ClientBodyError(e)) as BoxError
             }
         })
         .boxed_unsync()
+}
+
+pin_project_lite::pin_project! {
+    /// A body that fails with [`BodyTimedOut`] when it has kept its reader waiting for `gap`.
+    /// The clock runs only while someone polls and the body has nothing (backpressure from a
+    /// slow upstream never counts), and a timer exists only while the body is pending, so a
+    /// body that is already whole costs nothing. (tower-http's `TimeoutBody` would do, but it
+    /// forwards neither `size_hint` nor `is_end_stream`, which the upstream call relies on.)
+    pub struct Deadline<B> {
+        #[pin]
+        inner: B,
+        gap: std::time::Duration,
+        #[pin]
+        sleep: Option<tokio::time::Sleep>,
+    }
+}
+
+impl<B> Deadline<B> {
+    /// Wraps `inner`.
+    pub fn new(inner: B, gap: std::time::Duration) -> Self {
+        Self {
+            inner,
+            gap,
+            sleep: None,
+        }
+    }
+}
+
+impl<B> http_body::Body for Deadline<B>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(frame) => {
+                this.sleep.set(None);
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                if this.sleep.is_none() {
+                    this.sleep.set(Some(tokio::time::sleep(*this.gap)));
+                }
+                let sleep = this.sleep.as_pin_mut().expect("set above");
+                match sleep.poll(cx) {
+                    Poll::Ready(()) => {
+                        Poll::Ready(Some(Err(Box::new(BodyTimedOut { timeout: *this.gap }))))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Whether `err` is, or is caused by, a `T`.
+fn find_in<T: std::error::Error + 'static>(err: &BoxError) -> bool {
+    crate::error::find_cause::<T>(err.as_ref()).is_some()
+}
+
+/// Holds something (a memory reservation) for as long as the body it taps is alive.
+#[derive(Debug)]
+pub struct Hold<T>(pub T);
+
+impl<T: Send + 'static> TapHook for Hold<T> {
+    fn data(&mut self, _len: usize) {}
+    fn end(&mut self, _complete: bool) {}
 }
 
 /// What a [`Tap`] reports.
@@ -153,39 +247,48 @@ where
 
 /// A body read up to a limit by [`collect_limited`].
 pub enum Collected {
-    /// The whole body, within the limit.
+    /// The whole body, within the limit, in an allocation of exactly its size (never a slice of
+    /// a larger read buffer, which a stored copy would keep alive whole).
     Complete(Bytes),
-    /// Past the limit: the chunks read so far, and the rest of the body.
+    /// Past the limit: the bytes read so far, and the rest of the body.
     TooLarge(VecDeque<Bytes>, Body),
 }
 
 /// Reads a body whole if it fits in `limit`; otherwise hands back what was read and the rest,
-/// so the response can still stream through.
-pub async fn collect_limited(mut body: Body, limit: u64) -> Result<Collected, BoxError> {
+/// so it can still stream through. A body of known length is read into one allocation of that
+/// length, so collecting costs one copy and no more memory than the body.
+///
+/// `admit` is asked before each chunk is kept (with its length) and can refuse it, which ends
+/// the collection as if the limit were reached: a memory budget shared by many collections.
+pub async fn collect_limited(
+    mut body: Body,
+    limit: u64,
+    mut admit: impl FnMut(usize) -> bool,
+) -> Result<Collected, BoxError> {
     let mut chunks = VecDeque::new();
     if body.size_hint().lower() > limit {
         return Ok(Collected::TooLarge(chunks, body));
     }
-    let mut total = 0u64;
+    let known = body.size_hint().exact().filter(|n| *n <= limit);
+    let mut whole = bytes::BytesMut::with_capacity(known.map_or(0, |n| n as usize));
     while let Some(frame) = body.frame().await {
         if let Ok(data) = frame?.into_data() {
-            total += data.len() as u64;
-            chunks.push_back(data);
-            if total > limit {
+            let total = (whole.len() + data.len()) as u64;
+            if total > limit || !admit(data.len()) {
+                if !whole.is_empty() {
+                    chunks.push_back(whole.split().freeze());
+                }
+                chunks.push_back(data);
                 return Ok(Collected::TooLarge(chunks, body));
             }
+            whole.extend_from_slice(&data);
         }
     }
-    Ok(Collected::Complete(match chunks.len() {
-        0 => Bytes::new(),
-        1 => chunks.pop_front().expect("one chunk"),
-        _ => {
-            let mut all = Vec::with_capacity(total as usize);
-            for c in chunks {
-                all.extend_from_slice(&c);
-            }
-            Bytes::from(all)
-        }
+    Ok(Collected::Complete(if whole.capacity() == whole.len() {
+        whole.freeze()
+    } else {
+        // Grown by doubling (the length was not known): keep only what is used.
+        Bytes::copy_from_slice(&whole)
     }))
 }
 
@@ -216,13 +319,34 @@ impl http_body::Body for PrefixedBody {
 mod tests {
     use super::*;
 
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_body_times_out_and_a_whole_one_keeps_its_size() {
+        let whole = client_body(full("abc"), 10, std::time::Duration::from_secs(1));
+        assert_eq!(whole.size_hint().exact(), Some(3));
+        let empty = client_body(empty(), 10, std::time::Duration::from_secs(1));
+        assert!(empty.is_end_stream());
+        let (mut tx, rx) = http_body_util::channel::Channel::<Bytes, BoxError>::new(1);
+        let mut stalled = client_body(rx, 10, std::time::Duration::from_secs(30));
+        tx.send_data(Bytes::from_static(b"a")).await.unwrap();
+        assert_eq!(
+            stalled.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "a"
+        );
+        // 29 s of silence is within the gap; 30 s is not.
+        let err = stalled.frame().await.unwrap().unwrap_err();
+        assert!(err.is::<BodyTimedOut>(), "{err}");
+        drop(tx);
+    }
+
     #[tokio::test]
     async fn collects_within_the_limit_and_hands_back_the_rest() {
-        let Collected::Complete(b) = collect_limited(full("abc"), 3).await.unwrap() else {
+        let Collected::Complete(b) = collect_limited(full("abc"), 3, |_| true).await.unwrap()
+        else {
             panic!()
         };
         assert_eq!(b, "abc");
-        let Collected::TooLarge(prefix, rest) = collect_limited(full("abcd"), 3).await.unwrap()
+        let Collected::TooLarge(prefix, rest) =
+            collect_limited(full("abcd"), 3, |_| true).await.unwrap()
         else {
             panic!()
         };

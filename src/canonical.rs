@@ -20,6 +20,12 @@
 //!   an encoded `/` or `\`, a raw `\`, an encoded control character (NUL included), an empty
 //!   segment in the middle (`//`), a malformed escape, or a target that is not a path (Envoy's
 //!   `path_with_escaped_slashes_action: REJECT_REQUEST` is the model).
+//! - **Headers.** Hop-by-hop headers, and every header `Connection` names, are removed here
+//!   rather than at the upstream call, so no layer keys or decides on a header the upstream will
+//!   never see (`Connection: accept` would otherwise make the cache key on an `Accept` that is
+//!   stripped later). Header names containing `_` are dropped, as nginx does by default
+//!   (`underscores_in_headers off`): WSGI servers such as Werkzeug map `-` and `_` to the same
+//!   CGI variable, so `X_HTTP_METHOD_OVERRIDE` would reach Eve as `X-HTTP-Method-Override`.
 //! - **Representation.** A request without `Accept` gets `Accept: application/json`, as the
 //!   upstream is sent, so that the cache keys on what the upstream will see.
 
@@ -35,6 +41,7 @@ use tower::{Layer, Service};
 use crate::body::Body;
 pub use crate::config::{DEFAULT_METHODS, NEVER_FORWARDED, OverrideMode};
 use crate::error::GatewayError;
+use crate::headers::strip_hop_by_hop;
 use crate::observe::Exchange;
 
 /// The method-override headers some frameworks honour (Eve, Rails, ASP.NET, Google APIs).
@@ -107,6 +114,11 @@ impl MethodRules {
             }
         }
         let value = value.expect("one of the headers is present");
+        if value.as_bytes().iter().all(u8::is_ascii_whitespace) {
+            return Err(GatewayError::MethodOverride(
+                "the method-override header is empty".into(),
+            ));
+        }
         if self.overrides == OverrideMode::Refuse {
             return Err(GatewayError::MethodOverride(
                 "this gateway does not honour method-override headers \
@@ -267,6 +279,23 @@ fn with_path(uri: &Uri, path: &str) -> Result<Uri, GatewayError> {
     Ok(Uri::from(pq))
 }
 
+/// Removes headers whose names contain `_` (see the module docs).
+fn drop_underscored(headers: &mut http::HeaderMap) {
+    // Fast path, one pass over the names: almost no request has one.
+    if !headers.keys().any(|name| name.as_str().contains('_')) {
+        return;
+    }
+    let names: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().contains('_'))
+        .cloned()
+        .collect();
+    for name in names {
+        tracing::debug!(header = %name, "dropped a header whose name contains '_'");
+        headers.remove(name);
+    }
+}
+
 static APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json");
 
 /// See the module docs.
@@ -301,6 +330,8 @@ pub struct Canonical<S> {
 
 impl<S> Canonical<S> {
     fn canonicalize<B>(&self, req: &mut Request<B>) -> Result<(), GatewayError> {
+        strip_hop_by_hop(req.headers_mut());
+        drop_underscored(req.headers_mut());
         let effective = self.rules.effective(req.method(), req.headers())?;
         let path = canonical_path(req.uri().path())
             .map_err(|p| GatewayError::InvalidPath(p.as_str().into()))?;
@@ -473,6 +504,30 @@ mod tests {
         assert_eq!(
             kind(narrow.effective(&Method::POST, &h)),
             "unsupported_method"
+        );
+    }
+
+    #[test]
+    fn underscored_and_hop_by_hop_headers_never_pass() {
+        let mut h = headers(&[
+            ("x_http_method_override", "DELETE"),
+            ("x-http_method-override", "DELETE"),
+            ("if_match", "\"e\""),
+            ("connection", "close, accept"),
+            ("accept", "application/xml"),
+            ("x-kept", "1"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        drop_underscored(&mut h);
+        assert_eq!(
+            h.keys().map(HeaderName::as_str).collect::<Vec<_>>(),
+            ["x-kept"]
+        );
+        let rules = MethodRules::default();
+        let empty = headers(&[("x-http-method-override", " ")]);
+        assert_eq!(
+            rules.effective(&Method::POST, &empty).unwrap_err().kind(),
+            "method_override"
         );
     }
 

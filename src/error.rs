@@ -31,6 +31,13 @@ pub enum GatewayError {
     /// The client's request body broke off or was malformed (a bad chunk, a short body).
     #[error("the request body could not be read: {0}")]
     BadRequestBody(#[source] BoxError),
+    /// The client stopped sending its request body for `server.body_timeout`.
+    #[error("the request body stalled: no bytes for {}", humantime::format_duration(*.0))]
+    BodyTimeout(Duration),
+    /// The upstream's response could not be parsed (oversized or malformed headers, a broken
+    /// message): the upstream is reachable but broken.
+    #[error("CloudCasa upstream sent a malformed response: {0}")]
+    UpstreamProtocol(#[source] BoxError),
     /// The request body exceeds `server.max_body_size`.
     #[error("request body exceeds the limit of {limit} bytes")]
     PayloadTooLarge {
@@ -97,6 +104,8 @@ impl GatewayError {
             | Self::MethodOverride(_)
             | Self::BadRequestBody(_) => StatusCode::BAD_REQUEST,
             Self::UnsupportedMethod(_) => StatusCode::NOT_IMPLEMENTED,
+            Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Self::UpstreamProtocol(_) => StatusCode::BAD_GATEWAY,
             Self::IdentityThrottled { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::NoToken { .. } | Self::AuditUnavailable(_) | Self::IdentityUnavailable(_) => {
@@ -119,6 +128,8 @@ impl GatewayError {
             Self::UnsupportedMethod(_) => "unsupported_method",
             Self::MethodOverride(_) => "method_override",
             Self::BadRequestBody(_) => "bad_request_body",
+            Self::BodyTimeout(_) => "body_timeout",
+            Self::UpstreamProtocol(_) => "upstream_protocol",
             Self::IdentityThrottled { .. } => "identity_throttled",
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::NoToken { .. } => "no_token",
@@ -139,7 +150,7 @@ impl GatewayError {
     pub fn is_upstream_failure(&self) -> bool {
         matches!(
             self,
-            Self::UpstreamUnreachable(_) | Self::UpstreamTimeout(_)
+            Self::UpstreamUnreachable(_) | Self::UpstreamTimeout(_) | Self::UpstreamProtocol(_)
         )
     }
 

@@ -1,8 +1,10 @@
 //! What the gateway accepts from a client before anything else looks at the request: the body
 //! size limit (`server.max_body_size`), enforced up front from `Content-Length` and while
-//! streaming for chunked bodies, so the body is never buffered to check it.
+//! streaming for chunked bodies, so the body is never buffered to check it; and the body's
+//! deadline (`server.body_timeout`), the longest gap between two reads of it.
 
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::Either;
@@ -17,12 +19,14 @@ use crate::error::GatewayError;
 #[derive(Debug, Clone, Copy)]
 pub struct BodyLimitLayer {
     limit: u64,
+    timeout: Duration,
 }
 
 impl BodyLimitLayer {
-    /// Bodies over `limit` bytes are refused with 413.
-    pub fn new(limit: u64) -> Self {
-        Self { limit }
+    /// Bodies over `limit` bytes are refused with 413; a body that stalls for `timeout` ends
+    /// with 408.
+    pub fn new(limit: u64, timeout: Duration) -> Self {
+        Self { limit, timeout }
     }
 }
 
@@ -32,6 +36,7 @@ impl<S> Layer<S> for BodyLimitLayer {
         BodyLimit {
             inner,
             limit: self.limit,
+            timeout: self.timeout,
         }
     }
 }
@@ -41,6 +46,7 @@ impl<S> Layer<S> for BodyLimitLayer {
 pub struct BodyLimit<S> {
     inner: S,
     limit: u64,
+    timeout: Duration,
 }
 
 impl<S, B> Service<Request<B>> for BodyLimit<S>
@@ -68,7 +74,10 @@ where
                 limit: self.limit,
             })));
         }
-        let limit = self.limit;
-        Either::Right(self.inner.call(req.map(|b| body::limited(b, limit))))
+        let (limit, timeout) = (self.limit, self.timeout);
+        Either::Right(
+            self.inner
+                .call(req.map(|b| body::client_body(b, limit, timeout))),
+        )
     }
 }

@@ -97,6 +97,38 @@ impl AuditMetrics {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabel {
+    listener: &'static str,
+}
+
+/// One listener's connection counts, handed to its accept loop.
+#[derive(Debug, Clone)]
+pub struct ListenerMetrics {
+    /// Connections open now.
+    pub open: Gauge,
+    /// Connections closed at once because `server.max_connections` were open.
+    pub refused: Counter,
+}
+
+/// Connection counts by listener.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionMetrics {
+    open: Family<ListenerLabel, Gauge>,
+    refused: Family<ListenerLabel, Counter>,
+}
+
+impl ConnectionMetrics {
+    /// The handles for `listener` (`proxy` or `admin`).
+    pub fn listener(&self, listener: &'static str) -> ListenerMetrics {
+        let label = ListenerLabel { listener };
+        ListenerMetrics {
+            open: self.open.get_or_create(&label).clone(),
+            refused: self.refused.get_or_create(&label).clone(),
+        }
+    }
+}
+
 /// The gateway's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -118,6 +150,8 @@ pub struct Metrics {
     unidentified: Arc<str>,
     /// Handed to the audit sink.
     pub audit: AuditMetrics,
+    /// Handed to the listeners.
+    pub connections: ConnectionMetrics,
 }
 
 impl Metrics {
@@ -136,7 +170,21 @@ impl Metrics {
         let client_requests = Family::<ClientLabels, Counter>::default();
         let client_denials = Family::<DenialLabels, Counter>::default();
         let audit = AuditMetrics::default();
+        let connections = ConnectionMetrics::default();
         let name = |n: &str| format!("{PREFIX}_{n}");
+        registry.register(
+            name("connections_open"),
+            "Client connections open, by listener",
+            connections.open.clone(),
+        );
+        registry.register(
+            name("connections_refused"),
+            "Client connections closed at once because server.max_connections were open",
+            connections.refused.clone(),
+        );
+        for listener in ["proxy", "admin"] {
+            let _ = connections.listener(listener);
+        }
         registry.register(
             name("requests"),
             "Requests answered, by method, status class and cache status",
@@ -175,7 +223,7 @@ impl Metrics {
         registry.register(
             name("client_denials"),
             "Requests refused by client (empty: not identified) and reason \
-             (unauthenticated, identity_unavailable, forbidden, rate_limited)",
+             (unauthenticated, identity_unavailable, identity_throttled, forbidden, rate_limited)",
             client_denials.clone(),
         );
         registry.register(
@@ -201,6 +249,7 @@ impl Metrics {
         for kind in [
             "upstream_unreachable",
             "upstream_timeout",
+            "upstream_protocol",
             "audit_unavailable",
         ] {
             let _ = gateway_errors.get_or_create(&KindLabel { kind });
@@ -226,6 +275,7 @@ impl Metrics {
             client_denials,
             unidentified: Arc::from(""),
             audit,
+            connections,
         }
     }
 

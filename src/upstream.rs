@@ -27,8 +27,8 @@ use rustls_pki_types::pem::PemObject;
 use tower::Service;
 
 use crate::body::{
-    self, Body, BodyTooLarge, BoxError, ClientBodyError, Collected, PrefixedBody, Tap,
-    collect_limited,
+    self, Body, BodyTimedOut, BodyTooLarge, BoxError, ClientBodyError, Collected, PrefixedBody,
+    Tap, collect_limited,
 };
 use crate::config::UpstreamConfig;
 use crate::error::{GatewayError, find_cause};
@@ -128,6 +128,9 @@ impl Upstream {
                 .pool_timer(TokioTimer::new())
                 .timer(TokioTimer::new())
                 .retry_canceled_requests(retry)
+                // A response streamed to a client that reads slowly is held back here, not
+                // buffered: at most this much per upstream connection.
+                .http1_max_buf_size(UPSTREAM_READ_BUFFER)
                 .build(connector.clone())
         };
         let url = &config.url;
@@ -287,6 +290,9 @@ fn is_retry_safe(method: &Method) -> bool {
     matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
 }
 
+/// What one upstream HTTP/1 connection buffers of a response at most.
+const UPSTREAM_READ_BUFFER: usize = 64 * 1024;
+
 /// Request bodies with a `Content-Length` up to this size are read whole before sending.
 const BUFFER_BODIES_UP_TO: u64 = 64 * 1024;
 /// Request bodies of unknown length (chunked) up to this size are read whole and sent with a
@@ -309,7 +315,7 @@ async fn buffer_body(req: Request<Body>, http10: bool) -> Result<Request<Body>, 
         None => BUFFER_CHUNKED_UP_TO,
     };
     let (mut parts, body) = req.into_parts();
-    match collect_limited(body, limit).await {
+    match collect_limited(body, limit, |_| true).await {
         Ok(Collected::Complete(bytes)) => {
             parts.headers.remove(header::TRANSFER_ENCODING);
             parts
@@ -325,12 +331,15 @@ async fn buffer_body(req: Request<Body>, http10: bool) -> Result<Request<Body>, 
     }
 }
 
-/// What a client's failed body becomes: 413 past the limit, else 400.
+/// What a client's failed body becomes: 413 past the limit, 408 when it stalled, else 400.
 fn client_body_error(e: BoxError) -> GatewayError {
-    match find_cause::<BodyTooLarge>(e.as_ref()) {
-        Some(t) => GatewayError::PayloadTooLarge { limit: t.limit },
-        None => GatewayError::BadRequestBody(e),
+    if let Some(t) = find_cause::<BodyTooLarge>(e.as_ref()) {
+        return GatewayError::PayloadTooLarge { limit: t.limit };
     }
+    if let Some(t) = find_cause::<BodyTimedOut>(e.as_ref()) {
+        return GatewayError::BodyTimeout(t.timeout);
+    }
+    GatewayError::BadRequestBody(e)
 }
 
 fn classify(err: hyper_util::client::legacy::Error) -> GatewayError {
@@ -339,8 +348,19 @@ fn classify(err: hyper_util::client::legacy::Error) -> GatewayError {
             limit: too_large.limit,
         };
     }
+    if let Some(t) = find_cause::<BodyTimedOut>(&err) {
+        return GatewayError::BodyTimeout(t.timeout);
+    }
     if find_cause::<ClientBodyError>(&err).is_some() {
         return GatewayError::BadRequestBody(Box::new(err));
+    }
+    // The upstream answered, but not in HTTP hyper could read: oversized or malformed headers,
+    // a status line that is not one. Reachable, and broken. (A connection closed before any
+    // answer stays "unreachable".)
+    if let Some(h) = find_cause::<hyper::Error>(&err)
+        && (h.is_parse() || h.is_parse_status() || h.is_parse_too_large())
+    {
+        return GatewayError::UpstreamProtocol(Box::new(err));
     }
     if find_cause::<ConnectTimedOut>(&err).is_some() {
         return GatewayError::UpstreamUnreachable(Box::new(ConnectTimedOut));

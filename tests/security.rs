@@ -490,3 +490,134 @@ async fn a_broken_request_body_is_the_clients_fault() {
     let records = gw.wait_audit(1).await;
     assert_eq!(records[0]["error"], "bad_request_body");
 }
+
+#[tokio::test]
+async fn underscored_override_headers_are_dropped_before_anything_decides() {
+    // Werkzeug reads X_HTTP_METHOD_OVERRIDE as X-HTTP-Method-Override: the reader must not be
+    // able to delete or patch through it, and nothing it sends may poison the cache.
+    let (mock, _secret, gw, _dir) = reader_gateway("[cache]\nfresh_for = \"60s\"").await;
+    let (id, etag) = item(&mock, "kept");
+    let (name, value) = reader();
+    let auth = format!("{name}: {value}\r\n");
+    for (header, target) in [
+        ("X_HTTP_METHOD_OVERRIDE: DELETE", "/api/v1/usergroups"),
+        ("X-HTTP_Method-Override: delete", "/api/v1/usergroups"),
+        ("X_HTTP_METHOD_OVERRIDE: OPTIONS", "/api/v1/usergroups"),
+    ] {
+        let request = format!(
+            "GET {target} HTTP/1.1\r\nHost: gw\r\n{auth}{header}\r\nIf_Match: \"{etag}\"\r\n\
+             Connection: close\r\n\r\n"
+        );
+        let response = raw_exchange(gw.proxy, request.as_bytes()).await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{header}: {response}");
+        assert!(
+            response.contains("\"name\":\"kept\""),
+            "{header}: {response}"
+        );
+        let seen = mock.state.last();
+        assert_eq!(seen.method, Method::GET);
+        assert!(
+            seen.headers.keys().all(|k| !k.as_str().contains('_')),
+            "{:?}",
+            seen.headers
+        );
+    }
+    let still = as_reader(
+        &gw,
+        Method::GET,
+        &format!("/api/v1/usergroups/{id}"),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(still.json()["name"], "kept");
+}
+
+#[tokio::test]
+async fn the_key_is_what_the_upstream_sees() {
+    let (mock, _secret, gw) = setup("[cache]\nfresh_for = \"60s\"").await;
+    item(&mock, "g");
+    let url = gw.url("/api/v1/usergroups");
+    // `Connection: accept` strips Accept before the cache keys on it: this is a JSON request.
+    let named = get(
+        &url,
+        &[("accept", "application/xml"), ("connection", "accept")],
+    )
+    .await;
+    assert_eq!(named.json()["_items"][0]["name"], "g");
+    assert_eq!(mock.state.last().header("accept"), Some("application/json"));
+    let xml = get(&url, &[("accept", "application/xml")]).await;
+    assert!(xml.text().starts_with("<resource>"), "{}", xml.text());
+    // Two Accept lines reach the upstream as one, so it renders what the key says.
+    let two = send(
+        Method::GET,
+        &url,
+        &[
+            ("accept", "application/json"),
+            ("accept", "application/xml"),
+        ],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(
+        mock.state.last().header("accept"),
+        Some("application/json, application/xml")
+    );
+    let one = get(&url, &[("accept", "application/json, application/xml")]).await;
+    assert_eq!(one.text(), two.text());
+    assert!(one.header("cache-status").unwrap().contains("hit"));
+}
+
+#[tokio::test]
+async fn a_write_invalidates_every_alias_of_its_collection() {
+    let (mock, _secret, gw) = setup("[cache]\nfresh_for = \"60s\"").await;
+    let (id, etag) = item(&mock, "alpha");
+    let reads = [
+        format!("/api/v1/usergroups/{id}"),
+        format!("/api/v1/usergroups/{id}/"),
+        "/api/v1/usergroups/alpha".to_string(),
+        "/api/v1/usergroups/alpha/".to_string(),
+        "/api/v1/usergroups".to_string(),
+        "/api/v1/usergroups/".to_string(),
+    ];
+    for path in &reads {
+        get(&gw.url(path), &[]).await;
+        let hit = get(&gw.url(path), &[]).await;
+        assert!(
+            hit.header("cache-status").unwrap().contains("hit"),
+            "{path}"
+        );
+    }
+    let patched = send(
+        Method::PATCH,
+        &gw.url(&format!("/api/v1/usergroups/{id}/")),
+        &[("if-match", &format!("\"{etag}\""))],
+        r#"{"users":["new"]}"#,
+    )
+    .await;
+    assert_eq!(patched.status, StatusCode::OK, "{}", patched.text());
+    for path in &reads {
+        let after = get(&gw.url(path), &[]).await;
+        assert!(
+            after
+                .header("cache-status")
+                .unwrap()
+                .contains("fwd=uri-miss"),
+            "{path}: {:?}",
+            after.header("cache-status")
+        );
+        assert!(after.text().contains("new"), "{path}: {}", after.text());
+    }
+    // Other collections keep what they stored.
+    mock.state.seed("a", "clusters", json!({"name": "c"}));
+    get(&gw.url("/api/v1/clusters"), &[]).await;
+    send(
+        Method::POST,
+        &gw.url("/api/v1/usergroups"),
+        &[],
+        r#"{"name":"beta"}"#,
+    )
+    .await;
+    let other = get(&gw.url("/api/v1/clusters"), &[]).await;
+    assert!(other.header("cache-status").unwrap().contains("hit"));
+}

@@ -476,7 +476,7 @@ async fn rotated_keys_file_and_certificate_are_picked_up() {
 }
 
 #[tokio::test]
-async fn a_tls_client_that_negotiates_h2_and_then_stays_silent_is_cut_off() {
+async fn a_tls_client_that_negotiates_h2_and_sends_no_request_is_cut_off() {
     use rustls_pki_types::pem::PemObject;
     use tokio::io::AsyncReadExt;
     let f = fixture("[server]\nheader_timeout = \"300ms\"").await;
@@ -492,17 +492,36 @@ async fn a_tls_client_that_negotiates_h2_and_then_stays_silent_is_cut_off() {
     .with_root_certificates(roots)
     .with_no_client_auth();
     config.alpn_protocols = vec![b"h2".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(f.gw.proxy).await.unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
-        .connect("127.0.0.1".try_into().unwrap(), tcp)
-        .await
-        .unwrap();
-    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    // No preface, nothing at all: the gateway must close the connection (whatever it wrote
-    // first, such as its SETTINGS frame, is read and ignored here).
-    let mut ignored = Vec::new();
-    let closed = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut ignored)).await;
-    assert!(closed.is_ok(), "a silent h2 client kept its connection");
+    let config = std::sync::Arc::new(config);
+    // Silent after the handshake; and, once authenticated by nothing but TLS, a preface and
+    // SETTINGS and then silence: both are closed within header_timeout (300 ms here).
+    let settings = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+    let preface = [&b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..], &settings[..]].concat();
+    for sent in [&b""[..], &preface[..]] {
+        use tokio::io::AsyncWriteExt;
+        let tcp = tokio::net::TcpStream::connect(f.gw.proxy).await.unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(config.clone())
+            .connect("127.0.0.1".try_into().unwrap(), tcp)
+            .await
+            .unwrap();
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        tls.write_all(sent).await.unwrap();
+        // Whatever the gateway wrote (its SETTINGS, a GOAWAY) is read and ignored here.
+        let mut ignored = Vec::new();
+        let started = std::time::Instant::now();
+        let closed =
+            tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut ignored)).await;
+        assert!(
+            closed.is_ok(),
+            "an h2 client that sent {} bytes kept its connection",
+            sent.len()
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+    }
     assert_eq!(f.mock.state.count(), 0);
 }
 

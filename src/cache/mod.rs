@@ -22,11 +22,13 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body::Body as _;
 use sha2::{Digest, Sha256};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::util::BoxCloneService;
 use tower::{Layer, Service};
 
-use crate::body::{self, Body, Collected, PrefixedBody, collect_limited};
+use crate::body::{self, Body, Collected, Hold, PrefixedBody, Tap, collect_limited};
 use crate::canonical::{WireMethod, is_read};
 use crate::config::CacheConfig;
 use crate::credential::{PinnedToken, SelectedCredential};
@@ -53,6 +55,8 @@ const CLIENT_CONDITIONALS: [HeaderName; 5] = [
 pub struct Cache {
     store: Store,
     config: CacheConfig,
+    /// `cache.max_inflight`, in KiB permits: what fills in progress may hold.
+    inflight: Arc<Semaphore>,
     /// How long a collapsed request waits for the fetch it joined.
     wait_limit: Duration,
 }
@@ -60,7 +64,9 @@ pub struct Cache {
 impl Cache {
     /// A cache per `config`; collapsed waits are bounded by `upstream_timeout`.
     pub fn new(config: CacheConfig, upstream_timeout: Duration) -> Self {
+        let kib = usize::try_from(config.max_inflight / 1024).unwrap_or(usize::MAX);
         Self {
+            inflight: Arc::new(Semaphore::new(kib.clamp(1, Semaphore::MAX_PERMITS))),
             store: Store::new(config.max_size),
             config,
             wait_limit: upstream_timeout,
@@ -183,20 +189,31 @@ impl Cache {
         let partition = SelectedCredential::token_for(&req).map(|t| t.fingerprint());
         let target = req.uri().path().to_string();
         let response = inner.call(req).await?;
-        // RFC 9111 §4.4: a non-error response to an unsafe method invalidates the target, and
-        // here also its collection, with every query variant, plus Location/Content-Location.
+        // RFC 9111 §4.4: a non-error response to an unsafe method invalidates the target and
+        // Location/Content-Location, with every query variant. Here, for an API resource, the
+        // whole collection it belongs to: Eve serves one document under several paths (its id,
+        // its name through `additional_lookup`, either with a trailing slash), and a write to
+        // the collection (POST, DELETE) changes every item's listing.
         if let Some(partition) = partition
             && (response.status().is_success() || response.status().is_redirection())
         {
-            let mut paths = vec![parent(&target).to_string(), target];
+            let mut targets = vec![target];
             for h in [header::LOCATION, header::CONTENT_LOCATION] {
                 if let Some(path) = response.headers().get(&h).and_then(location_path) {
-                    paths.push(path);
+                    targets.push(path);
                 }
             }
-            paths.sort();
-            paths.dedup();
-            self.store.invalidate_paths(partition, &paths).await;
+            let (mut exact, mut roots) = (Vec::new(), Vec::new());
+            for t in &targets {
+                let (root, parent) = invalidation_scope(t);
+                roots.push(root);
+                exact.push(parent);
+            }
+            roots.sort();
+            roots.dedup();
+            exact.sort();
+            exact.dedup();
+            self.store.invalidate(partition, &exact, roots).await;
         }
         Ok(response)
     }
@@ -220,6 +237,7 @@ impl Cache {
                 pass(inner, req).await,
             );
         }
+        collapse_key_headers(&self.config.key_headers, req.headers_mut());
         let key = CacheKey {
             path: PathKey {
                 partition: token.fingerprint(),
@@ -394,12 +412,60 @@ impl Cache {
         }
 
         let (parts, body) = response.into_parts();
-        let bytes = match collect_limited(body, self.config.max_object_size).await {
-            // An exact-size copy, for the same reason as `detach_value`.
-            Ok(Collected::Complete(bytes)) => Bytes::copy_from_slice(&bytes),
+        // The bytes of this fill count against `cache.max_inflight` until its client has them.
+        // A body of known length reserves all of it up front, so that concurrent fills do not
+        // each take a share and none completes; one of unknown length reserves as it arrives.
+        let mut reserved: Option<OwnedSemaphorePermit> = None;
+        let mut over_budget = false;
+        let kib = |len: u64| u32::try_from(len.div_ceil(1024)).unwrap_or(u32::MAX);
+        let length = body
+            .size_hint()
+            .exact()
+            .filter(|n| *n <= self.config.max_object_size);
+        if let Some(n) = length {
+            match self.inflight.clone().try_acquire_many_owned(kib(n)) {
+                Ok(permit) => reserved = Some(permit),
+                Err(_) => {
+                    status.not_stored = Some(NotStorable::InflightLimit);
+                    return (status, Ok(Response::from_parts(parts, body)));
+                }
+            }
+        }
+        let reserve = |len: usize| {
+            if length.is_some() {
+                return true;
+            }
+            match self
+                .inflight
+                .clone()
+                .try_acquire_many_owned(kib(len as u64))
+            {
+                Ok(permit) => {
+                    match &mut reserved {
+                        Some(held) => held.merge(permit),
+                        None => reserved = Some(permit),
+                    }
+                    true
+                }
+                Err(_) => {
+                    over_budget = true;
+                    false
+                }
+            }
+        };
+        let collected = collect_limited(body, self.config.max_object_size, reserve).await;
+        let hold = |body: Body| match reserved {
+            Some(permit) => body::boxed(Tap::new(body, Hold(permit))),
+            None => body,
+        };
+        let bytes = match collected {
+            Ok(Collected::Complete(bytes)) => bytes,
             Ok(Collected::TooLarge(prefix, rest)) => {
-                status.not_stored = Some(NotStorable::TooLarge);
-                let body = body::boxed(PrefixedBody { prefix, rest });
+                status.not_stored = Some(match over_budget {
+                    true => NotStorable::InflightLimit,
+                    false => NotStorable::TooLarge,
+                });
+                let body = hold(body::boxed(PrefixedBody { prefix, rest }));
                 return (status, Ok(Response::from_parts(parts, body)));
             }
             Err(err) => return (status, Err(GatewayError::UpstreamUnreachable(err))),
@@ -426,7 +492,7 @@ impl Cache {
         if let Some(guard) = guard {
             guard.finish(FlightOutcome::Stored(fresh.clone()));
         }
-        (status, Ok(serve(&fresh, &client, false, now)))
+        (status, Ok(serve(&fresh, &client, false, now).map(hold)))
     }
 
     fn serve_stale(&self, stale: &Stored, client: &HeaderMap, now: SystemTime) -> Outcome {
@@ -445,6 +511,38 @@ fn location_path(value: &HeaderValue) -> Option<String> {
     let uri: http::Uri = value.to_str().ok()?.parse().ok()?;
     let path = uri.path();
     path.starts_with('/').then(|| path.to_string())
+}
+
+/// Joins repeated key headers into one line (RFC 9110 §5.3: the same meaning), so that the
+/// upstream sees what the cache keyed on: Werkzeug keeps only the last of repeated lines, and
+/// two `Accept` lines would otherwise be keyed as both but rendered as one.
+fn collapse_key_headers(names: &[HeaderName], headers: &mut HeaderMap) {
+    for name in names {
+        let mut values = headers.get_all(name).iter();
+        if values.next().is_some()
+            && values.next().is_some()
+            && let Some(joined) = policy::join_values(headers, name)
+        {
+            headers.insert(name.clone(), joined);
+        }
+    }
+}
+
+/// What a write to `path` invalidates: the subtree of the collection it names
+/// (`/api/v1/usergroups/ID/...` and `/api/v1/usergroups` → `/api/v1/usergroups`), or, outside
+/// `/api/v1/<collection>`, the path's own subtree; and, exactly, the parent of that root.
+fn invalidation_scope(path: &str) -> (String, String) {
+    let root = match crate::audit::record::Resource::parse(path) {
+        Some(r) => format!("/api/v1/{}", r.collection),
+        None => path.trim_end_matches('/').to_string(),
+    };
+    let root = if root.is_empty() {
+        "/".to_string()
+    } else {
+        root
+    };
+    let parent = parent(&root).to_string();
+    (root, parent)
 }
 
 /// The collection a resource belongs to: `/api/v1/usergroups/ID` → `/api/v1/usergroups`.
@@ -588,6 +686,21 @@ fn serve(stored: &Stored, client: &HeaderMap, head: bool, now: SystemTime) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn writes_invalidate_the_collections_subtree() {
+        let scope = |p| invalidation_scope(p);
+        assert_eq!(
+            scope("/api/v1/usergroups/624e/"),
+            ("/api/v1/usergroups".into(), "/api/v1".into())
+        );
+        assert_eq!(
+            scope("/api/v1/usergroups"),
+            ("/api/v1/usergroups".into(), "/api/v1".into())
+        );
+        assert_eq!(scope("/other/x/"), ("/other/x".into(), "/other".into()));
+        assert_eq!(scope("/"), ("/".into(), "/".into()));
+    }
 
     #[test]
     fn parents() {

@@ -123,6 +123,8 @@ pub enum NotStorable {
     SetCookie,
     /// The body exceeds `cache.max_object_size`.
     TooLarge,
+    /// Fills in progress already hold `cache.max_inflight`: this one streams through.
+    InflightLimit,
 }
 
 impl NotStorable {
@@ -135,6 +137,7 @@ impl NotStorable {
             Self::VaryStar => "vary-star",
             Self::SetCookie => "set-cookie",
             Self::TooLarge => "too-large",
+            Self::InflightLimit => "inflight-limit",
         }
     }
 }

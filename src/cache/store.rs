@@ -186,6 +186,7 @@ impl Store {
                     evicted.evictions.fetch_add(1, Ordering::Relaxed);
                 }
             })
+            .support_invalidation_closures()
             .build();
         Self {
             cache,
@@ -274,6 +275,40 @@ impl Store {
         .await;
     }
 
+    /// Removes, in one partition, every variant of each path in `exact` and of every path in the
+    /// subtree of each of `roots` (the root itself, with or without a trailing slash, and every
+    /// path below it, segment by segment: `/a/b` covers `/a/b/c`, not `/a/bc`). Effective at
+    /// once: no later lookup returns what was removed.
+    pub async fn invalidate(&self, partition: Fingerprint, exact: &[String], roots: Vec<String>) {
+        self.invalidate_with(|| async {
+            for path in exact {
+                let key = PathKey {
+                    partition,
+                    path: path.as_str().into(),
+                };
+                self.cache.invalidate(&key).await;
+            }
+            if !roots.is_empty() {
+                let n = roots.len();
+                let predicate = move |k: &PathKey, _: &Arc<PathEntry>| {
+                    k.partition == partition && roots.iter().any(|r| in_subtree(&k.path, r))
+                };
+                // Fails only if the builder did not ask for closures; it does.
+                if self.cache.invalidate_entries_if(predicate).is_err() {
+                    tracing::error!("cache: subtree invalidation is not available");
+                    self.cache.invalidate_all();
+                }
+                self.stats
+                    .invalidations
+                    .fetch_add(n as u64, Ordering::Relaxed);
+            }
+            self.stats
+                .invalidations
+                .fetch_add(exact.len() as u64, Ordering::Relaxed);
+        })
+        .await;
+    }
+
     /// Removes every path starting with `prefix` in every partition (`""`: everything).
     /// Returns how many paths were removed.
     pub async fn purge_prefix(&self, prefix: &str) -> usize {
@@ -337,6 +372,15 @@ impl Store {
     /// The configured bound in bytes.
     pub fn max_size(&self) -> u64 {
         self.max_size
+    }
+}
+
+/// Whether `path` is `root` or below it, by whole segments.
+pub fn in_subtree(path: &str, root: &str) -> bool {
+    let root = root.trim_end_matches('/');
+    match path.strip_prefix(root) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/'),
+        None => false,
     }
 }
 
@@ -483,6 +527,47 @@ mod tests {
         assert!(store.get(&k).await.is_none());
         assert!(store.insert(&k, stored("new"), store.epoch()).await);
         assert_eq!(store.get(&k).await.unwrap().body, "new");
+    }
+
+    #[test]
+    fn subtrees_are_whole_segments() {
+        assert!(in_subtree("/api/v1/clusters", "/api/v1/clusters"));
+        assert!(in_subtree("/api/v1/clusters/", "/api/v1/clusters"));
+        assert!(in_subtree("/api/v1/clusters/x/y", "/api/v1/clusters"));
+        assert!(in_subtree("/api/v1/clusters/x", "/api/v1/clusters/"));
+        assert!(!in_subtree("/api/v1/clustersets", "/api/v1/clusters"));
+        assert!(!in_subtree("/api/v1", "/api/v1/clusters"));
+    }
+
+    #[tokio::test]
+    async fn subtree_invalidation_is_immediate_and_stays_in_its_partition() {
+        let store = Store::new(1 << 20);
+        let item = key("/api/v1/usergroups/1", "");
+        let alias = CacheKey {
+            path: PathKey {
+                partition: item.path.partition,
+                path: "/api/v1/usergroups/alpha/".into(),
+            },
+            variant: item.variant.clone(),
+        };
+        let neighbour = CacheKey {
+            path: PathKey {
+                partition: item.path.partition,
+                path: "/api/v1/usergroupsets".into(),
+            },
+            variant: item.variant.clone(),
+        };
+        let other_tenant = key("/api/v1/usergroups/1", "");
+        for k in [&item, &alias, &neighbour, &other_tenant] {
+            assert!(store.insert(k, stored("x"), store.epoch()).await);
+        }
+        store
+            .invalidate(item.path.partition, &[], vec!["/api/v1/usergroups".into()])
+            .await;
+        assert!(store.get(&item).await.is_none());
+        assert!(store.get(&alias).await.is_none());
+        assert!(store.get(&neighbour).await.is_some());
+        assert!(store.get(&other_tenant).await.is_some());
     }
 
     #[tokio::test]

@@ -60,6 +60,12 @@ pub struct ServerConfig {
     pub header_timeout: Duration,
     /// Time in-flight requests get to finish on shutdown.
     pub drain_timeout: Duration,
+    /// A connection with no request in flight for this long is closed.
+    pub idle_timeout: Duration,
+    /// The longest gap between two reads of a request body; past it, 408.
+    pub body_timeout: Duration,
+    /// Client connections open at once at most.
+    pub max_connections: usize,
     /// Tokio worker threads; `None` means one per core.
     pub worker_threads: Option<usize>,
     /// TLS (and mTLS) on the proxy listener.
@@ -106,6 +112,13 @@ impl OverrideMode {
         }
     }
 }
+
+/// `server.max_connections` by default: what the shipped 512 Mi memory limit holds (see the
+/// README's sizing: about 75 KiB for an idle HTTP/2 connection over TLS, 4096 × 75 KiB = 300 MiB
+/// beside the cache).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// The largest `server.max_connections` accepted.
+pub const MAX_MAX_CONNECTIONS: usize = 1 << 20;
 
 /// `[server.tls]`.
 #[derive(Debug, Clone)]
@@ -198,6 +211,9 @@ pub struct CacheConfig {
     pub max_size: u64,
     /// Largest body stored, in bytes; larger ones stream through.
     pub max_object_size: u64,
+    /// Bytes that fills in progress (read from the upstream, not yet stored or sent) may hold
+    /// in all; a fill past it streams through unstored.
+    pub max_inflight: u64,
     /// Freshness given to responses that carry no freshness information of their own.
     pub fresh_for: Duration,
     /// How long past freshness a stored response may stand in for a failing upstream.
@@ -378,6 +394,15 @@ impl Config {
         }
         let header_timeout = positive(&mut p, "server.header_timeout", r.server.header_timeout, 10);
         let drain_timeout = r.server.drain_timeout.unwrap_or(Duration::from_secs(20));
+        let idle_timeout = positive(&mut p, "server.idle_timeout", r.server.idle_timeout, 60);
+        let body_timeout = positive(&mut p, "server.body_timeout", r.server.body_timeout, 30);
+        let max_connections = r.server.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        if !(1..=MAX_MAX_CONNECTIONS).contains(&max_connections) {
+            p.add(
+                "server.max_connections",
+                format!("must be between 1 and {MAX_MAX_CONNECTIONS}"),
+            );
+        }
         if r.server.worker_threads == Some(0) {
             p.add("server.worker_threads", "must be at least 1");
         }
@@ -462,12 +487,22 @@ impl Config {
                 .cache
                 .max_object_size
                 .map_or(8 * 1024 * 1024, |s| s.as_u64()),
+            max_inflight: r
+                .cache
+                .max_inflight
+                .map_or(64 * 1024 * 1024, |s| s.as_u64()),
             fresh_for: r.cache.fresh_for.unwrap_or_default(),
             stale_if_error: r.cache.stale_if_error.unwrap_or_default(),
             key_headers: key_headers(&mut p, r.cache.key_headers),
         };
         if cache.enabled && cache.max_object_size > cache.max_size {
             p.add("cache.max_object_size", "must not exceed cache.max_size");
+        }
+        if cache.enabled && cache.max_inflight < cache.max_object_size {
+            p.add(
+                "cache.max_inflight",
+                "must be at least cache.max_object_size, or the largest objects could never be stored",
+            );
         }
 
         let format = match r.log.format.as_deref() {
@@ -533,6 +568,9 @@ impl Config {
                     max_body_size,
                     header_timeout,
                     drain_timeout,
+                    idle_timeout,
+                    body_timeout,
+                    max_connections,
                     worker_threads: r.server.worker_threads,
                     tls,
                     allow_unauthenticated,

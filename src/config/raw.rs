@@ -35,6 +35,11 @@ pub struct RawServer {
     pub header_timeout: Option<Duration>,
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Option<Duration>,
+    pub max_connections: Option<usize>,
     pub worker_threads: Option<usize>,
     pub allow_unauthenticated: Option<bool>,
     pub tls: Option<RawServerTls>,
@@ -82,6 +87,7 @@ pub struct RawCache {
     pub enabled: Option<bool>,
     pub max_size: Option<ByteSize>,
     pub max_object_size: Option<ByteSize>,
+    pub max_inflight: Option<ByteSize>,
     #[serde(with = "humantime_serde")]
     pub fresh_for: Option<Duration>,
     #[serde(with = "humantime_serde")]

@@ -222,6 +222,31 @@ def test_get_with_override_delete_is_refused(sidecar, header):
     assert not eve.saw(marker), 'the request reached Eve'
 
 
+@pytest.mark.parametrize('header', ['X_HTTP_METHOD_OVERRIDE', 'X-HTTP_Method-Override'])
+def test_underscored_override_is_dropped_so_eve_executes_a_get(sidecar, header):
+    # Werkzeug maps '_' and '-' in header names to one CGI variable: Eve would honour these.
+    gw, eve = sidecar, sidecar.eve
+    names = sorted([eve.create(unique('keep'))['name'], eve.create(unique('keep'))['name']])
+    r = gw.request('GET', COLL, [(header, 'DELETE')])
+    assert r.status == 200, r
+    assert sorted(i['name'] for i in r.json()['_items']) == names
+    assert eve.names() == names
+
+
+def test_write_through_an_alias_is_seen_by_every_alias(sidecar):
+    gw, eve = sidecar, sidecar.eve
+    doc = eve.create(unique('alias'), ['a'])
+    paths = [f'{COLL}/{doc["_id"]}', f'{COLL}/{doc["name"]}', f'{COLL}/{doc["name"]}/', COLL]
+    for path in paths:
+        assert gw.request('GET', path).status == 200, path
+    r = gw.request('PATCH', f'{COLL}/{doc["_id"]}/', [('If-Match', etag_of(doc))], {'users': ['b']})
+    assert r.status == 200, r
+    for path in paths[:3]:
+        r = gw.request('GET', path)
+        assert r.status == 200 and r.json()['users'] == ['b'], (path, r)
+    assert gw.request('GET', COLL).json()['_items'][0]['users'] == ['b']
+
+
 def test_head_with_override_patch_is_refused(sidecar):
     gw, eve = sidecar, sidecar.eve
     doc = eve.create(unique('head'))

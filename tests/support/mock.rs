@@ -460,8 +460,12 @@ async fn handle(
     // What Eve executes: Werkzeug upper-cases the method, and Eve lets
     // X-HTTP-Method-Override replace it on any request.
     let mut executed = recorded.clone();
-    let method = recorded
-        .header("x-http-method-override")
+    // Werkzeug maps `-` and `_` in header names to the same CGI variable.
+    let override_header = recorded.headers.iter().find_map(|(name, value)| {
+        (name.as_str().replace('_', "-") == "x-http-method-override")
+            .then(|| value.to_str().unwrap_or_default())
+    });
+    let method = override_header
         .unwrap_or(recorded.method.as_str())
         .to_ascii_uppercase();
     executed.method = Method::from_bytes(method.as_bytes()).unwrap_or(Method::GET);
@@ -491,7 +495,12 @@ async fn handle(
 
 /// Eve renders XML for clients that prefer it, with the same ETag and no `Vary`.
 fn wants_xml(req: &Recorded) -> bool {
-    req.header("accept")
+    // Werkzeug keeps the last of repeated header lines.
+    req.headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .next_back()
+        .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.contains("application/xml"))
 }
 
@@ -503,18 +512,40 @@ fn finish(resp: Response<Bytes>) -> Response<MockBody> {
     resp.map(|b| http_body_util::Full::new(b).boxed_unsync())
 }
 
-/// `GET /api/v1/_blob?size=N` streams N bytes; a write reports how many bytes it received.
+/// `GET /api/v1/_blob?size=N` streams N bytes (`&trickle=MS`: one 64 KiB chunk every MS
+/// milliseconds); a write reports how many bytes it received.
 fn blob(req: &Recorded) -> Response<MockBody> {
     if req.method == Method::GET {
-        let size = req
-            .uri
-            .query()
-            .and_then(|q| q.strip_prefix("size="))
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0u64);
+        let param = |name: &str| {
+            req.uri
+                .query()
+                .and_then(|q| {
+                    q.split('&')
+                        .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
+                })
+                .and_then(|n| n.parse::<u64>().ok())
+        };
+        let size = param("size").unwrap_or(0);
+        let body = match param("trickle") {
+            None => RepeatBody { remaining: size }.boxed_unsync(),
+            Some(ms) => {
+                let chunks = futures_util::stream::unfold(size, move |left| async move {
+                    if left == 0 {
+                        return None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    let n = left.min(65536);
+                    let chunk = Bytes::from(vec![b'x'; n as usize]);
+                    Some((Ok::<_, Infallible>(Frame::data(chunk)), left - n))
+                });
+                // The length is declared, as a real server would.
+                http_body_util::StreamBody::new(chunks).boxed_unsync()
+            }
+        };
         return Response::builder()
             .header(header::CONTENT_TYPE, "application/octet-stream")
-            .body(RepeatBody { remaining: size }.boxed_unsync())
+            .header(header::CONTENT_LENGTH, size)
+            .body(body)
             .unwrap();
     }
     finish(json_response(
@@ -555,10 +586,12 @@ impl http_body::Body for RepeatBody {
 }
 
 fn api(state: &MockState, tenant: &str, req: &Recorded) -> Response<Bytes> {
+    // Eve routes with and without a trailing slash alike.
     let segments: Vec<&str> = req
         .uri
         .path()
         .trim_start_matches("/api/v1/")
+        .trim_end_matches('/')
         .split('/')
         .collect();
     if !req.uri.path().starts_with("/api/v1/") || segments.iter().any(|s| s.is_empty()) {
@@ -637,7 +670,16 @@ fn api(state: &MockState, tenant: &str, req: &Recorded) -> Response<Bytes> {
             resp
         }
         (2, method) => {
-            let id = segments[1];
+            // Items by id, or by name (Eve's `additional_lookup`).
+            let id = match coll.items.contains_key(segments[1]) {
+                true => segments[1].to_string(),
+                false => coll
+                    .items
+                    .iter()
+                    .find(|(_, doc)| doc["name"] == segments[1])
+                    .map_or_else(|| segments[1].to_string(), |(id, _)| id.clone()),
+            };
+            let id = id.as_str();
             let Some(doc) = coll.items.get(id).cloned() else {
                 return envelope(
                     StatusCode::NOT_FOUND,
