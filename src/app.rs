@@ -117,12 +117,20 @@ impl Gateway {
             Some(t) => Some(ServerTls::load(t).map_err(StartError::Setup)?),
             None => None,
         };
+        let cache = config
+            .cache
+            .enabled
+            .then(|| Arc::new(Cache::new(config.cache.clone(), config.upstream.timeout)));
+        let metrics = Arc::new(Metrics::new(
+            credentials.clone(),
+            cache.clone(),
+            tls.clone(),
+        ));
         let kubernetes = match &config.clients.kubernetes {
-            Some(k) => {
-                Some(Arc::new(TokenReviewer::new(k).map_err(|e| {
-                    StartError::Setup(format!("clients.kubernetes: {e}"))
-                })?))
-            }
+            Some(k) => Some(Arc::new(
+                TokenReviewer::new(k, metrics.token_reviews.clone())
+                    .map_err(|e| StartError::Setup(format!("clients.kubernetes: {e}")))?,
+            )),
             None => None,
         };
         let api_keys = match &config.clients.api_keys {
@@ -139,11 +147,6 @@ impl Gateway {
         };
         let proxy = bind("server.listen", config.server.listen).await?;
         let admin = bind("admin.listen", config.admin.listen).await?;
-        let cache = config
-            .cache
-            .enabled
-            .then(|| Arc::new(Cache::new(config.cache.clone(), config.upstream.timeout)));
-        let metrics = Arc::new(Metrics::new(credentials.clone(), cache.clone()));
         let by_name: HashMap<String, Arc<TokenSource>> = credentials
             .iter()
             .map(|c| (c.credential().to_string(), c.clone()))
@@ -319,8 +322,17 @@ impl Gateway {
         ));
 
         shutdown.await;
-        tracing::info!("shutting down: draining in-flight requests");
+        // Not ready at once, still accepting for shutdown_delay: endpoint removal reaches the
+        // Service's clients and proxies meanwhile, and a connection made then is served.
         self.shared.draining.store(true, Ordering::Release);
+        if !self.config.server.shutdown_delay.is_zero() {
+            tracing::info!(
+                delay = %humantime::format_duration(self.config.server.shutdown_delay),
+                "shutting down: not ready, still accepting connections"
+            );
+            tokio::time::sleep(self.config.server.shutdown_delay).await;
+        }
+        tracing::info!("shutting down: draining in-flight requests");
         let _ = stop_proxy.send(true);
         let _ = proxy.await;
         // The admin listener outlives the drain so probes can watch it happen.

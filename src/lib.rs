@@ -30,5 +30,10 @@ pub mod token;
 pub mod upstream;
 pub mod watch;
 
+/// The git revision this binary was built from (`unknown` outside a checkout).
+pub const REVISION: &str = env!("GATEWAY_REVISION");
+/// The date this binary was built (UTC, `YYYY-MM-DD`).
+pub const BUILD_DATE: &str = env!("GATEWAY_BUILD_DATE");
+
 pub use app::Gateway;
 pub use config::Config;

@@ -1,18 +1,67 @@
 //! Diagnostic logs: stderr, filtered by `RUST_LOG` (default `info`), as text or JSON lines.
 //! These are for operators; the audit trail is separate.
+//!
+//! Lines logged while handling a request carry its `request_id` and `trace_id` (the fields are
+//! added where those lines are written), so a warning can be matched to its audit record and
+//! trace. Text logs have ANSI colours only on a terminal (`log.color = "auto"`): `kubectl logs`
+//! and log files get plain text.
+
+use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Directive;
 
-use crate::config::LogFormat;
+use crate::config::{LogColor, LogFormat};
+
+/// Targets held at `warn` whatever `RUST_LOG` says: the file watcher and the event loop under
+/// it log every filesystem event at trace level, and with stderr written to a watched directory
+/// each of those lines would cause another event (tens of megabytes a second).
+const QUIET_TARGETS: [&str; 4] = ["notify", "inotify", "mio", "polling"];
+
+/// The filter: `RUST_LOG` or `info`, with [`QUIET_TARGETS`] held at `warn`.
+pub fn filter(rust_log: Option<&str>) -> EnvFilter {
+    let mut filter = rust_log
+        .and_then(|v| EnvFilter::try_new(v).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    for target in QUIET_TARGETS {
+        let directive: Directive = format!("{target}=warn").parse().expect("a valid directive");
+        filter = filter.add_directive(directive);
+    }
+    filter
+}
 
 /// Installs the global subscriber. Call once, from `main`.
-pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+pub fn init(format: LogFormat, color: LogColor) {
+    let filter = filter(std::env::var("RUST_LOG").ok().as_deref());
+    let ansi = match color {
+        LogColor::Always => true,
+        LogColor::Never => false,
+        LogColor::Auto => std::io::stderr().is_terminal(),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_watcher_stays_quiet_at_every_level() {
+        for rust_log in [Some("trace"), Some("notify=trace,info"), None] {
+            let text = filter(rust_log).to_string();
+            for target in QUIET_TARGETS {
+                assert!(
+                    text.contains(&format!("{target}=warn")),
+                    "{rust_log:?}: {text}"
+                );
+            }
+        }
     }
 }

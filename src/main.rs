@@ -14,9 +14,19 @@ use cloudcasa_gateway::{Gateway, logging};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `--version`: the version, the git revision and the build date.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (revision ",
+    env!("GATEWAY_REVISION"),
+    ", built ",
+    env!("GATEWAY_BUILD_DATE"),
+    ")"
+);
+
 /// A caching reverse proxy in front of the CloudCasa API that injects the API token.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version = VERSION, about)]
 struct Cli {
     /// The TOML configuration file (see config/gateway.toml).
     #[arg(long, value_name = "PATH")]
@@ -31,6 +41,9 @@ struct Cli {
     /// Override server.listen.
     #[arg(long, value_name = "ADDR")]
     listen: Option<String>,
+    /// Override admin.listen (probes, metrics, cache admin).
+    #[arg(long, value_name = "ADDR")]
+    admin_listen: Option<String>,
     /// Override upstream.url ("production", "staging" or a URL).
     #[arg(long, value_name = "URL")]
     upstream: Option<String>,
@@ -56,6 +69,11 @@ enum Command {
 }
 
 fn hash_key(id: &str) -> ExitCode {
+    use cloudcasa_gateway::identity::api_keys::{MIN_KEY_BITS, id_problem, key_bits};
+    if let Some(problem) = id_problem(id) {
+        eprintln!("error: {problem}");
+        return ExitCode::from(2);
+    }
     let mut key = String::new();
     if let Err(e) = std::io::stdin().read_line(&mut key) {
         eprintln!("error: cannot read the key from stdin: {e}");
@@ -71,6 +89,13 @@ fn hash_key(id: &str) -> ExitCode {
     if key.trim() != key || key.contains(char::is_whitespace) {
         eprintln!(
             "error: the key must not contain whitespace (clients send it as `Authorization: Bearer <key>`)"
+        );
+        return ExitCode::from(2);
+    }
+    if key_bits(key) < MIN_KEY_BITS {
+        eprintln!(
+            "error: the key is too short to resist guessing: use at least 128 bits, e.g. \
+             `openssl rand -hex 32` (64 hex characters; 32 is the least accepted)"
         );
         return ExitCode::from(2);
     }
@@ -123,6 +148,7 @@ fn main() -> ExitCode {
     }
     let overrides = Overrides {
         listen: cli.listen,
+        admin_listen: cli.admin_listen,
         upstream: cli.upstream,
         token_file: cli.token_file,
     };
@@ -149,7 +175,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    logging::init(config.log.format);
+    logging::init(config.log.format, config.log.color);
 
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();

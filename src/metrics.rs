@@ -18,6 +18,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::cache::Cache;
+use crate::tls::ServerTls;
 use crate::token::TokenSource;
 
 /// Every metric name starts with this.
@@ -33,11 +34,6 @@ const LATENCY_BUCKETS: [f64; 17] = [
 struct RequestLabels {
     method: &'static str,
     status_class: &'static str,
-    cache: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct CacheLabel {
     cache: &'static str,
 }
 
@@ -83,6 +79,8 @@ fn latency_histogram() -> Histogram {
 pub struct AuditMetrics {
     written: Family<PhaseLabel, Counter>,
     failed: Family<ReasonLabel, Counter>,
+    /// Records queued and not yet taken by the writer.
+    pub queued: Gauge,
 }
 
 impl AuditMetrics {
@@ -95,6 +93,34 @@ impl AuditMetrics {
     pub fn failed(&self, reason: &'static str, n: u64) {
         self.failed.get_or_create(&ReasonLabel { reason }).inc_by(n);
     }
+}
+
+/// What an upstream call was for, as the `call` label of `upstream_duration_seconds`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamCallKind {
+    /// A read with nothing to revalidate.
+    Fetch = 0,
+    /// A conditional read (the cache's, or a client's passed through).
+    Revalidate = 1,
+    /// Any other method.
+    Write = 2,
+}
+
+impl UpstreamCallKind {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Fetch => "fetch",
+            Self::Revalidate => "revalidate",
+            Self::Write => "write",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    call: &'static str,
+    status_class: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -134,13 +160,14 @@ impl ConnectionMetrics {
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
-    request_duration: Family<CacheLabel, Histogram, fn() -> Histogram>,
+    request_duration: Family<RequestLabels, Histogram, fn() -> Histogram>,
     /// `requests`, `request_duration` and `upstream_responses` series by label index, filled on
     /// first use.
     request_handles: Handles<Counter>,
     duration_handles: Handles<Histogram>,
     upstream_handles: Handles<Counter>,
-    upstream_duration: Histogram,
+    upstream_duration: Family<UpstreamLabels, Histogram, fn() -> Histogram>,
+    upstream_duration_handles: Handles<Histogram>,
     upstream_responses: Family<StatusClassLabel, Counter>,
     gateway_errors: Family<KindLabel, Counter>,
     in_flight: Gauge,
@@ -152,18 +179,27 @@ pub struct Metrics {
     pub audit: AuditMetrics,
     /// Handed to the listeners.
     pub connections: ConnectionMetrics,
+    /// Handed to the TokenReview client.
+    pub token_reviews: TokenReviewMetrics,
 }
 
 impl Metrics {
     /// Registers every metric; `tokens` and `cache` are read at scrape time.
-    pub fn new(tokens: Vec<Arc<TokenSource>>, cache: Option<Arc<Cache>>) -> Self {
+    pub fn new(
+        tokens: Vec<Arc<TokenSource>>,
+        cache: Option<Arc<Cache>>,
+        tls: Option<Arc<ServerTls>>,
+    ) -> Self {
         let mut registry = Registry::default();
         let requests = Family::<RequestLabels, Counter>::default();
         let request_duration =
-            Family::<CacheLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+            Family::<RequestLabels, Histogram, fn() -> Histogram>::new_with_constructor(
                 latency_histogram,
             );
-        let upstream_duration = latency_histogram();
+        let upstream_duration =
+            Family::<UpstreamLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram,
+            );
         let upstream_responses = Family::<StatusClassLabel, Counter>::default();
         let gateway_errors = Family::<KindLabel, Counter>::default();
         let in_flight = Gauge::default();
@@ -171,7 +207,44 @@ impl Metrics {
         let client_denials = Family::<DenialLabels, Counter>::default();
         let audit = AuditMetrics::default();
         let connections = ConnectionMetrics::default();
+        let token_reviews = TokenReviewMetrics {
+            reviews: Family::default(),
+            duration: Family::new_with_constructor(latency_histogram),
+        };
         let name = |n: &str| format!("{PREFIX}_{n}");
+        let build = Family::<BuildLabels, Gauge>::default();
+        build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+                revision: crate::REVISION,
+            })
+            .set(1);
+        registry.register(
+            name("build_info"),
+            "1, labelled with the gateway's version and git revision",
+            build,
+        );
+        registry.register(
+            name("token_reviews"),
+            "TokenReview calls by result (authenticated, refused, error), and reviews not made \
+             (throttled: over max_concurrent_reviews or review_rate; prechecked: not a token the \
+             API server could accept)",
+            token_reviews.reviews.clone(),
+        );
+        registry.register(
+            name("token_review_duration_seconds"),
+            "Time a TokenReview call took, by result",
+            token_reviews.duration.clone(),
+        );
+        registry.register(
+            name("audit_queue_depth"),
+            "Audit records waiting for the writer (the queue holds 65,536)",
+            audit.queued.clone(),
+        );
+        registry.register_collector(Box::new(ProcessCollector));
+        if let Some(tls) = tls {
+            registry.register_collector(Box::new(TlsCollector(tls)));
+        }
         registry.register(
             name("connections_open"),
             "Client connections open, by listener",
@@ -192,12 +265,13 @@ impl Metrics {
         );
         registry.register(
             name("request_duration_seconds"),
-            "Time from request received to response complete, by cache status",
+            "Time from request received to response complete, by method, status class and cache status",
             request_duration.clone(),
         );
         registry.register(
             name("upstream_duration_seconds"),
-            "Time from sending a request upstream to its response headers",
+            "Time from sending a request upstream to its response headers, by call (fetch, \
+             revalidate, write) and status class",
             upstream_duration.clone(),
         );
         registry.register(
@@ -265,9 +339,12 @@ impl Metrics {
             request_handles: Handles::new(
                 METHODS.len() * STATUS_CLASSES.len() * CACHE_LABELS.len(),
             ),
-            duration_handles: Handles::new(CACHE_LABELS.len()),
+            duration_handles: Handles::new(
+                METHODS.len() * STATUS_CLASSES.len() * CACHE_LABELS.len(),
+            ),
             upstream_handles: Handles::new(STATUS_CLASSES.len()),
             upstream_duration,
+            upstream_duration_handles: Handles::new(3 * STATUS_CLASSES.len()),
             upstream_responses,
             gateway_errors,
             in_flight,
@@ -276,6 +353,7 @@ impl Metrics {
             unidentified: Arc::from(""),
             audit,
             connections,
+            token_reviews,
         }
     }
 
@@ -328,7 +406,11 @@ impl Metrics {
         };
         let duration = || {
             self.request_duration
-                .get_or_create(&CacheLabel { cache })
+                .get_or_create(&RequestLabels {
+                    method,
+                    status_class,
+                    cache,
+                })
                 .clone()
         };
         // Cache labels come from CacheStatus::label; one outside the list still counts.
@@ -337,7 +419,7 @@ impl Metrics {
                 let i = (m * STATUS_CLASSES.len() + s) * CACHE_LABELS.len() + c;
                 self.request_handles.get(i, requests).inc();
                 self.duration_handles
-                    .get(c, duration)
+                    .get(i, duration)
                     .observe(elapsed.as_secs_f64());
             }
             None => {
@@ -351,10 +433,19 @@ impl Metrics {
     }
 
     /// An upstream call returned response headers.
-    pub fn upstream_answered(&self, status: StatusCode, elapsed: Duration) {
-        self.upstream_duration.observe(elapsed.as_secs_f64());
+    pub fn upstream_answered(&self, call: UpstreamCallKind, status: StatusCode, elapsed: Duration) {
         let i = status_class_index(status);
         let status_class = STATUS_CLASSES[i];
+        self.upstream_duration_handles
+            .get(call as usize * STATUS_CLASSES.len() + i, || {
+                self.upstream_duration
+                    .get_or_create(&UpstreamLabels {
+                        call: call.as_str(),
+                        status_class,
+                    })
+                    .clone()
+            })
+            .observe(elapsed.as_secs_f64());
         self.upstream_handles
             .get(i, || {
                 self.upstream_responses
@@ -450,6 +541,155 @@ fn encode_one(
     match labels {
         Some(labels) => metric.encode(m.encode_family(&labels)?),
         None => metric.encode(m),
+    }
+}
+
+/// The standard `process_*` metrics (as the Prometheus client libraries name them), read from
+/// /proc at scrape time: resident memory, CPU seconds, open and maximum file descriptors, start
+/// time. prometheus-client has no process collector of its own.
+#[derive(Debug)]
+struct ProcessCollector;
+
+/// What /proc says about this process, in the units Prometheus wants.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct ProcessStats {
+    /// Resident set size, bytes.
+    pub resident_bytes: f64,
+    /// User plus system CPU time, seconds.
+    pub cpu_seconds: f64,
+    /// Open file descriptors.
+    pub open_fds: f64,
+    /// The soft limit on file descriptors.
+    pub max_fds: f64,
+    /// Start time, seconds since the epoch.
+    pub start_time_seconds: f64,
+}
+
+impl ProcessStats {
+    /// Reads /proc/self (`None` off Linux or if /proc is not mounted).
+    pub fn read() -> Option<Self> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
+        let field = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
+        // USER_HZ and the page size are 100 and 4096 on every Linux this runs on.
+        const TICKS: f64 = 100.0;
+        let cpu_seconds = (field(11)? + field(12)?) / TICKS;
+        let start_ticks = field(19)?;
+        let resident_bytes = field(21)? * 4096.0;
+        let boot = std::fs::read_to_string("/proc/stat")
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("btime "))
+            .and_then(|v| v.trim().parse::<f64>().ok())?;
+        let open_fds = std::fs::read_dir("/proc/self/fd").ok()?.count() as f64;
+        let max_fds = std::fs::read_to_string("/proc/self/limits")
+            .ok()?
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .and_then(|l| l.split_whitespace().nth(3))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::INFINITY);
+        Some(Self {
+            resident_bytes,
+            cpu_seconds,
+            open_fds,
+            max_fds,
+            start_time_seconds: boot + start_ticks / TICKS,
+        })
+    }
+}
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(p) = ProcessStats::read() else {
+            return Ok(());
+        };
+        let gauges = [
+            (
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes",
+                p.resident_bytes,
+            ),
+            (
+                "process_open_fds",
+                "Number of open file descriptors",
+                p.open_fds,
+            ),
+            (
+                "process_max_fds",
+                "Maximum number of open file descriptors",
+                p.max_fds,
+            ),
+            (
+                "process_start_time_seconds",
+                "Start time of the process since unix epoch in seconds",
+                p.start_time_seconds,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let gauge = ConstGauge::new(value);
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
+        let cpu = ConstCounter::new(p.cpu_seconds);
+        cpu.encode(encoder.encode_descriptor(
+            "process_cpu_seconds",
+            "Total user and system CPU time spent in seconds",
+            None,
+            cpu.metric_type(),
+        )?)?;
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+    revision: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+/// TokenReview calls, handed to the reviewer.
+#[derive(Debug, Clone)]
+pub struct TokenReviewMetrics {
+    reviews: Family<ResultLabel, Counter>,
+    duration: Family<ResultLabel, Histogram, fn() -> Histogram>,
+}
+
+impl TokenReviewMetrics {
+    /// A review call ended with `result` (`authenticated`, `refused`, `error`) after `elapsed`;
+    /// `throttled` and `prechecked` count calls that were never made.
+    pub fn reviewed(&self, result: &'static str, elapsed: Option<Duration>) {
+        let label = ResultLabel { result };
+        self.reviews.get_or_create(&label).inc();
+        if let Some(elapsed) = elapsed {
+            self.duration
+                .get_or_create(&label)
+                .observe(elapsed.as_secs_f64());
+        }
+    }
+}
+
+/// The proxy listener's certificate expiry.
+#[derive(Debug)]
+struct TlsCollector(Arc<ServerTls>);
+
+impl Collector for TlsCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let gauge = ConstGauge::new(self.0.not_after());
+        let name = format!("{PREFIX}_tls_certificate_not_after_seconds");
+        let mut m = encoder.encode_descriptor(
+            &name,
+            "When the listener's TLS certificate expires, seconds since the epoch",
+            None,
+            gauge.metric_type(),
+        )?;
+        gauge.encode(m.encode_family(&[("listener", "proxy")])?)?;
+        Ok(())
     }
 }
 
@@ -603,7 +843,7 @@ mod tests {
 
     #[test]
     fn exposition_names_and_counts() {
-        let m = Metrics::new(Vec::new(), None);
+        let m = Metrics::new(Vec::new(), None, None);
         m.request_started();
         m.request_finished(
             &Method::GET,
@@ -665,7 +905,7 @@ mod tests {
 
     #[test]
     fn memoised_handles_count_into_the_exposed_series() {
-        let m = Metrics::new(Vec::new(), None);
+        let m = Metrics::new(Vec::new(), None, None);
         let finish = |cache: &'static str| {
             m.request_started();
             m.request_finished(
@@ -682,7 +922,11 @@ mod tests {
         }
         finish("unindexed");
         for _ in 0..2 {
-            m.upstream_answered(StatusCode::NOT_MODIFIED, Duration::from_micros(10));
+            m.upstream_answered(
+                UpstreamCallKind::Revalidate,
+                StatusCode::NOT_MODIFIED,
+                Duration::from_micros(10),
+            );
         }
         let text = m.encode();
         assert!(
@@ -697,15 +941,24 @@ mod tests {
         assert!(text.contains(
             "cloudcasa_gateway_requests_total{method=\"PATCH\",status_class=\"4xx\",cache=\"unindexed\"} 1"
         ));
-        assert!(
-            text.contains("cloudcasa_gateway_request_duration_seconds_count{cache=\"miss\"} 3")
-        );
+        assert!(text.contains(
+            "cloudcasa_gateway_request_duration_seconds_count{method=\"PATCH\",status_class=\"4xx\",cache=\"miss\"} 3"
+        ));
         assert!(
             text.contains(
-                "cloudcasa_gateway_request_duration_seconds_bucket{le=\"0.0001\",cache=\"miss\"} 3"
+                "cloudcasa_gateway_request_duration_seconds_bucket{le=\"0.0001\",method=\"PATCH\",status_class=\"4xx\",cache=\"miss\"} 3"
             ),
             "{text}"
         );
+        assert!(
+            text.contains(
+                "cloudcasa_gateway_upstream_duration_seconds_count{call=\"revalidate\",status_class=\"3xx\"} 2"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("cloudcasa_gateway_build_info{version=\""));
+        assert!(text.contains("process_resident_memory_bytes "));
+        assert!(text.contains("process_cpu_seconds_total "));
         assert!(text.contains("cloudcasa_gateway_requests_in_flight 0"));
     }
 }

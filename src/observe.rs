@@ -24,7 +24,7 @@ use crate::audit::record::{self, Client, Record, Resource};
 use crate::body::{self, Body, Tap, TapHook};
 use crate::cache::status::CacheStatus;
 use crate::identity::ClientIdentity;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, UpstreamCallKind};
 use crate::policy::Decision;
 use crate::request_id::RequestId;
 use crate::rescue::GatewayMade;
@@ -134,10 +134,20 @@ impl Exchange {
             .observers
             .telemetry
             .client_span(&self.trace, method, url, headers);
+        let kind = if !crate::canonical::is_read(method) {
+            UpstreamCallKind::Write
+        } else if headers.contains_key(header::IF_NONE_MATCH)
+            || headers.contains_key(header::IF_MODIFIED_SINCE)
+        {
+            UpstreamCallKind::Revalidate
+        } else {
+            UpstreamCallKind::Fetch
+        };
         UpstreamCall {
             span,
             started: Instant::now(),
             status: None,
+            kind,
         }
     }
 
@@ -145,7 +155,9 @@ impl Exchange {
     pub fn upstream_answered(&self, call: &mut UpstreamCall, status: StatusCode) {
         call.status = Some(status);
         let elapsed = call.started.elapsed();
-        self.observers.metrics.upstream_answered(status, elapsed);
+        self.observers
+            .metrics
+            .upstream_answered(call.kind, status, elapsed);
         let mut report = self.upstream.lock().unwrap_or_else(|e| e.into_inner());
         report.status = Some(status);
         report.elapsed = Some(elapsed);
@@ -196,12 +208,39 @@ impl Exchange {
     }
 }
 
+/// What ties a log line to a request: its id and its trace.
+#[derive(Debug, Clone)]
+pub struct LogIds {
+    /// `X-Request-Id`.
+    pub request_id: HeaderValue,
+    /// The W3C trace id (32 hex digits).
+    pub trace_id: opentelemetry::trace::TraceId,
+}
+
+impl LogIds {
+    /// The request id as text.
+    pub fn request_id(&self) -> &str {
+        self.request_id.to_str().unwrap_or_default()
+    }
+}
+
+impl Exchange {
+    /// The ids every log line about this request carries.
+    pub fn log_ids(&self) -> LogIds {
+        LogIds {
+            request_id: self.request_id.clone(),
+            trace_id: self.trace.span().span_context().trace_id(),
+        }
+    }
+}
+
 /// An upstream call in progress: its client span and start time.
 #[derive(Debug)]
 pub struct UpstreamCall {
     span: opentelemetry::Context,
     started: Instant,
     status: Option<StatusCode>,
+    kind: UpstreamCallKind,
 }
 
 impl UpstreamCall {
@@ -485,7 +524,7 @@ impl Completion {
             r.upstream_ms = upstream.elapsed.map(record::millis);
             r.error = error;
             r.complete = Some(complete);
-            audit.record(r.to_open_json());
+            audit.record(r.to_open_json(), || ex.log_ids());
         }
     }
 }

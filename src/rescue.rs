@@ -10,6 +10,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use futures_util::FutureExt;
@@ -19,6 +20,7 @@ use tower::{Layer, Service};
 
 use crate::body::Body;
 use crate::error::GatewayError;
+use crate::observe::{Exchange, LogIds};
 
 /// See the module docs.
 #[derive(Debug, Clone, Default)]
@@ -53,12 +55,16 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
+        // Log lines about this request carry its ids (none above the observe layer); the ids are
+        // taken from the exchange only when there is something to log.
+        let exchange = Exchange::of(&req).cloned();
         match std::panic::catch_unwind(AssertUnwindSafe(|| self.inner.call(req))) {
             Ok(future) => RescueFuture::Running {
                 future: AssertUnwindSafe(future).catch_unwind(),
+                exchange,
             },
             Err(panic) => RescueFuture::Done {
-                response: Some(panicked(panic)),
+                response: Some(panicked(panic, exchange.map(|e| e.log_ids()).as_ref())),
             },
         }
     }
@@ -74,6 +80,7 @@ pin_project_lite::pin_project! {
         Running {
             #[pin]
             future: CatchUnwind<AssertUnwindSafe<F>>,
+            exchange: Option<Arc<Exchange>>,
         },
         /// Answered already (the call itself panicked).
         Done {
@@ -91,10 +98,10 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let response = match self.project() {
-            RescueProj::Running { future } => match ready!(future.poll(cx)) {
+            RescueProj::Running { future, exchange } => match ready!(future.poll(cx)) {
                 Ok(Ok(response)) => response,
-                Ok(Err(err)) => rescue(err.into()),
-                Err(panic) => panicked(panic),
+                Ok(Err(err)) => rescue(err.into(), exchange.as_ref().map(|e| e.log_ids()).as_ref()),
+                Err(panic) => panicked(panic, exchange.as_ref().map(|e| e.log_ids()).as_ref()),
             },
             RescueProj::Done { response } => response
                 .take()
@@ -104,13 +111,16 @@ where
     }
 }
 
-/// Logs a gateway-made error and renders it.
-pub fn rescue(err: GatewayError) -> Response<Body> {
-    let message = err.message();
+/// Logs a gateway-made error (with the request's ids) and renders it.
+pub fn rescue(err: GatewayError, ids: Option<&LogIds>) -> Response<Body> {
+    // `detail`, not `message`: JSON logs already have a `message` key for the event itself.
+    let detail = err.message();
+    let request_id = ids.map(LogIds::request_id);
+    let trace_id = ids.map(|i| tracing::field::display(i.trace_id));
     if err.status().is_server_error() {
-        tracing::warn!(kind = err.kind(), %message, "request failed");
+        tracing::warn!(kind = err.kind(), request_id, trace_id, %detail, "request failed");
     } else {
-        tracing::debug!(kind = err.kind(), %message, "request refused");
+        tracing::debug!(kind = err.kind(), request_id, trace_id, %detail, "request refused");
     }
     let kind = err.kind();
     let mut response = err.into_response();
@@ -125,14 +135,19 @@ pub struct GatewayMade {
     pub kind: &'static str,
 }
 
-fn panicked(panic: Box<dyn Any + Send>) -> Response<Body> {
+fn panicked(panic: Box<dyn Any + Send>, ids: Option<&LogIds>) -> Response<Body> {
     let what = panic
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "(no message)".into());
-    tracing::error!(panic = %what, "a request handler panicked");
-    rescue(GatewayError::Internal)
+    tracing::error!(
+        panic = %what,
+        request_id = ids.map(LogIds::request_id),
+        trace_id = ids.map(|i| tracing::field::display(i.trace_id)),
+        "a request handler panicked"
+    );
+    rescue(GatewayError::Internal, ids)
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! authenticate with a bearer credential; a certificate that *is* presented must chain to the
 //! client CA and be within its validity period, or the handshake fails.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -22,22 +23,30 @@ pub struct ServerTls {
     config: TlsConfig,
     current: ArcSwap<ServerConfig>,
     last: Mutex<Vec<u8>>,
+    /// The serving certificate's notAfter, seconds since the epoch.
+    not_after: AtomicI64,
 }
 
 impl ServerTls {
     /// Loads the files; at start a problem is an error naming the key.
     pub fn load(config: &TlsConfig) -> Result<Arc<Self>, String> {
-        let (bytes, server) = build(config)?;
+        let (bytes, server, not_after) = build(config)?;
         Ok(Arc::new(Self {
             config: config.clone(),
             current: ArcSwap::from_pointee(server),
             last: Mutex::new(bytes),
+            not_after: AtomicI64::new(not_after),
         }))
     }
 
     /// An acceptor with the configuration in force now.
     pub fn acceptor(&self) -> TlsAcceptor {
         TlsAcceptor::from(self.current.load_full())
+    }
+
+    /// When the certificate in use expires, seconds since the epoch (for an expiry alert).
+    pub fn not_after(&self) -> i64 {
+        self.not_after.load(Ordering::Relaxed)
     }
 
     /// Whether client certificates identify clients.
@@ -63,8 +72,9 @@ impl crate::watch::Reload for ServerTls {
             return;
         }
         match build(&self.config) {
-            Ok((bytes, server)) => {
+            Ok((bytes, server, not_after)) => {
                 self.current.store(Arc::new(server));
+                self.not_after.store(not_after, Ordering::Relaxed);
                 *last = bytes;
                 tracing::info!(cert = %self.config.cert_file.display(), "TLS certificate reloaded");
             }
@@ -84,7 +94,7 @@ fn read_all(config: &TlsConfig) -> std::io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
-fn build(config: &TlsConfig) -> Result<(Vec<u8>, ServerConfig), String> {
+fn build(config: &TlsConfig) -> Result<(Vec<u8>, ServerConfig, i64), String> {
     let bytes = read_all(config).map_err(|e| format!("server.tls: {e}"))?;
     let certs = CertificateDer::pem_file_iter(&config.cert_file)
         .and_then(|i| i.collect::<Result<Vec<_>, _>>())
@@ -95,6 +105,12 @@ fn build(config: &TlsConfig) -> Result<(Vec<u8>, ServerConfig), String> {
             config.cert_file.display()
         ));
     }
+    let not_after = {
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        X509Certificate::from_der(&certs[0])
+            .map(|(_, c)| c.validity().not_after.timestamp())
+            .map_err(|e| format!("server.tls.cert_file: {}: {e}", config.cert_file.display()))?
+    };
     let key = PrivateKeyDer::from_pem_file(&config.key_file)
         .map_err(|e| format!("server.tls.key_file: {}: {e}", config.key_file.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -118,5 +134,5 @@ fn build(config: &TlsConfig) -> Result<(Vec<u8>, ServerConfig), String> {
         .with_single_cert(certs, key)
         .map_err(|e| format!("server.tls.key_file: does not match the certificate: {e}"))?;
     server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok((bytes, server))
+    Ok((bytes, server, not_after))
 }

@@ -248,8 +248,10 @@ fn a_reachable_listener_without_client_authentication_refuses_to_start() {
     let allowed = open.replace("[token]", "allow_unauthenticated = true\n[token]");
     let (ok, out) = check(&allowed, Some("t"));
     assert!(ok, "{out}");
+    // (The one file serves as the token and as a valid keys file.)
     let with_keys = format!("{open}[clients.api_keys]\nfile = \"TOKEN_PATH\"\n");
-    let (ok, out) = check(&with_keys, Some("t"));
+    let keys = cloudcasa_gateway::identity::api_keys::key_line("a", "k");
+    let (ok, out) = check(&with_keys, Some(&keys));
     assert!(ok, "{out}");
 }
 
@@ -348,27 +350,88 @@ fn check_validates_credentials_and_policy() {
 #[test]
 fn hash_key_prints_a_line_for_the_keys_file() {
     use std::io::Write;
-    let mut child = Command::new(BIN)
-        .args(["hash-key", "backup-bot"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"the-new-key\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
+    let hash_key = |id: &str, key: &str| {
+        let mut child = Command::new(BIN)
+            .args(["hash-key", id])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(format!("{key}\n").as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let key = "9f86d081884c7d659a2feaa0c55ad015";
+    let out = hash_key("backup-bot", key);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let line = String::from_utf8(out.stdout).unwrap();
     assert!(line.starts_with("backup-bot = \"sha256:"), "{line}");
-    assert!(!line.contains("the-new-key"));
+    assert!(!line.contains(key));
     let keys = cloudcasa_gateway::identity::api_keys::parse(&line).unwrap();
     assert_eq!(keys.len(), 1);
     assert_eq!(
         line.trim(),
-        cloudcasa_gateway::identity::api_keys::key_line("backup-bot", "the-new-key")
+        cloudcasa_gateway::identity::api_keys::key_line("backup-bot", key)
+    );
+    // Fewer than 128 bits of key, or no id: refused.
+    for (id, key, why) in [
+        ("backup-bot", "the-new-key", "too short"),
+        ("backup-bot", &key[..31], "too short"),
+        ("", key, "empty"),
+    ] {
+        let out = hash_key(id, key);
+        assert!(!out.status.success(), "{id:?} {key:?} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(why), "{err}");
+    }
+}
+
+#[test]
+fn version_names_the_revision_and_build_date() {
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.starts_with(&format!(
+            "cloudcasa-gateway {} (revision ",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{text}"
+    );
+    let date = text
+        .split("built ")
+        .nth(1)
+        .unwrap()
+        .trim()
+        .trim_end_matches(')');
+    assert!(
+        date.len() == 10 && date.as_bytes()[4] == b'-' && date.as_bytes()[7] == b'-',
+        "{text}"
+    );
+}
+
+#[test]
+fn check_refuses_keys_files_with_shared_hashes() {
+    let dir = tempfile::tempdir().unwrap();
+    let line = |id| cloudcasa_gateway::identity::api_keys::key_line(id, "one-key-for-two");
+    let keys = dir.path().join("keys.toml");
+    std::fs::write(&keys, format!("{}\n{}\n", line("a"), line("b"))).unwrap();
+    let config = format!(
+        "[token]\nfile = \"TOKEN_PATH\"\n[clients.api_keys]\nfile = \"{}\"\n",
+        keys.display()
+    );
+    let (ok, out) = check(&config, Some("t"));
+    assert!(!ok, "accepted: {out}");
+    assert!(
+        out.contains("clients.api_keys.file") && out.contains("same key hash"),
+        "{out}"
     );
 }

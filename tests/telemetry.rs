@@ -240,15 +240,20 @@ async fn metrics_count_known_traffic() {
     assert_eq!(v(&format!("{p}requests_in_flight")), 0.0);
     assert_eq!(
         v(&format!(
-            "{p}request_duration_seconds_count{{cache=\"miss\"}}"
+            "{p}request_duration_seconds_count{{method=\"GET\",status_class=\"2xx\",cache=\"miss\"}}"
         )),
         1.0
     );
-    assert_eq!(
-        v(&format!("{p}upstream_duration_seconds_count")),
-        3.0,
-        "miss, revalidation, PATCH"
-    );
+    // The miss, the revalidation and the PATCH, each under its own call label.
+    for (call, status) in [("fetch", "2xx"), ("revalidate", "3xx"), ("write", "4xx")] {
+        assert_eq!(
+            v(&format!(
+                "{p}upstream_duration_seconds_count{{call=\"{call}\",status_class=\"{status}\"}}"
+            )),
+            1.0,
+            "{call}"
+        );
+    }
     assert_eq!(
         v(&format!(
             "{p}upstream_responses_total{{status_class=\"2xx\"}}"

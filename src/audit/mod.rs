@@ -29,7 +29,7 @@ use crate::config::{AuditConfig, AuditSink};
 use crate::error::GatewayError;
 use crate::gate::{Admit, GateFuture};
 use crate::metrics::AuditMetrics;
-use crate::observe::Exchange;
+use crate::observe::{Exchange, LogIds};
 use chain::{ChainHash, GENESIS};
 
 /// Records waiting for the writer; past this, records are dropped (and counted), never waited on.
@@ -119,19 +119,29 @@ impl AuditLog {
         })
     }
 
-    /// Queues a finished record without waiting. A full queue loses it (counted and logged).
-    pub fn record(&self, open_json: Vec<u8>) {
-        match self.tx.try_send(Job::Record(open_json)) {
-            Ok(()) => {}
+    /// Queues a finished record without waiting. A full queue loses it (counted, and logged
+    /// with the request's ids from `ids`).
+    pub fn record(&self, open_json: Vec<u8>, ids: impl FnOnce() -> LogIds) {
+        let why = match self.tx.try_send(Job::Record(open_json)) {
+            Ok(()) => {
+                self.metrics.queued.inc();
+                return;
+            }
             Err(TrySendError::Full(_)) => {
                 self.metrics.failed("queue_full", 1);
-                tracing::error!("audit record lost: the writer's queue is full");
+                "the writer's queue is full"
             }
             Err(TrySendError::Disconnected(_)) => {
                 self.metrics.failed("write", 1);
-                tracing::error!("audit record lost: the writer has stopped");
+                "the writer has stopped"
             }
-        }
+        };
+        let ids = ids();
+        tracing::error!(
+            request_id = ids.request_id(),
+            trace_id = %ids.trace_id,
+            "audit record lost: {why}"
+        );
     }
 
     /// Writes an intent record durably (write and fsync) and waits for it.
@@ -141,6 +151,7 @@ impl AuditLog {
             self.metrics.failed("queue_full", 1);
             return Err("the audit writer's queue is full".into());
         }
+        self.metrics.queued.inc();
         match tokio::time::timeout(INTENT_TIMEOUT, written).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err("the audit writer has stopped".into()),
@@ -282,6 +293,11 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            let records = jobs
+                .iter()
+                .filter(|j| matches!(j, Job::Record(_) | Job::Intent(..)))
+                .count();
+            self.metrics.queued.dec_by(records as i64);
             self.process(&mut jobs, &mut buf);
         }
         tracing::debug!(head = %self.head, "audit writer stopped");

@@ -33,6 +33,7 @@ use crate::canonical::{WireMethod, is_read};
 use crate::config::CacheConfig;
 use crate::credential::{PinnedToken, SelectedCredential};
 use crate::error::GatewayError;
+use crate::observe::Exchange;
 use policy::{Directives, NotStorable};
 use status::{CacheStatus, Forward};
 use store::{CacheKey, FlightOutcome, Joined, PathKey, Store, Stored, VariantKey};
@@ -139,6 +140,7 @@ impl Service<Request<Body>> for CacheService {
             // from an override header is never served from or stored in the cache: the stored
             // response would be keyed on what the client sent, not on what was executed.
             let overridden = req.extensions().get::<WireMethod>().is_some();
+            let exchange = Exchange::of(&req).cloned();
             let (status, result) = match (cache, req.method()) {
                 (None, _) => (
                     CacheStatus::forward(Forward::Bypass),
@@ -162,7 +164,7 @@ impl Service<Request<Body>> for CacheService {
             let mut response = match result {
                 Ok(response) => response,
                 // Rendered here rather than above so the error, too, says what the cache did.
-                Err(err) => crate::rescue::rescue(err),
+                Err(err) => crate::rescue::rescue(err, exchange.map(|e| e.log_ids()).as_ref()),
             };
             response
                 .headers_mut()

@@ -60,6 +60,9 @@ pub struct ServerConfig {
     pub header_timeout: Duration,
     /// Time in-flight requests get to finish on shutdown.
     pub drain_timeout: Duration,
+    /// On shutdown, how long `/readyz` says 503 while the listener still accepts, before the
+    /// drain: endpoint removal propagates meanwhile.
+    pub shutdown_delay: Duration,
     /// A connection with no request in flight for this long is closed.
     pub idle_timeout: Duration,
     /// The longest gap between two reads of a request body; past it, 408.
@@ -240,6 +243,19 @@ pub enum LogFormat {
 pub struct LogConfig {
     /// Output format of diagnostic logs (stderr).
     pub format: LogFormat,
+    /// ANSI colours in text logs.
+    pub color: LogColor,
+}
+
+/// `log.color`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogColor {
+    /// Only when stderr is a terminal (`kubectl logs` and files get plain text).
+    Auto,
+    /// Always.
+    Always,
+    /// Never.
+    Never,
 }
 
 /// Where audit records go.
@@ -276,6 +292,8 @@ pub struct TelemetryConfig {
 pub struct Overrides {
     /// `--listen`.
     pub listen: Option<String>,
+    /// `--admin-listen`.
+    pub admin_listen: Option<String>,
     /// `--upstream`.
     pub upstream: Option<String>,
     /// `--token-file`.
@@ -379,11 +397,14 @@ impl Config {
             "server.listen"
         };
         let listen = parse_addr(&mut p, listen_key, &listen_text);
-        let admin_listen = parse_addr(
-            &mut p,
-            "admin.listen",
-            r.admin.listen.as_deref().unwrap_or("127.0.0.1:9901"),
-        );
+        let (admin_key, admin_text) = match &overrides.admin_listen {
+            Some(a) => ("--admin-listen", a.as_str()),
+            None => (
+                "admin.listen",
+                r.admin.listen.as_deref().unwrap_or("127.0.0.1:9901"),
+            ),
+        };
+        let admin_listen = parse_addr(&mut p, admin_key, admin_text);
 
         let max_body_size = r
             .server
@@ -517,6 +538,19 @@ impl Config {
             }
         };
 
+        let color = match r.log.color.as_deref() {
+            None | Some("auto") => LogColor::Auto,
+            Some("always") => LogColor::Always,
+            Some("never") => LogColor::Never,
+            Some(other) => {
+                p.add(
+                    "log.color",
+                    format!("must be \"auto\", \"always\" or \"never\", not {other:?}"),
+                );
+                LogColor::Auto
+            }
+        };
+
         let audit_enabled = r.audit.enabled.unwrap_or(true);
         let audit_sink = match r.audit.path.as_deref() {
             None | Some("-") => AuditSink::Stdout,
@@ -568,6 +602,7 @@ impl Config {
                     max_body_size,
                     header_timeout,
                     drain_timeout,
+                    shutdown_delay: r.server.shutdown_delay.unwrap_or_default(),
                     idle_timeout,
                     body_timeout,
                     max_connections,
@@ -589,7 +624,7 @@ impl Config {
                 clients,
                 policy,
                 cache,
-                log: LogConfig { format },
+                log: LogConfig { format, color },
                 audit: AuditConfig {
                     enabled: audit_enabled,
                     sink: audit_sink,
@@ -651,7 +686,18 @@ impl Config {
             readable("clients.kubernetes.ca_file", &k.ca_file);
         }
         if let Some(keys) = &self.clients.api_keys {
-            readable("clients.api_keys.file", keys);
+            // Parsed, as start-up parses it: nothing --check accepts may fail at start.
+            match std::fs::read_to_string(keys) {
+                Err(e) => p.add(
+                    "clients.api_keys.file",
+                    format!("cannot read {}: {e}", keys.display()),
+                ),
+                Ok(text) => {
+                    if let Err(e) = crate::identity::api_keys::parse(&text) {
+                        p.add("clients.api_keys.file", format!("{}: {e}", keys.display()));
+                    }
+                }
+            }
         }
         if let (true, AuditSink::File(path)) = (self.audit.enabled, &self.audit.sink) {
             let dir = path
@@ -1114,11 +1160,12 @@ mod tests {
             Config::parse("[token]\nfile = \"/a\"\n[server]\nlisten = \"127.0.0.1:1\"\n").unwrap();
         let o = Overrides {
             listen: Some("bad".into()),
+            admin_listen: Some("worse".into()),
             upstream: Some("http://127.0.0.1:9".into()),
             token_file: Some("/b".into()),
         };
         let problems = Config::from_raw(raw, &o).unwrap_err();
-        assert_eq!(keys(&problems), ["--listen"]);
+        assert_eq!(keys(&problems), ["--listen", "--admin-listen"]);
     }
 
     #[test]

@@ -38,6 +38,8 @@ pub struct RawServer {
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Option<Duration>,
     #[serde(with = "humantime_serde")]
+    pub shutdown_delay: Option<Duration>,
+    #[serde(with = "humantime_serde")]
     pub body_timeout: Option<Duration>,
     pub max_connections: Option<usize>,
     pub worker_threads: Option<usize>,
@@ -99,6 +101,7 @@ pub struct RawCache {
 #[serde(deny_unknown_fields, default)]
 pub struct RawLog {
     pub format: Option<String>,
+    pub color: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

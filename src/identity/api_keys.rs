@@ -41,24 +41,70 @@ pub fn key_line(id: &str, key: &str) -> String {
     format!("{id} = \"sha256:{digest}\"")
 }
 
-/// Parses the file's text.
+/// Parses the file's text. Refused: an empty id, an id with control characters,
+/// a value that is not a SHA-256, and two ids sharing one hash (two clients with one key could
+/// not be told apart). TOML itself refuses an id given twice.
 pub fn parse(text: &str) -> Result<KeyHashes, String> {
     let table: BTreeMap<String, String> =
         toml::from_str(text).map_err(|e| e.message().to_string())?;
-    table
-        .into_iter()
-        .map(|(id, value)| {
-            let hex_digest = value
-                .strip_prefix("sha256:")
-                .ok_or_else(|| format!("{id}: the value must be \"sha256:<64 hex digits>\""))?;
-            let mut digest = [0u8; 32];
-            hex::decode_to_slice(hex_digest, &mut digest)
-                .map_err(|_| format!("{id}: \"{hex_digest}\" is not 64 hex digits"))?;
-            // Stored in its namespace, so that no other kind of identity can take its name.
-            Ok((Arc::from(format!("{API_KEY_PREFIX}{id}")), digest))
-        })
-        .collect()
+    let mut keys: KeyHashes = Vec::with_capacity(table.len());
+    for (id, value) in table {
+        if let Some(problem) = id_problem(&id) {
+            return Err(format!("{id:?}: {problem}"));
+        }
+        let hex_digest = value
+            .strip_prefix("sha256:")
+            .ok_or_else(|| format!("{id}: the value must be \"sha256:<64 hex digits>\""))?;
+        let mut digest = [0u8; 32];
+        hex::decode_to_slice(hex_digest, &mut digest)
+            .map_err(|_| format!("{id}: \"{hex_digest}\" is not 64 hex digits"))?;
+        if let Some((other, _)) = keys.iter().find(|(_, d)| *d == digest) {
+            return Err(format!(
+                "{id} and {} have the same key hash: give every client a key of its own",
+                &other[API_KEY_PREFIX.len()..]
+            ));
+        }
+        // Stored in its namespace, so that no other kind of identity can take its name.
+        keys.push((Arc::from(format!("{API_KEY_PREFIX}{id}")), digest));
+    }
+    Ok(keys)
 }
+
+/// Why `id` cannot name an API key, if it cannot.
+pub fn id_problem(id: &str) -> Option<&'static str> {
+    if id.is_empty() {
+        return Some("a key id must not be empty");
+    }
+    if id.chars().any(char::is_control) {
+        return Some("a key id must not contain control characters");
+    }
+    None
+}
+
+/// Roughly how many bits of randomness a key of this shape can hold: its length times the bits
+/// of the smallest usual alphabet its characters fit (hex 4, base32 5, alphanumeric or base64 6,
+/// printable ASCII 6.5). Used to refuse keys that are too short to resist guessing.
+pub fn key_bits(key: &str) -> f64 {
+    let per_char = if key.bytes().all(|b| b.is_ascii_hexdigit()) {
+        4.0
+    } else if key
+        .bytes()
+        .all(|b| b.is_ascii_uppercase() || (b'2'..=b'7').contains(&b))
+    {
+        5.0
+    } else if key
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"+/=_-".contains(&b))
+    {
+        6.0
+    } else {
+        6.5
+    };
+    key.chars().count() as f64 * per_char
+}
+
+/// The least a key must hold: 128 bits (32 hex characters, 22 of base64).
+pub const MIN_KEY_BITS: f64 = 128.0;
 
 impl ApiKeys {
     /// Loads the file; at start a bad or missing file is an error.
@@ -135,6 +181,31 @@ mod tests {
         let api = ApiKeys::load(&path).unwrap();
         assert_eq!(api.identify("s3cret").as_deref(), Some("apikey:backup-bot"));
         assert_eq!(api.identify("s3cre"), None);
+    }
+
+    #[test]
+    fn ids_and_hashes_are_unique_and_keys_long_enough() {
+        let a = key_line("a", "same-key");
+        let b = key_line("b", "same-key");
+        assert!(
+            parse(&format!("{a}\n{b}\n"))
+                .unwrap_err()
+                .contains("same key hash")
+        );
+        assert!(
+            parse(&format!("{a}\n{a}\n")).is_err(),
+            "TOML refuses a repeated id"
+        );
+        assert!(parse(&key_line("", "k")).unwrap_err().contains("empty"));
+        assert!(
+            parse(&key_line("a\tb", "k"))
+                .unwrap_err()
+                .contains("control")
+        );
+        assert!(key_bits(&"0123456789abcdef".repeat(2)) >= MIN_KEY_BITS);
+        assert!(key_bits(&"0123456789abcdef".repeat(2)[..31]) < MIN_KEY_BITS);
+        assert!(key_bits("dGhpcyBpcyAyMiBjaGFycw") >= MIN_KEY_BITS);
+        assert!(key_bits("short-key") < MIN_KEY_BITS);
     }
 
     #[test]

@@ -32,6 +32,7 @@ use sha2::{Digest, Sha256};
 use super::{AuthMethod, ClientIdentity};
 use crate::config::KubernetesConfig;
 use crate::error::GatewayError;
+use crate::metrics::TokenReviewMetrics;
 use crate::token::{FingerprintKey, TokenOrigin, TokenSource};
 
 /// How long a refusal is remembered.
@@ -54,6 +55,7 @@ pub struct TokenReviewer {
     cache: moka::future::Cache<[u8; 32], Reviewed>,
     in_flight: Arc<tokio::sync::Semaphore>,
     rate: governor::DefaultDirectRateLimiter,
+    metrics: TokenReviewMetrics,
 }
 
 impl std::fmt::Debug for TokenReviewer {
@@ -107,7 +109,7 @@ struct ReviewUser {
 impl TokenReviewer {
     /// Builds the client: trusts only the cluster's CA, authenticates with the gateway's own
     /// ServiceAccount token (re-read as it rotates).
-    pub fn new(config: &KubernetesConfig) -> Result<Self, String> {
+    pub fn new(config: &KubernetesConfig, metrics: TokenReviewMetrics) -> Result<Self, String> {
         let mut roots = rustls::RootCertStore::empty();
         crate::upstream::add_pem_roots(&mut roots, &config.ca_file)?;
         let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -153,6 +155,7 @@ impl TokenReviewer {
                 config.max_concurrent_reviews as usize,
             )),
             rate: governor::RateLimiter::direct(config.review_rate.quota()),
+            metrics,
         })
     }
 
@@ -164,12 +167,23 @@ impl TokenReviewer {
             Some(r) => r,
             None => {
                 if let Err(why) = precheck(token, &self.audience, SystemTime::now()) {
+                    self.metrics.reviewed("prechecked", None);
                     return Err(GatewayError::Unauthenticated(format!(
                         "not a valid ServiceAccount token for this gateway ({why})"
                     )));
                 }
-                let _permit = self.admit()?;
-                let r = self.ask(token).await?;
+                let _permit = self.admit().inspect_err(|_| {
+                    self.metrics.reviewed("throttled", None);
+                })?;
+                let started = std::time::Instant::now();
+                let asked = self.ask(token).await;
+                let result = match &asked {
+                    Ok(Reviewed::Valid(..)) => "authenticated",
+                    Ok(Reviewed::Refused(_)) => "refused",
+                    Err(_) => "error",
+                };
+                self.metrics.reviewed(result, Some(started.elapsed()));
+                let r = asked?;
                 self.cache.insert(key, r.clone()).await;
                 r
             }

@@ -1,0 +1,243 @@
+//! What an SRE relies on: rollouts that do not refuse connections, and logs that parse, carry
+//! the request's ids, have no colour codes in files, and do not feed on themselves.
+
+mod support;
+
+use std::collections::HashSet;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_cloudcasa-gateway");
+
+#[tokio::test]
+async fn during_the_shutdown_delay_the_gateway_is_unready_but_still_serves() {
+    let (_mock, _secret, mut gw) = setup("[server]\nshutdown_delay = \"1500ms\"").await;
+    let ready = get(&gw.admin_url("/readyz"), &[]).await;
+    assert_eq!(ready.status.as_u16(), 200);
+    let (admin, url, proxy) = (gw.admin, gw.url("/api/v1/usergroups"), gw.proxy);
+    let stopped = gw.begin_shutdown();
+    eventually(
+        Duration::from_millis(500),
+        "/readyz turns 503",
+        || async move {
+            get(&format!("http://{admin}/readyz"), &[])
+                .await
+                .status
+                .as_u16()
+                == 503
+        },
+    )
+    .await;
+    // A connection made now, while endpoint removal propagates, is served.
+    let during = get(&url, &[]).await;
+    assert_eq!(during.status.as_u16(), 200, "{}", during.text());
+    tokio::time::timeout(Duration::from_secs(10), stopped)
+        .await
+        .expect("the gateway stops after the delay and the drain")
+        .unwrap();
+    assert!(
+        tokio::net::TcpStream::connect(proxy).await.is_err(),
+        "still accepting after the delay"
+    );
+}
+
+/// Fails on a JSON value with a repeated object key anywhere inside it.
+struct NoDuplicates;
+
+impl<'de> DeserializeSeed<'de> for NoDuplicates {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for NoDuplicates {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut seen = HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if !seen.insert(key.clone()) {
+                return Err(de::Error::custom(format!("duplicate key {key:?}")));
+            }
+            map.next_value_seed(NoDuplicates)?;
+        }
+        Ok(())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(NoDuplicates)?.is_some() {}
+        Ok(())
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+}
+
+/// Runs the binary with `toml` for as long as `exercise` takes, stderr to `log`; returns what
+/// it logged.
+async fn run_logging<F, Fut>(
+    toml: &str,
+    env: &[(&str, &str)],
+    log: &std::path::Path,
+    exercise: F,
+) -> String
+where
+    F: FnOnce(std::net::SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let config = write_file(
+        dir.path(),
+        "gateway.toml",
+        &format!(
+            "[server]\nlisten = \"{proxy}\"\n[admin]\nlisten = \"{admin}\"\n[audit]\nenabled = false\n{toml}\n"
+        ),
+    );
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .envs(env.iter().copied())
+        .stderr(Stdio::from(std::fs::File::create(log).unwrap()))
+        .spawn()
+        .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the gateway listens",
+        || async move { tokio::net::TcpStream::connect(admin).await.is_ok() },
+    )
+    .await;
+    exercise(proxy).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    std::fs::read_to_string(log).unwrap()
+}
+
+#[tokio::test]
+async fn json_logs_parse_with_unique_keys_and_carry_the_request_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = write_file(dir.path(), "token", "token-a");
+    // Nothing listens upstream: every request is a gateway-made 502, logged as a warning.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let log = dir.path().join("stderr.log");
+    let mut ids = Vec::new();
+    let text = run_logging(
+        &format!(
+            "[upstream]\nurl = \"http://{dead}\"\n[token]\nfile = \"{}\"\n[log]\nformat = \"json\"",
+            token.display()
+        ),
+        &[],
+        &log,
+        |proxy| {
+            let ids = &mut ids;
+            async move {
+                for i in 0..5 {
+                    let reply = get(
+                        &format!("http://{proxy}/api/v1/usergroups/{i}"),
+                        &[("x-request-id", &format!("req-{i}"))],
+                    )
+                    .await;
+                    assert_eq!(reply.status.as_u16(), 502);
+                    ids.push(reply.header("x-request-id").unwrap().to_string());
+                }
+            }
+        },
+    )
+    .await;
+    let mut failures = 0;
+    for line in text.lines() {
+        let mut de = serde_json::Deserializer::from_str(line);
+        NoDuplicates
+            .deserialize(&mut de)
+            .unwrap_or_else(|e| panic!("{e}: {line}"));
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        if v["message"] == "request failed" {
+            failures += 1;
+            let id = v["request_id"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no request_id: {line}"));
+            assert!(ids.iter().any(|i| i == id), "{line}");
+            let trace = v["trace_id"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no trace_id: {line}"));
+            assert_eq!(trace.len(), 32, "{line}");
+            assert_eq!(v["kind"], "upstream_unreachable");
+        }
+    }
+    assert_eq!(failures, 5, "{text}");
+}
+
+#[tokio::test]
+async fn text_logs_in_a_file_have_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = write_file(dir.path(), "token", "token-a");
+    let log = dir.path().join("stderr.log");
+    let text = run_logging(
+        &format!(
+            "[upstream]\nurl = \"http://127.0.0.1:9\"\n[token]\nfile = \"{}\"",
+            token.display()
+        ),
+        &[],
+        &log,
+        |proxy| async move {
+            get(&format!("http://{proxy}/api/v1/x"), &[]).await;
+        },
+    )
+    .await;
+    assert!(text.contains("request failed"), "{text}");
+    assert!(!text.contains('\u{1b}'), "ANSI codes in a file: {text:?}");
+}
+
+#[tokio::test]
+async fn the_file_watcher_does_not_log_its_own_writes_at_trace() {
+    // stderr is a file in the directory the token watcher watches: every line written there is
+    // a filesystem event, and a watcher that logged its events would feed on itself.
+    let dir = tempfile::tempdir().unwrap();
+    let token = write_file(dir.path(), "token", "token-a");
+    let log = dir.path().join("stderr.log");
+    let text = run_logging(
+        &format!(
+            "[upstream]\nurl = \"http://127.0.0.1:9\"\n[token]\nfile = \"{}\"",
+            token.display()
+        ),
+        &[("RUST_LOG", "trace")],
+        &log,
+        |_| tokio::time::sleep(Duration::from_secs(2)),
+    )
+    .await;
+    assert!(
+        text.len() < 1024 * 1024,
+        "{} bytes of logs in 2 s of idling",
+        text.len()
+    );
+}
