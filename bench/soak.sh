@@ -20,7 +20,8 @@
 # (default 2000), SOAK_SLOW (default 20), SOAK_CONNECTIONS (wrk connections per stream, default
 # 8), SOAK_DELAY_MS (pause between a wrk connection's requests, default 10), SOAK_CACHE_SIZE
 # (cache.max_size, default 64MiB: small enough to fill early, so that the rest of the run shows
-# whether memory levels off), SOAK_SKIP_BUILD=1 (use the release binaries as they are).
+# whether memory levels off), SOAK_STREAMS (the wrk streams, default "hits misses writes"),
+# SOAK_SKIP_BUILD=1 (use the release binaries as they are).
 # Writes bench/results/soak.md (table and summary, also printed) and bench/results/soak.png.
 # Exits non-zero if anything failed to start or the gateway died.
 set -euo pipefail
@@ -33,6 +34,7 @@ SLOW=${SOAK_SLOW:-20}
 CONNECTIONS=${SOAK_CONNECTIONS:-8}
 DELAY_MS=${SOAK_DELAY_MS:-10}
 CACHE_SIZE=${SOAK_CACHE_SIZE:-64MiB}
+STREAMS=${SOAK_STREAMS:-hits misses writes}
 
 # shellcheck source=bench/lib.sh
 source bench/lib.sh
@@ -141,19 +143,6 @@ curl -sf --max-time 5 "http://127.0.0.1:$ADMIN/readyz" >/dev/null || failed_to_s
 code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 "http://127.0.0.1:$GATEWAY/api/v1/fresh")
 [[ $code == 200 ]] || { say "GET /api/v1/fresh through the gateway: $code, not 200"; failed_to_start gateway; }
 
-say "soaking for ${DURATION}s: wrk ${CONNECTIONS}x3 paced ${DELAY_MS} ms, $IDLE idle, $SLOW slow clients"
-wrk_stream() { # NAME PATH SCRIPT
-  SOAK_SCRIPT=$3 SOAK_DELAY_MS=$DELAY_MS BENCH_ENTRIES=1000000000 \
-    start "wrk-$1" timeout $((DURATION + 60)) taskset -c "$LOAD_CORE" \
-    wrk -t1 "-c$CONNECTIONS" "-d${DURATION}s" --timeout 5s --latency -s bench/soak.lua \
-    "http://127.0.0.1:$GATEWAY$2"
-}
-wrk_stream hits /api/v1/fresh ""
-wrk_stream misses / bench/distinct.lua
-wrk_stream writes /api/v1/patch bench/patch.lua
-start clients taskset -c "$LOAD_CORE" python3 bench/soak_clients.py --port "$GATEWAY" \
-  --idle "$IDLE" --slow "$SLOW" --duration "$DURATION" --stats "$WORK/clients.json"
-
 # --- sampling -------------------------------------------------------------------------------
 HZ=$(getconf CLK_TCK)
 SAMPLES="$WORK/samples.tsv"
@@ -188,9 +177,46 @@ print(f"{d['idle_held']}\t{d['slow_open']}")
 EOF
 }
 
-T0=$(now)
-prev_t=$T0
+# sample ELAPSED: one row of $SAMPLES, CPU over the time since the previous sample.
+sample() {
+  local t cur rss cpu fds line
+  t=$(now)
+  cur=$(ticks)
+  rss=$(awk '/^VmRSS:/ { printf "%.1f", $2 / 1024 }' "/proc/$GW_PID/status")
+  cpu=$(awk -v a="$prev_ticks" -v b="$cur" -v hz="$HZ" -v t1="$prev_t" -v t2="$t" \
+    'BEGIN { printf "%.1f", (t2 > t1 ? 100 * (b - a) / hz / (t2 - t1) : 0) }')
+  [[ $1 == 0 ]] && cpu=0.0
+  fds=$(find "/proc/$GW_PID/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l)
+  line=$(printf '%s\t%s\t%s\t%s\t%s\t%s' "$1" "$rss" "$cpu" "$fds" "$(scrape)" "$(client_counts)")
+  echo "$line" >>"$SAMPLES"
+  printf '  %4ss  rss %6s MiB  cpu %5s%%  fds %5s  open %5s  requests %9s  errors %s\n' \
+    "$1" "$rss" "$cpu" "$fds" "$(cut -f5 <<<"$line")" "$(cut -f7 <<<"$line")" \
+    "$(cut -f10 <<<"$line")" >&2
+  prev_t=$t prev_ticks=$cur
+}
+prev_t=$(now)
 prev_ticks=$(ticks)
+sample 0 # the idle gateway, before the load (its CPU column: 0)
+
+T0=$(now)
+say "soaking for ${DURATION}s: wrk ${CONNECTIONS} connections each for $STREAMS, paced ${DELAY_MS} ms, $IDLE idle, $SLOW slow clients"
+wrk_stream() { # NAME PATH SCRIPT
+  SOAK_SCRIPT=$3 SOAK_DELAY_MS=$DELAY_MS BENCH_ENTRIES=1000000000 \
+    start "wrk-$1" timeout $((DURATION + 60)) taskset -c "$LOAD_CORE" \
+    wrk -t1 "-c$CONNECTIONS" "-d${DURATION}s" --timeout 5s --latency -s bench/soak.lua \
+    "http://127.0.0.1:$GATEWAY$2"
+}
+for stream in $STREAMS; do
+  case $stream in
+    hits) wrk_stream hits /api/v1/fresh "" ;;
+    misses) wrk_stream misses / bench/distinct.lua ;;
+    writes) wrk_stream writes /api/v1/patch bench/patch.lua ;;
+    *) say "SOAK_STREAMS: unknown stream '$stream' (hits, misses, writes)"; exit 2 ;;
+  esac
+done
+start clients taskset -c "$LOAD_CORE" python3 bench/soak_clients.py --port "$GATEWAY" \
+  --idle "$IDLE" --slow "$SLOW" --duration "$DURATION" --stats "$WORK/clients.json"
+
 GATEWAY_DIED=0
 for i in $(seq 1 $((DURATION / INTERVAL))); do
   pause=$(awk -v t0="$T0" -v i="$i" -v d="$INTERVAL" -v now="$(now)" \
@@ -202,31 +228,20 @@ for i in $(seq 1 $((DURATION / INTERVAL))); do
     GATEWAY_DIED=1
     break
   fi
-  t=$(now)
-  cur_ticks=$(ticks)
-  rss=$(awk '/^VmRSS:/ { printf "%.1f", $2 / 1024 }' "/proc/$GW_PID/status")
-  cpu=$(awk -v a="$prev_ticks" -v b="$cur_ticks" -v hz="$HZ" -v t1="$prev_t" -v t2="$t" \
-    'BEGIN { printf "%.1f", 100 * (b - a) / hz / (t2 - t1) }')
-  fds=$(find "/proc/$GW_PID/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l)
-  elapsed=$(awk -v a="$T0" -v b="$t" 'BEGIN { printf "%.0f", b - a }')
-  line=$(printf '%s\t%s\t%s\t%s\t%s\t%s' "$elapsed" "$rss" "$cpu" "$fds" "$(scrape)" "$(client_counts)")
-  echo "$line" >>"$SAMPLES"
-  printf '  %4ss  rss %6s MiB  cpu %5s%%  fds %5s  open %5s  requests %9s  errors %s\n' \
-    "$elapsed" "$rss" "$cpu" "$fds" "$(cut -f5 <<<"$line")" "$(cut -f7 <<<"$line")" \
-    "$(cut -f10 <<<"$line")" >&2
-  prev_t=$t prev_ticks=$cur_ticks
+  sample "$(awk -v a="$T0" -v b="$(now)" 'BEGIN { printf "%.0f", b - a }')"
 done
 
 # --- the end: wrk's own counts, the clients' statistics -------------------------------------
 if ((GATEWAY_DIED == 0)); then
-  for name in wrk-hits wrk-misses wrk-writes clients; do # each stops by itself; bounded anyway
-    pid=$(cat "$WORK/$name.pid")
+  for name in clients $STREAMS; do # each stops by itself; bounded anyway
+    pid=$(cat "$WORK/$name.pid" 2>/dev/null || cat "$WORK/wrk-$name.pid")
     for _ in $(seq 1 600); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
   done
 fi
-STARTED_WRK=0
-for name in hits misses writes; do
-  grep -q 'requests in' "$WORK/wrk-$name.log" && STARTED_WRK=$((STARTED_WRK + 1))
+WRK_OK=1 WRK_LOGS=()
+for name in $STREAMS; do
+  WRK_LOGS+=("$WORK/wrk-$name.log")
+  grep -q 'requests in' "$WORK/wrk-$name.log" || WRK_OK=0
 done
 AUDIT_MIB=$(du -m "$WORK/audit.jsonl" 2>/dev/null | cut -f1)
 
@@ -235,10 +250,10 @@ mkdir -p bench/results
   echo "# Soak: $(date -u +%Y-%m-%dT%H:%MZ), ${DURATION}s"
   echo
   echo "Gateway $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- src 2>/dev/null || echo " (uncommitted changes in src/)"), release, 1 worker thread pinned to core $SERVER_CORE; audit on (to a file); cache.max_size $CACHE_SIZE; other limits default."
-  echo "Load on core $LOAD_CORE with the upstream: wrk -c$CONNECTIONS paced ${DELAY_MS} ms for hits (/api/v1/fresh), misses (distinct /api/v1/items/N) and writes (PATCH /api/v1/patch); $IDLE idle keep-alive connections; $SLOW slow-body POSTs (1 byte / 5 s for 8 bytes, then a stall). $(nproc) cores, $(uname -sr)."
+  echo "Load on core $LOAD_CORE with the upstream: wrk -c$CONNECTIONS paced ${DELAY_MS} ms per stream ($STREAMS; hits: /api/v1/fresh, misses: distinct /api/v1/items/N, writes: PATCH /api/v1/patch); $IDLE idle keep-alive connections; $SLOW slow-body POSTs (1 byte / 5 s for 8 bytes, then a stall). $(nproc) cores, $(uname -sr)."
   echo
   python3 bench/soak_report.py --samples "$SAMPLES" --clients "$WORK/clients.json" \
-    --wrk "$WORK/wrk-hits.log" "$WORK/wrk-misses.log" "$WORK/wrk-writes.log" \
+    --wrk "${WRK_LOGS[@]}" \
     --audit-mib "${AUDIT_MIB:-0}" --plot-data "$WORK/plot.dat" \
     $( ((GATEWAY_DIED)) && echo --gateway-died)
 } | tee bench/results/soak.md
@@ -251,7 +266,8 @@ set datafile separator "\t"
 set termoption noenhanced
 set multiplot layout 3,1 title "cloudcasa-gateway soak, ${DURATION}s ($(date -u +%Y-%m-%d))"
 set grid
-set key top left
+set key top left opaque box
+set offsets 0, 0, graph 0.25, 0
 set xrange [0:*]
 set lmargin 10
 set rmargin 10
@@ -271,5 +287,5 @@ EOF
 fi
 
 ((GATEWAY_DIED == 0)) || exit 1
-((STARTED_WRK == 3)) || { say "a wrk stream did not run to the end (see above)"; exit 1; }
+((WRK_OK)) || { say "a wrk stream did not run to the end (see above)"; exit 1; }
 exit 0

@@ -120,12 +120,12 @@ def main():
     peak = max(rows, key=lambda r: r["rss_mib"])
     half = [r for r in rows if r["elapsed_s"] >= last["elapsed_s"] / 2]
     duration = last["elapsed_s"]
-    cpu = [r["cpu_pct"] for r in rows]
+    cpu = [r["cpu_pct"] for r in rows if r["elapsed_s"] > 0] or [0.0]  # 0 s: before the load
     errors = parse_errors(last["errors"])
     print("\n## Summary\n")
     if args.gateway_died:
         print(f"- **The gateway died** after about {duration:.0f} s (see the script's output).")
-    print(f"- **RSS**: {first['rss_mib']:.1f} MiB at {first['elapsed_s']:.0f} s, peak "
+    print(f"- **RSS**: {first['rss_mib']:.1f} MiB at {first['elapsed_s']:.0f} s (0: before the load), peak "
           f"{peak['rss_mib']:.1f} MiB at {peak['elapsed_s']:.0f} s, {last['rss_mib']:.1f} MiB at "
           f"the end; trend over the second half {slope_per_min(half, 'rss_mib'):+.2f} MiB/min "
           f"(cache {last['cache_mib']:.1f} MiB in {last['cache_entries']:.0f} entries at the end, "

@@ -125,6 +125,7 @@ impl Gateway {
             credentials.clone(),
             cache.clone(),
             tls.clone(),
+            telemetry.export_failures(),
         ));
         let kubernetes = match &config.clients.kubernetes {
             Some(k) => Some(Arc::new(

@@ -189,6 +189,7 @@ impl Metrics {
         tokens: Vec<Arc<TokenSource>>,
         cache: Option<Arc<Cache>>,
         tls: Option<Arc<ServerTls>>,
+        telemetry_failures: Counter,
     ) -> Self {
         let mut registry = Registry::default();
         let requests = Family::<RequestLabels, Counter>::default();
@@ -240,6 +241,11 @@ impl Metrics {
             name("audit_queue_depth"),
             "Audit records waiting for the writer (the queue holds 65,536)",
             audit.queued.clone(),
+        );
+        registry.register(
+            name("telemetry_export_failures"),
+            "Span batches the OTLP exporter could not deliver (the collector unreachable, refusing, slow)",
+            telemetry_failures,
         );
         registry.register_collector(Box::new(ProcessCollector));
         if let Some(tls) = tls {
@@ -843,7 +849,7 @@ mod tests {
 
     #[test]
     fn exposition_names_and_counts() {
-        let m = Metrics::new(Vec::new(), None, None);
+        let m = Metrics::new(Vec::new(), None, None, Counter::default());
         m.request_started();
         m.request_finished(
             &Method::GET,
@@ -905,7 +911,7 @@ mod tests {
 
     #[test]
     fn memoised_handles_count_into_the_exposed_series() {
-        let m = Metrics::new(Vec::new(), None, None);
+        let m = Metrics::new(Vec::new(), None, None, Counter::default());
         let finish = |cache: &'static str| {
             m.request_started();
             m.request_finished(

@@ -8,6 +8,8 @@
 //! handed over without waiting.
 
 use std::borrow::Cow;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, Version};
@@ -31,6 +33,8 @@ pub struct TelemetryError(String);
 /// The tracer and propagator, shared by every request.
 #[derive(Debug, Clone)]
 pub struct Telemetry {
+    /// Span batches the exporter failed to deliver.
+    failures: prometheus_client::metrics::counter::Counter,
     provider: SdkTracerProvider,
     tracer: SdkTracer,
     propagator: TraceContextPropagator,
@@ -43,6 +47,22 @@ const OTLP_TRACES_ENDPOINT_ENV: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
 impl Telemetry {
     /// Builds the tracer; adds the OTLP exporter when an endpoint is configured.
     pub fn new(config: &TelemetryConfig) -> Result<Self, TelemetryError> {
+        let failures = prometheus_client::metrics::counter::Counter::default();
+        for name in [
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+        ] {
+            if let Ok(value) = std::env::var(name)
+                && value != "http/protobuf"
+            {
+                tracing::warn!(
+                    variable = name,
+                    value,
+                    "only OTLP over HTTP with protobuf (http/protobuf) is supported; this value is \
+                     ignored and spans are sent as http/protobuf"
+                );
+            }
+        }
         let env_endpoint = [OTLP_TRACES_ENDPOINT_ENV, OTLP_ENDPOINT_ENV]
             .iter()
             .any(|v| std::env::var(v).is_ok_and(|v| !v.is_empty()));
@@ -66,7 +86,11 @@ impl Telemetry {
             let exporter = exporter
                 .build()
                 .map_err(|e| TelemetryError(e.to_string()))?;
-            builder = builder.with_batch_exporter(exporter);
+            builder = builder.with_batch_exporter(Counted {
+                inner: exporter,
+                failures: failures.clone(),
+                last_logged: Arc::new(AtomicU64::new(0)),
+            });
         }
         if !exporting {
             // Nothing leaves the process: record only what a caller's sampled trace asks for
@@ -79,7 +103,13 @@ impl Telemetry {
             provider,
             tracer,
             propagator: TraceContextPropagator::new(),
+            failures,
         })
+    }
+
+    /// Span batches that could not be exported (`telemetry_export_failures_total`).
+    pub fn export_failures(&self) -> prometheus_client::metrics::counter::Counter {
+        self.failures.clone()
     }
 
     /// Starts the server span for a request, continuing the client's `traceparent` /
@@ -393,5 +423,55 @@ mod tests {
     #[test]
     fn traces_url_joins() {
         assert_eq!(traces_url("http://c:4318/"), "http://c:4318/v1/traces");
+    }
+}
+
+/// The OTLP exporter, with its failures counted and logged (the first, then at most one line a
+/// minute): with the OpenTelemetry crates' own logging off, an unreachable collector would
+/// otherwise lose spans in silence.
+#[derive(Debug)]
+struct Counted<E> {
+    inner: E,
+    failures: prometheus_client::metrics::counter::Counter,
+    last_logged: Arc<AtomicU64>,
+}
+
+impl<E: opentelemetry_sdk::trace::SpanExporter> opentelemetry_sdk::trace::SpanExporter
+    for Counted<E>
+{
+    async fn export(
+        &self,
+        batch: Vec<opentelemetry_sdk::trace::SpanData>,
+    ) -> opentelemetry_sdk::error::OTelSdkResult {
+        let spans = batch.len();
+        let result = self.inner.export(batch).await;
+        if let Err(e) = &result {
+            self.failures.inc();
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let last = self.last_logged.load(Ordering::Relaxed);
+            if now >= last + 60
+                && self
+                    .last_logged
+                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                tracing::warn!(error = %e, spans, "telemetry: spans could not be exported (logged at most once a minute; counted in cloudcasa_gateway_telemetry_export_failures_total)");
+            }
+        }
+        result
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
+        self.inner.set_resource(resource);
     }
 }

@@ -20,6 +20,8 @@ use http_body::Body as _;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::proxy::Tunnel;
+use hyper_util::rt::TokioIo;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::RootCertStore;
 use rustls_pki_types::CertificateDer;
@@ -35,7 +37,7 @@ use crate::error::{GatewayError, find_cause};
 use crate::headers::strip_hop_by_hop;
 use crate::observe::Exchange;
 
-type Connector = TimeoutConnector<HttpsConnector<HttpConnector>>;
+type Connector = TimeoutConnector<HttpsConnector<Route>>;
 /// The pooled client used for CloudCasa.
 pub type HttpClient = Client<Connector, Body>;
 
@@ -72,6 +74,99 @@ pub enum UpstreamSetupError {
     /// rustls refused the configuration.
     #[error("TLS setup failed: {0}")]
     Tls(#[from] rustls::Error),
+    /// The proxy credentials file cannot be read.
+    #[error("upstream.proxy_credentials_file: {0}")]
+    ProxyCredentials(String),
+}
+
+/// How connections to the upstream are made: directly, or through an HTTP proxy's CONNECT
+/// tunnel (TLS to the upstream runs inside it, so the proxy sees neither the token nor the
+/// traffic).
+#[derive(Clone)]
+pub enum Route {
+    /// TCP to the upstream.
+    Direct(HttpConnector),
+    /// CONNECT through the proxy.
+    Tunnel(Tunnel<HttpConnector>),
+}
+
+impl Service<Uri> for Route {
+    type Response = TokioIo<tokio::net::TcpStream>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        match self {
+            Self::Direct(c) => c.poll_ready(cx).map_err(Into::into),
+            Self::Tunnel(c) => c.poll_ready(cx).map_err(Into::into),
+        }
+    }
+
+    fn call(&mut self, dst: Uri) -> Self::Future {
+        match self {
+            Self::Direct(c) => {
+                let f = c.call(dst);
+                Box::pin(async move { f.await.map_err(Into::into) })
+            }
+            Self::Tunnel(c) => {
+                let f = c.call(dst);
+                Box::pin(async move {
+                    f.await
+                        .map_err(|e| Box::new(ProxyFailed(e.into())) as BoxError)
+                })
+            }
+        }
+    }
+}
+
+/// The CONNECT tunnel through `upstream.proxy` could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("through the proxy: {0}")]
+pub struct ProxyFailed(#[source] BoxError);
+
+/// A proxy, its `Proxy-Authorization`, and where the choice came from.
+type ChosenProxy = (Uri, Option<HeaderValue>, &'static str);
+
+/// The proxy to use for `upstream` and its `Proxy-Authorization`, with where the choice came
+/// from: `upstream.proxy`, else `HTTPS_PROXY`/`HTTP_PROXY`/`ALL_PROXY` unless `NO_PROXY` names
+/// the upstream's host (hyper-util's matcher, curl's rules).
+fn choose_proxy(
+    config: &UpstreamConfig,
+) -> Result<Option<ChosenProxy>, UpstreamSetupError> {
+    if let Some(proxy) = &config.proxy {
+        let auth = match &config.proxy_credentials_file {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    UpstreamSetupError::ProxyCredentials(format!("{}: {e}", path.display()))
+                })?;
+                let text = text.trim();
+                if !text.contains(':') {
+                    return Err(UpstreamSetupError::ProxyCredentials(format!(
+                        "{} must hold user:password",
+                        path.display()
+                    )));
+                }
+                let encoded = base64::Engine::encode(
+                    &base64::engine::general_purpose::STANDARD,
+                    text.as_bytes(),
+                );
+                let mut value = HeaderValue::from_str(&format!("Basic {encoded}"))
+                    .map_err(|e| UpstreamSetupError::ProxyCredentials(e.to_string()))?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+        };
+        return Ok(Some((proxy.clone(), auth, "upstream.proxy")));
+    }
+    let matcher = hyper_util::client::proxy::matcher::Matcher::from_env();
+    Ok(matcher.intercept(&config.url).map(|i| {
+        (
+            i.uri().clone(),
+            i.basic_auth().cloned(),
+            "the proxy environment variables",
+        )
+    }))
 }
 
 /// The upstream service: the bottom of the stack. Cloned for every request by the layers above
@@ -112,12 +207,28 @@ impl Upstream {
         http.set_nodelay(true);
         http.set_connect_timeout(Some(config.connect_timeout));
         http.set_keepalive(Some(Duration::from_secs(60)));
+        let route = match choose_proxy(config)? {
+            None => Route::Direct(http),
+            Some((proxy, auth, from)) => {
+                // Never the credentials: the proxy's scheme, host and port only.
+                tracing::info!(
+                    proxy = %format_args!("http://{}", proxy.authority().map_or("", |a| a.as_str()).rsplit('@').next().unwrap_or("")),
+                    from,
+                    "the upstream is reached through a proxy (CONNECT)"
+                );
+                let tunnel = Tunnel::new(proxy, http);
+                Route::Tunnel(match auth {
+                    Some(auth) => tunnel.with_auth(auth),
+                    None => tunnel,
+                })
+            }
+        };
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
             .enable_http1()
             .enable_http2()
-            .wrap_connector(http);
+            .wrap_connector(route);
         let connector = TimeoutConnector {
             inner: https,
             timeout: config.connect_timeout,
@@ -417,6 +528,8 @@ mod tests {
             timeout: Duration::from_secs(1),
             ca_file: None,
             pool_idle_timeout: Duration::from_secs(1),
+            proxy: None,
+            proxy_credentials_file: None,
         };
         Upstream::new(&config).unwrap()
     }

@@ -102,7 +102,7 @@ async fn run_logging<F, Fut>(
     exercise: F,
 ) -> String
 where
-    F: FnOnce(std::net::SocketAddr) -> Fut,
+    F: FnOnce(std::net::SocketAddr, std::net::SocketAddr) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
     let dir = tempfile::tempdir().unwrap();
@@ -134,7 +134,7 @@ where
         || async move { tokio::net::TcpStream::connect(admin).await.is_ok() },
     )
     .await;
-    exercise(proxy).await;
+    exercise(proxy, admin).await;
     let _ = child.kill();
     let _ = child.wait();
     std::fs::read_to_string(log).unwrap()
@@ -158,7 +158,7 @@ async fn json_logs_parse_with_unique_keys_and_carry_the_request_ids() {
         ),
         &[],
         &log,
-        |proxy| {
+        |proxy, _| {
             let ids = &mut ids;
             async move {
                 for i in 0..5 {
@@ -209,7 +209,7 @@ async fn text_logs_in_a_file_have_no_colour_codes() {
         ),
         &[],
         &log,
-        |proxy| async move {
+        |proxy, _| async move {
             get(&format!("http://{proxy}/api/v1/x"), &[]).await;
         },
     )
@@ -232,12 +232,67 @@ async fn the_file_watcher_does_not_log_its_own_writes_at_trace() {
         ),
         &[("RUST_LOG", "trace")],
         &log,
-        |_| tokio::time::sleep(Duration::from_secs(2)),
+        |_, _| tokio::time::sleep(Duration::from_secs(2)),
     )
     .await;
     assert!(
         text.len() < 1024 * 1024,
         "{} bytes of logs in 2 s of idling",
         text.len()
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_collector_is_counted_and_logged_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = write_file(dir.path(), "token", "token-a");
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let log = dir.path().join("stderr.log");
+    let text = run_logging(
+        &format!(
+            "[upstream]\nurl = \"http://127.0.0.1:9\"\n[token]\nfile = \"{}\"\n\
+             [telemetry]\notlp_endpoint = \"http://{dead}\"",
+            token.display()
+        ),
+        &[
+            ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ],
+        &log,
+        |proxy, admin| async move {
+            for _ in 0..3 {
+                get(&format!("http://{proxy}/api/v1/x"), &[]).await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            eventually(
+                Duration::from_secs(10),
+                "export failures counted",
+                || async move {
+                    let metrics = get(&format!("http://{admin}/metrics"), &[]).await.text();
+                    metrics
+                        .lines()
+                        .find_map(|l| {
+                            l.strip_prefix("cloudcasa_gateway_telemetry_export_failures_total ")
+                        })
+                        .and_then(|v| v.trim().parse::<f64>().ok())
+                        .is_some_and(|n| n >= 2.0)
+                },
+            )
+            .await;
+        },
+    )
+    .await;
+    // The protocol the gateway does not speak is named, and the failures are logged once.
+    assert!(
+        text.contains("OTEL_EXPORTER_OTLP_PROTOCOL") && text.contains("http/protobuf"),
+        "{text}"
+    );
+    assert_eq!(
+        text.matches("spans could not be exported").count(),
+        1,
+        "{text}"
     );
 }

@@ -533,3 +533,131 @@ async fn graceful_shutdown_lets_in_flight_requests_finish() {
         .expect("the gateway stops")
         .unwrap();
 }
+
+/// A CONNECT proxy on loopback, as corporate egress proxies are: it reads the CONNECT request,
+/// checks `Proxy-Authorization` when `auth` is set (407 otherwise), opens the tunnel, and records
+/// what it saw (the request heads, and every byte that went through, to prove they were TLS).
+async fn connect_proxy(
+    auth: Option<&'static str>,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let bytes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (h, b) = (heads.clone(), bytes.clone());
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let (h, b) = (h.clone(), b.clone());
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
+                    if client.read_exact(&mut byte).await.is_err() {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                h.lock().unwrap().push(head.clone());
+                if let Some(expected) = auth
+                    && !head.contains(&format!("Proxy-Authorization: {expected}\r\n"))
+                    && !head.contains(&format!("proxy-authorization: {expected}\r\n"))
+                {
+                    let _ = client
+                        .write_all(b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n")
+                        .await;
+                    return;
+                }
+                let target = head
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap_or_default()
+                    .to_string();
+                let Ok(mut upstream) = tokio::net::TcpStream::connect(&target).await else {
+                    let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n").await;
+                    return;
+                };
+                client
+                    .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+                    .await
+                    .unwrap();
+                let (mut cr, mut cw) = client.split();
+                let (mut ur, mut uw) = upstream.split();
+                let to_upstream = async {
+                    let mut buf = [0u8; 16384];
+                    loop {
+                        let n = match cr.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        b.lock().unwrap().extend_from_slice(&buf[..n]);
+                        if uw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                };
+                let to_client = tokio::io::copy(&mut ur, &mut cw);
+                let _ = tokio::join!(to_upstream, to_client);
+            });
+        }
+    });
+    (addr, heads, bytes)
+}
+
+#[tokio::test]
+async fn a_tls_upstream_is_reached_through_an_egress_proxy_with_credentials() {
+    let mock = MockCloudCasa::start_tls().await;
+    let secret = SecretDir::new("token-a");
+    let ca = write_file(secret.dir.path(), "ca.pem", mock.ca_pem.as_ref().unwrap());
+    // "user:secret" in Basic.
+    let (proxy, heads, bytes) = connect_proxy(Some("Basic dXNlcjpzZWNyZXQ=")).await;
+    let credentials = write_file(secret.dir.path(), "proxy-credentials", "user:secret\n");
+    let gw = TestGateway::start(&format!(
+        "[upstream]\nurl = \"{}\"\nca_file = \"{}\"\nproxy = \"http://{proxy}\"\n\
+         proxy_credentials_file = \"{}\"\n[token]\nfile = \"{}\"",
+        mock.url(),
+        ca.display(),
+        credentials.display(),
+        secret.token_path().display()
+    ))
+    .await;
+    let reply = get(&gw.url("/api/v1/clusters"), &[]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(
+        mock.state.last().header("authorization"),
+        Some("Bearer token-a")
+    );
+    let heads = heads.lock().unwrap().clone();
+    assert_eq!(heads.len(), 1, "{heads:?}");
+    assert!(
+        heads[0].starts_with(&format!(
+            "CONNECT localhost:{} HTTP/1.1\r\n",
+            mock.addr.port()
+        )),
+        "{heads:?}"
+    );
+    // The token crossed the proxy inside TLS only.
+    let through = bytes.lock().unwrap().clone();
+    assert!(!through.is_empty());
+    assert!(!String::from_utf8_lossy(&through).contains("token-a"));
+
+    // Wrong credentials: the proxy refuses the tunnel; the client gets a 502 that says so.
+    let wrong = write_file(secret.dir.path(), "wrong-credentials", "user:nope\n");
+    let refused = TestGateway::start(&format!(
+        "[upstream]\nurl = \"{}\"\nca_file = \"{}\"\nproxy = \"http://{proxy}\"\n\
+         proxy_credentials_file = \"{}\"\n[token]\nfile = \"{}\"",
+        mock.url(),
+        ca.display(),
+        wrong.display(),
+        secret.token_path().display()
+    ))
+    .await;
+    let reply = get(&refused.url("/api/v1/clusters"), &[]).await;
+    let message = reply.envelope_message(502);
+    assert!(message.contains("proxy"), "{message}");
+}

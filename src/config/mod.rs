@@ -203,6 +203,10 @@ pub struct UpstreamConfig {
     pub ca_file: Option<PathBuf>,
     /// How long an idle pooled connection is kept.
     pub pool_idle_timeout: Duration,
+    /// An HTTP proxy reached with CONNECT (`None`: `HTTPS_PROXY`/`NO_PROXY` decide).
+    pub proxy: Option<Uri>,
+    /// `user:password` for the proxy's Basic authentication.
+    pub proxy_credentials_file: Option<PathBuf>,
 }
 
 /// `[cache]`.
@@ -456,6 +460,27 @@ impl Config {
             p.add("upstream.ca_file", e);
         }
 
+        let proxy = r.upstream.proxy.as_deref().and_then(|text| {
+            match text.parse::<Uri>() {
+                Ok(u)
+                    if u.scheme_str() == Some("http")
+                        && u.host().is_some()
+                        && u.path_and_query().is_none_or(|pq| pq.as_str() == "/") =>
+                {
+                    Some(u)
+                }
+                _ => {
+                    p.add(
+                        "upstream.proxy",
+                        format!("{text:?} is not an http://HOST:PORT proxy URL (credentials go in upstream.proxy_credentials_file)"),
+                    );
+                    None
+                }
+            }
+        });
+        if r.upstream.proxy_credentials_file.is_some() && proxy.is_none() {
+            p.add("upstream.proxy_credentials_file", "needs upstream.proxy");
+        }
         let credentials = credentials(&mut p, &r.token, &r.credentials, overrides);
         let clients = clients(&mut p, r.clients);
         let policy = policy(&mut p, r.policy, &credentials);
@@ -619,6 +644,8 @@ impl Config {
                     timeout,
                     ca_file: r.upstream.ca_file,
                     pool_idle_timeout,
+                    proxy,
+                    proxy_credentials_file: r.upstream.proxy_credentials_file,
                 },
                 credentials,
                 clients,
@@ -680,6 +707,9 @@ impl Config {
             if let Some(ca) = &tls.client_ca_file {
                 readable("server.tls.client_ca_file", ca);
             }
+        }
+        if let Some(f) = &self.upstream.proxy_credentials_file {
+            readable("upstream.proxy_credentials_file", f);
         }
         if let Some(k) = &self.clients.kubernetes {
             readable("clients.kubernetes.token_file", &k.token_file);

@@ -74,6 +74,8 @@ pub struct RawUpstream {
     pub ca_file: Option<PathBuf>,
     #[serde(with = "humantime_serde")]
     pub pool_idle_timeout: Option<Duration>,
+    pub proxy: Option<String>,
+    pub proxy_credentials_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
