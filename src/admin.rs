@@ -46,8 +46,8 @@ fn readyz(shared: &Shared) -> Response<Body> {
     if shared.draining.load(Ordering::Acquire) {
         return error_response(StatusCode::SERVICE_UNAVAILABLE, "draining: shutting down");
     }
-    let missing: Vec<&str> = shared
-        .credentials
+    let credentials = shared.credentials.load();
+    let missing: Vec<&str> = credentials
         .iter()
         .filter(|c| c.current().is_none())
         .map(|c| c.credential())

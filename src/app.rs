@@ -6,9 +6,11 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use arc_swap::ArcSwap;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use tokio::net::TcpListener;
@@ -19,7 +21,7 @@ use crate::audit::{AuditIntentLayer, AuditLog, AuditOpenError};
 use crate::body::Body;
 use crate::cache::{Cache, CacheLayer};
 use crate::canonical::{CanonicalLayer, MethodRules};
-use crate::config::Config;
+use crate::config::{Config, Overrides};
 use crate::credential::InjectTokenLayer;
 use crate::identity::api_keys::ApiKeys;
 use crate::identity::kubernetes::TokenReviewer;
@@ -36,14 +38,209 @@ use crate::tls::ServerTls;
 use crate::token::{FingerprintKey, TokenSource};
 use crate::upstream::{Upstream, UpstreamSetupError};
 
+/// The credentials in force, shared by the policy, `/readyz` and the metrics.
+pub type Credentials = Arc<ArcSwap<Vec<Arc<TokenSource>>>>;
+
+/// The policy for `config`, bound to `credentials` (validation guarantees every rule's
+/// credential is among them).
+fn policy_for(config: &Config, credentials: &[Arc<TokenSource>], metrics: &Arc<Metrics>) -> Policy {
+    let by_name: HashMap<String, Arc<TokenSource>> = credentials
+        .iter()
+        .map(|c| (c.credential().to_string(), c.clone()))
+        .collect();
+    let rules = match config.policy.is_empty() {
+        true => vec![RuleSpec::allow_all(&config.credentials[0].name)],
+        false => config.policy.clone(),
+    };
+    Policy::new(rules, &by_name, metrics.clone())
+}
+
+/// Applies a new configuration to a running gateway (SIGHUP): the `[[policy]]` rules and rates,
+/// the credentials, the cache settings that can change in place (`fresh_for`,
+/// `stale_if_error`, `key_headers`, `max_object_size`) and `log.level`, each swapped whole and
+/// atomically, with no connection dropped. What cannot change without a restart (listeners,
+/// TLS, client authentication, the upstream, audit, telemetry, the cache's size and budget,
+/// limits and timeouts) is reported as such and keeps its running value.
+#[derive(Clone)]
+pub struct Reloader {
+    inner: Arc<ReloaderInner>,
+}
+
+struct ReloaderInner {
+    running: std::sync::Mutex<Config>,
+    policy: Arc<ArcSwap<Policy>>,
+    credentials: Credentials,
+    key: FingerprintKey,
+    metrics: Arc<Metrics>,
+    cache: Option<Arc<Cache>>,
+}
+
+/// What a reload did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// Sections applied.
+    pub applied: Vec<&'static str>,
+    /// Sections that changed but need a restart.
+    pub needs_restart: Vec<&'static str>,
+}
+
+impl Reloader {
+    /// Records the hash of the configuration in force at start.
+    pub fn started(&self, hash: &str) {
+        self.inner.metrics.config.in_force(hash);
+    }
+
+    /// Reads, validates and applies the configuration file (the files it names are checked as
+    /// `--check` does). On any problem nothing changes, the problem is logged and counted, and
+    /// the error is returned.
+    pub fn reload_from(&self, path: &Path, overrides: &Overrides) -> Result<ReloadReport, String> {
+        let loaded = std::fs::read(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))
+            .and_then(|bytes| {
+                let config = Config::load(Some(path), overrides).map_err(|e| e.to_string())?;
+                config.check_files().map_err(|e| e.to_string())?;
+                Ok((config, config_hash(&bytes)))
+            });
+        match loaded {
+            Ok((config, hash)) => {
+                let report = self.apply(config);
+                self.inner.metrics.config.reloaded(Some(&hash));
+                tracing::info!(
+                    hash,
+                    applied = ?report.applied,
+                    needs_restart = ?report.needs_restart,
+                    "configuration reloaded"
+                );
+                Ok(report)
+            }
+            Err(e) => {
+                self.inner.metrics.config.reloaded(None);
+                tracing::error!(error = %e, "configuration reload refused; the running configuration stays");
+                Err(e)
+            }
+        }
+    }
+
+    /// Applies an already validated configuration.
+    pub fn apply(&self, new: Config) -> ReloadReport {
+        let inner = &*self.inner;
+        let mut running = inner.running.lock().unwrap_or_else(|e| e.into_inner());
+        let mut report = ReloadReport::default();
+        let differs =
+            |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
+        // Credentials: unchanged ones keep their token source (and its watcher); new ones start.
+        let credentials_changed = running.credentials != new.credentials;
+        if credentials_changed {
+            let old = inner.credentials.load_full();
+            let next: Vec<Arc<TokenSource>> = new
+                .credentials
+                .iter()
+                .map(|c| {
+                    let kept = running
+                        .credentials
+                        .iter()
+                        .zip(old.iter())
+                        .find(|(was, _)| *was == c)
+                        .map(|(_, source)| source.clone());
+                    kept.unwrap_or_else(|| {
+                        let source = Arc::new(TokenSource::new(
+                            c.name.clone(),
+                            c.origin.clone(),
+                            inner.key.clone(),
+                        ));
+                        source.spawn_watcher();
+                        source
+                    })
+                })
+                .collect();
+            inner.credentials.store(Arc::new(next));
+            report.applied.push("credentials");
+        }
+        if credentials_changed || differs(&running.policy, &new.policy) {
+            let policy = policy_for(&new, &inner.credentials.load(), &inner.metrics);
+            inner.policy.store(Arc::new(policy));
+            report.applied.push("policy");
+        }
+        let cache_in_place = |c: &crate::config::CacheConfig| {
+            (
+                c.fresh_for,
+                c.stale_if_error,
+                c.key_headers.clone(),
+                c.max_object_size,
+            )
+        };
+        if let Some(cache) = &inner.cache
+            && cache_in_place(&running.cache) != cache_in_place(&new.cache)
+        {
+            cache.reconfigure(&new.cache);
+            report.applied.push("cache");
+        }
+        let cache_fixed = |c: &crate::config::CacheConfig| (c.enabled, c.max_size, c.max_inflight);
+        if cache_fixed(&running.cache) != cache_fixed(&new.cache) {
+            report
+                .needs_restart
+                .push("cache (enabled, max_size, max_inflight)");
+        }
+        if running.log.level != new.log.level {
+            match crate::logging::set_level(&new.log.level) {
+                Ok(()) => report.applied.push("log.level"),
+                Err(e) => tracing::warn!(error = %e, "log.level could not be applied"),
+            }
+        }
+        if running.log.format != new.log.format || running.log.color != new.log.color {
+            report.needs_restart.push("log (format, color)");
+        }
+        let fixed: [(&'static str, bool); 6] = [
+            ("server", differs(&running.server, &new.server)),
+            ("admin", differs(&running.admin, &new.admin)),
+            ("upstream", differs(&running.upstream, &new.upstream)),
+            ("clients", differs(&running.clients, &new.clients)),
+            ("audit", differs(&running.audit, &new.audit)),
+            ("telemetry", differs(&running.telemetry, &new.telemetry)),
+        ];
+        for (section, changed) in fixed {
+            if changed {
+                report.needs_restart.push(section);
+            }
+        }
+        for section in &report.needs_restart {
+            tracing::warn!(
+                section,
+                "changed in the configuration file, but needs a restart"
+            );
+        }
+        // What runs now is the new file, less what needs a restart.
+        let mut next = new;
+        next.server = running.server.clone();
+        next.admin = running.admin.clone();
+        next.upstream = running.upstream.clone();
+        next.clients = running.clients.clone();
+        next.audit = running.audit.clone();
+        next.telemetry = running.telemetry.clone();
+        next.cache.enabled = running.cache.enabled;
+        next.cache.max_size = running.cache.max_size;
+        next.cache.max_inflight = running.cache.max_inflight;
+        next.log.format = running.log.format;
+        next.log.color = running.log.color;
+        *running = next;
+        report
+    }
+}
+
+/// The hash `config_info` reports: SHA-256 of the file's bytes, 16 hex digits.
+pub fn config_hash(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(&sha2::Sha256::digest(bytes)[..8])
+}
+
 /// Connections the admin listener serves at once.
 const ADMIN_MAX_CONNECTIONS: usize = 256;
 
 /// State shared by the proxy stack and the admin listener.
 #[derive(Debug)]
 pub struct Shared {
-    /// The CloudCasa credentials (sidecar mode: the one named `default`).
-    pub credentials: Vec<Arc<TokenSource>>,
+    /// The CloudCasa credentials (sidecar mode: the one named `default`); a reload swaps them.
+    pub credentials: Credentials,
     /// Set once shutdown begins; `/readyz` turns 503.
     pub draining: AtomicBool,
     /// The response cache, unless `cache.enabled = false`.
@@ -89,7 +286,8 @@ pub struct Gateway {
     shared: Arc<Shared>,
     tls: Option<Arc<ServerTls>>,
     authenticator: Arc<Authenticator>,
-    policy: Arc<Policy>,
+    policy: Arc<ArcSwap<Policy>>,
+    key: FingerprintKey,
 }
 
 impl Gateway {
@@ -121,6 +319,7 @@ impl Gateway {
             .cache
             .enabled
             .then(|| Arc::new(Cache::new(config.cache.clone(), config.upstream.timeout)));
+        let credentials: Credentials = Arc::new(ArcSwap::from_pointee(credentials));
         let metrics = Arc::new(Metrics::new(
             credentials.clone(),
             cache.clone(),
@@ -148,15 +347,11 @@ impl Gateway {
         };
         let proxy = bind("server.listen", config.server.listen).await?;
         let admin = bind("admin.listen", config.admin.listen).await?;
-        let by_name: HashMap<String, Arc<TokenSource>> = credentials
-            .iter()
-            .map(|c| (c.credential().to_string(), c.clone()))
-            .collect();
-        let rules = match config.policy.is_empty() {
-            true => vec![RuleSpec::allow_all(&config.credentials[0].name)],
-            false => config.policy.clone(),
-        };
-        let policy = Arc::new(Policy::new(rules, &by_name, metrics.clone()));
+        let policy = Arc::new(ArcSwap::from_pointee(policy_for(
+            &config,
+            &credentials.load(),
+            &metrics,
+        )));
         let loopback = config.server.listen.ip().is_loopback();
         if !loopback && config.server.allow_unauthenticated {
             tracing::warn!(
@@ -196,6 +391,7 @@ impl Gateway {
             tls,
             authenticator,
             policy,
+            key,
             shared: Arc::new(Shared {
                 credentials,
                 draining: AtomicBool::new(false),
@@ -210,6 +406,20 @@ impl Gateway {
         self.proxy
             .local_addr()
             .expect("a bound listener has an address")
+    }
+
+    /// What a reload (SIGHUP) can change in this gateway once it runs.
+    pub fn reloader(&self) -> Reloader {
+        Reloader {
+            inner: Arc::new(ReloaderInner {
+                running: std::sync::Mutex::new(self.config.clone()),
+                policy: self.policy.clone(),
+                credentials: self.shared.credentials.clone(),
+                key: self.key.clone(),
+                metrics: self.shared.observers.metrics.clone(),
+                cache: self.shared.cache.clone(),
+            }),
+        }
     }
 
     /// The audit trail, for reopening its file on SIGHUP.
@@ -269,7 +479,7 @@ impl Gateway {
     /// Runs until `shutdown` resolves, then drains in-flight requests (bounded by
     /// `server.drain_timeout`) and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
-        for credential in &self.shared.credentials {
+        for credential in self.shared.credentials.load().iter() {
             credential.spawn_watcher();
         }
         if let Some(tls) = &self.tls {
@@ -283,7 +493,7 @@ impl Gateway {
             let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
             loop {
                 every.tick().await;
-                policy.forget_idle_clients();
+                policy.load().forget_idle_clients();
             }
         });
         let server = &self.config.server;

@@ -7,6 +7,7 @@
 //! and log files get plain text.
 
 use std::io::IsTerminal;
+use std::sync::OnceLock;
 
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::filter::Directive;
@@ -18,10 +19,12 @@ use crate::config::{LogColor, LogFormat};
 /// each of those lines would cause another event (tens of megabytes a second).
 const QUIET_TARGETS: [&str; 4] = ["notify", "inotify", "mio", "polling"];
 
-/// The filter: `RUST_LOG` or `info`, with [`QUIET_TARGETS`] held at `warn`.
-pub fn filter(rust_log: Option<&str>) -> EnvFilter {
+/// The filter: `RUST_LOG` when set (and valid), else `level` (`log.level`), with
+/// [`QUIET_TARGETS`] held at `warn`.
+pub fn filter(rust_log: Option<&str>, level: &str) -> EnvFilter {
     let mut filter = rust_log
         .and_then(|v| EnvFilter::try_new(v).ok())
+        .or_else(|| EnvFilter::try_new(level).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
     for target in QUIET_TARGETS {
         let directive: Directive = format!("{target}=warn").parse().expect("a valid directive");
@@ -30,9 +33,14 @@ pub fn filter(rust_log: Option<&str>) -> EnvFilter {
     filter
 }
 
+type SetFilter = Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>;
+
+/// Swaps the installed subscriber's filter (set by [`init`]).
+static SET_FILTER: OnceLock<SetFilter> = OnceLock::new();
+
 /// Installs the global subscriber. Call once, from `main`.
-pub fn init(format: LogFormat, color: LogColor) {
-    let filter = filter(std::env::var("RUST_LOG").ok().as_deref());
+pub fn init(format: LogFormat, color: LogColor, level: &str) {
+    let filter = filter(std::env::var("RUST_LOG").ok().as_deref(), level);
     let ansi = match color {
         LogColor::Always => true,
         LogColor::Never => false,
@@ -43,8 +51,31 @@ pub fn init(format: LogFormat, color: LogColor) {
         .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => {
+            let builder = builder.with_filter_reloading();
+            let handle = builder.reload_handle();
+            let _ = SET_FILTER.set(Box::new(move |f| {
+                handle.reload(f).map_err(|e| e.to_string())
+            }));
+            builder.init();
+        }
+        LogFormat::Json => {
+            let builder = builder.json().flatten_event(true).with_filter_reloading();
+            let handle = builder.reload_handle();
+            let _ = SET_FILTER.set(Box::new(move |f| {
+                handle.reload(f).map_err(|e| e.to_string())
+            }));
+            builder.init();
+        }
+    }
+}
+
+/// Applies a new `log.level` (a reload); `RUST_LOG`, when set, still wins. Does nothing when
+/// no subscriber was installed by [`init`] (tests).
+pub fn set_level(level: &str) -> Result<(), String> {
+    match SET_FILTER.get() {
+        Some(set) => set(filter(std::env::var("RUST_LOG").ok().as_deref(), level)),
+        None => Ok(()),
     }
 }
 
@@ -55,7 +86,7 @@ mod tests {
     #[test]
     fn the_watcher_stays_quiet_at_every_level() {
         for rust_log in [Some("trace"), Some("notify=trace,info"), None] {
-            let text = filter(rust_log).to_string();
+            let text = filter(rust_log, "info").to_string();
             for target in QUIET_TARGETS {
                 assert!(
                     text.contains(&format!("{target}=warn")),

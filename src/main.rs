@@ -152,6 +152,7 @@ fn main() -> ExitCode {
         upstream: cli.upstream,
         token_file: cli.token_file,
     };
+    let config_path = cli.config.clone();
     let config = match Config::load(cli.config.as_deref(), &overrides) {
         Ok(config) => config,
         Err(err) => {
@@ -175,7 +176,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    logging::init(config.log.format, config.log.color);
+    logging::init(config.log.format, config.log.color, &config.log.level);
 
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
@@ -203,9 +204,13 @@ fn main() -> ExitCode {
             version = env!("CARGO_PKG_VERSION"),
             "cloudcasa-gateway listening"
         );
-        if let Some(audit) = gateway.audit() {
-            reopen_on_sighup(audit);
+        let reloader = gateway.reloader();
+        if let Some(path) = &config_path
+            && let Ok(bytes) = std::fs::read(path)
+        {
+            reloader.started(&cloudcasa_gateway::app::config_hash(&bytes));
         }
+        on_sighup(gateway.audit(), reloader, config_path, overrides);
         gateway.run(shutdown_signal()).await;
         ExitCode::SUCCESS
     })
@@ -220,20 +225,36 @@ async fn shutdown_signal() {
     }
 }
 
-/// logrotate moves the file and sends SIGHUP; the writer then reopens it by name.
-fn reopen_on_sighup(audit: cloudcasa_gateway::audit::AuditLog) {
+/// SIGHUP: the audit file is reopened (logrotate moved it), and the configuration file is
+/// re-read and applied where it can be (see `Reloader`).
+fn on_sighup(
+    audit: Option<cloudcasa_gateway::audit::AuditLog>,
+    reloader: cloudcasa_gateway::app::Reloader,
+    path: Option<PathBuf>,
+    overrides: Overrides,
+) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hup = match signal(SignalKind::hangup()) {
         Ok(s) => s,
         Err(e) => {
-            tracing::error!(error = %e, "cannot install the SIGHUP handler; the audit file will not be reopened");
+            tracing::error!(error = %e, "cannot install the SIGHUP handler: no audit reopen, no reload");
             return;
         }
     };
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
-            tracing::info!("SIGHUP received: reopening the audit file");
-            audit.reopen();
+            tracing::info!(
+                "SIGHUP received: reopening the audit file, reloading the configuration"
+            );
+            if let Some(audit) = &audit {
+                audit.reopen();
+            }
+            match &path {
+                Some(path) => {
+                    let _ = reloader.reload_from(path, &overrides);
+                }
+                None => tracing::info!("no configuration file (--config): nothing to reload"),
+            }
         }
     });
 }

@@ -181,12 +181,14 @@ pub struct Metrics {
     pub connections: ConnectionMetrics,
     /// Handed to the TokenReview client.
     pub token_reviews: TokenReviewMetrics,
+    /// Handed to the reloader.
+    pub config: ConfigMetrics,
 }
 
 impl Metrics {
     /// Registers every metric; `tokens` and `cache` are read at scrape time.
     pub fn new(
-        tokens: Vec<Arc<TokenSource>>,
+        tokens: Arc<arc_swap::ArcSwap<Vec<Arc<TokenSource>>>>,
         cache: Option<Arc<Cache>>,
         tls: Option<Arc<ServerTls>>,
         telemetry_failures: Counter,
@@ -220,6 +222,30 @@ impl Metrics {
                 revision: crate::REVISION,
             })
             .set(1);
+        let config = ConfigMetrics {
+            reloads: Family::default(),
+            last_success: Gauge::default(),
+            info: Family::default(),
+        };
+        for result in ["success", "failure"] {
+            let _ = config.reloads.get_or_create(&ResultLabel { result });
+        }
+        registry.register(
+            name("config_reloads"),
+            "Configuration reloads (SIGHUP) by result: success (applied), failure (the file was \
+             invalid; the running configuration stays)",
+            config.reloads.clone(),
+        );
+        registry.register(
+            name("config_last_reload_success_timestamp_seconds"),
+            "When a reload was last applied, seconds since the epoch (0: never)",
+            config.last_success.clone(),
+        );
+        registry.register(
+            name("config_info"),
+            "1, labelled with the hash (SHA-256, 16 hex digits) of the configuration file in force",
+            config.info.clone(),
+        );
         registry.register(
             name("build_info"),
             "1, labelled with the gateway's version and git revision",
@@ -360,6 +386,7 @@ impl Metrics {
             audit,
             connections,
             token_reviews,
+            config,
         }
     }
 
@@ -655,6 +682,42 @@ struct BuildLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HashLabel {
+    hash: String,
+}
+
+/// Configuration reloads, handed to the reloader.
+#[derive(Debug, Clone)]
+pub struct ConfigMetrics {
+    reloads: Family<ResultLabel, Counter>,
+    last_success: Gauge<f64, std::sync::atomic::AtomicU64>,
+    info: Family<HashLabel, Gauge>,
+}
+
+impl ConfigMetrics {
+    /// The configuration in force has this hash (at start, and after each successful reload).
+    pub fn in_force(&self, hash: &str) {
+        self.info.clear();
+        self.info
+            .get_or_create(&HashLabel { hash: hash.into() })
+            .set(1);
+    }
+
+    /// A reload was applied (`hash`) or refused (`None`).
+    pub fn reloaded(&self, hash: Option<&str>) {
+        let result = if hash.is_some() { "success" } else { "failure" };
+        self.reloads.get_or_create(&ResultLabel { result }).inc();
+        if let Some(hash) = hash {
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            self.last_success.set(now);
+            self.in_force(hash);
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
     result: &'static str,
 }
@@ -700,7 +763,7 @@ impl Collector for TlsCollector {
 }
 
 #[derive(Debug)]
-struct TokenCollector(Vec<Arc<TokenSource>>);
+struct TokenCollector(Arc<arc_swap::ArcSwap<Vec<Arc<TokenSource>>>>);
 
 impl Collector for TokenCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
@@ -729,7 +792,7 @@ impl Collector for TokenCollector {
             let name = format!("{PREFIX}_{name}");
             let mut m =
                 encoder.encode_descriptor(&name, help, None, ConstGauge::new(0.0).metric_type())?;
-            for t in &self.0 {
+            for t in self.0.load().iter() {
                 let labels = [("credential", t.credential())];
                 ConstGauge::new(get(t, now)).encode(m.encode_family(&labels)?)?;
             }
@@ -753,7 +816,7 @@ impl Collector for TokenCollector {
                 None,
                 ConstCounter::new(0u64).metric_type(),
             )?;
-            for t in &self.0 {
+            for t in self.0.load().iter() {
                 let labels = [("credential", t.credential())];
                 ConstCounter::new(get(t)).encode(m.encode_family(&labels)?)?;
             }
@@ -849,7 +912,7 @@ mod tests {
 
     #[test]
     fn exposition_names_and_counts() {
-        let m = Metrics::new(Vec::new(), None, None, Counter::default());
+        let m = Metrics::new(Default::default(), None, None, Counter::default());
         m.request_started();
         m.request_finished(
             &Method::GET,
@@ -911,7 +974,7 @@ mod tests {
 
     #[test]
     fn memoised_handles_count_into_the_exposed_series() {
-        let m = Metrics::new(Vec::new(), None, None, Counter::default());
+        let m = Metrics::new(Default::default(), None, None, Counter::default());
         let finish = |cache: &'static str| {
             m.request_started();
             m.request_finished(

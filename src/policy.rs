@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use futures_util::future::Either;
 use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
 use governor::clock::{Clock, DefaultClock};
@@ -300,12 +301,12 @@ impl Policy {
 /// Applies the [`Policy`] to identified requests.
 #[derive(Debug, Clone)]
 pub struct PolicyLayer {
-    policy: Arc<Policy>,
+    policy: Arc<ArcSwap<Policy>>,
 }
 
 impl PolicyLayer {
-    /// Enforces `policy`.
-    pub fn new(policy: Arc<Policy>) -> Self {
+    /// Enforces the policy in force (a reload swaps it).
+    pub fn new(policy: Arc<ArcSwap<Policy>>) -> Self {
         Self { policy }
     }
 }
@@ -324,7 +325,7 @@ impl<S> Layer<S> for PolicyLayer {
 #[derive(Debug, Clone)]
 pub struct PolicyService<S> {
     inner: S,
-    policy: Arc<Policy>,
+    policy: Arc<ArcSwap<Policy>>,
 }
 
 impl<S, B> Service<Request<B>> for PolicyService<S>
@@ -344,7 +345,8 @@ where
             // The identity layer always runs first; without it nothing is allowed.
             return Either::Left(std::future::ready(Err(GatewayError::Internal)));
         };
-        match self.policy.decide(&client, req.method(), req.uri().path()) {
+        let policy = self.policy.load();
+        match policy.decide(&client, req.method(), req.uri().path()) {
             Err(e) => Either::Left(std::future::ready(Err(e))),
             Ok((rule, decision)) => {
                 if let Some(ex) = Exchange::of(&req) {

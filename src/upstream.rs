@@ -130,9 +130,7 @@ type ChosenProxy = (Uri, Option<HeaderValue>, &'static str);
 /// The proxy to use for `upstream` and its `Proxy-Authorization`, with where the choice came
 /// from: `upstream.proxy`, else `HTTPS_PROXY`/`HTTP_PROXY`/`ALL_PROXY` unless `NO_PROXY` names
 /// the upstream's host (hyper-util's matcher, curl's rules).
-fn choose_proxy(
-    config: &UpstreamConfig,
-) -> Result<Option<ChosenProxy>, UpstreamSetupError> {
+fn choose_proxy(config: &UpstreamConfig) -> Result<Option<ChosenProxy>, UpstreamSetupError> {
     if let Some(proxy) = &config.proxy {
         let auth = match &config.proxy_credentials_file {
             None => None,

@@ -19,6 +19,7 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
@@ -55,7 +56,8 @@ const CLIENT_CONDITIONALS: [HeaderName; 5] = [
 #[derive(Debug)]
 pub struct Cache {
     store: Store,
-    config: CacheConfig,
+    /// Swapped whole on a reload (`SIGHUP`); each request reads it once.
+    config: ArcSwap<CacheConfig>,
     /// `cache.max_inflight`, in KiB permits: what fills in progress may hold.
     inflight: Arc<Semaphore>,
     /// How long a collapsed request waits for the fetch it joined.
@@ -69,9 +71,25 @@ impl Cache {
         Self {
             inflight: Arc::new(Semaphore::new(kib.clamp(1, Semaphore::MAX_PERMITS))),
             store: Store::new(config.max_size),
-            config,
+            config: ArcSwap::from_pointee(config),
             wait_limit: upstream_timeout,
         }
+    }
+
+    /// Applies the settings a reload may change (freshness, stale windows, key headers, the
+    /// largest object); `max_size` and `max_inflight` keep their values until a restart.
+    pub fn reconfigure(&self, new: &CacheConfig) {
+        let mut next = (**self.config.load()).clone();
+        next.fresh_for = new.fresh_for;
+        next.stale_if_error = new.stale_if_error;
+        next.key_headers = new.key_headers.clone();
+        next.max_object_size = new.max_object_size.min(next.max_inflight);
+        self.config.store(Arc::new(next));
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> Arc<CacheConfig> {
+        self.config.load_full()
     }
 
     /// The storage, for the admin endpoint and metrics.
@@ -239,7 +257,8 @@ impl Cache {
                 pass(inner, req).await,
             );
         }
-        collapse_key_headers(&self.config.key_headers, req.headers_mut());
+        let config = self.config.load_full();
+        collapse_key_headers(&config.key_headers, req.headers_mut());
         let key = CacheKey {
             path: PathKey {
                 partition: token.fingerprint(),
@@ -247,7 +266,7 @@ impl Cache {
             },
             variant: VariantKey {
                 query: req.uri().query().unwrap_or("").into(),
-                representation: policy::representation_key(&self.config.key_headers, req.headers()),
+                representation: policy::representation_key(&config.key_headers, req.headers()),
             },
         };
         let is_head = req.method() == Method::HEAD;
@@ -337,6 +356,7 @@ impl Cache {
         epoch: u64,
         guard: Option<store::FlightGuard>,
     ) -> Outcome {
+        let config = self.config.load_full();
         let mut status = CacheStatus::forward(forward);
         let (mut parts, body) = req.into_parts();
         let client = parts.headers.clone();
@@ -385,7 +405,7 @@ impl Cache {
             let updated = Arc::new(revalidated(
                 old,
                 response.headers(),
-                &self.config,
+                &config,
                 request_time,
                 now,
             ));
@@ -423,7 +443,7 @@ impl Cache {
         let length = body
             .size_hint()
             .exact()
-            .filter(|n| *n <= self.config.max_object_size);
+            .filter(|n| *n <= config.max_object_size);
         if let Some(n) = length {
             match self.inflight.clone().try_acquire_many_owned(kib(n)) {
                 Ok(permit) => reserved = Some(permit),
@@ -455,7 +475,7 @@ impl Cache {
                 }
             }
         };
-        let collected = collect_limited(body, self.config.max_object_size, reserve).await;
+        let collected = collect_limited(body, config.max_object_size, reserve).await;
         let hold = |body: Body| match reserved {
             Some(permit) => body::boxed(Tap::new(body, Hold(permit))),
             None => body,
@@ -476,7 +496,7 @@ impl Cache {
             parts.headers,
             bytes,
             &client,
-            &self.config,
+            &config,
             request_time,
             now,
         ));

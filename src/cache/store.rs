@@ -124,6 +124,41 @@ const PATH_OVERHEAD: usize = 384;
 #[derive(Debug, Default)]
 pub struct PathEntry {
     variants: Vec<(VariantKey, Arc<Stored>)>,
+    /// Tells this entry from a later one stored under the same path (see [`PathIndex`]).
+    id: u64,
+}
+
+/// Which paths are stored, by partition and bucket: the collection root of an API path
+/// (`/api/v1/usergroups` for `/api/v1/usergroups/624e/`), else its first segment. A write's
+/// invalidation visits only its bucket's paths, never the whole cache: a moka predicate over
+/// every entry per write made write-heavy load cost CPU in proportion to the cache's size.
+///
+/// Entries leave the index when invalidated, and when moka evicts or expires them (its
+/// eviction listener), but only if the index still names that very entry: a path evicted and
+/// stored again must stay indexed, whatever order the notifications come in.
+type PathIndex = Mutex<HashMap<(Fingerprint, Box<str>), HashMap<Box<str>, u64>>>;
+
+/// The bucket of `path` in the [`PathIndex`].
+fn bucket(path: &str) -> &str {
+    if let Some(r) = crate::audit::record::Resource::parse(path) {
+        let end = "/api/v1/".len() + r.collection.len();
+        return &path[..end];
+    }
+    match path[1.min(path.len())..].find('/') {
+        Some(i) => &path[..i + 1],
+        None => path.trim_end_matches('/'),
+    }
+}
+
+static NEXT_ENTRY_ID: AtomicU64 = AtomicU64::new(1);
+
+impl PathEntry {
+    fn new(variants: Vec<(VariantKey, Arc<Stored>)>) -> Self {
+        Self {
+            variants,
+            id: NEXT_ENTRY_ID.fetch_add(1, Ordering::Relaxed),
+        }
+    }
 }
 
 impl PathEntry {
@@ -161,6 +196,7 @@ pub struct CacheStats {
 /// The response store.
 pub struct Store {
     cache: moka::future::Cache<PathKey, Arc<PathEntry>>,
+    index: Arc<PathIndex>,
     /// Bumped by every invalidation; a fill started under an older epoch is not stored.
     epoch: AtomicU64,
     /// Fills hold it shared while checking the epoch and inserting; invalidations hold it
@@ -178,18 +214,33 @@ impl Store {
     pub fn new(max_size: u64) -> Self {
         let stats = Arc::new(CacheStats::default());
         let evicted = stats.clone();
+        let index: Arc<PathIndex> = Arc::default();
+        let unindex = index.clone();
         let cache = moka::future::Cache::builder()
             .max_capacity(max_size)
             .weigher(|k: &PathKey, v: &Arc<PathEntry>| v.weight(k))
-            .eviction_listener(move |_k, _v, cause| {
-                if cause == moka::notification::RemovalCause::Size {
+            .eviction_listener(move |k: Arc<PathKey>, v: Arc<PathEntry>, cause| {
+                use moka::notification::RemovalCause;
+                if cause == RemovalCause::Size {
                     evicted.evictions.fetch_add(1, Ordering::Relaxed);
                 }
+                if cause != RemovalCause::Replaced {
+                    let mut index = unindex.lock().unwrap_or_else(|e| e.into_inner());
+                    let b = (k.partition, Box::<str>::from(bucket(&k.path)));
+                    if let Some(paths) = index.get_mut(&b) {
+                        if paths.get(&k.path) == Some(&v.id) {
+                            paths.remove(&k.path);
+                        }
+                        if paths.is_empty() {
+                            index.remove(&b);
+                        }
+                    }
+                }
             })
-            .support_invalidation_closures()
             .build();
         Self {
             cache,
+            index,
             epoch: AtomicU64::new(0),
             fill_gate: RwLock::new(()),
             max_size,
@@ -230,12 +281,24 @@ impl Store {
             None => Vec::new(),
         };
         variants.push((key.variant.clone(), stored));
-        let entry = Arc::new(PathEntry { variants });
+        let entry = Arc::new(PathEntry::new(variants));
         if u64::from(entry.weight(&key.path)) > self.max_size {
             return false;
         }
-        self.cache.insert(key.path.clone(), entry).await;
+        self.put(&key.path, entry).await;
         true
+    }
+
+    /// Stores an entry and indexes its path.
+    async fn put(&self, key: &PathKey, entry: Arc<PathEntry>) {
+        {
+            let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
+            index
+                .entry((key.partition, bucket(&key.path).into()))
+                .or_default()
+                .insert(key.path.clone(), entry.id);
+        }
+        self.cache.insert(key.clone(), entry).await;
     }
 
     /// Removes one stored variant (the upstream said it is gone).
@@ -251,8 +314,7 @@ impl Store {
                 if variants.is_empty() {
                     self.cache.invalidate(&key.path).await;
                 } else {
-                    self.cache
-                        .insert(key.path.clone(), Arc::new(PathEntry { variants }))
+                    self.put(&key.path, Arc::new(PathEntry::new(variants)))
                         .await;
                 }
             }
@@ -288,20 +350,44 @@ impl Store {
                 };
                 self.cache.invalidate(&key).await;
             }
-            if !roots.is_empty() {
-                let n = roots.len();
-                let predicate = move |k: &PathKey, _: &Arc<PathEntry>| {
-                    k.partition == partition && roots.iter().any(|r| in_subtree(&k.path, r))
+            for root in &roots {
+                // The paths of the root's bucket that lie in its subtree, taken out of the
+                // index under its lock; then removed from moka.
+                let doomed: Vec<Box<str>> = {
+                    let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
+                    // The root `/` covers every bucket of the partition; any other root, its own.
+                    let buckets: Vec<(Fingerprint, Box<str>)> = match bucket(root) {
+                        "" => index
+                            .keys()
+                            .filter(|(p, _)| *p == partition)
+                            .cloned()
+                            .collect(),
+                        b => vec![(partition, b.into())],
+                    };
+                    let mut doomed = Vec::new();
+                    for b in buckets {
+                        if let Some(paths) = index.get_mut(&b) {
+                            paths.retain(|p, _| {
+                                let gone = in_subtree(p, root);
+                                if gone {
+                                    doomed.push(p.clone());
+                                }
+                                !gone
+                            });
+                            if paths.is_empty() {
+                                index.remove(&b);
+                            }
+                        }
+                    }
+                    doomed
                 };
-                // Fails only if the builder did not ask for closures; it does.
-                if self.cache.invalidate_entries_if(predicate).is_err() {
-                    tracing::error!("cache: subtree invalidation is not available");
-                    self.cache.invalidate_all();
+                for path in doomed {
+                    self.cache.invalidate(&PathKey { partition, path }).await;
                 }
-                self.stats
-                    .invalidations
-                    .fetch_add(n as u64, Ordering::Relaxed);
             }
+            self.stats
+                .invalidations
+                .fetch_add(roots.len() as u64, Ordering::Relaxed);
             self.stats
                 .invalidations
                 .fetch_add(exact.len() as u64, Ordering::Relaxed);
@@ -317,6 +403,7 @@ impl Store {
             if prefix.is_empty() {
                 removed = self.cache.iter().count();
                 self.cache.invalidate_all();
+                self.index.lock().unwrap_or_else(|e| e.into_inner()).clear();
             } else {
                 let keys: Vec<Arc<PathKey>> = self
                     .cache
@@ -527,6 +614,22 @@ mod tests {
         assert!(store.get(&k).await.is_none());
         assert!(store.insert(&k, stored("new"), store.epoch()).await);
         assert_eq!(store.get(&k).await.unwrap().body, "new");
+    }
+
+    #[test]
+    fn buckets_are_collections_or_first_segments() {
+        assert_eq!(bucket("/api/v1/usergroups/624e/"), "/api/v1/usergroups");
+        assert_eq!(bucket("/api/v1/usergroups"), "/api/v1/usergroups");
+        assert_eq!(bucket("/other/x/y"), "/other");
+        assert_eq!(bucket("/other"), "/other");
+        assert_eq!(bucket("/"), "");
+        // A root is in the bucket of every path of its subtree.
+        for (root, path) in [
+            ("/api/v1/usergroups", "/api/v1/usergroups/a/"),
+            ("/other/x", "/other/x/y"),
+        ] {
+            assert_eq!(bucket(root), bucket(path));
+        }
     }
 
     #[test]

@@ -249,6 +249,8 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// ANSI colours in text logs.
     pub color: LogColor,
+    /// The filter (`info`, `debug`, `warn,cloudcasa_gateway=debug`, …); `RUST_LOG` wins.
+    pub level: String,
 }
 
 /// `log.color`.
@@ -563,6 +565,10 @@ impl Config {
             }
         };
 
+        let level = r.log.level.unwrap_or_else(|| "info".into());
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&level) {
+            p.add("log.level", format!("{level:?} is not a log filter: {e}"));
+        }
         let color = match r.log.color.as_deref() {
             None | Some("auto") => LogColor::Auto,
             Some("always") => LogColor::Always,
@@ -651,7 +657,11 @@ impl Config {
                 clients,
                 policy,
                 cache,
-                log: LogConfig { format, color },
+                log: LogConfig {
+                    format,
+                    color,
+                    level,
+                },
                 audit: AuditConfig {
                     enabled: audit_enabled,
                     sink: audit_sink,

@@ -104,6 +104,7 @@ pub struct RawCache {
 pub struct RawLog {
     pub format: Option<String>,
     pub color: Option<String>,
+    pub level: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

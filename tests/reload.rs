@@ -1,0 +1,223 @@
+//! Reload on SIGHUP: policy, rates, credentials, cache settings and the log level change in a
+//! running gateway; an invalid file changes nothing; what needs a restart is reported.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use cloudcasa_gateway::Gateway;
+use cloudcasa_gateway::config::{Config, Overrides};
+use cloudcasa_gateway::identity::api_keys::key_line;
+use http::{Method, StatusCode};
+use support::*;
+
+const READER: &str = "reader-key-0123456789abcdef0123456789";
+const WRITER: &str = "writer-key-0123456789abcdef0123456789";
+
+fn config_text(mock: &MockCloudCasa, dir: &std::path::Path, extra: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [upstream]\nurl = \"{}\"\n[audit]\nenabled = false\n\
+         [[credentials]]\nname = \"team-a\"\nfile = \"{}\"\n\
+         [clients.api_keys]\nfile = \"{}\"\n{extra}\n",
+        mock.url(),
+        dir.join("token-a").display(),
+        dir.join("keys.toml").display(),
+    )
+}
+
+const READ_ONLY: &str =
+    "[[policy]]\nclients = [\"apikey:reader\"]\nmethods = [\"GET\"]\ncredential = \"team-a\"\n";
+
+#[tokio::test]
+async fn sighup_applies_policy_rates_credentials_and_cache_settings() {
+    let mock = MockCloudCasa::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    write_file(dir, "token-a", "token-a");
+    write_file(dir, "token-b", "token-b");
+    write_file(
+        dir,
+        "keys.toml",
+        &format!(
+            "{}\n{}\n",
+            key_line("reader", READER),
+            key_line("writer", WRITER)
+        ),
+    );
+    let path = write_file(dir, "gateway.toml", &config_text(&mock, dir, READ_ONLY));
+    let config = Config::load(Some(&path), &Overrides::default()).unwrap();
+    let gateway = Gateway::bind(config).await.unwrap();
+    let (proxy, admin) = (gateway.proxy_addr(), gateway.admin_addr());
+    let reloader = gateway.reloader();
+    let _running = tokio::spawn(gateway.run(std::future::pending()));
+    let url = |p: &str| format!("http://{proxy}{p}");
+    let as_key = |key: &'static str| ("authorization", format!("Bearer {key}"));
+    let send_as = |key: &'static str, method: Method, p: &str| {
+        let (name, value) = as_key(key);
+        let url = url(p);
+        async move {
+            send(
+                method,
+                &url,
+                &[(name, value.as_str())],
+                Bytes::from_static(br#"{"name":"x"}"#),
+            )
+            .await
+        }
+    };
+
+    assert_eq!(
+        send_as(READER, Method::POST, "/api/v1/usergroups")
+            .await
+            .status,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        send_as(WRITER, Method::GET, "/api/v1/usergroups")
+            .await
+            .status,
+        StatusCode::FORBIDDEN
+    );
+
+    // The new file: the reader may POST at 2/m, the writer uses a new credential (tenant b),
+    // GETs are fresh for a minute, and a listener setting changed too.
+    let next = config_text(
+        &mock,
+        dir,
+        "[server]\nheader_timeout = \"3s\"\n[cache]\nfresh_for = \"60s\"\n[log]\nlevel = \"debug\"\n\
+         [[credentials]]\nname = \"team-b\"\nfile = \"TOKEN_B\"\n\
+         [[policy]]\nclients = [\"apikey:reader\"]\nmethods = [\"GET\", \"POST\"]\nrate = \"2/m\"\ncredential = \"team-a\"\n\
+         [[policy]]\nclients = [\"apikey:writer\"]\ncredential = \"team-b\"\n",
+    )
+    .replace("[server]\nlisten = \"127.0.0.1:0\"\n", "")
+    .replacen("[server]\n", "[server]\nlisten = \"127.0.0.1:0\"\n", 1)
+    .replace("TOKEN_B", &dir.join("token-b").display().to_string());
+    std::fs::write(&path, &next).unwrap();
+    let report = reloader.reload_from(&path, &Overrides::default()).unwrap();
+    assert_eq!(
+        report.applied,
+        ["credentials", "policy", "cache", "log.level"],
+        "{report:?}"
+    );
+    assert_eq!(report.needs_restart, ["server"], "{report:?}");
+
+    for _ in 0..2 {
+        let created = send_as(READER, Method::POST, "/api/v1/usergroups").await;
+        assert_eq!(created.status, StatusCode::CREATED, "{}", created.text());
+    }
+    let limited = send_as(READER, Method::POST, "/api/v1/usergroups").await;
+    assert_eq!(limited.status, StatusCode::TOO_MANY_REQUESTS);
+    let as_b = send_as(WRITER, Method::GET, "/api/v1/usergroups").await;
+    assert_eq!(as_b.status, StatusCode::OK, "{}", as_b.text());
+    assert_eq!(
+        mock.state.last().header("authorization"),
+        Some("Bearer token-b")
+    );
+    let hit = send_as(WRITER, Method::GET, "/api/v1/usergroups").await;
+    assert!(
+        hit.header("cache-status").unwrap().contains("hit"),
+        "{:?}",
+        hit.headers
+    );
+
+    // An invalid file changes nothing, and says so.
+    std::fs::write(&path, "[server\nlisten = ").unwrap();
+    assert!(reloader.reload_from(&path, &Overrides::default()).is_err());
+    let still = send_as(WRITER, Method::GET, "/api/v1/usergroups").await;
+    assert_eq!(still.status, StatusCode::OK);
+    let metrics = get(&format!("http://{admin}/metrics"), &[]).await.text();
+    assert!(
+        metrics.contains("cloudcasa_gateway_config_reloads_total{result=\"success\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("cloudcasa_gateway_config_reloads_total{result=\"failure\"} 1"),
+        "{metrics}"
+    );
+    let hash = cloudcasa_gateway::app::config_hash(next.as_bytes());
+    assert!(
+        metrics.contains(&format!(
+            "cloudcasa_gateway_config_info{{hash=\"{hash}\"}} 1"
+        )),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn the_binary_reloads_on_sighup() {
+    let mock = MockCloudCasa::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    write_file(dir, "token-a", "token-a");
+    write_file(
+        dir,
+        "keys.toml",
+        &format!("{}\n", key_line("reader", READER)),
+    );
+    let proxy = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let text = |policy: &str| {
+        config_text(&mock, dir, policy)
+            .replace(
+                "listen = \"127.0.0.1:0\"\n[admin]",
+                &format!("listen = \"{proxy}\"\n[admin]"),
+            )
+            .replace(
+                "[admin]\nlisten = \"127.0.0.1:0\"",
+                &format!("[admin]\nlisten = \"{admin}\""),
+            )
+    };
+    let path = write_file(dir, "gateway.toml", &text(READ_ONLY));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cloudcasa-gateway"))
+        .arg("--config")
+        .arg(&path)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the gateway listens",
+        || async move { tokio::net::TcpStream::connect(admin).await.is_ok() },
+    )
+    .await;
+    let post = || async {
+        send(
+            Method::POST,
+            &format!("http://{proxy}/api/v1/usergroups"),
+            &[("authorization", &format!("Bearer {READER}"))],
+            Bytes::from_static(br#"{"name":"y"}"#),
+        )
+        .await
+        .status
+    };
+    assert_eq!(post().await, StatusCode::FORBIDDEN);
+    std::fs::write(
+        &path,
+        text(&READ_ONLY.replace("[\"GET\"]", "[\"GET\", \"POST\"]")),
+    )
+    .unwrap();
+    let pid = child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    eventually(
+        Duration::from_secs(5),
+        "the new policy in force",
+        || async { post().await == StatusCode::CREATED },
+    )
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+}
