@@ -10,7 +10,8 @@
 # The audit writer's thread counts too: with the file on, the SHA-256 chain runs in software
 # under valgrind (no SHA extensions), so hit-audit overstates what the chain costs.
 #
-# Environment: INSTR_SECONDS (measured seconds per scenario, default 10).
+# Environment: INSTR_SECONDS (measured seconds per scenario, default 10); INSTR_KEEP=DIR keeps
+# each scenario's callgrind dump there (for callgrind_annotate).
 # Needs valgrind and wrk (installed from Debian's packages if missing); builds release binaries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -77,6 +78,7 @@ count() { # NAME PATH SCRIPT COMMAND... (the command listens on $GATEWAY)
   wait "$vg" 2>/dev/null || true
   local dump total
   dump=$(ls "$WORK/$name.out".* | tail -1)
+  if [[ -n ${INSTR_KEEP:-} ]]; then mkdir -p "$INSTR_KEEP" && cp "$dump" "$INSTR_KEEP/$name.callgrind"; fi
   total=$(callgrind_annotate "$dump" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
   printf '%-11s %8d requests  %7d instructions/request\n' "$name" "$n" $((total / n))
 }

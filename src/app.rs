@@ -326,6 +326,9 @@ impl Gateway {
             tls.clone(),
             telemetry.export_failures(),
         ));
+        // Until `Reloader::started` names the file's hash (a configuration without a file has
+        // none).
+        metrics.config.in_force("none");
         let kubernetes = match &config.clients.kubernetes {
             Some(k) => Some(Arc::new(
                 TokenReviewer::new(k, metrics.token_reviews.clone())

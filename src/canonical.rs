@@ -26,8 +26,8 @@
 //!   stripped later). Header names containing `_` are dropped, as nginx does by default
 //!   (`underscores_in_headers off`): WSGI servers such as Werkzeug map `-` and `_` to the same
 //!   CGI variable, so `X_HTTP_METHOD_OVERRIDE` would reach Eve as `X-HTTP-Method-Override`.
-//! - **Representation.** A request without `Accept` gets `Accept: application/json`, as the
-//!   upstream is sent, so that the cache keys on what the upstream will see.
+//! - **Representation.** A request without `Accept` is sent `Accept: application/json` (by the
+//!   upstream call), and the cache keys it as such (`policy::representation_key`).
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -35,13 +35,13 @@ use std::task::{Context, Poll};
 
 use futures_util::future::Either;
 use http::uri::PathAndQuery;
-use http::{HeaderName, HeaderValue, Method, Request, Response, Uri, header};
+use http::{HeaderName, HeaderValue, Method, Request, Response, Uri};
 use tower::{Layer, Service};
 
 use crate::body::Body;
 pub use crate::config::{DEFAULT_METHODS, NEVER_FORWARDED, OverrideMode};
 use crate::error::GatewayError;
-use crate::headers::strip_hop_by_hop;
+use crate::headers::{is_hop_by_hop, strip_hop_by_hop};
 use crate::observe::Exchange;
 
 /// The method-override headers some frameworks honour (Eve, Rails, ASP.NET, Google APIs).
@@ -96,9 +96,20 @@ impl MethodRules {
         wire: &Method,
         headers: &http::HeaderMap,
     ) -> Result<Option<Method>, GatewayError> {
+        let overridden = OVERRIDE_HEADERS.iter().any(|h| headers.contains_key(h));
+        self.decide(wire, headers, overridden)
+    }
+
+    /// [`Self::effective`], told whether an override header is present (the canonical layer
+    /// learns that in its one pass over the header names).
+    fn decide(
+        &self,
+        wire: &Method,
+        headers: &http::HeaderMap,
+        overridden: bool,
+    ) -> Result<Option<Method>, GatewayError> {
         self.check_allowed(wire)?;
-        // Fast path: most requests carry none of the three headers.
-        if !OVERRIDE_HEADERS.iter().any(|h| headers.contains_key(h)) {
+        if !overridden {
             return Ok(None);
         }
         let mut value: Option<&HeaderValue> = None;
@@ -279,11 +290,11 @@ fn with_path(uri: &Uri, path: &str) -> Result<Uri, GatewayError> {
     Ok(Uri::from(pq))
 }
 
-/// Removes headers whose names contain `_` (see the module docs).
-fn drop_underscored(headers: &mut http::HeaderMap) {
+/// Removes headers whose names contain `_` (see the module docs); whether there were any.
+fn drop_underscored(headers: &mut http::HeaderMap) -> bool {
     // Fast path, one pass over the names: almost no request has one.
     if !headers.keys().any(|name| name.as_str().contains('_')) {
-        return;
+        return false;
     }
     let names: Vec<HeaderName> = headers
         .keys()
@@ -291,12 +302,10 @@ fn drop_underscored(headers: &mut http::HeaderMap) {
         .cloned()
         .collect();
     for name in names {
-        tracing::debug!(header = %name, "dropped a header whose name contains '_'");
         headers.remove(name);
     }
+    true
 }
-
-static APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json");
 
 /// See the module docs.
 #[derive(Debug, Clone)]
@@ -330,9 +339,31 @@ pub struct Canonical<S> {
 
 impl<S> Canonical<S> {
     fn canonicalize<B>(&self, req: &mut Request<B>) -> Result<(), GatewayError> {
-        strip_hop_by_hop(req.headers_mut());
-        drop_underscored(req.headers_mut());
-        let effective = self.rules.effective(req.method(), req.headers())?;
+        // One pass over the names decides which of the slower steps this request needs; most
+        // need none of them.
+        let (mut hop, mut underscored, mut overridden) = (false, false, false);
+        for name in req.headers().keys() {
+            hop |= is_hop_by_hop(name);
+            underscored |= name.as_str().contains('_');
+            overridden |= OVERRIDE_HEADERS.contains(name);
+        }
+        if hop {
+            strip_hop_by_hop(req.headers_mut());
+            overridden = OVERRIDE_HEADERS
+                .iter()
+                .any(|h| req.headers().contains_key(h));
+        }
+        if underscored
+            && drop_underscored(req.headers_mut())
+            && let Some(ids) = Exchange::of(req).map(|ex| ex.log_ids())
+        {
+            tracing::debug!(
+                request_id = ids.request_id(),
+                trace_id = %ids.trace_id,
+                "dropped headers whose names contain '_'"
+            );
+        }
+        let effective = self.rules.decide(req.method(), req.headers(), overridden)?;
         let path = canonical_path(req.uri().path())
             .map_err(|p| GatewayError::InvalidPath(p.as_str().into()))?;
         let uri = match path {
@@ -353,10 +384,6 @@ impl<S> Canonical<S> {
                     req.headers_mut().remove(name);
                 }
             }
-        }
-        if !req.headers().contains_key(header::ACCEPT) {
-            req.headers_mut()
-                .insert(header::ACCEPT, APPLICATION_JSON.clone());
         }
         Ok(())
     }

@@ -230,6 +230,21 @@ impl Metrics {
         for result in ["success", "failure"] {
             let _ = config.reloads.get_or_create(&ResultLabel { result });
         }
+        // Series that panels and alerts watch exist from the start.
+        for result in [
+            "authenticated",
+            "refused",
+            "error",
+            "throttled",
+            "prechecked",
+        ] {
+            let _ = token_reviews.reviews.get_or_create(&ResultLabel { result });
+        }
+        for result in ["authenticated", "refused", "error"] {
+            let _ = token_reviews
+                .duration
+                .get_or_create(&ResultLabel { result });
+        }
         registry.register(
             name("config_reloads"),
             "Configuration reloads (SIGHUP) by result: success (applied), failure (the file was \

@@ -250,14 +250,15 @@ async fn serve_connection<S>(
     }
 }
 
-/// What a connection's requests tell its watchdog: how many are in flight, how many there have
-/// been, and when the last one ended (milliseconds since the connection opened).
+/// What a connection's requests tell its watchdog: how many are in flight, and how many have
+/// started and ended. Counters only: no clock is read per request; the watchdog notices quiet
+/// by sampling them.
 #[derive(Debug)]
 pub struct ConnState {
     opened: tokio::time::Instant,
     in_flight: AtomicUsize,
     requests: AtomicU64,
-    last_end_ms: AtomicU64,
+    completed: AtomicU64,
 }
 
 impl ConnState {
@@ -266,7 +267,7 @@ impl ConnState {
             opened: tokio::time::Instant::now(),
             in_flight: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
-            last_end_ms: AtomicU64::new(0),
+            completed: AtomicU64::new(0),
         }
     }
 
@@ -276,14 +277,9 @@ impl ConnState {
         RequestGuard(self.clone())
     }
 
-    /// When the connection will have been idle for `idle`, if nothing happens before; `None`
-    /// while a request is in flight.
-    fn idle_deadline(&self, idle: Duration) -> Option<tokio::time::Instant> {
-        if self.in_flight.load(Ordering::Relaxed) > 0 {
-            return None;
-        }
-        let last = Duration::from_millis(self.last_end_ms.load(Ordering::Relaxed));
-        Some(self.opened + last + idle)
+    /// Changes whenever a request starts or ends.
+    fn activity(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed) + self.completed.load(Ordering::Relaxed)
     }
 }
 
@@ -294,13 +290,8 @@ pub struct RequestGuard(Arc<ConnState>);
 
 impl Drop for RequestGuard {
     fn drop(&mut self) {
-        let state = &self.0;
-        let since_open = state.opened.elapsed().as_millis();
-        state.last_end_ms.store(
-            u64::try_from(since_open).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
-        state.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.completed.fetch_add(1, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -342,6 +333,9 @@ impl http_body::Body for Guarded {
 /// idle for `server.idle_timeout` (HTTP/2: GOAWAY, and in-flight streams finish), and drops it
 /// outright if it is HTTP/2 and no request has arrived within `server.header_timeout` (hyper has
 /// no timer before an HTTP/2 client's first request).
+///
+/// Idleness is sampled, every quarter of `idle_timeout`: a connection is idle once no request
+/// started or ended, and none was in flight, for `idle_timeout` (give or take a quarter).
 async fn drive<C>(
     conn: C,
     state: &ConnState,
@@ -353,20 +347,15 @@ async fn drive<C>(
     C: Future<Output = Result<(), crate::body::BoxError>> + GracefulShutdown,
 {
     tokio::pin!(conn);
-    let first_request_by =
+    let mut first_request_by =
         (protocol == Protocol::Http2).then(|| state.opened + options.header_timeout);
+    let sample = (options.idle_timeout / 4).max(Duration::from_millis(10));
     let mut closing = false;
-    let far = || tokio::time::Instant::now() + options.idle_timeout;
-    let check = tokio::time::sleep_until(far());
+    let (mut seen, mut quiet_since) = (state.activity(), state.opened);
+    let first = first_request_by.map_or(state.opened + sample, |by| by.min(state.opened + sample));
+    let check = tokio::time::sleep_until(first);
     tokio::pin!(check);
     loop {
-        let mut next = state
-            .idle_deadline(options.idle_timeout)
-            .unwrap_or_else(far);
-        if let Some(by) = first_request_by.filter(|_| state.requests.load(Ordering::Relaxed) == 0) {
-            next = next.min(by);
-        }
-        check.as_mut().reset(next);
         tokio::select! {
             ended = &mut conn => {
                 if let Err(err) = ended {
@@ -380,17 +369,28 @@ async fn drive<C>(
             }
             _ = &mut check => {
                 let now = tokio::time::Instant::now();
-                if first_request_by.is_some_and(|by| now >= by)
-                    && state.requests.load(Ordering::Relaxed) == 0
-                {
-                    tracing::debug!(%peer, "closing an HTTP/2 connection that sent no request in time");
-                    return;
+                let started_any = state.requests.load(Ordering::Relaxed) > 0;
+                if let Some(by) = first_request_by {
+                    if started_any {
+                        first_request_by = None;
+                    } else if now >= by {
+                        tracing::debug!(%peer, "closing an HTTP/2 connection that sent no request in time");
+                        return;
+                    }
                 }
-                if !closing && state.idle_deadline(options.idle_timeout).is_some_and(|at| now >= at) {
+                let activity = state.activity();
+                if activity != seen || state.in_flight.load(Ordering::Relaxed) > 0 {
+                    (seen, quiet_since) = (activity, now);
+                } else if !closing && now.duration_since(quiet_since) >= options.idle_timeout {
                     tracing::debug!(%peer, "closing an idle connection");
                     conn.as_mut().graceful_shutdown();
                     closing = true;
                 }
+                let mut next = now + sample;
+                if let Some(by) = first_request_by {
+                    next = next.min(by);
+                }
+                check.as_mut().reset(next);
             }
         }
     }

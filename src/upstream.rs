@@ -308,6 +308,10 @@ impl Service<Request<Body>> for Upstream {
         strip_hop_by_hop(headers);
         // The client set Host for us; the upstream's is set by hyper from the URI.
         headers.remove(header::HOST);
+        // What the cache keyed a request without Accept as (`policy::DEFAULT_ACCEPT`).
+        if !headers.contains_key(header::ACCEPT) {
+            headers.insert(header::ACCEPT, APPLICATION_JSON.clone());
+        }
         if !headers.contains_key(header::CONTENT_TYPE) && !req.body().is_end_stream() {
             req.headers_mut()
                 .insert(header::CONTENT_TYPE, APPLICATION_JSON.clone());

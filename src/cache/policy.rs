@@ -202,28 +202,39 @@ pub fn vary_values(
 /// The representation part of a cache key: the request's values of `names` (`cache.key_headers`),
 /// each lower-cased with its whitespace removed, values of one header joined by `,`, headers by
 /// `\n` (which no header value can contain, so two different requests cannot produce one key).
-/// `Accept: Application/JSON, text/*` and `accept: application/json,text/*` are one variant.
-pub fn representation_key(names: &[HeaderName], request: &HeaderMap) -> Box<str> {
-    let mut key = String::new();
+/// `Accept: Application/JSON, text/*` and `accept: application/json,text/*` are one variant. A
+/// missing `Accept` is keyed as `application/json`, what the upstream is sent in its place.
+/// Bytes, not text: a value with obs-text bytes must not be merged with another by a lossy
+/// conversion. One allocation, sized up front; this runs on every cached read.
+pub fn representation_key(names: &[HeaderName], request: &HeaderMap) -> Box<[u8]> {
+    let mut key = Vec::with_capacity(64);
     for (i, name) in names.iter().enumerate() {
         if i > 0 {
-            key.push('\n');
+            key.push(b'\n');
         }
-        for (j, value) in request.get_all(name).iter().enumerate() {
+        let mut values = request.get_all(name).iter().peekable();
+        if values.peek().is_none() && name == header::ACCEPT {
+            key.extend_from_slice(DEFAULT_ACCEPT);
+            continue;
+        }
+        for (j, value) in values.enumerate() {
             if j > 0 {
-                key.push(',');
+                key.push(b',');
             }
             key.extend(
                 value
                     .as_bytes()
                     .iter()
                     .filter(|b| !matches!(b, b' ' | b'\t'))
-                    .map(|b| char::from(b.to_ascii_lowercase())),
+                    .map(u8::to_ascii_lowercase),
             );
         }
     }
-    key.into_boxed_str()
+    key.into_boxed_slice()
 }
+
+/// What the upstream is sent when a request has no `Accept`.
+pub const DEFAULT_ACCEPT: &[u8] = b"application/json";
 
 /// A header's values joined with ", " (how `Vary` values are stored and compared).
 pub fn join_values(headers: &HeaderMap, name: &HeaderName) -> Option<HeaderValue> {
@@ -578,7 +589,9 @@ mod tests {
             key(&[("accept", "gzip")]),
             key(&[("accept-encoding", "gzip")])
         );
-        assert_eq!(&*key(&[]), "\n");
+        // No Accept is keyed as what the upstream is sent instead.
+        assert_eq!(&*key(&[]), b"application/json\n");
+        assert_eq!(key(&[]), key(&[("accept", "application/json")]));
     }
 
     #[test]

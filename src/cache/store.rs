@@ -33,7 +33,7 @@ pub struct VariantKey {
     /// The request's `cache.key_headers` values, normalized (see `policy::key_headers`): two
     /// requests that could get different representations never share a stored response, whether
     /// or not the upstream says `Vary`.
-    pub representation: Box<str>,
+    pub representation: Box<[u8]>,
 }
 
 /// A full key: the path key and the variant.
@@ -597,7 +597,7 @@ mod tests {
             },
             variant: VariantKey {
                 query: query.into(),
-                representation: "application/json".into(),
+                representation: b"application/json".as_slice().into(),
             },
         }
     }
