@@ -119,6 +119,7 @@ impl UpstreamCallKind {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct UpstreamLabels {
+    method: &'static str,
     call: &'static str,
     status_class: &'static str,
 }
@@ -317,8 +318,8 @@ impl Metrics {
         );
         registry.register(
             name("upstream_duration_seconds"),
-            "Time from sending a request upstream to its response headers, by call (fetch, \
-             revalidate, write) and status class",
+            "Time from sending a request upstream to its response headers, by method, call \
+             (fetch, revalidate, write) and status class",
             upstream_duration.clone(),
         );
         registry.register(
@@ -391,7 +392,7 @@ impl Metrics {
             ),
             upstream_handles: Handles::new(STATUS_CLASSES.len()),
             upstream_duration,
-            upstream_duration_handles: Handles::new(3 * STATUS_CLASSES.len()),
+            upstream_duration_handles: Handles::new(METHODS.len() * 3 * STATUS_CLASSES.len()),
             upstream_responses,
             gateway_errors,
             in_flight,
@@ -481,13 +482,21 @@ impl Metrics {
     }
 
     /// An upstream call returned response headers.
-    pub fn upstream_answered(&self, call: UpstreamCallKind, status: StatusCode, elapsed: Duration) {
-        let i = status_class_index(status);
+    pub fn upstream_answered(
+        &self,
+        method: &Method,
+        call: UpstreamCallKind,
+        status: StatusCode,
+        elapsed: Duration,
+    ) {
+        let (m, i) = (method_index(method), status_class_index(status));
         let status_class = STATUS_CLASSES[i];
+        let handle = (m * 3 + call as usize) * STATUS_CLASSES.len() + i;
         self.upstream_duration_handles
-            .get(call as usize * STATUS_CLASSES.len() + i, || {
+            .get(handle, || {
                 self.upstream_duration
                     .get_or_create(&UpstreamLabels {
+                        method: METHODS[m],
                         call: call.as_str(),
                         status_class,
                     })
@@ -1007,6 +1016,7 @@ mod tests {
         finish("unindexed");
         for _ in 0..2 {
             m.upstream_answered(
+                &Method::GET,
                 UpstreamCallKind::Revalidate,
                 StatusCode::NOT_MODIFIED,
                 Duration::from_micros(10),
@@ -1036,7 +1046,7 @@ mod tests {
         );
         assert!(
             text.contains(
-                "cloudcasa_gateway_upstream_duration_seconds_count{call=\"revalidate\",status_class=\"3xx\"} 2"
+                "cloudcasa_gateway_upstream_duration_seconds_count{method=\"GET\",call=\"revalidate\",status_class=\"3xx\"} 2"
             ),
             "{text}"
         );

@@ -148,6 +148,7 @@ impl Exchange {
             started: Instant::now(),
             status: None,
             kind,
+            method: method.clone(),
         }
     }
 
@@ -157,7 +158,7 @@ impl Exchange {
         let elapsed = call.started.elapsed();
         self.observers
             .metrics
-            .upstream_answered(call.kind, status, elapsed);
+            .upstream_answered(&call.method, call.kind, status, elapsed);
         let mut report = self.upstream.lock().unwrap_or_else(|e| e.into_inner());
         report.status = Some(status);
         report.elapsed = Some(elapsed);
@@ -241,6 +242,7 @@ pub struct UpstreamCall {
     started: Instant,
     status: Option<StatusCode>,
     kind: UpstreamCallKind,
+    method: Method,
 }
 
 impl UpstreamCall {

@@ -245,10 +245,14 @@ async fn metrics_count_known_traffic() {
         1.0
     );
     // The miss, the revalidation and the PATCH, each under its own call label.
-    for (call, status) in [("fetch", "2xx"), ("revalidate", "3xx"), ("write", "4xx")] {
+    for (method, call, status) in [
+        ("GET", "fetch", "2xx"),
+        ("GET", "revalidate", "3xx"),
+        ("PATCH", "write", "4xx"),
+    ] {
         assert_eq!(
             v(&format!(
-                "{p}upstream_duration_seconds_count{{call=\"{call}\",status_class=\"{status}\"}}"
+                "{p}upstream_duration_seconds_count{{method=\"{method}\",call=\"{call}\",status_class=\"{status}\"}}"
             )),
             1.0,
             "{call}"

@@ -116,10 +116,11 @@ impl OverrideMode {
     }
 }
 
-/// `server.max_connections` by default: what the shipped 512 Mi memory limit holds (see the
-/// README's sizing: about 75 KiB for an idle HTTP/2 connection over TLS, 4096 × 75 KiB = 300 MiB
-/// beside the cache).
-pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// `server.max_connections` by default. An idle HTTP/2 connection over TLS holds up to about
+/// 75 KiB (an HTTP/1.1 one about 15 KiB), so 2048 of them take 150 MiB: with the shipped shared
+/// gateway's 192 MiB cache and 64 MiB fill budget that is 455 MiB under its 512 Mi limit (see
+/// the README's "Memory bounds").
+pub const DEFAULT_MAX_CONNECTIONS: usize = 2048;
 /// The largest `server.max_connections` accepted.
 pub const MAX_MAX_CONNECTIONS: usize = 1 << 20;
 
