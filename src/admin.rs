@@ -118,23 +118,72 @@ async fn cache_purge(shared: &Shared, query: Option<&str>) -> Response<Body> {
             "the cache is disabled (cache.enabled = false)",
         );
     };
-    let mut prefix = String::new();
+    let (mut prefix, mut path, mut key_query) = (None, None, None);
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        match pair.split_once('=') {
-            Some(("prefix", value)) if value.starts_with('/') => prefix = value.to_string(),
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = percent_decode(value);
+        match name {
+            "prefix" if value.starts_with('/') => prefix = Some(value),
+            "path" if value.starts_with('/') => path = Some(value),
+            "query" => key_query = Some(value),
             _ => {
                 return error_response(
                     StatusCode::BAD_REQUEST,
-                    &format!("unsupported parameter {pair:?}; use ?prefix=/api/v1/..."),
+                    &format!(
+                        "unsupported parameter {pair:?}; use ?prefix=/api/v1/... (a subtree) or \
+                         ?path=/api/v1/...&query=... (one key)"
+                    ),
                 );
             }
         }
     }
-    let removed = cache.store().purge_prefix(&prefix).await;
-    json(
-        StatusCode::OK,
-        serde_json::json!({"removed_paths": removed, "prefix": prefix}),
-    )
+    match (prefix, path) {
+        (Some(_), Some(_)) => error_response(
+            StatusCode::BAD_REQUEST,
+            "use either prefix (a subtree) or path (one key), not both",
+        ),
+        (None, Some(path)) => {
+            let query = key_query.unwrap_or_default();
+            let removed = cache.store().purge_key(&path, &query).await;
+            json(
+                StatusCode::OK,
+                serde_json::json!({"removed_responses": removed, "path": path, "query": query}),
+            )
+        }
+        (prefix, None) if key_query.is_none() => {
+            let prefix = prefix.unwrap_or_default();
+            let removed = cache.store().purge_prefix(&prefix).await;
+            json(
+                StatusCode::OK,
+                serde_json::json!({"removed_paths": removed, "prefix": prefix}),
+            )
+        }
+        _ => error_response(StatusCode::BAD_REQUEST, "query goes with path"),
+    }
+}
+
+/// `%XX` escapes decoded (a purge names a path and query as a client sent them, escaped once
+/// more to fit in this query); invalid escapes are kept as they are.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+        if bytes[i] == b'%'
+            && let (Some(hi), Some(lo)) = (
+                bytes.get(i + 1).copied().and_then(hex),
+                bytes.get(i + 2).copied().and_then(hex),
+            )
+        {
+            out.push(hi << 4 | lo);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 async fn metrics(shared: &Shared) -> Response<Body> {

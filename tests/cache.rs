@@ -630,3 +630,94 @@ async fn disabled_cache_bypasses() {
     get(&gw.url(&path), &[]).await;
     assert_eq!(mock.state.requests_to(&path).len(), 2);
 }
+
+#[tokio::test]
+async fn admin_purges_whole_segments_and_single_keys() {
+    let (mock, _secret, gw) = setup("[cache]\nfresh_for = \"1h\"").await;
+    mock.state
+        .seed("a", "clusters", serde_json::json!({"name": "c"}));
+    mock.state
+        .seed("a", "clustersets", serde_json::json!({"name": "s"}));
+    let paths = [
+        "/api/v1/clusters",
+        "/api/v1/clusters?page=2",
+        "/api/v1/clustersets",
+    ];
+    for p in paths {
+        get(&gw.url(p), &[]).await;
+    }
+    let status = |reply: &Reply| reply.header("cache-status").unwrap().to_string();
+    // One key: the path with its query, every representation, every partition.
+    let one = send(
+        Method::DELETE,
+        &gw.admin_url("/cache?path=/api/v1/clusters&query=page%3D2"),
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(one.json()["removed_responses"], 1, "{}", one.text());
+    assert!(status(&get(&gw.url(paths[1]), &[]).await).contains("uri-miss"));
+    assert!(status(&get(&gw.url(paths[0]), &[]).await).contains("; hit"));
+    // A prefix is whole segments: /api/v1/clusters is not a prefix of /api/v1/clustersets.
+    let subtree = send(
+        Method::DELETE,
+        &gw.admin_url("/cache?prefix=/api/v1/clusters"),
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(subtree.json()["removed_paths"], 1, "{}", subtree.text());
+    assert!(status(&get(&gw.url(paths[0]), &[]).await).contains("uri-miss"));
+    assert!(status(&get(&gw.url(paths[2]), &[]).await).contains("; hit"));
+    let both = send(
+        Method::DELETE,
+        &gw.admin_url("/cache?prefix=/a&path=/b"),
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    both.envelope_message(400);
+}
+
+#[tokio::test]
+async fn a_client_max_stale_accepts_a_stale_response_unless_it_forbids_it() {
+    let (mock, _secret, gw) = setup("").await;
+    mock.state.route("/api/v1/short", |_| {
+        http::Response::builder()
+            .header("content-type", "application/json")
+            .header("cache-control", "max-age=0")
+            .header("etag", "\"s\"")
+            .body(Bytes::from_static(b"{}"))
+            .unwrap()
+    });
+    mock.state.route("/api/v1/strict", |_| {
+        http::Response::builder()
+            .header("content-type", "application/json")
+            .header("cache-control", "max-age=0, must-revalidate")
+            .header("etag", "\"m\"")
+            .body(Bytes::from_static(b"{}"))
+            .unwrap()
+    });
+    for p in ["/api/v1/short", "/api/v1/strict"] {
+        get(&gw.url(p), &[]).await;
+    }
+    let before = mock.state.count();
+    let stale = get(
+        &gw.url("/api/v1/short"),
+        &[("cache-control", "max-stale=60")],
+    )
+    .await;
+    assert!(
+        stale.header("cache-status").unwrap().contains("; hit"),
+        "{:?}",
+        stale.headers
+    );
+    assert_eq!(mock.state.count(), before, "served stale without asking");
+    let strict = get(
+        &gw.url("/api/v1/strict"),
+        &[("cache-control", "max-stale=60")],
+    )
+    .await;
+    assert!(strict.header("cache-status").unwrap().contains("fwd=stale"));
+    assert_eq!(mock.state.count(), before + 1);
+}

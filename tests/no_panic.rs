@@ -89,11 +89,12 @@ proptest! {
         let lifetime = policy::freshness_lifetime(&h, &d, Duration::from_secs(fresh_for));
         let initial = policy::initial_age(&h, UNIX_EPOCH, now);
         let _ = policy::initial_age(&h, now, UNIX_EPOCH);
-        let _ = policy::fresh_enough(initial, lifetime, &d);
+        let _ = policy::fresh_enough(initial, lifetime, &d, false);
         let _ = policy::fresh_enough(
             Duration::from_secs(age_secs),
             Duration::from_secs(lifetime_secs),
             &d,
+            d.forbids_stale(),
         );
         let _ = policy::http_date(&date);
         let _ = policy::storable(http::StatusCode::OK, &d, &h, &d);

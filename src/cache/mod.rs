@@ -285,7 +285,7 @@ impl Cache {
                 .is_some_and(|s| !s.matches_vary(req.headers()));
             let stored = found.filter(|_| !vary_miss);
             if let Some(s) = &stored
-                && policy::fresh_enough(s.age(now), s.lifetime, &request_cc)
+                && policy::fresh_enough(s.age(now), s.lifetime, &request_cc, s.forbids_stale)
             {
                 self.store.stats.hits.fetch_add(1, Ordering::Relaxed);
                 return (

@@ -45,8 +45,13 @@ impl Directives {
             let Ok(text) = value.to_str() else { continue };
             for item in split_list(text) {
                 any = true;
+                // RFC 9111 §5.2: `token [ "=" ( token / quoted-string ) ]`, no whitespace
+                // around "=": `max-age =3600` has no valid argument.
                 let (name, arg) = match item.split_once('=') {
-                    Some((n, a)) => (n.trim(), Some(a.trim().trim_matches('"'))),
+                    Some((n, a)) if n == n.trim_end() && a == a.trim_start() => {
+                        (n, Some(a.trim_end().trim_matches('"')))
+                    }
+                    Some((n, _)) => (n.trim(), Some("")),
                     None => (item.trim(), None),
                 };
                 let seconds = || arg.and_then(|a| a.parse::<u64>().ok());
@@ -57,12 +62,22 @@ impl Directives {
                     "public" => d.public = true,
                     "must-revalidate" => d.must_revalidate = true,
                     "proxy-revalidate" => d.proxy_revalidate = true,
-                    // An invalid max-age makes the response stale (RFC 9111 §4.2.1).
-                    "max-age" => d.max_age = Some(seconds().unwrap_or(0)),
-                    "s-maxage" => d.s_maxage = Some(seconds().unwrap_or(0)),
-                    "stale-if-error" => d.stale_if_error = seconds(),
-                    "max-stale" => d.max_stale = Some(seconds().unwrap_or(u64::MAX)),
-                    "min-fresh" => d.min_fresh = seconds(),
+                    // An invalid max-age makes the response stale (RFC 9111 §4.2.1); of
+                    // duplicates, the first counts (§4.2.1: "use the first").
+                    "max-age" => {
+                        d.max_age.get_or_insert(seconds().unwrap_or(0));
+                    }
+                    "s-maxage" => {
+                        d.s_maxage.get_or_insert(seconds().unwrap_or(0));
+                    }
+                    "stale-if-error" => d.stale_if_error = d.stale_if_error.or(seconds()),
+                    "max-stale" => {
+                        d.max_stale.get_or_insert(match arg {
+                            None => u64::MAX,
+                            Some(_) => seconds().unwrap_or(0),
+                        });
+                    }
+                    "min-fresh" => d.min_fresh = d.min_fresh.or(seconds()),
                     "only-if-cached" => d.only_if_cached = true,
                     _ => {}
                 }
@@ -286,9 +301,12 @@ pub fn initial_age(
     request_time: SystemTime,
     response_time: SystemTime,
 ) -> Duration {
+    // The first member of the first Age field (RFC 9111 §5.1: a list is invalid, use its first
+    // member); an invalid value counts as no Age.
     let age_value = headers
         .get(header::AGE)
         .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map_or(Duration::ZERO, Duration::from_secs);
     let apparent = headers
@@ -309,8 +327,14 @@ pub fn http_date(value: &HeaderValue) -> Option<SystemTime> {
 }
 
 /// Whether a stored response with `age` and `lifetime` may answer a request with `request`
-/// directives without contacting the upstream (RFC 9111 §4.2, §5.2.1).
-pub fn fresh_enough(age: Duration, lifetime: Duration, request: &Directives) -> bool {
+/// directives without contacting the upstream (RFC 9111 §4.2, §5.2.1). A client's `max-stale`
+/// accepts a response that much past its lifetime, unless the response `forbids_stale`.
+pub fn fresh_enough(
+    age: Duration,
+    lifetime: Duration,
+    request: &Directives,
+    forbids_stale: bool,
+) -> bool {
     if request.no_cache {
         return false;
     }
@@ -320,8 +344,12 @@ pub fn fresh_enough(age: Duration, lifetime: Duration, request: &Directives) -> 
         return false;
     }
     let min_fresh = Duration::from_secs(request.min_fresh.unwrap_or(0));
-    // A client's number: `min-fresh=18446744073709551615` must not overflow.
-    age.saturating_add(min_fresh) < lifetime
+    let stale_ok = match (request.max_stale, forbids_stale) {
+        (Some(secs), false) => Duration::from_secs(secs),
+        _ => Duration::ZERO,
+    };
+    // Clients' numbers: `min-fresh=18446744073709551615` or `max-stale` must not overflow.
+    age.saturating_add(min_fresh) < lifetime.saturating_add(stale_ok)
 }
 
 /// Whether the entity tag `etag` matches any in an `If-None-Match` list (weak comparison,
@@ -413,6 +441,25 @@ mod tests {
     }
 
     #[test]
+    fn directive_syntax_and_duplicates_follow_rfc_9111() {
+        let d = |v: &str| Directives::parse(&headers(&[("cache-control", v)]));
+        // Whitespace around "=": no valid argument, so stale.
+        assert_eq!(d("max-age =3600").max_age, Some(0));
+        assert_eq!(d("max-age= 3600").max_age, Some(0));
+        assert_eq!(d("max-age=3600").max_age, Some(3600));
+        // The first of duplicates counts.
+        assert_eq!(d("max-age=60, max-age=3600").max_age, Some(60));
+        assert_eq!(d("max-stale").max_stale, Some(u64::MAX));
+        assert_eq!(d("max-stale=5, max-stale=50").max_stale, Some(5));
+        // Age: the first member of a list.
+        let now = SystemTime::now();
+        let h = headers(&[("age", "7200, 0")]);
+        assert_eq!(initial_age(&h, now, now), Duration::from_secs(7200));
+        let h = headers(&[("age", "soon")]);
+        assert_eq!(initial_age(&h, now, now), Duration::ZERO);
+    }
+
+    #[test]
     fn storability() {
         let ok = Directives::default();
         let check = |status, h: &[(&str, &str)]| {
@@ -494,14 +541,15 @@ mod tests {
     #[test]
     fn request_directives_limit_what_is_fresh() {
         let (age, life) = (Duration::from_secs(10), Duration::from_secs(60));
-        assert!(fresh_enough(age, life, &Directives::default()));
+        assert!(fresh_enough(age, life, &Directives::default(), false));
         assert!(!fresh_enough(
             age,
             life,
             &Directives {
                 no_cache: true,
                 ..Default::default()
-            }
+            },
+            false
         ));
         assert!(!fresh_enough(
             age,
@@ -509,7 +557,8 @@ mod tests {
             &Directives {
                 max_age: Some(5),
                 ..Default::default()
-            }
+            },
+            false
         ));
         assert!(!fresh_enough(
             age,
@@ -517,9 +566,24 @@ mod tests {
             &Directives {
                 min_fresh: Some(55),
                 ..Default::default()
-            }
+            },
+            false
         ));
-        assert!(!fresh_enough(life, life, &Directives::default()));
+        assert!(!fresh_enough(life, life, &Directives::default(), false));
+        // max-stale: this much past the lifetime is acceptable, unless the response forbids it.
+        let stale = Directives {
+            max_stale: Some(30),
+            ..Default::default()
+        };
+        let past = life + Duration::from_secs(20);
+        assert!(fresh_enough(past, life, &stale, false));
+        assert!(!fresh_enough(past, life, &stale, true));
+        assert!(!fresh_enough(
+            life + Duration::from_secs(40),
+            life,
+            &stale,
+            false
+        ));
     }
 
     #[test]

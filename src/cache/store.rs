@@ -395,8 +395,8 @@ impl Store {
         .await;
     }
 
-    /// Removes every path starting with `prefix` in every partition (`""`: everything).
-    /// Returns how many paths were removed.
+    /// Removes every path in the subtree of `prefix` (whole segments) in every partition
+    /// (`""`: everything). Returns how many paths were removed.
     pub async fn purge_prefix(&self, prefix: &str) -> usize {
         let mut removed = 0;
         self.invalidate_with(|| async {
@@ -405,15 +405,51 @@ impl Store {
                 self.cache.invalidate_all();
                 self.index.lock().unwrap_or_else(|e| e.into_inner()).clear();
             } else {
+                // Whole segments: `/api/v1/clusters` is not a prefix of `/api/v1/clustersets`.
                 let keys: Vec<Arc<PathKey>> = self
                     .cache
                     .iter()
-                    .filter(|(k, _)| k.path.starts_with(prefix))
+                    .filter(|(k, _)| in_subtree(&k.path, prefix))
                     .map(|(k, _)| k)
                     .collect();
                 removed = keys.len();
                 for key in keys {
                     self.cache.invalidate(&*key).await;
+                }
+            }
+        })
+        .await;
+        self.stats
+            .invalidations
+            .fetch_add(removed as u64, Ordering::Relaxed);
+        self.cache.run_pending_tasks().await;
+        removed
+    }
+
+    /// Removes the stored responses for exactly `path` and `query` (every representation) in
+    /// every partition. Returns how many were removed.
+    pub async fn purge_key(&self, path: &str, query: &str) -> usize {
+        let mut removed = 0;
+        self.invalidate_with(|| async {
+            let keys: Vec<(Arc<PathKey>, Arc<PathEntry>)> = self
+                .cache
+                .iter()
+                .filter(|(k, _)| &*k.path == path)
+                .collect();
+            for (key, entry) in keys {
+                let (gone, kept): (Vec<_>, Vec<_>) = entry
+                    .variants
+                    .iter()
+                    .cloned()
+                    .partition(|(v, _)| &*v.query == query);
+                removed += gone.len();
+                if gone.is_empty() {
+                    continue;
+                }
+                if kept.is_empty() {
+                    self.cache.invalidate(&*key).await;
+                } else {
+                    self.put(&key, Arc::new(PathEntry::new(kept))).await;
                 }
             }
         })
