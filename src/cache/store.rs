@@ -419,11 +419,7 @@ impl Store {
             }
         })
         .await;
-        self.stats
-            .invalidations
-            .fetch_add(removed as u64, Ordering::Relaxed);
-        self.cache.run_pending_tasks().await;
-        removed
+        self.purged(removed).await
     }
 
     /// Removes the stored responses for exactly `path` and `query` (every representation) in
@@ -454,6 +450,12 @@ impl Store {
             }
         })
         .await;
+        self.purged(removed).await
+    }
+
+    /// Counts an admin purge's removals and lets moka apply them, so the report that follows
+    /// (`GET /cache`) agrees.
+    async fn purged(&self, removed: usize) -> usize {
         self.stats
             .invalidations
             .fetch_add(removed as u64, Ordering::Relaxed);
