@@ -182,55 +182,45 @@ async fn serve_connection<S>(
     S::Future: Send + 'static,
 {
     let state = Arc::new(ConnState::new());
-    let Some(tls) = tls else {
-        let Some((protocol, prefix)) = read_preface(&stream, options.header_timeout).await else {
-            tracing::debug!(%peer, "closing a connection that sent no request in time");
-            return;
-        };
-        let io = TokioIo::new(Rewind::new(prefix, stream));
-        let service = per_request(service, peer, None, state.clone());
-        match protocol {
-            Protocol::Http1 => {
-                let conn = builder
-                    .http1_only()
-                    .serve_connection(io, service)
-                    .into_owned();
-                drive(conn, &state, protocol, options, stop, peer).await;
-            }
-            Protocol::Http2 => {
-                let conn = builder
-                    .http2_only()
-                    .serve_connection(io, service)
-                    .into_owned();
-                drive(conn, &state, protocol, options, stop, peer).await;
-            }
+    // The connection's bytes, its protocol and, over mTLS, who the client is.
+    let (io, protocol, identity): (Box<dyn Io>, Protocol, Option<PeerIdentity>) = match tls {
+        None => {
+            let Some((protocol, prefix)) = read_preface(&stream, options.header_timeout).await
+            else {
+                tracing::debug!(%peer, "closing a connection that sent no request in time");
+                return;
+            };
+            (Box::new(Rewind::new(prefix, stream)), protocol, None)
         }
-        return;
+        Some(tls) => {
+            let accepted =
+                tokio::time::timeout(options.header_timeout, tls.acceptor().accept(stream)).await;
+            let stream = match accepted {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(err)) => {
+                    tracing::debug!(%peer, error = %err, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake not completed in time");
+                    return;
+                }
+            };
+            let (_, session) = stream.get_ref();
+            let identity = session
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|cert| identity_from_certificate(cert))
+                .map(|id| PeerIdentity(Arc::new(id)));
+            // ALPN decided the protocol: no sniffing.
+            let protocol = match session.alpn_protocol() {
+                Some(b"h2") => Protocol::Http2,
+                _ => Protocol::Http1,
+            };
+            (Box::new(stream), protocol, identity)
+        }
     };
-    let stream =
-        match tokio::time::timeout(options.header_timeout, tls.acceptor().accept(stream)).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(err)) => {
-                tracing::debug!(%peer, error = %err, "TLS handshake failed");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!(%peer, "TLS handshake not completed in time");
-                return;
-            }
-        };
-    let (_, session) = stream.get_ref();
-    let identity = session
-        .peer_certificates()
-        .and_then(|chain| chain.first())
-        .and_then(|cert| identity_from_certificate(cert))
-        .map(|id| PeerIdentity(Arc::new(id)));
-    // ALPN decided the protocol: no sniffing.
-    let protocol = match session.alpn_protocol() {
-        Some(b"h2") => Protocol::Http2,
-        _ => Protocol::Http1,
-    };
-    let io = TokioIo::new(stream);
+    let io = TokioIo::new(io);
     let service = per_request(service, peer, identity, state.clone());
     match protocol {
         Protocol::Http1 => {
@@ -249,6 +239,10 @@ async fn serve_connection<S>(
         }
     }
 }
+
+/// A client connection's byte stream: plain TCP (with its first bytes replayed) or TLS.
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
 /// What a connection's requests tell its watchdog: how many are in flight, and how many have
 /// started and ended. Counters only: no clock is read per request; the watchdog notices quiet
