@@ -322,21 +322,6 @@ impl Store {
         .await;
     }
 
-    /// Removes every variant of each path, in one partition.
-    pub async fn invalidate_paths(&self, partition: Fingerprint, paths: &[String]) {
-        self.invalidate_with(|| async {
-            for path in paths {
-                let key = PathKey {
-                    partition,
-                    path: path.as_str().into(),
-                };
-                self.cache.invalidate(&key).await;
-                self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
-            }
-        })
-        .await;
-    }
-
     /// Removes, in one partition, every variant of each path in `exact` and of every path in the
     /// subtree of each of `roots` (the root itself, with or without a trailing slash, and every
     /// path below it, segment by segment: `/a/b` covers `/a/b/c`, not `/a/bc`). Effective at
@@ -646,7 +631,7 @@ mod tests {
         let k = key("/api/v1/x", "");
         let epoch = store.epoch();
         store
-            .invalidate_paths(k.path.partition, &["/api/v1/x".into()])
+            .invalidate(k.path.partition, &["/api/v1/x".into()], Vec::new())
             .await;
         assert!(!store.insert(&k, stored("old"), epoch).await);
         assert!(store.get(&k).await.is_none());
@@ -724,7 +709,7 @@ mod tests {
         assert_eq!(store.get(&a).await.unwrap().body, "1");
         assert_eq!(store.get(&b).await.unwrap().body, "2");
         store
-            .invalidate_paths(a.path.partition, &["/c".into()])
+            .invalidate(a.path.partition, &["/c".into()], Vec::new())
             .await;
         assert!(store.get(&a).await.is_none() && store.get(&b).await.is_none());
     }
