@@ -13,9 +13,10 @@
 //!   and forwarded with that method and without the header, so the upstream executes exactly
 //!   what every layer saw. On any other wire method, or with `method_override = "refuse"`, the
 //!   header is refused with 400. [`WireMethod`] remembers the method that arrived.
-//! - **Paths.** Percent-encoded unreserved characters are decoded and other escapes upper-cased
-//!   (RFC 3986 §6.2.2), so `/api/v1/%75sergroups` is `/api/v1/usergroups` for every layer and the
-//!   upstream alike. A path that cannot be made canonical without guessing how the upstream
+//! - **Paths.** Escapes of characters a path segment may carry raw (unreserved, sub-delims, `:`,
+//!   `@`) are decoded and other escapes upper-cased (RFC 3986 §6.2.2), so `/api/v1/%75sergroups`
+//!   is `/api/v1/usergroups` and `run%3Anow` is `run:now` for every layer and the upstream
+//!   alike: a rule written for one spelling cannot be side-stepped with another. A path that cannot be made canonical without guessing how the upstream
 //!   reads it is refused with 400 `invalid_path`: `.`/`..` segments (raw or encoded, any case),
 //!   an encoded `/` or `\`, a raw `\`, an encoded control character (NUL included), an empty
 //!   segment in the middle (`//`), a malformed escape, or a target that is not a path (Envoy's
@@ -210,8 +211,31 @@ fn hex_value(b: u8) -> Option<u8> {
     }
 }
 
-fn is_unreserved(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+/// A byte a path segment may carry raw (RFC 3986 `pchar` less `%`): unreserved, sub-delims,
+/// `:` and `@`. The upstream (Werkzeug) decodes every escape, so an escaped `:` names the same
+/// resource as a raw one; decoding these makes policy globs, rate buckets and cache keys see one
+/// spelling. Escapes of anything else (`/`, `?`, `#`, `%`, space, non-ASCII) stay escaped.
+fn is_path_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'-' | b'.'
+                | b'_'
+                | b'~'
+                | b'!'
+                | b'$'
+                | b'&'
+                | b'\''
+                | b'('
+                | b')'
+                | b'*'
+                | b'+'
+                | b','
+                | b';'
+                | b'='
+                | b':'
+                | b'@'
+        )
 }
 
 /// The canonical form of a request path (see the module docs), borrowed when the path is
@@ -253,7 +277,7 @@ pub fn canonical_path(path: &str) -> Result<Cow<'_, str>, PathProblem> {
                     match decoded {
                         b'/' | b'\\' => return Err(PathProblem::EncodedSeparator),
                         0x00..=0x1f | 0x7f => return Err(PathProblem::ControlCharacter),
-                        b if is_unreserved(b) => out.push(char::from(b)),
+                        b if is_path_char(b) => out.push(char::from(b)),
                         _ => {
                             out.push('%');
                             out.push(char::from(seg[i + 1].to_ascii_uppercase()));
@@ -429,9 +453,15 @@ mod tests {
         }
         assert_eq!(
             canonical_path("/api/v1/%75sergroups/%3a%41%7e").unwrap(),
-            "/api/v1/usergroups/%3AA~"
+            "/api/v1/usergroups/:A~"
         );
         assert_eq!(canonical_path("/a%20b").unwrap(), "/a%20b");
+        // Characters a segment may carry raw are decoded; the rest stay escaped.
+        assert_eq!(
+            canonical_path("/api/v1/jobs/run%3anow%40x%21%2C%3B%3D").unwrap(),
+            "/api/v1/jobs/run:now@x!,;="
+        );
+        assert_eq!(canonical_path("/a%3fb%23c%25d").unwrap(), "/a%3Fb%23c%25d");
         let refused = [
             ("/api/v1/usergroups/../clusters", PathProblem::DotSegment),
             ("/api/v1/usergroups/./x", PathProblem::DotSegment),

@@ -621,3 +621,35 @@ async fn a_write_invalidates_every_alias_of_its_collection() {
     let other = get(&gw.url("/api/v1/clusters"), &[]).await;
     assert!(other.header("cache-status").unwrap().contains("hit"));
 }
+
+#[tokio::test]
+async fn an_escaped_spelling_cannot_reach_a_broader_rule() {
+    // A rate-limited rule for one action, then a broad rule: `run%3Anow` is `run:now` to the
+    // upstream, so it must be `run:now` to the policy too, and share its budget.
+    let (mock, _secret, gw) = setup(
+        "[[policy]]\nname = \"run-now\"\nclients = [\"local\"]\npaths = [\"/api/v1/jobs/run:now\"]\n\
+         credential = \"default\"\nrate = \"1/m\"\n\
+         [[policy]]\nname = \"rest\"\nclients = [\"local\"]\ncredential = \"default\"\n",
+    )
+    .await;
+    assert_ne!(
+        get(&gw.url("/api/v1/jobs/run:now"), &[]).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    for spelling in [
+        "/api/v1/jobs/run%3Anow",
+        "/api/v1/jobs/run%3anow",
+        "/api/v1/jobs/%72un:now",
+    ] {
+        let reply = get(&gw.url(spelling), &[]).await;
+        assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS, "{spelling}");
+    }
+    assert_eq!(mock.state.count(), 1);
+    let records = gw.wait_audit(4).await;
+    assert!(
+        records.iter().all(|r| r["path"] == "/api/v1/jobs/run:now"),
+        "{records:?}"
+    );
+    assert_eq!(records[0]["rule"], "run-now");
+    assert!(records[1..].iter().all(|r| r["error"] == "rate_limited"));
+}
