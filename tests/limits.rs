@@ -235,16 +235,9 @@ impl Drop for Child {
     }
 }
 
-fn free_port() -> std::net::SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 async fn child_gateway(mock: &MockCloudCasa, secret: &SecretDir, extra: &str) -> Child {
     let dir = tempfile::tempdir().unwrap();
-    let (proxy, admin) = (free_port(), free_port());
+    let (proxy, admin) = (free_addr(), free_addr());
     let config = write_file(
         dir.path(),
         "gateway.toml",

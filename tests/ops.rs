@@ -106,14 +106,8 @@ where
     Fut: std::future::Future<Output = ()>,
 {
     let dir = tempfile::tempdir().unwrap();
-    let proxy = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let admin = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let proxy = free_addr();
+    let admin = free_addr();
     let config = write_file(
         dir.path(),
         "gateway.toml",
@@ -145,10 +139,7 @@ async fn json_logs_parse_with_unique_keys_and_carry_the_request_ids() {
     let dir = tempfile::tempdir().unwrap();
     let token = write_file(dir.path(), "token", "token-a");
     // Nothing listens upstream: every request is a gateway-made 502, logged as a warning.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = free_addr();
     let log = dir.path().join("stderr.log");
     let mut ids = Vec::new();
     let text = run_logging(
@@ -246,10 +237,7 @@ async fn the_file_watcher_does_not_log_its_own_writes_at_trace() {
 async fn an_unreachable_collector_is_counted_and_logged_once() {
     let dir = tempfile::tempdir().unwrap();
     let token = write_file(dir.path(), "token", "token-a");
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = free_addr();
     let log = dir.path().join("stderr.log");
     let text = run_logging(
         &format!(

@@ -156,14 +156,8 @@ async fn the_binary_reloads_on_sighup() {
         "keys.toml",
         &format!("{}\n", key_line("reader", READER)),
     );
-    let proxy = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let admin = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let proxy = free_addr();
+    let admin = free_addr();
     let text = |policy: &str| {
         config_text(&mock, dir, policy)
             .replace(

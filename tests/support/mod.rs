@@ -266,6 +266,15 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// A loopback address nothing listens on (bound and released at once): for a child process's
+/// listener, or an upstream that refuses connections.
+pub fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
 /// Waits until `check` holds, polling every 20 ms, for at most `limit`; panics with `what`.
 pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
 where
