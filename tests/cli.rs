@@ -107,38 +107,27 @@ async fn spawn_gateway(
     mock: &MockCloudCasa,
     secret: &SecretDir,
     extra: &str,
-) -> (std::process::Child, String) {
-    let ports: Vec<u16> = (0..2)
-        .map(|_| {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        })
-        .collect();
-    let config = write_file(
-        secret.dir.path(),
-        "gateway.toml",
-        &format!(
-            "[admin]\nlisten = \"127.0.0.1:{}\"\n[server]\ndrain_timeout = \"10s\"\n{extra}\n",
-            ports[1]
-        ),
-    );
-    let child = Command::new(BIN)
-        .arg("--config")
-        .arg(&config)
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{}", ports[0]))
-        .arg("--upstream")
-        .arg(mock.url())
-        .arg("--token-file")
-        .arg(secret.token_path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let ready = format!("http://127.0.0.1:{}/readyz", ports[1]);
+) -> (ChildGateway, String) {
+    let log = secret.dir.path().join("stderr.log");
+    let child = ChildGateway::start(log, &[], |proxy, admin| {
+        let config = write_file(
+            secret.dir.path(),
+            "gateway.toml",
+            &format!("[admin]\nlisten = \"{admin}\"\n[server]\ndrain_timeout = \"10s\"\n{extra}\n"),
+        );
+        vec![
+            "--config".into(),
+            config.into(),
+            "--listen".into(),
+            proxy.to_string().into(),
+            "--upstream".into(),
+            mock.url().into(),
+            "--token-file".into(),
+            secret.token_path().into(),
+        ]
+    })
+    .await;
+    let ready = format!("http://{}/readyz", child.admin);
     eventually(
         Duration::from_secs(10),
         "the gateway to become ready",
@@ -150,37 +139,25 @@ async fn spawn_gateway(
         },
     )
     .await;
-    (child, format!("http://127.0.0.1:{}", ports[0]))
-}
-
-fn signal(child: &std::process::Child, signal: &str) {
-    let status = Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let base = format!("http://{}", child.proxy);
+    (child, base)
 }
 
 #[tokio::test]
 async fn sigterm_drains_and_exits_zero() {
     let mock = MockCloudCasa::start().await;
     let secret = SecretDir::new("token-a");
-    let (child, base) = spawn_gateway(&mock, &secret, "").await;
+    let (mut child, base) = spawn_gateway(&mock, &secret, "").await;
 
     mock.state
         .set_fault(Fault::Delay(Duration::from_millis(500)), Some(1));
     let url = format!("{base}/api/v1/clusters");
     let in_flight = tokio::spawn(async move { get(&url, &[]).await });
     mock.state.wait_for(1).await;
-    signal(&child, "TERM");
+    child.signal("TERM");
     assert_eq!(in_flight.await.unwrap().status, StatusCode::OK);
-    let exit = tokio::task::spawn_blocking(move || child.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(exit.status.success(), "exit: {:?}", exit.status);
-    let logs = String::from_utf8_lossy(&exit.stderr);
+    let (status, logs) = child.wait().await;
+    assert!(status.success(), "exit: {status:?}");
     assert!(logs.contains("SIGTERM"), "{logs}");
     assert!(
         !logs.contains("token-a"),
@@ -195,7 +172,7 @@ async fn sighup_reopens_the_audit_file_and_the_chain_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let audit = dir.path().join("audit.jsonl");
     let rotated = dir.path().join("audit.jsonl.1");
-    let (child, base) = spawn_gateway(
+    let (mut child, base) = spawn_gateway(
         &mock,
         &secret,
         &format!("[audit]\npath = \"{}\"", audit.display()),
@@ -209,18 +186,15 @@ async fn sighup_reopens_the_audit_file_and_the_chain_goes_on() {
     .await;
     // What logrotate does: move the file, then signal.
     std::fs::rename(&audit, &rotated).unwrap();
-    signal(&child, "HUP");
+    child.signal("HUP");
     eventually(Duration::from_secs(10), "a new audit file", || {
         std::future::ready(audit.exists())
     })
     .await;
     get(&url, &[]).await;
-    signal(&child, "TERM");
-    let exit = tokio::task::spawn_blocking(move || child.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(exit.status.success());
+    child.signal("TERM");
+    let (status, logs) = child.wait().await;
+    assert!(status.success(), "exit: {status:?}: {logs}");
     assert_eq!(read_records(&rotated).len(), 1);
     assert_eq!(read_records(&audit).len(), 1);
     let out = Command::new(BIN)

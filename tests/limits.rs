@@ -222,43 +222,29 @@ async fn a_stalled_request_body_ends_in_408_and_is_never_forwarded_whole() {
 }
 
 /// The gateway binary as the manifests run it (with its own allocator), as a child process.
+/// A gateway process and the directory holding its config (dropped after the process).
 struct Child {
-    process: std::process::Child,
-    proxy: std::net::SocketAddr,
+    gw: ChildGateway,
     _dir: tempfile::TempDir,
-}
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.process.kill();
-        let _ = self.process.wait();
-    }
 }
 
 async fn child_gateway(mock: &MockCloudCasa, secret: &SecretDir, extra: &str) -> Child {
     let dir = tempfile::tempdir().unwrap();
-    let (proxy, admin) = (free_addr(), free_addr());
-    let config = write_file(
-        dir.path(),
-        "gateway.toml",
-        &format!(
-            "[server]\nlisten = \"{proxy}\"\n[admin]\nlisten = \"{admin}\"\n[upstream]\nurl = \"{}\"\n\
-             [token]\nfile = \"{}\"\n[audit]\nenabled = false\n{extra}\n",
-            mock.url(),
-            secret.token_path().display()
-        ),
-    );
-    let process = std::process::Command::new(env!("CARGO_BIN_EXE_cloudcasa-gateway"))
-        .arg("--config")
-        .arg(&config)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let child = Child {
-        process,
-        proxy,
-        _dir: dir,
-    };
+    let gw = ChildGateway::start(dir.path().join("stderr.log"), &[], |proxy, admin| {
+        let config = write_file(
+            dir.path(),
+            "gateway.toml",
+            &format!(
+                "[server]\nlisten = \"{proxy}\"\n[admin]\nlisten = \"{admin}\"\n[upstream]\nurl = \"{}\"\n\
+                 [token]\nfile = \"{}\"\n[audit]\nenabled = false\n{extra}\n",
+                mock.url(),
+                secret.token_path().display()
+            ),
+        );
+        vec!["--config".into(), config.into()]
+    })
+    .await;
+    let admin = gw.admin;
     eventually(
         Duration::from_secs(10),
         "the gateway is ready",
@@ -271,7 +257,7 @@ async fn child_gateway(mock: &MockCloudCasa, secret: &SecretDir, extra: &str) ->
         },
     )
     .await;
-    child
+    Child { gw, _dir: dir }
 }
 
 fn child_rss(pid: u32) -> u64 {
@@ -297,13 +283,13 @@ async fn cache_fills_are_bounded_by_max_inflight() {
         "[cache]\nmax_size = \"64MiB\"\nmax_object_size = \"8MiB\"\nmax_inflight = \"16MiB\"",
     )
     .await;
-    let pid = gw.process.id();
+    let pid = gw.gw.process.id();
     let before = child_rss(pid);
     // 24 clients each ask for a distinct 7 MiB object that the upstream sends slowly (2 s),
     // and never read the answer.
     let mut stalled = Vec::new();
     for i in 0..24 {
-        let mut c = TcpStream::connect(gw.proxy).await.unwrap();
+        let mut c = TcpStream::connect(gw.gw.proxy).await.unwrap();
         let request = format!(
             "GET /api/v1/_blob?size={OBJECT}&trickle=18&n={i} HTTP/1.1\r\nHost: gw\r\n\
              Cache-Control: no-cache\r\n\r\n"
@@ -314,7 +300,7 @@ async fn cache_fills_are_bounded_by_max_inflight() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     // While those fills run, the budget (16 MiB: two 7 MiB fills) is taken: a reader's fill
     // streams through unstored.
-    let url = format!("http://{}/api/v1/_blob?size={OBJECT}&n=reader", gw.proxy);
+    let url = format!("http://{}/api/v1/_blob?size={OBJECT}&n=reader", gw.gw.proxy);
     let reply = get(&url, &[]).await;
     assert_eq!(reply.body.len() as u64, OBJECT);
     assert_eq!(

@@ -4,13 +4,10 @@
 mod support;
 
 use std::collections::HashSet;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use support::*;
-
-const BIN: &str = env!("CARGO_BIN_EXE_cloudcasa-gateway");
 
 #[tokio::test]
 async fn during_the_shutdown_delay_the_gateway_is_unready_but_still_serves() {
@@ -106,31 +103,21 @@ where
     Fut: std::future::Future<Output = ()>,
 {
     let dir = tempfile::tempdir().unwrap();
-    let proxy = free_addr();
-    let admin = free_addr();
-    let config = write_file(
-        dir.path(),
-        "gateway.toml",
-        &format!(
-            "[server]\nlisten = \"{proxy}\"\n[admin]\nlisten = \"{admin}\"\n[audit]\nenabled = false\n{toml}\n"
-        ),
-    );
-    let mut child = Command::new(BIN)
-        .arg("--config")
-        .arg(&config)
-        .envs(env.iter().copied())
-        .stderr(Stdio::from(std::fs::File::create(log).unwrap()))
-        .spawn()
-        .unwrap();
-    eventually(
-        Duration::from_secs(10),
-        "the gateway listens",
-        || async move { tokio::net::TcpStream::connect(admin).await.is_ok() },
-    )
+    let config = |proxy, admin| {
+        write_file(
+            dir.path(),
+            "gateway.toml",
+            &format!(
+                "[server]\nlisten = \"{proxy}\"\n[admin]\nlisten = \"{admin}\"\n[audit]\nenabled = false\n{toml}\n"
+            ),
+        )
+    };
+    let child = ChildGateway::start(log.to_path_buf(), env, |proxy, admin| {
+        vec!["--config".into(), config(proxy, admin).into()]
+    })
     .await;
-    exercise(proxy, admin).await;
-    let _ = child.kill();
-    let _ = child.wait();
+    exercise(child.proxy, child.admin).await;
+    drop(child);
     std::fs::read_to_string(log).unwrap()
 }
 

@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -156,9 +157,7 @@ async fn the_binary_reloads_on_sighup() {
         "keys.toml",
         &format!("{}\n", key_line("reader", READER)),
     );
-    let proxy = free_addr();
-    let admin = free_addr();
-    let text = |policy: &str| {
+    let text = |proxy: SocketAddr, admin: SocketAddr, policy: &str| {
         config_text(&mock, dir, policy)
             .replace(
                 "listen = \"127.0.0.1:0\"\n[admin]",
@@ -169,19 +168,13 @@ async fn the_binary_reloads_on_sighup() {
                 &format!("[admin]\nlisten = \"{admin}\""),
             )
     };
-    let path = write_file(dir, "gateway.toml", &text(READ_ONLY));
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cloudcasa-gateway"))
-        .arg("--config")
-        .arg(&path)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    eventually(
-        Duration::from_secs(10),
-        "the gateway listens",
-        || async move { tokio::net::TcpStream::connect(admin).await.is_ok() },
-    )
+    let path = dir.join("gateway.toml");
+    let child = ChildGateway::start(dir.join("stderr.log"), &[], |proxy, admin| {
+        std::fs::write(&path, text(proxy, admin, READ_ONLY)).unwrap();
+        vec!["--config".into(), path.clone().into()]
+    })
     .await;
+    let proxy = child.proxy;
     let post = || async {
         send(
             Method::POST,
@@ -195,23 +188,18 @@ async fn the_binary_reloads_on_sighup() {
     assert_eq!(post().await, StatusCode::FORBIDDEN);
     std::fs::write(
         &path,
-        text(&READ_ONLY.replace("[\"GET\"]", "[\"GET\", \"POST\"]")),
+        text(
+            child.proxy,
+            child.admin,
+            &READ_ONLY.replace("[\"GET\"]", "[\"GET\", \"POST\"]"),
+        ),
     )
     .unwrap();
-    let pid = child.id().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    child.signal("HUP");
     eventually(
         Duration::from_secs(5),
         "the new policy in force",
         || async { post().await == StatusCode::CREATED },
     )
     .await;
-    let _ = child.kill();
-    let _ = child.wait();
 }

@@ -337,3 +337,101 @@ pub async fn post_oversized(gw: &TestGateway) -> Reply {
     )
     .await
 }
+
+/// The gateway binary running as a child process on two loopback ports (proxy and admin), its
+/// stderr in a file; killed on drop.
+pub struct ChildGateway {
+    pub process: std::process::Child,
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl ChildGateway {
+    /// Starts the binary with the environment `env` and the arguments `args(proxy, admin)`
+    /// returns (it writes the config that names those ports); returns once the admin port
+    /// accepts connections.
+    ///
+    /// Ports come from [`free_addr`], so another test can take one between its release and the
+    /// child's bind; the child then exits with "Address already in use" and is started again on
+    /// fresh ports (a few times). Any other early exit fails the test with what the child logged.
+    pub async fn start<F>(log: PathBuf, env: &[(&str, &str)], mut args: F) -> ChildGateway
+    where
+        F: FnMut(SocketAddr, SocketAddr) -> Vec<std::ffi::OsString>,
+    {
+        for _ in 0..5 {
+            let (proxy, admin) = (free_addr(), free_addr());
+            let mut process = std::process::Command::new(env!("CARGO_BIN_EXE_cloudcasa-gateway"))
+                .args(args(proxy, admin))
+                .envs(env.iter().copied())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                if TcpStream::connect(admin).await.is_ok() {
+                    return ChildGateway {
+                        process,
+                        proxy,
+                        admin,
+                        log,
+                    };
+                }
+                if let Some(status) = process.try_wait().unwrap() {
+                    let text = std::fs::read_to_string(&log).unwrap_or_default();
+                    assert!(
+                        text.contains("Address already in use"),
+                        "the gateway exited before listening ({status}): {text}"
+                    );
+                    break;
+                }
+                if tokio::time::Instant::now() > deadline {
+                    let _ = process.kill();
+                    let text = std::fs::read_to_string(&log).unwrap_or_default();
+                    panic!("the gateway did not listen within 30 s: {text}");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        panic!("no free ports for the gateway after 5 attempts");
+    }
+
+    /// What the child has logged so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits (polling, at most 30 s) for the child to exit; returns its status and logs.
+    pub async fn wait(&mut self) -> (std::process::ExitStatus, String) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.process.try_wait().unwrap() {
+                return (status, self.logs());
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the gateway did not exit within 30 s: {}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Sends `signal` (a name such as "HUP") to the child.
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.process.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for ChildGateway {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
