@@ -5,9 +5,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use cloudcasa_gateway::audit::chain::{self, GENESIS};
+use cloudcasa_gateway::Gateway;
 use cloudcasa_gateway::config::{Config, Overrides};
-use cloudcasa_gateway::{Gateway, logging};
+use cloudcasa_gateway::observability::audit::chain::{self, GENESIS};
+use cloudcasa_gateway::observability::logging;
 
 // Every request allocates (headers, extensions, futures) and frees on another thread now and
 // then; mimalloc is faster than glibc's malloc at this and returns memory more readily.
@@ -69,7 +70,7 @@ enum Command {
 }
 
 fn hash_key(id: &str) -> ExitCode {
-    use cloudcasa_gateway::identity::api_keys::{MIN_KEY_BITS, id_problem, key_bits};
+    use cloudcasa_gateway::layers::identity::api_keys::{MIN_KEY_BITS, id_problem, key_bits};
     if let Some(problem) = id_problem(id) {
         eprintln!("error: {problem}");
         return ExitCode::from(2);
@@ -101,7 +102,7 @@ fn hash_key(id: &str) -> ExitCode {
     }
     println!(
         "{}",
-        cloudcasa_gateway::identity::api_keys::key_line(id, key)
+        cloudcasa_gateway::layers::identity::api_keys::key_line(id, key)
     );
     ExitCode::SUCCESS
 }
@@ -228,7 +229,7 @@ async fn shutdown_signal() {
 /// SIGHUP: the audit file is reopened (logrotate moved it), and the configuration file is
 /// re-read and applied where it can be (see `Reloader`).
 fn on_sighup(
-    audit: Option<cloudcasa_gateway::audit::AuditLog>,
+    audit: Option<cloudcasa_gateway::observability::audit::AuditLog>,
     reloader: cloudcasa_gateway::app::Reloader,
     path: Option<PathBuf>,
     overrides: Overrides,

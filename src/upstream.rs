@@ -28,14 +28,14 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use tower::Service;
 
-use crate::body::{
+use crate::config::UpstreamConfig;
+use crate::http::body::{
     self, Body, BodyTimedOut, BodyTooLarge, BoxError, ClientBodyError, Collected, PrefixedBody,
     Tap, collect_limited,
 };
-use crate::config::UpstreamConfig;
-use crate::error::{GatewayError, find_cause};
-use crate::headers::strip_hop_by_hop;
-use crate::observe::Exchange;
+use crate::http::error::{GatewayError, find_cause};
+use crate::http::headers::strip_hop_by_hop;
+use crate::layers::observe::Exchange;
 
 type Connector = TimeoutConnector<HttpsConnector<Route>>;
 /// The pooled client used for CloudCasa.

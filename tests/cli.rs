@@ -224,7 +224,7 @@ fn a_reachable_listener_without_client_authentication_refuses_to_start() {
     assert!(ok, "{out}");
     // (The one file serves as the token and as a valid keys file.)
     let with_keys = format!("{open}[clients.api_keys]\nfile = \"TOKEN_PATH\"\n");
-    let keys = cloudcasa_gateway::identity::api_keys::key_line("a", "k");
+    let keys = cloudcasa_gateway::layers::identity::api_keys::key_line("a", "k");
     let (ok, out) = check(&with_keys, Some(&keys));
     assert!(ok, "{out}");
 }
@@ -350,11 +350,11 @@ fn hash_key_prints_a_line_for_the_keys_file() {
     let line = String::from_utf8(out.stdout).unwrap();
     assert!(line.starts_with("backup-bot = \"sha256:"), "{line}");
     assert!(!line.contains(key));
-    let keys = cloudcasa_gateway::identity::api_keys::parse(&line).unwrap();
+    let keys = cloudcasa_gateway::layers::identity::api_keys::parse(&line).unwrap();
     assert_eq!(keys.len(), 1);
     assert_eq!(
         line.trim(),
-        cloudcasa_gateway::identity::api_keys::key_line("backup-bot", key)
+        cloudcasa_gateway::layers::identity::api_keys::key_line("backup-bot", key)
     );
     // Fewer than 128 bits of key, or no id: refused.
     for (id, key, why) in [
@@ -395,7 +395,7 @@ fn version_names_the_revision_and_build_date() {
 #[test]
 fn check_refuses_keys_files_with_shared_hashes() {
     let dir = tempfile::tempdir().unwrap();
-    let line = |id| cloudcasa_gateway::identity::api_keys::key_line(id, "one-key-for-two");
+    let line = |id| cloudcasa_gateway::layers::identity::api_keys::key_line(id, "one-key-for-two");
     let keys = dir.path().join("keys.toml");
     std::fs::write(&keys, format!("{}\n{}\n", line("a"), line("b"))).unwrap();
     let config = format!(

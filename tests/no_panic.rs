@@ -4,12 +4,12 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use cloudcasa_gateway::cache::policy::{self, Directives};
-use cloudcasa_gateway::canonical::{MethodRules, canonical_path};
 use cloudcasa_gateway::config::{Config, Overrides, TelemetryConfig};
-use cloudcasa_gateway::identity::{api_keys, kubernetes};
-use cloudcasa_gateway::policy::{Rate, RuleSpec};
-use cloudcasa_gateway::telemetry::{ServerRequest, Telemetry};
+use cloudcasa_gateway::layers::cache::rules::{self, Directives};
+use cloudcasa_gateway::layers::canonical::{MethodRules, canonical_path};
+use cloudcasa_gateway::layers::identity::{api_keys, kubernetes};
+use cloudcasa_gateway::layers::policy::{Rate, RuleSpec};
+use cloudcasa_gateway::observability::telemetry::{ServerRequest, Telemetry};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri, Version, header};
 use proptest::prelude::*;
 
@@ -86,18 +86,18 @@ proptest! {
         let d = Directives::parse(&h);
         let _ = d.forbids_stale();
         let now = SystemTime::now();
-        let lifetime = policy::freshness_lifetime(&h, &d, Duration::from_secs(fresh_for));
-        let initial = policy::initial_age(&h, UNIX_EPOCH, now);
-        let _ = policy::initial_age(&h, now, UNIX_EPOCH);
-        let _ = policy::fresh_enough(initial, lifetime, &d, false);
-        let _ = policy::fresh_enough(
+        let lifetime = rules::freshness_lifetime(&h, &d, Duration::from_secs(fresh_for));
+        let initial = rules::initial_age(&h, UNIX_EPOCH, now);
+        let _ = rules::initial_age(&h, now, UNIX_EPOCH);
+        let _ = rules::fresh_enough(initial, lifetime, &d, false);
+        let _ = rules::fresh_enough(
             Duration::from_secs(age_secs),
             Duration::from_secs(lifetime_secs),
             &d,
             d.forbids_stale(),
         );
-        let _ = policy::http_date(&date);
-        let _ = policy::storable(http::StatusCode::OK, &d, &h, &d);
+        let _ = rules::http_date(&date);
+        let _ = rules::storable(http::StatusCode::OK, &d, &h, &d);
     }
 
     #[test]
@@ -112,11 +112,11 @@ proptest! {
         h.insert(header::IF_NONE_MATCH, inm.clone());
         h.insert(header::IF_MODIFIED_SINCE, ims.clone());
         h.insert(header::VARY, vary);
-        let _ = policy::if_none_match(&inm, &etag);
-        let _ = policy::not_modified(&h, Some(&etag), Some(&ims));
-        let names = policy::vary_names(&h);
-        let _ = policy::vary_values(&names, &h);
-        let _ = policy::representation_key(&[header::ACCEPT, header::ACCEPT_ENCODING], &h);
+        let _ = rules::if_none_match(&inm, &etag);
+        let _ = rules::not_modified(&h, Some(&etag), Some(&ims));
+        let names = rules::vary_names(&h);
+        let _ = rules::vary_values(&names, &h);
+        let _ = rules::representation_key(&[header::ACCEPT, header::ACCEPT_ENCODING], &h);
     }
 
     #[test]
@@ -219,6 +219,6 @@ proptest! {
                 client_addr: None,
             });
         }
-        let _ = cloudcasa_gateway::request_id::is_sane(&id);
+        let _ = cloudcasa_gateway::layers::request_id::is_sane(&id);
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use cloudcasa_gateway::Gateway;
 use cloudcasa_gateway::config::{Config, Overrides};
-use cloudcasa_gateway::identity::api_keys::key_line;
+use cloudcasa_gateway::layers::identity::api_keys::key_line;
 use http::{Method, StatusCode};
 use support::*;
 

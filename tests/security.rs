@@ -6,7 +6,7 @@
 mod support;
 
 use bytes::Bytes;
-use cloudcasa_gateway::identity::api_keys::key_line;
+use cloudcasa_gateway::layers::identity::api_keys::key_line;
 use http::{Method, StatusCode};
 use serde_json::json;
 use support::*;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
-use cloudcasa_gateway::identity::api_keys::key_line;
+use cloudcasa_gateway::layers::identity::api_keys::key_line;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use serde_json::json;

@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use http::{Method, Uri};
 
-use crate::policy::{Rate, RuleSpec};
-use crate::token::TokenOrigin;
+use crate::layers::policy::{Rate, RuleSpec};
+use crate::secrets::token::TokenOrigin;
 use raw::RawConfig;
 
 /// CloudCasa's production API.
@@ -734,7 +734,7 @@ impl Config {
                     format!("cannot read {}: {e}", keys.display()),
                 ),
                 Ok(text) => {
-                    if let Err(e) = crate::identity::api_keys::parse(&text) {
+                    if let Err(e) = crate::layers::identity::api_keys::parse(&text) {
                         p.add("clients.api_keys.file", format!("{}: {e}", keys.display()));
                     }
                 }

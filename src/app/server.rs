@@ -1,0 +1,598 @@
+//! Listeners: accepting TCP connections (at most `server.max_connections` at once), TLS (with
+//! client certificates) when configured, serving HTTP/1.1 and HTTP/2 on the same port (prior
+//! knowledge in clear text, ALPN over TLS), cutting off clients that trickle their headers or send
+//! no request, closing idle connections, and draining on shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tower::{Service, ServiceExt};
+
+use crate::http::body::Body;
+use crate::layers::identity::{PeerIdentity, identity_from_certificate};
+use crate::observability::metrics::ListenerMetrics;
+use crate::secrets::tls::ServerTls;
+
+/// The address of the peer that sent a request, in request extensions.
+#[derive(Debug, Clone)]
+pub struct ClientAddr {
+    /// The peer's socket address.
+    pub addr: SocketAddr,
+    /// The address as text, formatted once per connection (every audit record carries it).
+    pub text: Arc<str>,
+}
+
+impl ClientAddr {
+    /// Formats `addr` once.
+    pub fn new(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            text: addr.to_string().into(),
+        }
+    }
+}
+
+/// How connections are served.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeOptions {
+    /// Time a client has to send its request headers (and, before that, its first bytes; on
+    /// HTTP/2, its first request).
+    pub header_timeout: Duration,
+    /// Time in-flight requests get to finish once shutdown begins.
+    pub drain_timeout: Duration,
+    /// A connection with no request in flight for this long is closed (HTTP/2: GOAWAY first).
+    pub idle_timeout: Duration,
+    /// Connections open at once at most; past it new connections are closed at once.
+    pub max_connections: usize,
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Which protocol a connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// Serves `service` on `listener` until `stop` turns true, then drains.
+pub async fn serve<S>(
+    name: &'static str,
+    listener: TcpListener,
+    service: S,
+    options: ServeOptions,
+    tls: Option<Arc<ServerTls>>,
+    stop: watch::Receiver<bool>,
+    metrics: ListenerMetrics,
+) where
+    S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(options.header_timeout)
+        // Bounds what one connection buffers each way: request headers (64 KiB is twice
+        // nginx's largest default) and response bytes queued for a client that is not reading
+        // (hyper's default, ~400 KiB plus up to 16 queued chunks, made a stalled client cost
+        // megabytes).
+        .max_buf_size(CONNECTION_BUFFER)
+        .keep_alive(true);
+    // Pings find dead peers (a vanished client behind a NAT holds no resources for long); they
+    // are not activity: an idle connection is one without requests.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(KEEPALIVE_INTERVAL))
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT);
+    // One permit per open connection: all permits back means every connection has closed.
+    let slots = Arc::new(Semaphore::new(options.max_connections));
+    let mut accept_stop = stop.clone();
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(err) => {
+                    // EMFILE and friends: back off briefly instead of spinning on the error.
+                    tracing::warn!(listener = name, error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = stopped(&mut accept_stop) => break,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // Closed at once rather than left in the backlog: the client learns now, and the
+            // connections already open are unaffected.
+            metrics.refused.inc();
+            tracing::debug!(listener = name, %peer, "connection refused: server.max_connections open");
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let service = service.clone();
+        let builder = builder.clone();
+        let tls = tls.clone();
+        let stop = stop.clone();
+        let open = metrics.open.clone();
+        tokio::spawn(async move {
+            open.inc();
+            serve_connection(stream, peer, service, builder, options, tls, stop).await;
+            open.dec();
+            drop(slot);
+        });
+    }
+    drop(listener);
+    let open = options.max_connections - slots.available_permits();
+    if open > 0 {
+        tracing::info!(listener = name, connections = open, "draining");
+    }
+    let all = u32::try_from(options.max_connections).unwrap_or(u32::MAX);
+    if tokio::time::timeout(options.drain_timeout, slots.acquire_many(all))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            listener = name,
+            "drain timeout reached; closing the remaining connections"
+        );
+    }
+}
+
+/// What one HTTP/1 connection buffers in each direction at most.
+const CONNECTION_BUFFER: usize = 64 * 1024;
+
+/// HTTP/2 keep-alive: a PING after this long without frames from the client...
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+/// ...and the connection closes if its PONG does not come back within this.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+async fn serve_connection<S>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    service: S,
+    builder: auto::Builder<TokioExecutor>,
+    options: ServeOptions,
+    tls: Option<Arc<ServerTls>>,
+    stop: watch::Receiver<bool>,
+) where
+    S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let state = Arc::new(ConnState::new());
+    // The connection's bytes, its protocol and, over mTLS, who the client is.
+    let (io, protocol, identity): (Box<dyn Io>, Protocol, Option<PeerIdentity>) = match tls {
+        None => {
+            let Some((protocol, prefix)) = read_preface(&stream, options.header_timeout).await
+            else {
+                tracing::debug!(%peer, "closing a connection that sent no request in time");
+                return;
+            };
+            (Box::new(Rewind::new(prefix, stream)), protocol, None)
+        }
+        Some(tls) => {
+            let accepted =
+                tokio::time::timeout(options.header_timeout, tls.acceptor().accept(stream)).await;
+            let stream = match accepted {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(err)) => {
+                    tracing::debug!(%peer, error = %err, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake not completed in time");
+                    return;
+                }
+            };
+            let (_, session) = stream.get_ref();
+            let identity = session
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|cert| identity_from_certificate(cert))
+                .map(|id| PeerIdentity(Arc::new(id)));
+            // ALPN decided the protocol: no sniffing.
+            let protocol = match session.alpn_protocol() {
+                Some(b"h2") => Protocol::Http2,
+                _ => Protocol::Http1,
+            };
+            (Box::new(stream), protocol, identity)
+        }
+    };
+    let io = TokioIo::new(io);
+    let service = per_request(service, peer, identity, state.clone());
+    match protocol {
+        Protocol::Http1 => {
+            let conn = builder
+                .http1_only()
+                .serve_connection(io, service)
+                .into_owned();
+            drive(conn, &state, protocol, options, stop, peer).await;
+        }
+        Protocol::Http2 => {
+            let conn = builder
+                .http2_only()
+                .serve_connection(io, service)
+                .into_owned();
+            drive(conn, &state, protocol, options, stop, peer).await;
+        }
+    }
+}
+
+/// A client connection's byte stream: plain TCP (with its first bytes replayed) or TLS.
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+/// What a connection's requests tell its watchdog: how many are in flight, and how many have
+/// started and ended. Counters only: no clock is read per request; the watchdog notices quiet
+/// by sampling them.
+#[derive(Debug)]
+pub struct ConnState {
+    opened: tokio::time::Instant,
+    in_flight: AtomicUsize,
+    requests: AtomicU64,
+    completed: AtomicU64,
+}
+
+impl ConnState {
+    fn new() -> Self {
+        Self {
+            opened: tokio::time::Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            requests: AtomicU64::new(0),
+            completed: AtomicU64::new(0),
+        }
+    }
+
+    fn started(self: &Arc<Self>) -> RequestGuard {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        RequestGuard(self.clone())
+    }
+
+    /// Changes whenever a request starts or ends.
+    fn activity(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed) + self.completed.load(Ordering::Relaxed)
+    }
+}
+
+/// A request in flight on a connection; dropped when its response body has ended (or the
+/// request was abandoned).
+#[derive(Debug)]
+pub struct RequestGuard(Arc<ConnState>);
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.0.completed.fetch_add(1, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that holds its request's [`RequestGuard`] until it ends.
+    pub struct Guarded {
+        #[pin]
+        inner: Body,
+        guard: Option<RequestGuard>,
+    }
+}
+
+impl http_body::Body for Guarded {
+    type Data = bytes::Bytes;
+    type Error = crate::http::body::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        let this = self.project();
+        let frame = std::task::ready!(this.inner.poll_frame(cx));
+        if !matches!(frame, Some(Ok(_))) {
+            this.guard.take();
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Runs one connection to its end: closes it gracefully when shutdown begins or it has been
+/// idle for `server.idle_timeout` (HTTP/2: GOAWAY, and in-flight streams finish), and drops it
+/// outright if it is HTTP/2 and no request has arrived within `server.header_timeout` (hyper has
+/// no timer before an HTTP/2 client's first request).
+///
+/// Idleness is sampled, every quarter of `idle_timeout`: a connection is idle once no request
+/// started or ended, and none was in flight, for `idle_timeout` (give or take a quarter).
+async fn drive<C>(
+    conn: C,
+    state: &ConnState,
+    protocol: Protocol,
+    options: ServeOptions,
+    mut stop: watch::Receiver<bool>,
+    peer: SocketAddr,
+) where
+    C: Future<Output = Result<(), crate::http::body::BoxError>> + GracefulShutdown,
+{
+    tokio::pin!(conn);
+    let mut first_request_by =
+        (protocol == Protocol::Http2).then(|| state.opened + options.header_timeout);
+    let sample = (options.idle_timeout / 4).max(Duration::from_millis(10));
+    let mut closing = false;
+    let (mut seen, mut quiet_since) = (state.activity(), state.opened);
+    let first = first_request_by.map_or(state.opened + sample, |by| by.min(state.opened + sample));
+    let check = tokio::time::sleep_until(first);
+    tokio::pin!(check);
+    loop {
+        tokio::select! {
+            ended = &mut conn => {
+                if let Err(err) = ended {
+                    tracing::debug!(%peer, error = %err, "connection ended with an error");
+                }
+                return;
+            }
+            _ = stopped(&mut stop), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            _ = &mut check => {
+                let now = tokio::time::Instant::now();
+                let started_any = state.requests.load(Ordering::Relaxed) > 0;
+                if let Some(by) = first_request_by {
+                    if started_any {
+                        first_request_by = None;
+                    } else if now >= by {
+                        tracing::debug!(%peer, "closing an HTTP/2 connection that sent no request in time");
+                        return;
+                    }
+                }
+                let activity = state.activity();
+                if activity != seen || state.in_flight.load(Ordering::Relaxed) > 0 {
+                    (seen, quiet_since) = (activity, now);
+                } else if !closing && now.duration_since(quiet_since) >= options.idle_timeout {
+                    tracing::debug!(%peer, "closing an idle connection");
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                let mut next = now + sample;
+                if let Some(by) = first_request_by {
+                    next = next.min(by);
+                }
+                check.as_mut().reset(next);
+            }
+        }
+    }
+}
+
+/// A connection that can be closed gracefully (hyper-util's own trait is sealed).
+pub trait GracefulShutdown {
+    /// Starts a graceful shutdown: HTTP/1 closes after the response in flight, HTTP/2 sends
+    /// GOAWAY and lets open streams finish.
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+impl<I, S, E> GracefulShutdown for auto::Connection<'static, I, S, E>
+where
+    auto::Connection<'static, I, S, E>: Future,
+    S: hyper::service::HttpService<Incoming>,
+    S::Error: Into<crate::http::body::BoxError>,
+    S::ResBody: http_body::Body + Send + 'static,
+    <S::ResBody as http_body::Body>::Error: Into<crate::http::body::BoxError>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, S::ResBody>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        auto::Connection::graceful_shutdown(self);
+    }
+}
+
+/// Adds what the connection knows (peer address, certificate identity) to each request, and
+/// tracks the request until its response body ends.
+fn per_request<S>(
+    service: S,
+    peer: SocketAddr,
+    identity: Option<PeerIdentity>,
+    state: Arc<ConnState>,
+) -> TowerToHyperService<
+    impl Service<Request<Incoming>, Response = Response<Guarded>, Error = Infallible, Future: Send>
+    + Clone,
+>
+where
+    S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let peer = ClientAddr::new(peer);
+    let service = service
+        .map_request(move |mut req: Request<Incoming>| {
+            req.extensions_mut().insert(peer.clone());
+            if let Some(identity) = &identity {
+                req.extensions_mut().insert(identity.clone());
+            }
+            req
+        })
+        .map_future(move |future: S::Future| {
+            let guard = state.started();
+            async move {
+                let Ok(response) = future.await;
+                Ok::<_, Infallible>(response.map(|inner| Guarded {
+                    inner,
+                    guard: Some(guard),
+                }))
+            }
+        });
+    TowerToHyperService::new(service)
+}
+
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    // A closed channel means the owner is gone: stop as well.
+    let _ = stop.wait_for(|stopped| *stopped).await;
+}
+
+/// Reads a connection's first bytes, within `timeout`, until it is clear whether they are the
+/// HTTP/2 preface (prior knowledge) or an HTTP/1 request; returns the protocol and the bytes
+/// read, which [`Rewind`] hands to hyper first. Reading (not peeking) matters: a peek does not
+/// clear the socket's readiness, so waiting for more bytes after a partial preface would spin.
+async fn read_preface(stream: &TcpStream, timeout: Duration) -> Option<(Protocol, Vec<u8>)> {
+    let read = async {
+        let mut buf = Vec::with_capacity(H2_PREFACE.len());
+        loop {
+            stream.readable().await.ok()?;
+            let mut chunk = [0u8; H2_PREFACE.len()];
+            let want = H2_PREFACE.len() - buf.len();
+            match stream.try_read(&mut chunk[..want]) {
+                Ok(0) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(_) => return None,
+            }
+            if buf[..] != H2_PREFACE[..buf.len()] {
+                return Some((Protocol::Http1, buf));
+            }
+            if buf.len() == H2_PREFACE.len() {
+                return Some((Protocol::Http2, buf));
+            }
+        }
+    };
+    tokio::time::timeout(timeout, read).await.ok().flatten()
+}
+
+/// A stream that yields `prefix` before reading from `inner`; writes go straight through.
+pub struct Rewind<T> {
+    prefix: Vec<u8>,
+    pos: usize,
+    inner: T,
+}
+
+impl<T> Rewind<T> {
+    /// `prefix` was read from `inner` already.
+    pub fn new(prefix: Vec<u8>, inner: T) -> Self {
+        Self {
+            prefix,
+            pos: 0,
+            inner,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.pos < this.prefix.len() {
+            let n = (this.prefix.len() - this.pos).min(buf.remaining());
+            buf.put_slice(&this.prefix[this.pos..this.pos + n]);
+            this.pos += n;
+            if this.pos == this.prefix.len() {
+                this.prefix = Vec::new();
+                this.pos = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn rewind_replays_the_prefix_then_reads_on() {
+        let (mut client, server) = tokio::io::duplex(64);
+        client.write_all(b" world").await.unwrap();
+        drop(client);
+        let mut rewound = Rewind::new(b"hello".to_vec(), server);
+        let mut all = String::new();
+        rewound.read_to_string(&mut all).await.unwrap();
+        assert_eq!(all, "hello world");
+    }
+
+    #[tokio::test]
+    async fn the_preface_decides_the_protocol() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        for (sent, expected) in [
+            (H2_PREFACE, Some(Protocol::Http2)),
+            (&b"GET / HTTP/1.1\r\n"[..], Some(Protocol::Http1)),
+            (&b"PRI * HTTP/1.1\r\n"[..], Some(Protocol::Http1)),
+            (&b""[..], None),
+        ] {
+            let mut client = TcpStream::connect(addr).await.unwrap();
+            let (server, _) = listener.accept().await.unwrap();
+            // In pieces: a partial preface waits for more.
+            for piece in sent.chunks(5) {
+                client.write_all(piece).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            drop(client);
+            let got = read_preface(&server, Duration::from_secs(2)).await;
+            assert_eq!(got.as_ref().map(|(p, _)| *p), expected, "{sent:?}");
+            if let Some((_, prefix)) = got {
+                assert!(sent.starts_with(&prefix) && !prefix.is_empty());
+            }
+        }
+    }
+}

@@ -1,0 +1,751 @@
+//! The response cache: an RFC 9111 shared cache for GET in front of one origin, partitioned by
+//! the credential the gateway injects.
+//!
+//! Reads: a fresh stored response is served from memory; a stale one is revalidated with the
+//! upstream's validator; concurrent requests needing the upstream share one fetch; a failing
+//! upstream may be covered by a stale response (`stale-if-error`). Clients' own conditional
+//! requests are answered here. Writes pass through untouched and invalidate what they changed,
+//! so no read through the gateway ever returns the state from before a write.
+//!
+//! The rules live in [`policy`] (pure functions), the outcome in [`status`], storage and the
+//! collapsing lock in [`store`]; this module applies them to requests.
+
+pub mod rules;
+pub mod status;
+pub mod store;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body::Body as _;
+use sha2::{Digest, Sha256};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tower::util::BoxCloneService;
+use tower::{Layer, Service};
+
+use crate::config::CacheConfig;
+use crate::http::body::{self, Body, Collected, Hold, PrefixedBody, Tap, collect_limited};
+use crate::http::error::GatewayError;
+use crate::layers::canonical::{WireMethod, is_read};
+use crate::layers::observe::Exchange;
+use crate::secrets::credential::{PinnedToken, SelectedCredential};
+use rules::{Directives, NotStorable};
+use status::{CacheStatus, Forward};
+use store::{CacheKey, FlightOutcome, Joined, PathKey, Store, Stored, VariantKey};
+
+/// The `Cache-Status` header (RFC 9211).
+pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+
+/// Client conditionals the cache answers itself; they are never sent upstream for cacheable
+/// reads (the cache wants a full response to store).
+const CLIENT_CONDITIONALS: [HeaderName; 5] = [
+    header::IF_NONE_MATCH,
+    header::IF_MODIFIED_SINCE,
+    header::IF_MATCH,
+    header::IF_UNMODIFIED_SINCE,
+    header::IF_RANGE,
+];
+
+/// The cache and its settings.
+#[derive(Debug)]
+pub struct Cache {
+    store: Store,
+    /// Swapped whole on a reload (`SIGHUP`); each request reads it once.
+    config: ArcSwap<CacheConfig>,
+    /// `cache.max_inflight`, in KiB permits: what fills in progress may hold.
+    inflight: Arc<Semaphore>,
+    /// How long a collapsed request waits for the fetch it joined.
+    wait_limit: Duration,
+}
+
+impl Cache {
+    /// A cache per `config`; collapsed waits are bounded by `upstream_timeout`.
+    pub fn new(config: CacheConfig, upstream_timeout: Duration) -> Self {
+        let kib = usize::try_from(config.max_inflight / 1024).unwrap_or(usize::MAX);
+        Self {
+            inflight: Arc::new(Semaphore::new(kib.clamp(1, Semaphore::MAX_PERMITS))),
+            store: Store::new(config.max_size),
+            config: ArcSwap::from_pointee(config),
+            wait_limit: upstream_timeout,
+        }
+    }
+
+    /// Applies the settings a reload may change (freshness, stale windows, key headers, the
+    /// largest object); `max_size` and `max_inflight` keep their values until a restart.
+    pub fn reconfigure(&self, new: &CacheConfig) {
+        let mut next = (**self.config.load()).clone();
+        next.fresh_for = new.fresh_for;
+        next.stale_if_error = new.stale_if_error;
+        next.key_headers = new.key_headers.clone();
+        next.max_object_size = new.max_object_size.min(next.max_inflight);
+        self.config.store(Arc::new(next));
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> Arc<CacheConfig> {
+        self.config.load_full()
+    }
+
+    /// The storage, for the admin endpoint and metrics.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+}
+
+/// Puts the cache into the stack.
+#[derive(Clone)]
+pub struct CacheLayer {
+    cache: Option<Arc<Cache>>,
+}
+
+impl CacheLayer {
+    /// `None` disables caching (responses still say `fwd=bypass`).
+    pub fn new(cache: Option<Arc<Cache>>) -> Self {
+        Self { cache }
+    }
+}
+
+/// The stack below the cache, type-erased: the cache's futures hold it across awaits, and a
+/// concrete type keeps them provably `Send`.
+pub type Inner = BoxCloneService<Request<Body>, Response<Body>, GatewayError>;
+
+impl<S> Layer<S> for CacheLayer
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = GatewayError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Service = CacheService;
+    fn layer(&self, inner: S) -> Self::Service {
+        CacheService {
+            inner: BoxCloneService::new(inner),
+            cache: self.cache.clone(),
+        }
+    }
+}
+
+/// See the module docs.
+#[derive(Clone)]
+pub struct CacheService {
+    inner: Inner,
+    cache: Option<Arc<Cache>>,
+}
+
+impl Service<Request<Body>> for CacheService {
+    type Response = Response<Body>;
+    type Error = GatewayError;
+    type Future = BoxFuture<'static, Result<Response<Body>, GatewayError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        // The ready clone stays here; the clone moves into the future (tower's usual swap).
+        let inner = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, inner);
+        let cache = self.cache.clone();
+        Box::pin(async move {
+            // The method is the effective one (see `canonical`). A request whose method came
+            // from an override header is never served from or stored in the cache: the stored
+            // response would be keyed on what the client sent, not on what was executed.
+            let overridden = req.extensions().get::<WireMethod>().is_some();
+            let exchange = Exchange::of(&req).cloned();
+            let (status, result) = match (cache, req.method()) {
+                (None, _) => (
+                    CacheStatus::forward(Forward::Bypass),
+                    pass(inner, req).await,
+                ),
+                (Some(_), m) if is_read(m) && overridden => (
+                    CacheStatus::forward(Forward::Method),
+                    pass(inner, req).await,
+                ),
+                (Some(cache), &Method::GET | &Method::HEAD) => cache.read(inner, req).await,
+                (Some(_), &Method::OPTIONS) => (
+                    CacheStatus::forward(Forward::Method),
+                    pass(inner, req).await,
+                ),
+                // Every other effective method is a write, and invalidates.
+                (Some(cache), _) => (
+                    CacheStatus::forward(Forward::Method),
+                    cache.write(inner, req).await,
+                ),
+            };
+            let mut response = match result {
+                Ok(response) => response,
+                // Rendered here rather than above so the error, too, says what the cache did.
+                Err(err) => {
+                    crate::layers::rescue::rescue(err, exchange.map(|e| e.log_ids()).as_ref())
+                }
+            };
+            response
+                .headers_mut()
+                .insert(CACHE_STATUS.clone(), status.header_value());
+            response.extensions_mut().insert(status);
+            Ok(response)
+        })
+    }
+}
+
+async fn pass(mut inner: Inner, req: Request<Body>) -> Result<Response<Body>, GatewayError> {
+    inner.call(req).await
+}
+
+/// What to answer a read with, decided after the upstream was asked.
+type Outcome = (CacheStatus, Result<Response<Body>, GatewayError>);
+
+impl Cache {
+    async fn write(
+        &self,
+        mut inner: Inner,
+        req: Request<Body>,
+    ) -> Result<Response<Body>, GatewayError> {
+        let partition = SelectedCredential::token_for(&req).map(|t| t.fingerprint());
+        let target = req.uri().path().to_string();
+        let response = inner.call(req).await?;
+        // RFC 9111 §4.4: a non-error response to an unsafe method invalidates the target and
+        // Location/Content-Location, with every query variant. Here, for an API resource, the
+        // whole collection it belongs to: Eve serves one document under several paths (its id,
+        // its name through `additional_lookup`, either with a trailing slash), and a write to
+        // the collection (POST, DELETE) changes every item's listing.
+        if let Some(partition) = partition
+            && (response.status().is_success() || response.status().is_redirection())
+        {
+            let mut targets = vec![target];
+            for h in [header::LOCATION, header::CONTENT_LOCATION] {
+                if let Some(path) = response.headers().get(&h).and_then(location_path) {
+                    targets.push(path);
+                }
+            }
+            let (mut exact, mut roots) = (Vec::new(), Vec::new());
+            for t in &targets {
+                let (root, parent) = invalidation_scope(t);
+                roots.push(root);
+                exact.push(parent);
+            }
+            roots.sort();
+            roots.dedup();
+            exact.sort();
+            exact.dedup();
+            self.store.invalidate(partition, &exact, roots).await;
+        }
+        Ok(response)
+    }
+
+    async fn read(&self, inner: Inner, mut req: Request<Body>) -> Outcome {
+        let request_cc = Directives::parse(req.headers());
+        let Some(token) = SelectedCredential::token_for(&req) else {
+            // No credential, no partition: nothing can be served or stored (injection answers 503).
+            return (
+                CacheStatus::forward(Forward::Bypass),
+                pass(inner, req).await,
+            );
+        };
+        req.extensions_mut().insert(PinnedToken(token.clone()));
+        if req.headers().contains_key(header::RANGE) {
+            // A partial request goes upstream as it came, `Range` and `If-Range` together, and
+            // its answer is not stored: the upstream alone can tell whether `If-Range` still
+            // names the current representation (RFC 9110 §13.1.5).
+            return (
+                CacheStatus::forward(Forward::Request),
+                pass(inner, req).await,
+            );
+        }
+        let config = self.config.load_full();
+        collapse_key_headers(&config.key_headers, req.headers_mut());
+        let key = CacheKey {
+            path: PathKey {
+                partition: token.fingerprint(),
+                path: req.uri().path().into(),
+            },
+            variant: VariantKey {
+                query: req.uri().query().unwrap_or("").into(),
+                representation: rules::representation_key(&config.key_headers, req.headers()),
+            },
+        };
+        let is_head = req.method() == Method::HEAD;
+        if request_cc.no_store {
+            let mut status = CacheStatus::forward(Forward::Request);
+            status.not_stored = Some(NotStorable::NoStore);
+            return (status, pass(inner, req).await);
+        }
+
+        let mut may_collapse = true;
+        loop {
+            let now = SystemTime::now();
+            let found = self.store.get(&key).await;
+            let vary_miss = found
+                .as_ref()
+                .is_some_and(|s| !s.matches_vary(req.headers()));
+            let stored = found.filter(|_| !vary_miss);
+            if let Some(s) = &stored
+                && rules::fresh_enough(s.age(now), s.lifetime, &request_cc, s.forbids_stale)
+            {
+                self.store.stats.hits.fetch_add(1, Ordering::Relaxed);
+                return (
+                    CacheStatus::hit(s.ttl(now)),
+                    Ok(serve(s, req.headers(), is_head, now)),
+                );
+            }
+            if request_cc.only_if_cached {
+                return (
+                    CacheStatus::forward(Forward::Request),
+                    Err(GatewayError::NotCached),
+                );
+            }
+            let forward = match &stored {
+                Some(s) if s.age(now) < s.lifetime => Forward::Request,
+                Some(_) => Forward::Stale,
+                None if vary_miss => Forward::VaryMiss,
+                None => Forward::UriMiss,
+            };
+            if is_head {
+                // A HEAD cannot fill the cache; it goes upstream as it is.
+                self.store.stats.misses.fetch_add(1, Ordering::Relaxed);
+                return (CacheStatus::forward(forward), pass(inner, req).await);
+            }
+            let epoch = self.store.epoch();
+            let guard = if may_collapse {
+                match self.store.flights.join(&key, epoch) {
+                    Joined::Leader(guard) => Some(guard),
+                    Joined::Waiter(mut outcome) => {
+                        self.store.stats.collapsed.fetch_add(1, Ordering::Relaxed);
+                        let waited = tokio::time::timeout(
+                            self.wait_limit,
+                            outcome.wait_for(Option::is_some),
+                        )
+                        .await;
+                        if let Ok(Ok(done)) = waited
+                            && let Some(FlightOutcome::Stored(s)) = done.as_ref()
+                        {
+                            self.store.stats.misses.fetch_add(1, Ordering::Relaxed);
+                            let mut status = CacheStatus::forward(forward);
+                            status.collapsed = true;
+                            let now = SystemTime::now();
+                            return (status, Ok(serve(s, req.headers(), false, now)));
+                        }
+                        // The leader stored nothing, failed, or went away: fetch on our own.
+                        may_collapse = false;
+                        continue;
+                    }
+                }
+            } else {
+                None
+            };
+            return self
+                .fetch(inner, req, &request_cc, key, stored, forward, epoch, guard)
+                .await;
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn fetch(
+        &self,
+        mut inner: Inner,
+        req: Request<Body>,
+        request_cc: &Directives,
+        key: CacheKey,
+        stored: Option<Arc<Stored>>,
+        forward: Forward,
+        epoch: u64,
+        guard: Option<store::FlightGuard>,
+    ) -> Outcome {
+        let config = self.config.load_full();
+        let mut status = CacheStatus::forward(forward);
+        let (mut parts, body) = req.into_parts();
+        let client = parts.headers.clone();
+        for h in &CLIENT_CONDITIONALS {
+            parts.headers.remove(h);
+        }
+        match &stored {
+            Some(s) if s.upstream_etag => {
+                parts.headers.insert(header::IF_NONE_MATCH, s.etag.clone());
+            }
+            Some(s) => {
+                if let Some(lm) = s.headers.get(header::LAST_MODIFIED) {
+                    parts.headers.insert(header::IF_MODIFIED_SINCE, lm.clone());
+                }
+            }
+            None => {
+                self.store.stats.misses.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let request_time = SystemTime::now();
+        let result = inner.call(Request::from_parts(parts, body)).await;
+        let now = SystemTime::now();
+        let stale = stored.as_ref().filter(|s| s.usable_if_error(now));
+
+        let response = match result {
+            Err(err) => {
+                if let Some(s) = stale
+                    && err.is_upstream_failure()
+                {
+                    return self.serve_stale(s, &client, now);
+                }
+                return (status, Err(err));
+            }
+            Ok(response) => response,
+        };
+        let code = response.status();
+        status.fwd_status = Some(code.as_u16());
+        if code.is_server_error()
+            && let Some(s) = stale
+        {
+            return self.serve_stale(s, &client, now);
+        }
+        if code == StatusCode::NOT_MODIFIED
+            && let Some(old) = &stored
+        {
+            let updated = Arc::new(revalidated(
+                old,
+                response.headers(),
+                &config,
+                request_time,
+                now,
+            ));
+            status.stored = self.store.insert(&key, updated.clone(), epoch).await;
+            self.store
+                .stats
+                .revalidations
+                .fetch_add(1, Ordering::Relaxed);
+            if let Some(guard) = guard {
+                guard.finish(FlightOutcome::Stored(updated.clone()));
+            }
+            status.ttl = Some(updated.ttl(now));
+            return (status, Ok(serve(&updated, &client, false, now)));
+        }
+        let response_cc = Directives::parse(response.headers());
+        if let Err(reason) = rules::storable(code, request_cc, response.headers(), &response_cc) {
+            if stored.is_some() && !code.is_server_error() {
+                // The upstream no longer gives what was stored (gone, or now uncacheable); a
+                // passing 5xx is no reason to forget it.
+                self.store.remove(&key).await;
+            }
+            if code == StatusCode::OK {
+                status.not_stored = Some(reason);
+            }
+            return (status, Ok(response));
+        }
+
+        let (parts, body) = response.into_parts();
+        // The bytes of this fill count against `cache.max_inflight` until its client has them.
+        // A body of known length reserves all of it up front, so that concurrent fills do not
+        // each take a share and none completes; one of unknown length reserves as it arrives.
+        let mut reserved: Option<OwnedSemaphorePermit> = None;
+        let mut over_budget = false;
+        let kib = |len: u64| u32::try_from(len.div_ceil(1024)).unwrap_or(u32::MAX);
+        let length = body
+            .size_hint()
+            .exact()
+            .filter(|n| *n <= config.max_object_size);
+        if let Some(n) = length {
+            match self.inflight.clone().try_acquire_many_owned(kib(n)) {
+                Ok(permit) => reserved = Some(permit),
+                Err(_) => {
+                    status.not_stored = Some(NotStorable::InflightLimit);
+                    return (status, Ok(Response::from_parts(parts, body)));
+                }
+            }
+        }
+        let reserve = |len: usize| {
+            if length.is_some() {
+                return true;
+            }
+            match self
+                .inflight
+                .clone()
+                .try_acquire_many_owned(kib(len as u64))
+            {
+                Ok(permit) => {
+                    match &mut reserved {
+                        Some(held) => held.merge(permit),
+                        None => reserved = Some(permit),
+                    }
+                    true
+                }
+                Err(_) => {
+                    over_budget = true;
+                    false
+                }
+            }
+        };
+        let collected = collect_limited(body, config.max_object_size, reserve).await;
+        let hold = |body: Body| match reserved {
+            Some(permit) => body::boxed(Tap::new(body, Hold(permit))),
+            None => body,
+        };
+        let bytes = match collected {
+            Ok(Collected::Complete(bytes)) => bytes,
+            Ok(Collected::TooLarge(prefix, rest)) => {
+                status.not_stored = Some(match over_budget {
+                    true => NotStorable::InflightLimit,
+                    false => NotStorable::TooLarge,
+                });
+                let body = hold(body::boxed(PrefixedBody { prefix, rest }));
+                return (status, Ok(Response::from_parts(parts, body)));
+            }
+            Err(err) => return (status, Err(GatewayError::UpstreamUnreachable(err))),
+        };
+        let fresh = Arc::new(build_stored(
+            parts.headers,
+            bytes,
+            &client,
+            &config,
+            request_time,
+            now,
+        ));
+        if let Some(old) = &stored
+            && !old.upstream_etag
+            && old.etag == fresh.etag
+        {
+            // No validator upstream, but the same bytes: as good as a 304 for our clients.
+            self.store
+                .stats
+                .revalidations
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        status.stored = self.store.insert(&key, fresh.clone(), epoch).await;
+        if let Some(guard) = guard {
+            guard.finish(FlightOutcome::Stored(fresh.clone()));
+        }
+        (status, Ok(serve(&fresh, &client, false, now).map(hold)))
+    }
+
+    fn serve_stale(&self, stale: &Stored, client: &HeaderMap, now: SystemTime) -> Outcome {
+        self.store
+            .stats
+            .stale_served
+            .fetch_add(1, Ordering::Relaxed);
+        let mut status = CacheStatus::hit(stale.ttl(now));
+        status.stale_if_error = true;
+        (status, Ok(serve(stale, client, false, now)))
+    }
+}
+
+/// The path of a `Location`-style header value (relative or absolute).
+fn location_path(value: &HeaderValue) -> Option<String> {
+    let uri: http::Uri = value.to_str().ok()?.parse().ok()?;
+    let path = uri.path();
+    path.starts_with('/').then(|| path.to_string())
+}
+
+/// Joins repeated key headers into one line (RFC 9110 §5.3: the same meaning), so that the
+/// upstream sees what the cache keyed on: Werkzeug keeps only the last of repeated lines, and
+/// two `Accept` lines would otherwise be keyed as both but rendered as one.
+fn collapse_key_headers(names: &[HeaderName], headers: &mut HeaderMap) {
+    for name in names {
+        let mut values = headers.get_all(name).iter();
+        if values.next().is_some()
+            && values.next().is_some()
+            && let Some(joined) = rules::join_values(headers, name)
+        {
+            headers.insert(name.clone(), joined);
+        }
+    }
+}
+
+/// What a write to `path` invalidates: the subtree of the collection it names
+/// (`/api/v1/usergroups/ID/...` and `/api/v1/usergroups` → `/api/v1/usergroups`), or, outside
+/// `/api/v1/<collection>`, the path's own subtree; and, exactly, the parent of that root.
+fn invalidation_scope(path: &str) -> (String, String) {
+    let root = match crate::observability::audit::record::Resource::parse(path) {
+        Some(r) => format!("/api/v1/{}", r.collection),
+        None => path.trim_end_matches('/').to_string(),
+    };
+    let root = if root.is_empty() {
+        "/".to_string()
+    } else {
+        root
+    };
+    let parent = parent(&root).to_string();
+    (root, parent)
+}
+
+/// The collection a resource belongs to: `/api/v1/usergroups/ID` → `/api/v1/usergroups`.
+fn parent(path: &str) -> &str {
+    let trimmed = path.trim_end_matches('/');
+    match trimmed.rfind('/') {
+        Some(0) | None => "/",
+        Some(i) => &trimmed[..i],
+    }
+}
+
+fn build_stored(
+    mut headers: HeaderMap,
+    body: Bytes,
+    client: &HeaderMap,
+    config: &CacheConfig,
+    request_time: SystemTime,
+    response_time: SystemTime,
+) -> Stored {
+    let directives = Directives::parse(&headers);
+    let initial_age = rules::initial_age(&headers, request_time, response_time);
+    // Age is recomputed on every response served from the cache.
+    headers.remove(header::AGE);
+    let (etag, upstream_etag) = match headers.get(header::ETAG) {
+        Some(e) => (e.clone(), true),
+        None => {
+            let digest = Sha256::digest(&body);
+            let tag = format!("\"cc-{}\"", hex::encode(&digest[..16]));
+            (
+                HeaderValue::from_str(&tag).expect("hex is a valid header value"),
+                false,
+            )
+        }
+    };
+    let etag = detach_value(&etag);
+    let vary = rules::vary_values(&rules::vary_names(&headers), client)
+        .into_iter()
+        .map(|(name, value)| (name, value.as_ref().map(detach_value)))
+        .collect();
+    Stored {
+        vary,
+        lifetime: rules::freshness_lifetime(&headers, &directives, config.fresh_for),
+        stale_if_error: config
+            .stale_if_error
+            .max(Duration::from_secs(directives.stale_if_error.unwrap_or(0))),
+        forbids_stale: directives.forbids_stale(),
+        headers: detach_headers(&headers),
+        body,
+        etag,
+        upstream_etag,
+        response_time,
+        initial_age,
+    }
+}
+
+/// A copy of a header value that owns exactly its bytes: hyper's values are slices of its read
+/// buffers, and a stored slice would keep the whole buffer (kilobytes) alive as long as the entry.
+fn detach_value(value: &HeaderValue) -> HeaderValue {
+    let mut copy = HeaderValue::from_bytes(value.as_bytes()).expect("already a valid value");
+    copy.set_sensitive(value.is_sensitive());
+    copy
+}
+
+fn detach_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut copy = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        copy.append(name.clone(), detach_value(value));
+    }
+    copy
+}
+
+/// A stored response updated with a 304's headers (RFC 9111 §4.3.4).
+fn revalidated(
+    old: &Stored,
+    update: &HeaderMap,
+    config: &CacheConfig,
+    request_time: SystemTime,
+    now: SystemTime,
+) -> Stored {
+    let mut headers = old.headers.clone();
+    for name in update.keys() {
+        if rules::keep_on_update(name) {
+            continue;
+        }
+        headers.remove(name);
+        for value in update.get_all(name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    let mut fresh = build_stored(
+        headers,
+        old.body.clone(),
+        &HeaderMap::new(),
+        config,
+        request_time,
+        now,
+    );
+    fresh.vary = old.vary.clone();
+    fresh.etag = old.etag.clone();
+    fresh.upstream_etag = old.upstream_etag;
+    fresh
+}
+
+/// A response from a stored one: 304 when the client's conditional matches, else 200 (with no
+/// body for HEAD).
+fn serve(stored: &Stored, client: &HeaderMap, head: bool, now: SystemTime) -> Response<Body> {
+    let age = HeaderValue::from(stored.age(now).as_secs());
+    if rules::not_modified(
+        client,
+        Some(&stored.etag),
+        stored.headers.get(header::LAST_MODIFIED),
+    ) {
+        let mut response = Response::new(body::empty());
+        *response.status_mut() = StatusCode::NOT_MODIFIED;
+        let headers = response.headers_mut();
+        for name in &rules::NOT_MODIFIED_HEADERS {
+            for value in stored.headers.get_all(name) {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+        headers.insert(header::ETAG, stored.etag.clone());
+        headers.insert(header::AGE, age);
+        return response;
+    }
+    let mut response = Response::new(if head {
+        body::empty()
+    } else {
+        body::full(stored.body.clone())
+    });
+    // Only 200 responses are stored. (Measured with callgrind: cloning and letting the first
+    // insert grow the map is cheaper than building a map with room, and spare room in every
+    // stored map would cost memory per entry.)
+    let headers = response.headers_mut();
+    *headers = stored.headers.clone();
+    headers.insert(header::ETAG, stored.etag.clone());
+    headers.insert(header::AGE, age);
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(stored.body.len()));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_invalidate_the_collections_subtree() {
+        let scope = |p| invalidation_scope(p);
+        assert_eq!(
+            scope("/api/v1/usergroups/624e/"),
+            ("/api/v1/usergroups".into(), "/api/v1".into())
+        );
+        assert_eq!(
+            scope("/api/v1/usergroups"),
+            ("/api/v1/usergroups".into(), "/api/v1".into())
+        );
+        assert_eq!(scope("/other/x/"), ("/other/x".into(), "/other".into()));
+        assert_eq!(scope("/"), ("/".into(), "/".into()));
+    }
+
+    #[test]
+    fn parents() {
+        assert_eq!(parent("/api/v1/usergroups/624e"), "/api/v1/usergroups");
+        assert_eq!(parent("/api/v1/usergroups/"), "/api/v1");
+        assert_eq!(parent("/x"), "/");
+    }
+
+    #[test]
+    fn location_paths() {
+        assert_eq!(
+            location_path(&HeaderValue::from_static(
+                "https://api.cloudcasa.io/api/v1/a/1"
+            ))
+            .as_deref(),
+            Some("/api/v1/a/1")
+        );
+        assert_eq!(
+            location_path(&HeaderValue::from_static("/api/v1/a/2?x")).as_deref(),
+            Some("/api/v1/a/2")
+        );
+        assert_eq!(location_path(&HeaderValue::from_static("relative")), None);
+    }
+}

@@ -1,0 +1,187 @@
+//! What the cache did with a request: the `Cache-Status` header (RFC 9211) and the short label
+//! used by audit records and metrics.
+
+use http::HeaderValue;
+
+use super::rules::NotStorable;
+
+/// The cache's name in `Cache-Status`.
+pub const CACHE_NAME: &str = "cloudcasa-gateway";
+
+/// Why the request went to the upstream (RFC 9211 `fwd`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forward {
+    /// The cache is disabled, or the request could not be keyed (no credential yet).
+    Bypass,
+    /// The method is not cacheable (writes).
+    Method,
+    /// Nothing stored for this URI.
+    UriMiss,
+    /// Something is stored, but for other values of the headers it varies on.
+    VaryMiss,
+    /// The client asked for it (`no-cache`, `no-store`, `max-age`, `min-fresh`).
+    Request,
+    /// The stored response was stale and was revalidated.
+    Stale,
+}
+
+impl Forward {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Bypass => "bypass",
+            Self::Method => "method",
+            Self::UriMiss => "uri-miss",
+            Self::VaryMiss => "vary-miss",
+            Self::Request => "request",
+            Self::Stale => "stale",
+        }
+    }
+}
+
+/// The outcome for one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheStatus {
+    /// `None` for a hit.
+    pub forward: Option<Forward>,
+    /// The upstream's status when it was asked.
+    pub fwd_status: Option<u16>,
+    /// Remaining freshness of what was served from the cache, in seconds.
+    pub ttl: Option<i64>,
+    /// A response was stored.
+    pub stored: bool,
+    /// The request waited for another request's upstream fetch.
+    pub collapsed: bool,
+    /// A stale response was served because the upstream failed.
+    pub stale_if_error: bool,
+    /// Why the response was not stored, when it could have been.
+    pub not_stored: Option<NotStorable>,
+}
+
+impl CacheStatus {
+    /// A fresh hit.
+    pub fn hit(ttl: i64) -> Self {
+        Self {
+            forward: None,
+            fwd_status: None,
+            ttl: Some(ttl),
+            stored: false,
+            collapsed: false,
+            stale_if_error: false,
+            not_stored: None,
+        }
+    }
+
+    /// Went to the upstream for `why`.
+    pub fn forward(why: Forward) -> Self {
+        Self {
+            forward: Some(why),
+            ttl: None,
+            ..Self::hit(0)
+        }
+    }
+
+    /// The label audit records and metrics use: `hit`, `revalidated`, `miss`, `stale`, `bypass`.
+    pub fn label(&self) -> &'static str {
+        match self.forward {
+            _ if self.stale_if_error => "stale",
+            None => "hit",
+            // The stored response was confirmed, whether it was stale or the client said no-cache.
+            Some(Forward::Stale | Forward::Request) if self.fwd_status == Some(304) => {
+                "revalidated"
+            }
+            Some(Forward::Bypass | Forward::Method) => "bypass",
+            Some(_) if self.collapsed && self.fwd_status.is_none() => "hit",
+            Some(_) => "miss",
+        }
+    }
+
+    /// The `Cache-Status` header value.
+    pub fn header_value(&self) -> HeaderValue {
+        // Built with push_str and itoa rather than write!: this runs for every response.
+        let mut numbers = itoa::Buffer::new();
+        let mut v = String::with_capacity(64);
+        v.push_str(CACHE_NAME);
+        match self.forward {
+            _ if self.stale_if_error => v.push_str("; hit; detail=stale-if-error"),
+            None => v.push_str("; hit"),
+            Some(fwd) => {
+                v.push_str("; fwd=");
+                v.push_str(fwd.as_str());
+                // 200 is what a forward normally yields; say so only when it is something else.
+                if let Some(s) = self.fwd_status.filter(|s| *s != 200) {
+                    v.push_str("; fwd-status=");
+                    v.push_str(numbers.format(s));
+                }
+            }
+        }
+        if let Some(ttl) = self.ttl {
+            v.push_str("; ttl=");
+            v.push_str(numbers.format(ttl));
+        }
+        if self.stored {
+            v.push_str("; stored");
+        }
+        if self.collapsed {
+            v.push_str("; collapsed");
+        }
+        if let Some(reason) = self.not_stored {
+            v.push_str("; detail=");
+            v.push_str(reason.as_str());
+        }
+        // The string's buffer becomes the value's: no second copy.
+        HeaderValue::from_maybe_shared(bytes::Bytes::from(v)).expect("Cache-Status is ASCII")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_rfc_9211_values() {
+        assert_eq!(
+            CacheStatus::hit(12).header_value(),
+            "cloudcasa-gateway; hit; ttl=12"
+        );
+        let mut s = CacheStatus::forward(Forward::Stale);
+        s.fwd_status = Some(304);
+        assert_eq!(
+            s.header_value(),
+            "cloudcasa-gateway; fwd=stale; fwd-status=304"
+        );
+        assert_eq!(s.label(), "revalidated");
+        let mut s = CacheStatus::forward(Forward::UriMiss);
+        s.stored = true;
+        assert_eq!(s.header_value(), "cloudcasa-gateway; fwd=uri-miss; stored");
+        assert_eq!(s.label(), "miss");
+        assert_eq!(
+            CacheStatus::forward(Forward::Method).header_value(),
+            "cloudcasa-gateway; fwd=method"
+        );
+        let mut s = CacheStatus::forward(Forward::UriMiss);
+        s.collapsed = true;
+        assert_eq!(
+            s.header_value(),
+            "cloudcasa-gateway; fwd=uri-miss; collapsed"
+        );
+        let mut s = CacheStatus::hit(-3);
+        s.stale_if_error = true;
+        assert_eq!(
+            s.header_value(),
+            "cloudcasa-gateway; hit; detail=stale-if-error; ttl=-3"
+        );
+        assert_eq!(s.label(), "stale");
+        let mut s = CacheStatus::forward(Forward::UriMiss);
+        s.fwd_status = Some(200);
+        s.not_stored = Some(NotStorable::NoStore);
+        assert_eq!(
+            s.header_value(),
+            "cloudcasa-gateway; fwd=uri-miss; detail=no-store"
+        );
+        s.fwd_status = Some(503);
+        assert_eq!(
+            s.header_value(),
+            "cloudcasa-gateway; fwd=uri-miss; fwd-status=503; detail=no-store"
+        );
+    }
+}

@@ -1,0 +1,733 @@
+//! Where responses are kept: a moka cache bounded by bytes, keyed by credential partition and
+//! path, holding every stored query variant of that path. Keeping a path's variants together
+//! makes "invalidate the collection with every query variant" a single removal.
+//!
+//! Also here: the collapsing lock ([`Flights`]) and the invalidation epoch that keeps a fetch
+//! started before a write from storing what the write just changed.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue};
+use tokio::sync::{RwLock, watch};
+
+use crate::secrets::token::Fingerprint;
+
+/// The primary cache key: the credential's keyed fingerprint (never the token) and the path.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PathKey {
+    /// Which credential fetched it: responses never cross credentials.
+    pub partition: Fingerprint,
+    /// The request path, exactly as sent upstream.
+    pub path: Box<str>,
+}
+
+/// Which stored response of a path: the query and the representation asked for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct VariantKey {
+    /// The exact query string (empty when there is none).
+    pub query: Box<str>,
+    /// The request's `cache.key_headers` values, normalized (see `policy::key_headers`): two
+    /// requests that could get different representations never share a stored response, whether
+    /// or not the upstream says `Vary`.
+    pub representation: Box<[u8]>,
+}
+
+/// A full key: the path key and the variant.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CacheKey {
+    /// Partition and path.
+    pub path: PathKey,
+    /// Query and representation.
+    pub variant: VariantKey,
+}
+
+/// A stored response.
+#[derive(Debug)]
+pub struct Stored {
+    /// End-to-end response headers as received (hop-by-hop removed upstream).
+    pub headers: HeaderMap,
+    /// The whole body.
+    pub body: Bytes,
+    /// The ETag clients see: the upstream's, or the gateway's own when it sent none.
+    pub etag: HeaderValue,
+    /// Whether the upstream sent that ETag (and so can revalidate it).
+    pub upstream_etag: bool,
+    /// The request header values this response varies on.
+    pub vary: Vec<(HeaderName, Option<HeaderValue>)>,
+    /// When it was received.
+    pub response_time: SystemTime,
+    /// Its age when it was received.
+    pub initial_age: Duration,
+    /// Freshness lifetime.
+    pub lifetime: Duration,
+    /// How long past its lifetime it may stand in for a failing upstream.
+    pub stale_if_error: Duration,
+    /// Must never be served stale.
+    pub forbids_stale: bool,
+}
+
+impl Stored {
+    /// Current age (RFC 9111 §4.2.3).
+    /// Saturates: ages and lifetimes come from the upstream's numbers.
+    pub fn age(&self, now: SystemTime) -> Duration {
+        self.initial_age.saturating_add(
+            now.duration_since(self.response_time)
+                .unwrap_or(Duration::ZERO),
+        )
+    }
+
+    /// Remaining freshness in whole seconds (negative when stale), saturating.
+    pub fn ttl(&self, now: SystemTime) -> i64 {
+        let secs = |d: Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+        secs(self.lifetime).saturating_sub(secs(self.age(now)))
+    }
+
+    /// Whether it may be served because the upstream failed.
+    pub fn usable_if_error(&self, now: SystemTime) -> bool {
+        !self.forbids_stale && self.age(now) < self.lifetime.saturating_add(self.stale_if_error)
+    }
+
+    /// Whether the request's values match the ones this response was stored for.
+    pub fn matches_vary(&self, request: &HeaderMap) -> bool {
+        self.vary
+            .iter()
+            .all(|(name, stored)| *stored == super::rules::join_values(request, name))
+    }
+
+    /// What keeping this response costs in memory, overheads included, so that `cache.max_size`
+    /// bounds the process's memory rather than just the bytes of bodies and headers. The constants
+    /// were measured (bench/run.sh's memory run: 100,000 entries of 1 KiB): a header costs its
+    /// bytes plus about 128 (its slot in the map and its own allocation), a stored response about
+    /// 512 besides (the `Stored`, its map, its ETag and Vary copies).
+    fn weight(&self) -> usize {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + HEADER_OVERHEAD)
+            .sum();
+        self.body.len() + headers + STORED_OVERHEAD
+    }
+}
+
+/// Memory per stored header beyond its name and value (see [`Stored::weight`]).
+const HEADER_OVERHEAD: usize = 128;
+/// Memory per stored response beyond its body and headers.
+const STORED_OVERHEAD: usize = 512;
+/// Memory per cached path: moka's entry, the key, the variants list.
+const PATH_OVERHEAD: usize = 384;
+
+/// All stored query variants of one path.
+#[derive(Debug, Default)]
+pub struct PathEntry {
+    variants: Vec<(VariantKey, Arc<Stored>)>,
+    /// Tells this entry from a later one stored under the same path (see [`PathIndex`]).
+    id: u64,
+}
+
+/// Which paths are stored, by partition and bucket: the collection root of an API path
+/// (`/api/v1/usergroups` for `/api/v1/usergroups/624e/`), else its first segment. A write's
+/// invalidation visits only its bucket's paths, never the whole cache: a moka predicate over
+/// every entry per write made write-heavy load cost CPU in proportion to the cache's size.
+///
+/// Entries leave the index when invalidated, and when moka evicts or expires them (its
+/// eviction listener), but only if the index still names that very entry: a path evicted and
+/// stored again must stay indexed, whatever order the notifications come in.
+type PathIndex = Mutex<HashMap<(Fingerprint, Box<str>), HashMap<Box<str>, u64>>>;
+
+/// The bucket of `path` in the [`PathIndex`].
+fn bucket(path: &str) -> &str {
+    if let Some(r) = crate::observability::audit::record::Resource::parse(path) {
+        let end = "/api/v1/".len() + r.collection.len();
+        return &path[..end];
+    }
+    match path[1.min(path.len())..].find('/') {
+        Some(i) => &path[..i + 1],
+        None => path.trim_end_matches('/'),
+    }
+}
+
+static NEXT_ENTRY_ID: AtomicU64 = AtomicU64::new(1);
+
+impl PathEntry {
+    fn new(variants: Vec<(VariantKey, Arc<Stored>)>) -> Self {
+        Self {
+            variants,
+            id: NEXT_ENTRY_ID.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+}
+
+impl PathEntry {
+    fn weight(&self, key: &PathKey) -> u32 {
+        let total: usize = key.path.len()
+            + PATH_OVERHEAD
+            + self
+                .variants
+                .iter()
+                .map(|(v, s)| v.query.len() + v.representation.len() + s.weight())
+                .sum::<usize>();
+        u32::try_from(total).unwrap_or(u32::MAX)
+    }
+}
+
+/// Counters, exported by the admin endpoint and metrics.
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    /// Requests answered from a fresh stored response (including collapsed waiters).
+    pub hits: AtomicU64,
+    /// Requests that needed the upstream for want of a usable stored response.
+    pub misses: AtomicU64,
+    /// Stored responses confirmed by a 304 (or an identical body).
+    pub revalidations: AtomicU64,
+    /// Stale responses served because the upstream failed.
+    pub stale_served: AtomicU64,
+    /// Requests that waited for another request's upstream fetch.
+    pub collapsed: AtomicU64,
+    /// Entries evicted for space.
+    pub evictions: AtomicU64,
+    /// Paths invalidated by writes or by the admin endpoint.
+    pub invalidations: AtomicU64,
+}
+
+/// The response store.
+pub struct Store {
+    cache: moka::future::Cache<PathKey, Arc<PathEntry>>,
+    index: Arc<PathIndex>,
+    /// Bumped by every invalidation; a fill started under an older epoch is not stored.
+    epoch: AtomicU64,
+    /// Fills hold it shared while checking the epoch and inserting; invalidations hold it
+    /// exclusively, so no fill can slip its old data in between.
+    fill_gate: RwLock<()>,
+    max_size: u64,
+    /// Counters.
+    pub stats: Arc<CacheStats>,
+    /// The collapsing lock.
+    pub flights: Arc<Flights>,
+}
+
+impl Store {
+    /// A store holding at most `max_size` weighted bytes.
+    pub fn new(max_size: u64) -> Self {
+        let stats = Arc::new(CacheStats::default());
+        let evicted = stats.clone();
+        let index: Arc<PathIndex> = Arc::default();
+        let unindex = index.clone();
+        let cache = moka::future::Cache::builder()
+            .max_capacity(max_size)
+            .weigher(|k: &PathKey, v: &Arc<PathEntry>| v.weight(k))
+            .eviction_listener(move |k: Arc<PathKey>, v: Arc<PathEntry>, cause| {
+                use moka::notification::RemovalCause;
+                if cause == RemovalCause::Size {
+                    evicted.evictions.fetch_add(1, Ordering::Relaxed);
+                }
+                if cause != RemovalCause::Replaced {
+                    let mut index = unindex.lock().unwrap_or_else(|e| e.into_inner());
+                    let b = (k.partition, Box::<str>::from(bucket(&k.path)));
+                    if let Some(paths) = index.get_mut(&b) {
+                        if paths.get(&k.path) == Some(&v.id) {
+                            paths.remove(&k.path);
+                        }
+                        if paths.is_empty() {
+                            index.remove(&b);
+                        }
+                    }
+                }
+            })
+            .build();
+        Self {
+            cache,
+            index,
+            epoch: AtomicU64::new(0),
+            fill_gate: RwLock::new(()),
+            max_size,
+            stats,
+            flights: Arc::new(Flights::default()),
+        }
+    }
+
+    /// The current invalidation epoch; capture it before asking the upstream.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// The stored response for `key`, if any, and whether the path has other variants stored
+    /// (so a miss can be told apart from a vary-miss by the caller).
+    pub async fn get(&self, key: &CacheKey) -> Option<Arc<Stored>> {
+        let entry = self.cache.get(&key.path).await?;
+        entry
+            .variants
+            .iter()
+            .find(|(v, _)| *v == key.variant)
+            .map(|(_, s)| s.clone())
+    }
+
+    /// Stores `stored` unless an invalidation happened since `epoch`. Returns whether it was stored.
+    pub async fn insert(&self, key: &CacheKey, stored: Arc<Stored>, epoch: u64) -> bool {
+        let _gate = self.fill_gate.read().await;
+        if self.epoch() != epoch {
+            return false;
+        }
+        let mut variants = match self.cache.get(&key.path).await {
+            Some(entry) => entry
+                .variants
+                .iter()
+                .filter(|(v, _)| *v != key.variant)
+                .cloned()
+                .collect(),
+            None => Vec::new(),
+        };
+        variants.push((key.variant.clone(), stored));
+        let entry = Arc::new(PathEntry::new(variants));
+        if u64::from(entry.weight(&key.path)) > self.max_size {
+            return false;
+        }
+        self.put(&key.path, entry).await;
+        true
+    }
+
+    /// Stores an entry and indexes its path.
+    async fn put(&self, key: &PathKey, entry: Arc<PathEntry>) {
+        {
+            let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
+            index
+                .entry((key.partition, bucket(&key.path).into()))
+                .or_default()
+                .insert(key.path.clone(), entry.id);
+        }
+        self.cache.insert(key.clone(), entry).await;
+    }
+
+    /// Removes one stored variant (the upstream said it is gone).
+    pub async fn remove(&self, key: &CacheKey) {
+        self.invalidate_with(|| async {
+            if let Some(entry) = self.cache.get(&key.path).await {
+                let variants: Vec<_> = entry
+                    .variants
+                    .iter()
+                    .filter(|(v, _)| *v != key.variant)
+                    .cloned()
+                    .collect();
+                if variants.is_empty() {
+                    self.cache.invalidate(&key.path).await;
+                } else {
+                    self.put(&key.path, Arc::new(PathEntry::new(variants)))
+                        .await;
+                }
+            }
+        })
+        .await;
+    }
+
+    /// Removes, in one partition, every variant of each path in `exact` and of every path in the
+    /// subtree of each of `roots` (the root itself, with or without a trailing slash, and every
+    /// path below it, segment by segment: `/a/b` covers `/a/b/c`, not `/a/bc`). Effective at
+    /// once: no later lookup returns what was removed.
+    pub async fn invalidate(&self, partition: Fingerprint, exact: &[String], roots: Vec<String>) {
+        self.invalidate_with(|| async {
+            for path in exact {
+                let key = PathKey {
+                    partition,
+                    path: path.as_str().into(),
+                };
+                self.cache.invalidate(&key).await;
+            }
+            for root in &roots {
+                // The paths of the root's bucket that lie in its subtree, taken out of the
+                // index under its lock; then removed from moka.
+                let doomed: Vec<Box<str>> = {
+                    let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
+                    // The root `/` covers every bucket of the partition; any other root, its own.
+                    let buckets: Vec<(Fingerprint, Box<str>)> = match bucket(root) {
+                        "" => index
+                            .keys()
+                            .filter(|(p, _)| *p == partition)
+                            .cloned()
+                            .collect(),
+                        b => vec![(partition, b.into())],
+                    };
+                    let mut doomed = Vec::new();
+                    for b in buckets {
+                        if let Some(paths) = index.get_mut(&b) {
+                            paths.retain(|p, _| {
+                                let gone = in_subtree(p, root);
+                                if gone {
+                                    doomed.push(p.clone());
+                                }
+                                !gone
+                            });
+                            if paths.is_empty() {
+                                index.remove(&b);
+                            }
+                        }
+                    }
+                    doomed
+                };
+                for path in doomed {
+                    self.cache.invalidate(&PathKey { partition, path }).await;
+                }
+            }
+            self.stats
+                .invalidations
+                .fetch_add(roots.len() as u64, Ordering::Relaxed);
+            self.stats
+                .invalidations
+                .fetch_add(exact.len() as u64, Ordering::Relaxed);
+        })
+        .await;
+    }
+
+    /// Removes every path in the subtree of `prefix` (whole segments) in every partition
+    /// (`""`: everything). Returns how many paths were removed.
+    pub async fn purge_prefix(&self, prefix: &str) -> usize {
+        let mut removed = 0;
+        self.invalidate_with(|| async {
+            if prefix.is_empty() {
+                removed = self.cache.iter().count();
+                self.cache.invalidate_all();
+                self.index.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            } else {
+                // Whole segments: `/api/v1/clusters` is not a prefix of `/api/v1/clustersets`.
+                let keys: Vec<Arc<PathKey>> = self
+                    .cache
+                    .iter()
+                    .filter(|(k, _)| in_subtree(&k.path, prefix))
+                    .map(|(k, _)| k)
+                    .collect();
+                removed = keys.len();
+                for key in keys {
+                    self.cache.invalidate(&*key).await;
+                }
+            }
+        })
+        .await;
+        self.purged(removed).await
+    }
+
+    /// Removes the stored responses for exactly `path` and `query` (every representation) in
+    /// every partition. Returns how many were removed.
+    pub async fn purge_key(&self, path: &str, query: &str) -> usize {
+        let mut removed = 0;
+        self.invalidate_with(|| async {
+            let keys: Vec<(Arc<PathKey>, Arc<PathEntry>)> = self
+                .cache
+                .iter()
+                .filter(|(k, _)| &*k.path == path)
+                .collect();
+            for (key, entry) in keys {
+                let (gone, kept): (Vec<_>, Vec<_>) = entry
+                    .variants
+                    .iter()
+                    .cloned()
+                    .partition(|(v, _)| &*v.query == query);
+                removed += gone.len();
+                if gone.is_empty() {
+                    continue;
+                }
+                if kept.is_empty() {
+                    self.cache.invalidate(&*key).await;
+                } else {
+                    self.put(&key, Arc::new(PathEntry::new(kept))).await;
+                }
+            }
+        })
+        .await;
+        self.purged(removed).await
+    }
+
+    /// Counts an admin purge's removals and lets moka apply them, so the report that follows
+    /// (`GET /cache`) agrees.
+    async fn purged(&self, removed: usize) -> usize {
+        self.stats
+            .invalidations
+            .fetch_add(removed as u64, Ordering::Relaxed);
+        self.cache.run_pending_tasks().await;
+        removed
+    }
+
+    async fn invalidate_with<F, Fut>(&self, invalidate: F)
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let _gate = self.fill_gate.write().await;
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        invalidate().await;
+    }
+
+    /// Entries (stored responses, all variants) and weighted bytes, after pending evictions ran.
+    pub async fn size(&self) -> (u64, u64) {
+        self.cache.run_pending_tasks().await;
+        let responses = self
+            .cache
+            .iter()
+            .map(|(_, e)| e.variants.len() as u64)
+            .sum();
+        (responses, self.cache.weighted_size())
+    }
+
+    /// Applies pending inserts and evictions to the counts (moka updates them lazily).
+    pub async fn settle(&self) {
+        self.cache.run_pending_tasks().await;
+    }
+
+    /// Paths stored and weighted bytes as of the last maintenance (see [`Store::settle`]).
+    pub fn approximate_size(&self) -> (u64, u64) {
+        (self.cache.entry_count(), self.cache.weighted_size())
+    }
+
+    /// The configured bound in bytes.
+    pub fn max_size(&self) -> u64 {
+        self.max_size
+    }
+}
+
+/// Whether `path` is `root` or below it, by whole segments.
+pub fn in_subtree(path: &str, root: &str) -> bool {
+    let root = root.trim_end_matches('/');
+    match path.strip_prefix(root) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+/// How an upstream fetch shared by several requests ended.
+#[derive(Debug, Clone)]
+pub enum FlightOutcome {
+    /// The response was stored: waiters answer from it.
+    Stored(Arc<Stored>),
+    /// Not storable, failed, or the fetching request went away: waiters go on their own.
+    Released,
+}
+
+/// One upstream fetch in progress.
+pub struct Flight {
+    epoch: u64,
+    outcome: watch::Receiver<Option<FlightOutcome>>,
+}
+
+/// The collapsing lock: concurrent requests for one key share one upstream fetch.
+#[derive(Default)]
+pub struct Flights {
+    in_progress: Mutex<HashMap<CacheKey, Arc<Flight>>>,
+}
+
+/// What a request gets from [`Flights::join`].
+pub enum Joined {
+    /// This request fetches; it must finish the guard.
+    Leader(FlightGuard),
+    /// Another request fetches; wait on this.
+    Waiter(watch::Receiver<Option<FlightOutcome>>),
+}
+
+impl Flights {
+    /// Joins the fetch for `key` under `epoch`, or starts one. A fetch begun under an older epoch
+    /// (before a write invalidated the key) is not joined.
+    pub fn join(self: &Arc<Self>, key: &CacheKey, epoch: u64) -> Joined {
+        let mut map = self.in_progress.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(flight) = map.get(key)
+            && flight.epoch == epoch
+        {
+            return Joined::Waiter(flight.outcome.clone());
+        }
+        let (tx, rx) = watch::channel(None);
+        map.insert(key.clone(), Arc::new(Flight { epoch, outcome: rx }));
+        Joined::Leader(FlightGuard {
+            flights: self.clone(),
+            key: key.clone(),
+            epoch,
+            tx: Some(tx),
+        })
+    }
+}
+
+/// Held by the leader; dropping it without finishing releases the waiters, so a leader whose
+/// client went away never leaves them hanging.
+pub struct FlightGuard {
+    flights: Arc<Flights>,
+    key: CacheKey,
+    epoch: u64,
+    tx: Option<watch::Sender<Option<FlightOutcome>>>,
+}
+
+impl FlightGuard {
+    /// Publishes the outcome to the waiters.
+    pub fn finish(mut self, outcome: FlightOutcome) {
+        self.release(outcome);
+    }
+
+    fn release(&mut self, outcome: FlightOutcome) {
+        if let Some(tx) = self.tx.take() {
+            let mut map = self
+                .flights
+                .in_progress
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if map.get(&self.key).is_some_and(|f| f.epoch == self.epoch) {
+                map.remove(&self.key);
+            }
+            drop(map);
+            let _ = tx.send(Some(outcome));
+        }
+    }
+}
+
+impl Drop for FlightGuard {
+    fn drop(&mut self) {
+        self.release(FlightOutcome::Released);
+    }
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("entries", &self.cache.entry_count())
+            .field("weighted_size", &self.cache.weighted_size())
+            .field("max_size", &self.max_size)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secrets::token::FingerprintKey;
+
+    fn stored(body: &'static str) -> Arc<Stored> {
+        Arc::new(Stored {
+            headers: HeaderMap::new(),
+            body: Bytes::from_static(body.as_bytes()),
+            etag: HeaderValue::from_static("\"e\""),
+            upstream_etag: true,
+            vary: Vec::new(),
+            response_time: SystemTime::now(),
+            initial_age: Duration::ZERO,
+            lifetime: Duration::from_secs(60),
+            stale_if_error: Duration::ZERO,
+            forbids_stale: false,
+        })
+    }
+
+    fn key(path: &str, query: &str) -> CacheKey {
+        let partition = FingerprintKey::random().fingerprint(b"t");
+        CacheKey {
+            path: PathKey {
+                partition,
+                path: path.into(),
+            },
+            variant: VariantKey {
+                query: query.into(),
+                representation: b"application/json".as_slice().into(),
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn a_fill_started_before_an_invalidation_is_not_stored() {
+        let store = Store::new(1 << 20);
+        let k = key("/api/v1/x", "");
+        let epoch = store.epoch();
+        store
+            .invalidate(k.path.partition, &["/api/v1/x".into()], Vec::new())
+            .await;
+        assert!(!store.insert(&k, stored("old"), epoch).await);
+        assert!(store.get(&k).await.is_none());
+        assert!(store.insert(&k, stored("new"), store.epoch()).await);
+        assert_eq!(store.get(&k).await.unwrap().body, "new");
+    }
+
+    #[test]
+    fn buckets_are_collections_or_first_segments() {
+        assert_eq!(bucket("/api/v1/usergroups/624e/"), "/api/v1/usergroups");
+        assert_eq!(bucket("/api/v1/usergroups"), "/api/v1/usergroups");
+        assert_eq!(bucket("/other/x/y"), "/other");
+        assert_eq!(bucket("/other"), "/other");
+        assert_eq!(bucket("/"), "");
+        // A root is in the bucket of every path of its subtree.
+        for (root, path) in [
+            ("/api/v1/usergroups", "/api/v1/usergroups/a/"),
+            ("/other/x", "/other/x/y"),
+        ] {
+            assert_eq!(bucket(root), bucket(path));
+        }
+    }
+
+    #[test]
+    fn subtrees_are_whole_segments() {
+        assert!(in_subtree("/api/v1/clusters", "/api/v1/clusters"));
+        assert!(in_subtree("/api/v1/clusters/", "/api/v1/clusters"));
+        assert!(in_subtree("/api/v1/clusters/x/y", "/api/v1/clusters"));
+        assert!(in_subtree("/api/v1/clusters/x", "/api/v1/clusters/"));
+        assert!(!in_subtree("/api/v1/clustersets", "/api/v1/clusters"));
+        assert!(!in_subtree("/api/v1", "/api/v1/clusters"));
+    }
+
+    #[tokio::test]
+    async fn subtree_invalidation_is_immediate_and_stays_in_its_partition() {
+        let store = Store::new(1 << 20);
+        let item = key("/api/v1/usergroups/1", "");
+        let alias = CacheKey {
+            path: PathKey {
+                partition: item.path.partition,
+                path: "/api/v1/usergroups/alpha/".into(),
+            },
+            variant: item.variant.clone(),
+        };
+        let neighbour = CacheKey {
+            path: PathKey {
+                partition: item.path.partition,
+                path: "/api/v1/usergroupsets".into(),
+            },
+            variant: item.variant.clone(),
+        };
+        let other_tenant = key("/api/v1/usergroups/1", "");
+        for k in [&item, &alias, &neighbour, &other_tenant] {
+            assert!(store.insert(k, stored("x"), store.epoch()).await);
+        }
+        store
+            .invalidate(item.path.partition, &[], vec!["/api/v1/usergroups".into()])
+            .await;
+        assert!(store.get(&item).await.is_none());
+        assert!(store.get(&alias).await.is_none());
+        assert!(store.get(&neighbour).await.is_some());
+        assert!(store.get(&other_tenant).await.is_some());
+    }
+
+    #[tokio::test]
+    async fn variants_of_a_path_are_kept_and_invalidated_together() {
+        let store = Store::new(1 << 20);
+        let (a, b) = (key("/c", "page=1"), key("/c", "page=2"));
+        let b = CacheKey {
+            path: a.path.clone(),
+            ..b
+        };
+        assert!(store.insert(&a, stored("1"), store.epoch()).await);
+        assert!(store.insert(&b, stored("2"), store.epoch()).await);
+        assert_eq!(store.get(&a).await.unwrap().body, "1");
+        assert_eq!(store.get(&b).await.unwrap().body, "2");
+        store
+            .invalidate(a.path.partition, &["/c".into()], Vec::new())
+            .await;
+        assert!(store.get(&a).await.is_none() && store.get(&b).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_leader_that_goes_away_releases_its_waiters() {
+        let flights = Arc::new(Flights::default());
+        let k = key("/x", "");
+        let Joined::Leader(guard) = flights.join(&k, 0) else {
+            panic!("first is leader")
+        };
+        let Joined::Waiter(mut rx) = flights.join(&k, 0) else {
+            panic!("second waits")
+        };
+        // A request joining after an invalidation does not wait on the older fetch.
+        assert!(matches!(flights.join(&k, 1), Joined::Leader(_)));
+        drop(guard);
+        let outcome = rx.wait_for(Option::is_some).await.unwrap().clone();
+        assert!(matches!(outcome, Some(FlightOutcome::Released)));
+    }
+}

@@ -1,0 +1,1058 @@
+//! Prometheus metrics (prometheus-client, OpenMetrics text) served at the admin listener's
+//! `/metrics`.
+//!
+//! Request metrics are recorded once per request when it completes (by [`crate::layers::observe`]);
+//! cache, token and audit figures are read from the counters those parts keep anyway, at scrape
+//! time, so nothing is counted twice.
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use http::{Method, StatusCode};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::layers::cache::Cache;
+use crate::secrets::tls::ServerTls;
+use crate::secrets::token::TokenSource;
+
+/// Every metric name starts with this.
+pub const PREFIX: &str = "cloudcasa_gateway";
+
+/// Latency buckets in seconds: 100 µs (a cache hit) to 30 s (the default upstream timeout).
+const LATENCY_BUCKETS: [f64; 17] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    method: &'static str,
+    status_class: &'static str,
+    cache: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusClassLabel {
+    status_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabel {
+    phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClientLabels {
+    // Arc<str>: the identity's own id, shared, so counting a request allocates nothing.
+    client: Arc<str>,
+    status_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DenialLabels {
+    client: Arc<str>,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
+}
+
+/// The audit sink's counters, shared with its writer thread.
+#[derive(Debug, Clone, Default)]
+pub struct AuditMetrics {
+    written: Family<PhaseLabel, Counter>,
+    failed: Family<ReasonLabel, Counter>,
+    /// Records queued and not yet taken by the writer.
+    pub queued: Gauge,
+}
+
+impl AuditMetrics {
+    /// `n` records of `phase` (`intent` or `outcome`) reached the sink.
+    pub fn written(&self, phase: &'static str, n: u64) {
+        self.written.get_or_create(&PhaseLabel { phase }).inc_by(n);
+    }
+
+    /// `n` records were lost: `reason` is `write` (the sink failed) or `queue_full`.
+    pub fn failed(&self, reason: &'static str, n: u64) {
+        self.failed.get_or_create(&ReasonLabel { reason }).inc_by(n);
+    }
+}
+
+/// What an upstream call was for, as the `call` label of `upstream_duration_seconds`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamCallKind {
+    /// A read with nothing to revalidate.
+    Fetch = 0,
+    /// A conditional read (the cache's, or a client's passed through).
+    Revalidate = 1,
+    /// Any other method.
+    Write = 2,
+}
+
+impl UpstreamCallKind {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Fetch => "fetch",
+            Self::Revalidate => "revalidate",
+            Self::Write => "write",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    method: &'static str,
+    call: &'static str,
+    status_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabel {
+    listener: &'static str,
+}
+
+/// One listener's connection counts, handed to its accept loop.
+#[derive(Debug, Clone)]
+pub struct ListenerMetrics {
+    /// Connections open now.
+    pub open: Gauge,
+    /// Connections closed at once because `server.max_connections` were open.
+    pub refused: Counter,
+}
+
+/// Connection counts by listener.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionMetrics {
+    open: Family<ListenerLabel, Gauge>,
+    refused: Family<ListenerLabel, Counter>,
+}
+
+impl ConnectionMetrics {
+    /// The handles for `listener` (`proxy` or `admin`).
+    pub fn listener(&self, listener: &'static str) -> ListenerMetrics {
+        let label = ListenerLabel { listener };
+        ListenerMetrics {
+            open: self.open.get_or_create(&label).clone(),
+            refused: self.refused.get_or_create(&label).clone(),
+        }
+    }
+}
+
+/// The gateway's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    request_duration: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    /// `requests`, `request_duration` and `upstream_responses` series by label index, filled on
+    /// first use.
+    request_handles: Handles<Counter>,
+    duration_handles: Handles<Histogram>,
+    upstream_handles: Handles<Counter>,
+    upstream_duration: Family<UpstreamLabels, Histogram, fn() -> Histogram>,
+    upstream_duration_handles: Handles<Histogram>,
+    upstream_responses: Family<StatusClassLabel, Counter>,
+    gateway_errors: Family<KindLabel, Counter>,
+    in_flight: Gauge,
+    client_requests: Family<ClientLabels, Counter>,
+    client_denials: Family<DenialLabels, Counter>,
+    /// The `client` label of callers that were not identified.
+    unidentified: Arc<str>,
+    /// Handed to the audit sink.
+    pub audit: AuditMetrics,
+    /// Handed to the listeners.
+    pub connections: ConnectionMetrics,
+    /// Handed to the TokenReview client.
+    pub token_reviews: TokenReviewMetrics,
+    /// Handed to the reloader.
+    pub config: ConfigMetrics,
+}
+
+impl Metrics {
+    /// Registers every metric; `tokens` and `cache` are read at scrape time.
+    pub fn new(
+        tokens: Arc<arc_swap::ArcSwap<Vec<Arc<TokenSource>>>>,
+        cache: Option<Arc<Cache>>,
+        tls: Option<Arc<ServerTls>>,
+        telemetry_failures: Counter,
+    ) -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        let request_duration =
+            Family::<RequestLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram,
+            );
+        let upstream_duration =
+            Family::<UpstreamLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram,
+            );
+        let upstream_responses = Family::<StatusClassLabel, Counter>::default();
+        let gateway_errors = Family::<KindLabel, Counter>::default();
+        let in_flight = Gauge::default();
+        let client_requests = Family::<ClientLabels, Counter>::default();
+        let client_denials = Family::<DenialLabels, Counter>::default();
+        let audit = AuditMetrics::default();
+        let connections = ConnectionMetrics::default();
+        let token_reviews = TokenReviewMetrics {
+            reviews: Family::default(),
+            duration: Family::new_with_constructor(latency_histogram),
+        };
+        let name = |n: &str| format!("{PREFIX}_{n}");
+        let build = Family::<BuildLabels, Gauge>::default();
+        build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+                revision: crate::REVISION,
+            })
+            .set(1);
+        let config = ConfigMetrics {
+            reloads: Family::default(),
+            last_success: Gauge::default(),
+            info: Family::default(),
+        };
+        for result in ["success", "failure"] {
+            let _ = config.reloads.get_or_create(&ResultLabel { result });
+        }
+        // Series that panels and alerts watch exist from the start.
+        for result in [
+            "authenticated",
+            "refused",
+            "error",
+            "throttled",
+            "prechecked",
+        ] {
+            let _ = token_reviews.reviews.get_or_create(&ResultLabel { result });
+        }
+        for result in ["authenticated", "refused", "error"] {
+            let _ = token_reviews
+                .duration
+                .get_or_create(&ResultLabel { result });
+        }
+        registry.register(
+            name("config_reloads"),
+            "Configuration reloads (SIGHUP) by result: success (applied), failure (the file was \
+             invalid; the running configuration stays)",
+            config.reloads.clone(),
+        );
+        registry.register(
+            name("config_last_reload_success_timestamp_seconds"),
+            "When a reload was last applied, seconds since the epoch (0: never)",
+            config.last_success.clone(),
+        );
+        registry.register(
+            name("config_info"),
+            "1, labelled with the hash (SHA-256, 16 hex digits) of the configuration file in force",
+            config.info.clone(),
+        );
+        registry.register(
+            name("build_info"),
+            "1, labelled with the gateway's version and git revision",
+            build,
+        );
+        registry.register(
+            name("token_reviews"),
+            "TokenReview calls by result (authenticated, refused, error), and reviews not made \
+             (throttled: over max_concurrent_reviews or review_rate; prechecked: not a token the \
+             API server could accept)",
+            token_reviews.reviews.clone(),
+        );
+        registry.register(
+            name("token_review_duration_seconds"),
+            "Time a TokenReview call took, by result",
+            token_reviews.duration.clone(),
+        );
+        registry.register(
+            name("audit_queue_depth"),
+            "Audit records waiting for the writer (the queue holds 65,536)",
+            audit.queued.clone(),
+        );
+        registry.register(
+            name("telemetry_export_failures"),
+            "Span batches the OTLP exporter could not deliver (the collector unreachable, refusing, slow)",
+            telemetry_failures,
+        );
+        registry.register_collector(Box::new(ProcessCollector));
+        if let Some(tls) = tls {
+            registry.register_collector(Box::new(TlsCollector(tls)));
+        }
+        registry.register(
+            name("connections_open"),
+            "Client connections open, by listener",
+            connections.open.clone(),
+        );
+        registry.register(
+            name("connections_refused"),
+            "Client connections closed at once because server.max_connections were open",
+            connections.refused.clone(),
+        );
+        for listener in ["proxy", "admin"] {
+            let _ = connections.listener(listener);
+        }
+        registry.register(
+            name("requests"),
+            "Requests answered, by method, status class and cache status",
+            requests.clone(),
+        );
+        registry.register(
+            name("request_duration_seconds"),
+            "Time from request received to response complete, by method, status class and cache status",
+            request_duration.clone(),
+        );
+        registry.register(
+            name("upstream_duration_seconds"),
+            "Time from sending a request upstream to its response headers, by method, call \
+             (fetch, revalidate, write) and status class",
+            upstream_duration.clone(),
+        );
+        registry.register(
+            name("upstream_responses"),
+            "Responses received from the CloudCasa API, by status class",
+            upstream_responses.clone(),
+        );
+        registry.register(
+            name("gateway_errors"),
+            "Responses the gateway made itself, by error kind (e.g. upstream_unreachable)",
+            gateway_errors.clone(),
+        );
+        registry.register(
+            name("requests_in_flight"),
+            "Requests received and not yet complete",
+            in_flight.clone(),
+        );
+        registry.register(
+            name("client_requests"),
+            "Requests by identified client and status class",
+            client_requests.clone(),
+        );
+        registry.register(
+            name("client_denials"),
+            "Requests refused by client (empty: not identified) and reason \
+             (unauthenticated, identity_unavailable, identity_throttled, forbidden, rate_limited)",
+            client_denials.clone(),
+        );
+        registry.register(
+            name("audit_records_written"),
+            "Audit records written to the sink, by phase",
+            audit.written.clone(),
+        );
+        registry.register(
+            name("audit_records_failed"),
+            "Audit records lost, by reason (write: the sink failed; queue_full)",
+            audit.failed.clone(),
+        );
+        // Series that alerts watch start at zero, so that the first increment is an increase.
+        for phase in ["intent", "outcome"] {
+            audit.written(phase, 0);
+        }
+        for reason in ["write", "queue_full"] {
+            audit.failed(reason, 0);
+        }
+        for status_class in ["2xx", "3xx", "4xx", "5xx"] {
+            let _ = upstream_responses.get_or_create(&StatusClassLabel { status_class });
+        }
+        for kind in [
+            "upstream_unreachable",
+            "upstream_timeout",
+            "upstream_protocol",
+            "audit_unavailable",
+        ] {
+            let _ = gateway_errors.get_or_create(&KindLabel { kind });
+        }
+        registry.register_collector(Box::new(TokenCollector(tokens)));
+        if let Some(cache) = cache {
+            registry.register_collector(Box::new(CacheCollector(cache)));
+        }
+        Self {
+            registry,
+            requests,
+            request_duration,
+            request_handles: Handles::new(
+                METHODS.len() * STATUS_CLASSES.len() * CACHE_LABELS.len(),
+            ),
+            duration_handles: Handles::new(
+                METHODS.len() * STATUS_CLASSES.len() * CACHE_LABELS.len(),
+            ),
+            upstream_handles: Handles::new(STATUS_CLASSES.len()),
+            upstream_duration,
+            upstream_duration_handles: Handles::new(METHODS.len() * 3 * STATUS_CLASSES.len()),
+            upstream_responses,
+            gateway_errors,
+            in_flight,
+            client_requests,
+            client_denials,
+            unidentified: Arc::from(""),
+            audit,
+            connections,
+            token_reviews,
+            config,
+        }
+    }
+
+    /// An identified client's request completed.
+    pub fn client_request(&self, client: &Arc<str>, status: StatusCode) {
+        self.client_requests
+            .get_or_create(&ClientLabels {
+                client: client.clone(),
+                status_class: status_class(status),
+            })
+            .inc();
+    }
+
+    /// A request was refused before reaching the cache or upstream; `None`: the caller was not
+    /// identified.
+    pub fn client_denied(&self, client: Option<&Arc<str>>, reason: &'static str) {
+        self.client_denials
+            .get_or_create(&DenialLabels {
+                client: client.unwrap_or(&self.unidentified).clone(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// A request arrived.
+    pub fn request_started(&self) {
+        self.in_flight.inc();
+    }
+
+    /// A request completed (or its client went away, `status` 499).
+    pub fn request_finished(
+        &self,
+        method: &Method,
+        status: StatusCode,
+        cache: &'static str,
+        error: Option<&'static str>,
+        elapsed: Duration,
+    ) {
+        self.in_flight.dec();
+        let (m, s) = (method_index(method), status_class_index(status));
+        let (method, status_class) = (METHODS[m], STATUS_CLASSES[s]);
+        let requests = || {
+            self.requests
+                .get_or_create(&RequestLabels {
+                    method,
+                    status_class,
+                    cache,
+                })
+                .clone()
+        };
+        let duration = || {
+            self.request_duration
+                .get_or_create(&RequestLabels {
+                    method,
+                    status_class,
+                    cache,
+                })
+                .clone()
+        };
+        // Cache labels come from CacheStatus::label; one outside the list still counts.
+        match CACHE_LABELS.iter().position(|c| *c == cache) {
+            Some(c) => {
+                let i = (m * STATUS_CLASSES.len() + s) * CACHE_LABELS.len() + c;
+                self.request_handles.get(i, requests).inc();
+                self.duration_handles
+                    .get(i, duration)
+                    .observe(elapsed.as_secs_f64());
+            }
+            None => {
+                requests().inc();
+                duration().observe(elapsed.as_secs_f64());
+            }
+        }
+        if let Some(kind) = error {
+            self.gateway_errors.get_or_create(&KindLabel { kind }).inc();
+        }
+    }
+
+    /// An upstream call returned response headers.
+    pub fn upstream_answered(
+        &self,
+        method: &Method,
+        call: UpstreamCallKind,
+        status: StatusCode,
+        elapsed: Duration,
+    ) {
+        let (m, i) = (method_index(method), status_class_index(status));
+        let status_class = STATUS_CLASSES[i];
+        let handle = (m * 3 + call as usize) * STATUS_CLASSES.len() + i;
+        self.upstream_duration_handles
+            .get(handle, || {
+                self.upstream_duration
+                    .get_or_create(&UpstreamLabels {
+                        method: METHODS[m],
+                        call: call.as_str(),
+                        status_class,
+                    })
+                    .clone()
+            })
+            .observe(elapsed.as_secs_f64());
+        self.upstream_handles
+            .get(i, || {
+                self.upstream_responses
+                    .get_or_create(&StatusClassLabel { status_class })
+                    .clone()
+            })
+            .inc();
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// The label values of the per-request series, in the order their handles are indexed
+/// ([`method_index`], [`status_class_index`]). Methods outside the standard set share one label
+/// value, so a client cannot grow the series.
+const METHODS: [&str; 8] = [
+    "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "other",
+];
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+const CACHE_LABELS: [&str; 5] = ["hit", "miss", "revalidated", "stale", "bypass"];
+
+/// Series handles of one family by label index, each looked up in the family once: recording
+/// is then an array index instead of hashing the labels and taking the family's lock on every
+/// request. The handles share their values with the family, which still does the exposition.
+#[derive(Debug)]
+struct Handles<M> {
+    slots: Box<[OnceLock<M>]>,
+}
+
+impl<M> Handles<M> {
+    fn new(n: usize) -> Self {
+        Self {
+            slots: (0..n).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    fn get(&self, i: usize, create: impl FnOnce() -> M) -> &M {
+        self.slots[i].get_or_init(create)
+    }
+}
+
+/// The position of a method's label in [`METHODS`].
+fn method_index(method: &Method) -> usize {
+    match *method {
+        Method::GET => 0,
+        Method::HEAD => 1,
+        Method::POST => 2,
+        Method::PUT => 3,
+        Method::PATCH => 4,
+        Method::DELETE => 5,
+        Method::OPTIONS => 6,
+        _ => 7,
+    }
+}
+
+/// A standard method's name as a `&'static str`; `None` for an extension method.
+pub fn standard_method(method: &Method) -> Option<&'static str> {
+    let i = method_index(method);
+    (i < METHODS.len() - 1).then_some(METHODS[i])
+}
+
+/// The position of a status's class in [`STATUS_CLASSES`].
+fn status_class_index(status: StatusCode) -> usize {
+    match status.as_u16() {
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        _ => 4,
+    }
+}
+
+/// `2xx`, `4xx`, ...
+pub fn status_class(status: StatusCode) -> &'static str {
+    STATUS_CLASSES[status_class_index(status)]
+}
+
+fn encode_one(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    labels: Option<&[(&str, &str)]>,
+    metric: impl EncodeMetric,
+) -> Result<(), std::fmt::Error> {
+    let name = format!("{PREFIX}_{name}");
+    let mut m = encoder.encode_descriptor(&name, help, None, metric.metric_type())?;
+    match labels {
+        Some(labels) => metric.encode(m.encode_family(&labels)?),
+        None => metric.encode(m),
+    }
+}
+
+/// The standard `process_*` metrics (as the Prometheus client libraries name them), read from
+/// /proc at scrape time: resident memory, CPU seconds, open and maximum file descriptors, start
+/// time. prometheus-client has no process collector of its own.
+#[derive(Debug)]
+struct ProcessCollector;
+
+/// What /proc says about this process, in the units Prometheus wants.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct ProcessStats {
+    /// Resident set size, bytes.
+    pub resident_bytes: f64,
+    /// User plus system CPU time, seconds.
+    pub cpu_seconds: f64,
+    /// Open file descriptors.
+    pub open_fds: f64,
+    /// The soft limit on file descriptors.
+    pub max_fds: f64,
+    /// Start time, seconds since the epoch.
+    pub start_time_seconds: f64,
+}
+
+impl ProcessStats {
+    /// Reads /proc/self (`None` off Linux or if /proc is not mounted).
+    pub fn read() -> Option<Self> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
+        let field = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
+        // USER_HZ and the page size are 100 and 4096 on every Linux this runs on.
+        const TICKS: f64 = 100.0;
+        let cpu_seconds = (field(11)? + field(12)?) / TICKS;
+        let start_ticks = field(19)?;
+        let resident_bytes = field(21)? * 4096.0;
+        let boot = std::fs::read_to_string("/proc/stat")
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("btime "))
+            .and_then(|v| v.trim().parse::<f64>().ok())?;
+        let open_fds = std::fs::read_dir("/proc/self/fd").ok()?.count() as f64;
+        let max_fds = std::fs::read_to_string("/proc/self/limits")
+            .ok()?
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .and_then(|l| l.split_whitespace().nth(3))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::INFINITY);
+        Some(Self {
+            resident_bytes,
+            cpu_seconds,
+            open_fds,
+            max_fds,
+            start_time_seconds: boot + start_ticks / TICKS,
+        })
+    }
+}
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(p) = ProcessStats::read() else {
+            return Ok(());
+        };
+        let gauges = [
+            (
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes",
+                p.resident_bytes,
+            ),
+            (
+                "process_open_fds",
+                "Number of open file descriptors",
+                p.open_fds,
+            ),
+            (
+                "process_max_fds",
+                "Maximum number of open file descriptors",
+                p.max_fds,
+            ),
+            (
+                "process_start_time_seconds",
+                "Start time of the process since unix epoch in seconds",
+                p.start_time_seconds,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let gauge = ConstGauge::new(value);
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
+        let cpu = ConstCounter::new(p.cpu_seconds);
+        cpu.encode(encoder.encode_descriptor(
+            "process_cpu_seconds",
+            "Total user and system CPU time spent in seconds",
+            None,
+            cpu.metric_type(),
+        )?)?;
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+    revision: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HashLabel {
+    hash: String,
+}
+
+/// Configuration reloads, handed to the reloader.
+#[derive(Debug, Clone)]
+pub struct ConfigMetrics {
+    reloads: Family<ResultLabel, Counter>,
+    last_success: Gauge<f64, std::sync::atomic::AtomicU64>,
+    info: Family<HashLabel, Gauge>,
+}
+
+impl ConfigMetrics {
+    /// The configuration in force has this hash (at start, and after each successful reload).
+    pub fn in_force(&self, hash: &str) {
+        self.info.clear();
+        self.info
+            .get_or_create(&HashLabel { hash: hash.into() })
+            .set(1);
+    }
+
+    /// A reload was applied (`hash`) or refused (`None`).
+    pub fn reloaded(&self, hash: Option<&str>) {
+        let result = if hash.is_some() { "success" } else { "failure" };
+        self.reloads.get_or_create(&ResultLabel { result }).inc();
+        if let Some(hash) = hash {
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            self.last_success.set(now);
+            self.in_force(hash);
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+/// TokenReview calls, handed to the reviewer.
+#[derive(Debug, Clone)]
+pub struct TokenReviewMetrics {
+    reviews: Family<ResultLabel, Counter>,
+    duration: Family<ResultLabel, Histogram, fn() -> Histogram>,
+}
+
+impl TokenReviewMetrics {
+    /// A review call ended with `result` (`authenticated`, `refused`, `error`) after `elapsed`;
+    /// `throttled` and `prechecked` count calls that were never made.
+    pub fn reviewed(&self, result: &'static str, elapsed: Option<Duration>) {
+        let label = ResultLabel { result };
+        self.reviews.get_or_create(&label).inc();
+        if let Some(elapsed) = elapsed {
+            self.duration
+                .get_or_create(&label)
+                .observe(elapsed.as_secs_f64());
+        }
+    }
+}
+
+/// The proxy listener's certificate expiry.
+#[derive(Debug)]
+struct TlsCollector(Arc<ServerTls>);
+
+impl Collector for TlsCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let gauge = ConstGauge::new(self.0.not_after());
+        let name = format!("{PREFIX}_tls_certificate_not_after_seconds");
+        let mut m = encoder.encode_descriptor(
+            &name,
+            "When the listener's TLS certificate expires, seconds since the epoch",
+            None,
+            gauge.metric_type(),
+        )?;
+        gauge.encode(m.encode_family(&[("listener", "proxy")])?)?;
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct TokenCollector(Arc<arc_swap::ArcSwap<Vec<Arc<TokenSource>>>>);
+
+impl Collector for TokenCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let now = SystemTime::now();
+        // One descriptor per metric, then a sample per credential.
+        type Get = fn(&TokenSource, SystemTime) -> f64;
+        let gauges: [(&str, &str, Get); 2] = [
+            (
+                "token_age_seconds",
+                "Seconds since the credential's token was last loaded (-1: never loaded)",
+                |t, now| {
+                    t.current().map_or(-1.0, |l| {
+                        now.duration_since(l.loaded_at())
+                            .unwrap_or_default()
+                            .as_secs_f64()
+                    })
+                },
+            ),
+            (
+                "token_loaded",
+                "1 when a token is loaded for the credential",
+                |t, _| f64::from(u8::from(t.current().is_some())),
+            ),
+        ];
+        for (name, help, get) in gauges {
+            let name = format!("{PREFIX}_{name}");
+            let mut m =
+                encoder.encode_descriptor(&name, help, None, ConstGauge::new(0.0).metric_type())?;
+            for t in self.0.load().iter() {
+                let labels = [("credential", t.credential())];
+                ConstGauge::new(get(t, now)).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        type Count = fn(&TokenSource) -> u64;
+        let counters: [(&str, &str, Count); 2] = [
+            ("token_reloads", "Times a changed token was loaded", |t| {
+                t.stats.reloads.load(std::sync::atomic::Ordering::Relaxed)
+            }),
+            (
+                "token_load_failures",
+                "Times loading the token failed (the last good one stays in use)",
+                |t| t.stats.failures.load(std::sync::atomic::Ordering::Relaxed),
+            ),
+        ];
+        for (name, help, get) in counters {
+            let name = format!("{PREFIX}_{name}");
+            let mut m = encoder.encode_descriptor(
+                &name,
+                help,
+                None,
+                ConstCounter::new(0u64).metric_type(),
+            )?;
+            for t in self.0.load().iter() {
+                let labels = [("credential", t.credential())];
+                ConstCounter::new(get(t)).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct CacheCollector(Arc<Cache>);
+
+impl Collector for CacheCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let store = self.0.store();
+        let (entries, weighted) = store.approximate_size();
+        let e = &mut encoder;
+        encode_one(
+            e,
+            "cache_entries",
+            "Paths with a stored response",
+            None,
+            ConstGauge::new(entries as i64),
+        )?;
+        encode_one(
+            e,
+            "cache_weighted_bytes",
+            "Weighted size of stored responses",
+            None,
+            ConstGauge::new(weighted as i64),
+        )?;
+        encode_one(
+            e,
+            "cache_max_bytes",
+            "cache.max_size",
+            None,
+            ConstGauge::new(store.max_size() as i64),
+        )?;
+        let s = &store.stats;
+        let counters = [
+            (
+                "cache_hits",
+                "Requests answered from the cache without asking upstream",
+                &s.hits,
+            ),
+            (
+                "cache_misses",
+                "Requests with nothing usable stored",
+                &s.misses,
+            ),
+            (
+                "cache_revalidations",
+                "Stored responses revalidated upstream",
+                &s.revalidations,
+            ),
+            (
+                "cache_stale_served",
+                "Stale responses served because the upstream failed",
+                &s.stale_served,
+            ),
+            (
+                "cache_collapsed",
+                "Requests that waited for another request's upstream fetch",
+                &s.collapsed,
+            ),
+            (
+                "cache_evictions",
+                "Entries evicted to stay within cache.max_size",
+                &s.evictions,
+            ),
+            (
+                "cache_invalidations",
+                "Paths invalidated by writes",
+                &s.invalidations,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            encode_one(
+                e,
+                name,
+                help,
+                None,
+                ConstCounter::new(counter.load(Relaxed)),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_names_and_counts() {
+        let m = Metrics::new(Default::default(), None, None, Counter::default());
+        m.request_started();
+        m.request_finished(
+            &Method::GET,
+            StatusCode::OK,
+            "hit",
+            None,
+            Duration::from_millis(1),
+        );
+        m.request_started();
+        m.request_finished(
+            &Method::from_bytes(b"BREW").unwrap(),
+            StatusCode::BAD_GATEWAY,
+            "bypass",
+            Some("upstream_unreachable"),
+            Duration::from_millis(1),
+        );
+        m.audit.failed("write", 2);
+        let text = m.encode();
+        assert!(
+            text.contains(
+                "cloudcasa_gateway_requests_total{method=\"GET\",status_class=\"2xx\",cache=\"hit\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(text.contains(
+            "cloudcasa_gateway_requests_total{method=\"other\",status_class=\"5xx\",cache=\"bypass\"} 1"
+        ));
+        assert!(
+            text.contains(
+                "cloudcasa_gateway_gateway_errors_total{kind=\"upstream_unreachable\"} 1"
+            )
+        );
+        assert!(text.contains("cloudcasa_gateway_requests_in_flight 0"));
+        assert!(text.contains("cloudcasa_gateway_audit_records_failed_total{reason=\"write\"} 2"));
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn label_indexes_point_at_their_labels() {
+        for m in [
+            Method::GET,
+            Method::HEAD,
+            Method::POST,
+            Method::PUT,
+            Method::PATCH,
+            Method::DELETE,
+            Method::OPTIONS,
+        ] {
+            assert_eq!(METHODS[method_index(&m)], m.as_str());
+        }
+        assert_eq!(METHODS[method_index(&Method::TRACE)], "other");
+        assert_eq!(standard_method(&Method::PATCH), Some("PATCH"));
+        assert_eq!(standard_method(&Method::TRACE), None);
+        for code in [100, 204, 304, 412, 503, 599] {
+            let status = StatusCode::from_u16(code).unwrap();
+            assert_eq!(status_class(status), format!("{}xx", code / 100));
+        }
+    }
+
+    #[test]
+    fn memoised_handles_count_into_the_exposed_series() {
+        let m = Metrics::new(Default::default(), None, None, Counter::default());
+        let finish = |cache: &'static str| {
+            m.request_started();
+            m.request_finished(
+                &Method::PATCH,
+                StatusCode::PRECONDITION_FAILED,
+                cache,
+                None,
+                Duration::from_micros(50),
+            );
+        };
+        // Three through the memoised handle, one through the family (a label with no index).
+        for _ in 0..3 {
+            finish("miss");
+        }
+        finish("unindexed");
+        for _ in 0..2 {
+            m.upstream_answered(
+                &Method::GET,
+                UpstreamCallKind::Revalidate,
+                StatusCode::NOT_MODIFIED,
+                Duration::from_micros(10),
+            );
+        }
+        let text = m.encode();
+        assert!(
+            text.contains("cloudcasa_gateway_upstream_responses_total{status_class=\"3xx\"} 2")
+        );
+        assert!(
+            text.contains(
+                "cloudcasa_gateway_requests_total{method=\"PATCH\",status_class=\"4xx\",cache=\"miss\"} 3"
+            ),
+            "{text}"
+        );
+        assert!(text.contains(
+            "cloudcasa_gateway_requests_total{method=\"PATCH\",status_class=\"4xx\",cache=\"unindexed\"} 1"
+        ));
+        assert!(text.contains(
+            "cloudcasa_gateway_request_duration_seconds_count{method=\"PATCH\",status_class=\"4xx\",cache=\"miss\"} 3"
+        ));
+        assert!(
+            text.contains(
+                "cloudcasa_gateway_request_duration_seconds_bucket{le=\"0.0001\",method=\"PATCH\",status_class=\"4xx\",cache=\"miss\"} 3"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "cloudcasa_gateway_upstream_duration_seconds_count{method=\"GET\",call=\"revalidate\",status_class=\"3xx\"} 2"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("cloudcasa_gateway_build_info{version=\""));
+        assert!(text.contains("process_resident_memory_bytes "));
+        assert!(text.contains("process_cpu_seconds_total "));
+        assert!(text.contains("cloudcasa_gateway_requests_in_flight 0"));
+    }
+}

@@ -1,0 +1,477 @@
+//! OpenTelemetry traces: the tracer, W3C trace-context propagation, and the two spans the gateway
+//! makes (a server span per request, a client span per upstream call).
+//!
+//! The tracer always exists, because audit records carry a trace id and span id whether or not
+//! spans are exported; export (OTLP over HTTP/protobuf, batched on the SDK's own thread) is added
+//! only when `telemetry.otlp_endpoint` or `OTEL_EXPORTER_OTLP_ENDPOINT` is set. A slow or failing
+//! collector costs dropped spans, never request latency: the batch queue is bounded and spans are
+//! handed over without waiting.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, Version};
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::{
+    Span as _, SpanKind, Status, TraceContextExt, TraceFlags, Tracer as _, TracerProvider as _,
+};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_http::HeaderExtractor;
+use opentelemetry_otlp::{Protocol, WithExportConfig};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
+
+use crate::config::TelemetryConfig;
+
+/// The OTLP exporter could not be built (a bad endpoint in the `OTEL_*` variables).
+#[derive(Debug, thiserror::Error)]
+#[error("telemetry: {0}")]
+pub struct TelemetryError(String);
+
+/// The tracer and propagator, shared by every request.
+#[derive(Debug, Clone)]
+pub struct Telemetry {
+    /// Span batches the exporter failed to deliver.
+    failures: prometheus_client::metrics::counter::Counter,
+    provider: SdkTracerProvider,
+    tracer: SdkTracer,
+    propagator: TraceContextPropagator,
+}
+
+/// The environment variable that turns on OTLP export without a config entry.
+const OTLP_ENDPOINT_ENV: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+const OTLP_TRACES_ENDPOINT_ENV: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
+
+impl Telemetry {
+    /// Builds the tracer; adds the OTLP exporter when an endpoint is configured.
+    pub fn new(config: &TelemetryConfig) -> Result<Self, TelemetryError> {
+        let failures = prometheus_client::metrics::counter::Counter::default();
+        for name in [
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+        ] {
+            if let Ok(value) = std::env::var(name)
+                && value != "http/protobuf"
+            {
+                tracing::warn!(
+                    variable = name,
+                    value,
+                    "only OTLP over HTTP with protobuf (http/protobuf) is supported; this value is \
+                     ignored and spans are sent as http/protobuf"
+                );
+            }
+        }
+        let env_endpoint = [OTLP_TRACES_ENDPOINT_ENV, OTLP_ENDPOINT_ENV]
+            .iter()
+            .any(|v| std::env::var(v).is_ok_and(|v| !v.is_empty()));
+        // OTEL_SERVICE_NAME, when set, wins over the file (the standard variables are honoured).
+        let mut resource = opentelemetry_sdk::Resource::builder();
+        if std::env::var("OTEL_SERVICE_NAME").is_err() {
+            resource = resource.with_service_name(config.service_name.clone());
+        }
+        let mut builder = SdkTracerProvider::builder().with_resource(resource.build());
+        let exporting = config.otlp_endpoint.is_some() || env_endpoint;
+        if exporting {
+            // reqwest (inside the exporter) uses rustls with the process-wide provider: ring, as
+            // everywhere else in the gateway. Already installed is fine.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let mut exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_protocol(Protocol::HttpBinary);
+            if let Some(base) = &config.otlp_endpoint {
+                exporter = exporter.with_endpoint(traces_url(base));
+            }
+            let exporter = exporter
+                .build()
+                .map_err(|e| TelemetryError(e.to_string()))?;
+            builder = builder.with_batch_exporter(Counted {
+                inner: exporter,
+                failures: failures.clone(),
+                last_logged: Arc::new(AtomicU64::new(0)),
+            });
+        }
+        if !exporting {
+            // Nothing leaves the process: record only what a caller's sampled trace asks for
+            // (still propagated upstream), and give every other request ids but no span data.
+            builder = builder.with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOff)));
+        }
+        let provider = builder.build();
+        let tracer = provider.tracer("cloudcasa-gateway");
+        Ok(Self {
+            provider,
+            tracer,
+            propagator: TraceContextPropagator::new(),
+            failures,
+        })
+    }
+
+    /// Span batches that could not be exported (`telemetry_export_failures_total`).
+    pub fn export_failures(&self) -> prometheus_client::metrics::counter::Counter {
+        self.failures.clone()
+    }
+
+    /// Starts the server span for a request, continuing the client's `traceparent` /
+    /// `tracestate` when they are valid. The returned context holds the span.
+    pub fn server_span(&self, request: ServerRequest<'_>) -> Context {
+        // Most requests carry no trace context: a lookup by a static name settles that.
+        let parent = if request.headers.contains_key(&TRACEPARENT) {
+            self.propagator.extract(&HeaderExtractor(request.headers))
+        } else {
+            Context::current()
+        };
+        // Attributes only for spans that are recorded: without export, a request that carries no
+        // sampled trace context costs a span context (the ids) and nothing else.
+        let mut span = self
+            .tracer
+            .span_builder(request.route)
+            .with_kind(SpanKind::Server)
+            .start_with_context(&self.tracer, &parent);
+        if span.is_recording() {
+            span.update_name(format!("{} {}", request.method, request.route));
+            let mut attributes = Vec::with_capacity(9);
+            attributes.push(KeyValue::new(
+                "http.request.method",
+                request.method.as_str().to_owned(),
+            ));
+            attributes.push(KeyValue::new("url.path", request.uri.path().to_owned()));
+            if let Some(query) = request.uri.query() {
+                attributes.push(KeyValue::new("url.query", query.to_owned()));
+            }
+            attributes.push(KeyValue::new("url.scheme", request.scheme));
+            attributes.push(KeyValue::new("http.route", request.route));
+            attributes.push(KeyValue::new(
+                "network.protocol.version",
+                protocol_version(request.version),
+            ));
+            if let Some(addr) = request.client_addr {
+                attributes.push(KeyValue::new("client.address", addr.ip().to_string()));
+                attributes.push(KeyValue::new("client.port", i64::from(addr.port())));
+            }
+            if let Some(agent) = request
+                .headers
+                .get(http::header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+            {
+                attributes.push(KeyValue::new("user_agent.original", agent.to_owned()));
+            }
+            span.set_attributes(attributes);
+        }
+        parent.with_span(span)
+    }
+
+    /// Starts a client span under `parent` for an upstream call and writes its `traceparent`
+    /// (and the inherited `tracestate`) into the outgoing headers, replacing the client's.
+    pub fn client_span(
+        &self,
+        parent: &Context,
+        method: &Method,
+        url: &Uri,
+        headers: &mut HeaderMap,
+    ) -> Context {
+        let mut span = self
+            .tracer
+            .span_builder(method_name(method))
+            .with_kind(SpanKind::Client)
+            .start_with_context(&self.tracer, parent);
+        if span.is_recording() {
+            let mut attributes = vec![
+                KeyValue::new("http.request.method", method.as_str().to_owned()),
+                KeyValue::new("url.full", url.to_string()),
+            ];
+            if let Some(host) = url.host() {
+                attributes.push(KeyValue::new("server.address", host.to_owned()));
+            }
+            let port = url.port_u16().unwrap_or(match url.scheme_str() {
+                Some("http") => 80,
+                _ => 443,
+            });
+            attributes.push(KeyValue::new("server.port", i64::from(port)));
+            span.set_attributes(attributes);
+        }
+        let cx = parent.with_span(span);
+        headers.remove(&TRACEPARENT);
+        headers.remove(&TRACESTATE);
+        inject(&cx, headers);
+        cx
+    }
+
+    /// Flushes queued spans and stops the exporter (at shutdown; blocks up to `timeout`).
+    pub fn shutdown(&self, timeout: Duration) {
+        if let Err(e) = self.provider.shutdown_with_timeout(timeout) {
+            tracing::warn!(error = %e, "telemetry: spans may have been lost at shutdown");
+        }
+    }
+}
+
+static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+
+/// Writes the W3C `traceparent` for the span in `cx` (and `tracestate`, when it has one) into
+/// `headers`: what the SDK's `TraceContextPropagator` writes, hex-encoded into a fixed buffer
+/// instead of through `format!`, because every upstream call does it.
+fn inject(cx: &Context, headers: &mut HeaderMap) {
+    let span = cx.span();
+    let sc = span.span_context();
+    if !sc.is_valid() {
+        return;
+    }
+    // version "00", trace id, span id, flags (only "sampled" is defined)
+    let mut value = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    let flags = [sc.trace_flags().to_u8() & TraceFlags::SAMPLED.to_u8()];
+    let hex_into = |out: &mut [u8], bytes: &[u8]| {
+        hex::encode_to_slice(bytes, out).expect("the buffer holds two digits per byte");
+    };
+    hex_into(&mut value[3..35], &sc.trace_id().to_bytes());
+    hex_into(&mut value[36..52], &sc.span_id().to_bytes());
+    hex_into(&mut value[53..55], &flags);
+    headers.insert(
+        TRACEPARENT.clone(),
+        HeaderValue::from_bytes(&value).expect("hex digits and dashes"),
+    );
+    let state = sc.trace_state().header();
+    if !state.is_empty()
+        && let Ok(state) = HeaderValue::from_str(&state)
+    {
+        headers.insert(TRACESTATE.clone(), state);
+    }
+}
+
+/// A span name from a method, without allocating for the standard ones.
+fn method_name(method: &Method) -> Cow<'static, str> {
+    crate::observability::metrics::standard_method(method)
+        .map_or_else(|| Cow::Owned(method.as_str().to_owned()), Cow::Borrowed)
+}
+
+/// What the server span is made from.
+#[derive(Debug)]
+pub struct ServerRequest<'a> {
+    /// The request method.
+    pub method: &'a Method,
+    /// The client's request target.
+    pub uri: &'a Uri,
+    /// The client's headers (for trace context and user agent).
+    pub headers: &'a HeaderMap,
+    /// The HTTP version the client spoke.
+    pub version: Version,
+    /// `http` or `https`, as the listener speaks.
+    pub scheme: &'static str,
+    /// The route template, e.g. `/api/v1/{collection}/{id}`.
+    pub route: &'static str,
+    /// The peer address.
+    pub client_addr: Option<std::net::SocketAddr>,
+}
+
+/// Ends a span with the response status. Following the HTTP semantic conventions, a server span
+/// is an error from 500 up and a client span from 400 up; a gateway-made error sets `error.type`
+/// to its kind.
+pub fn end_span(
+    cx: &Context,
+    status: Option<StatusCode>,
+    error: Option<&'static str>,
+    client: bool,
+) {
+    let span = cx.span();
+    if !span.is_recording() {
+        span.end();
+        return;
+    }
+    if let Some(status) = status {
+        span.set_attribute(KeyValue::new(
+            "http.response.status_code",
+            i64::from(status.as_u16()),
+        ));
+    }
+    let failed_status = status.filter(|s| s.is_server_error() || (client && s.is_client_error()));
+    match (error, failed_status) {
+        (Some(kind), _) => {
+            span.set_attribute(KeyValue::new("error.type", kind));
+            span.set_status(Status::error(kind));
+        }
+        (None, Some(status)) => {
+            span.set_attribute(KeyValue::new("error.type", status.as_str().to_owned()));
+            span.set_status(Status::error(""));
+        }
+        (None, None) => {}
+    }
+    span.end();
+}
+
+/// The OTLP traces URL for a base endpoint such as `http://otel-collector:4318`.
+pub fn traces_url(base: &str) -> String {
+    format!("{}/v1/traces", base.trim_end_matches('/'))
+}
+
+fn protocol_version(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_09 => "0.9",
+        Version::HTTP_10 => "1.0",
+        Version::HTTP_2 => "2",
+        Version::HTTP_3 => "3",
+        _ => "1.1",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn telemetry() -> Telemetry {
+        Telemetry::new(&TelemetryConfig {
+            otlp_endpoint: None,
+            service_name: "t".into(),
+        })
+        .unwrap()
+    }
+
+    fn server(t: &Telemetry, headers: &HeaderMap) -> Context {
+        t.server_span(ServerRequest {
+            method: &Method::GET,
+            uri: &"/api/v1/clusters".parse().unwrap(),
+            headers,
+            version: Version::HTTP_11,
+            scheme: "http",
+            route: "/api/v1/{collection}",
+            client_addr: None,
+        })
+    }
+
+    #[test]
+    fn continues_the_callers_trace_and_propagates_a_child() {
+        let t = telemetry();
+        let mut incoming = HeaderMap::new();
+        incoming.insert(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+                .parse()
+                .unwrap(),
+        );
+        incoming.insert("tracestate", "vendor=x".parse().unwrap());
+        let cx = server(&t, &incoming);
+        let sc = cx.span().span_context().clone();
+        assert_eq!(
+            sc.trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert_ne!(sc.span_id().to_string(), "00f067aa0ba902b7");
+
+        let mut out = incoming.clone();
+        let client = t.client_span(
+            &cx,
+            &Method::GET,
+            &"https://api.x/a".parse().unwrap(),
+            &mut out,
+        );
+        let child = client.span().span_context().span_id().to_string();
+        let sent = out["traceparent"].to_str().unwrap();
+        assert_eq!(
+            sent,
+            format!("00-4bf92f3577b34da6a3ce929d0e0e4736-{child}-01")
+        );
+        assert_eq!(out["tracestate"], "vendor=x");
+    }
+
+    #[test]
+    fn starts_a_new_trace_without_or_with_a_bad_traceparent() {
+        let t = telemetry();
+        let mut bad = HeaderMap::new();
+        bad.insert("traceparent", "00-zz-yy-01".parse().unwrap());
+        let a = server(&t, &HeaderMap::new());
+        let b = server(&t, &bad);
+        for cx in [&a, &b] {
+            assert!(cx.span().span_context().is_valid());
+        }
+        assert_ne!(
+            a.span().span_context().trace_id(),
+            b.span().span_context().trace_id()
+        );
+    }
+
+    #[test]
+    fn injects_what_the_sdk_propagator_injects() {
+        use opentelemetry::trace::{SpanContext, SpanId, TraceId, TraceState};
+        let propagator = TraceContextPropagator::new();
+        let state = TraceState::from_key_value([("vendor", "x"), ("other", "1")]).unwrap();
+        for (flags, state) in [
+            (TraceFlags::SAMPLED, TraceState::default()),
+            (TraceFlags::default(), TraceState::default()),
+            (TraceFlags::SAMPLED, state),
+        ] {
+            let sc = SpanContext::new(
+                TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
+                SpanId::from_hex("00f067aa0ba902b7").unwrap(),
+                flags,
+                true,
+                state,
+            );
+            let cx = Context::new().with_remote_span_context(sc);
+            let mut ours = HeaderMap::new();
+            inject(&cx, &mut ours);
+            let mut theirs = HeaderMap::new();
+            propagator.inject_context(&cx, &mut opentelemetry_http::HeaderInjector(&mut theirs));
+            assert_eq!(ours["traceparent"], theirs["traceparent"]);
+            // The SDK writes an empty tracestate when there is none; the gateway leaves it out.
+            let state = theirs.get("tracestate").filter(|v| !v.is_empty());
+            assert_eq!(ours.get("tracestate"), state);
+        }
+        let mut none = HeaderMap::new();
+        inject(&Context::new(), &mut none);
+        assert!(none.is_empty(), "an invalid span context writes nothing");
+    }
+
+    #[test]
+    fn traces_url_joins() {
+        assert_eq!(traces_url("http://c:4318/"), "http://c:4318/v1/traces");
+    }
+}
+
+/// The OTLP exporter, with its failures counted and logged (the first, then at most one line a
+/// minute): with the OpenTelemetry crates' own logging off, an unreachable collector would
+/// otherwise lose spans in silence.
+#[derive(Debug)]
+struct Counted<E> {
+    inner: E,
+    failures: prometheus_client::metrics::counter::Counter,
+    last_logged: Arc<AtomicU64>,
+}
+
+impl<E: opentelemetry_sdk::trace::SpanExporter> opentelemetry_sdk::trace::SpanExporter
+    for Counted<E>
+{
+    async fn export(
+        &self,
+        batch: Vec<opentelemetry_sdk::trace::SpanData>,
+    ) -> opentelemetry_sdk::error::OTelSdkResult {
+        let spans = batch.len();
+        let result = self.inner.export(batch).await;
+        if let Err(e) = &result {
+            self.failures.inc();
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let last = self.last_logged.load(Ordering::Relaxed);
+            if now >= last + 60
+                && self
+                    .last_logged
+                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                tracing::warn!(error = %e, spans, "telemetry: spans could not be exported (logged at most once a minute; counted in cloudcasa_gateway_telemetry_export_failures_total)");
+            }
+        }
+        result
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
+        self.inner.set_resource(resource);
+    }
+}
