@@ -6,6 +6,7 @@
 
 pub mod app;
 pub mod config;
+pub mod context;
 pub mod http;
 pub mod layers;
 pub mod observability;

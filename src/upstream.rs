@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::future::{BoxFuture, FutureExt};
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -29,13 +29,15 @@ use rustls_pki_types::pem::PemObject;
 use tower::Service;
 
 use crate::config::UpstreamConfig;
+use crate::context::Exchange;
 use crate::http::body::{
     self, Body, BodyTimedOut, BodyTooLarge, BoxError, ClientBodyError, Collected, PrefixedBody,
     Tap, collect_limited,
 };
 use crate::http::error::{GatewayError, find_cause};
 use crate::http::headers::strip_hop_by_hop;
-use crate::layers::observe::Exchange;
+use crate::observability::metrics::{Metrics, UpstreamCallKind};
+use crate::observability::telemetry::{self, Telemetry};
 
 type Connector = TimeoutConnector<HttpsConnector<Route>>;
 /// The pooled client used for CloudCasa.
@@ -183,11 +185,25 @@ struct UpstreamInner {
     timeout: Duration,
     /// The upstream's last response was HTTP/1.0: chunked request bodies must be sent whole.
     http10: AtomicBool,
+    /// Where calls are reported: a client span each, and the upstream metrics.
+    observers: Option<(Telemetry, Arc<Metrics>)>,
 }
 
 impl Upstream {
-    /// Builds the clients for `config`.
-    pub fn new(config: &UpstreamConfig) -> Result<Self, UpstreamSetupError> {
+    /// Builds the clients for `config`; each call opens a client span with `telemetry` (under
+    /// the request's server span) and is counted in `metrics`.
+    pub fn new(
+        config: &UpstreamConfig,
+        telemetry: Telemetry,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, UpstreamSetupError> {
+        Self::build(config, Some((telemetry, metrics)))
+    }
+
+    fn build(
+        config: &UpstreamConfig,
+        observers: Option<(Telemetry, Arc<Metrics>)>,
+    ) -> Result<Self, UpstreamSetupError> {
         let mut roots = RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         if let Some(path) = &config.ca_file {
@@ -255,6 +271,7 @@ impl Upstream {
                 writes: client(false),
                 timeout: config.timeout,
                 http10: AtomicBool::new(false),
+                observers,
             }),
         })
     }
@@ -298,9 +315,20 @@ impl Service<Request<Body>> for Upstream {
             Err(e) => return std::future::ready(Err(e)).boxed(),
         };
         let exchange = Exchange::of(&req).cloned();
-        let call = exchange
-            .as_ref()
-            .map(|ex| ex.upstream_call(&req.method().clone(), &uri, req.headers_mut()));
+        let call = match (&exchange, &self.inner.observers) {
+            (Some(ex), Some((telemetry, metrics))) => {
+                let method = req.method().clone();
+                Some(UpstreamCall::start(
+                    telemetry,
+                    metrics,
+                    ex,
+                    method,
+                    &uri,
+                    req.headers_mut(),
+                ))
+            }
+            _ => None,
+        };
         *req.uri_mut() = uri;
         // hyper picks HTTP/2 when ALPN offers it; the client's own version is its business.
         *req.version_mut() = Version::HTTP_11;
@@ -337,7 +365,7 @@ impl Service<Request<Body>> for Upstream {
                 (Ok(response), None) => response.map(body::boxed),
                 (Ok(response), Some(mut call)) => {
                     if let Some(ex) = &exchange {
-                        ex.upstream_answered(&mut call, response.status());
+                        call.answered(ex, response.status());
                     }
                     // The client span lasts until the upstream's body has been passed on.
                     response.map(|b| body::boxed(Tap::new(b, call)))
@@ -353,6 +381,71 @@ impl Service<Request<Body>> for Upstream {
             Ok(response)
         }
         .boxed()
+    }
+}
+
+/// An upstream call in progress: its client span (ended when the upstream's body has been
+/// passed on, or the call failed) and what the metrics need when it answers.
+struct UpstreamCall {
+    span: opentelemetry::Context,
+    metrics: Arc<Metrics>,
+    started: Instant,
+    status: Option<http::StatusCode>,
+    kind: UpstreamCallKind,
+    method: Method,
+}
+
+impl UpstreamCall {
+    /// Starts the client span under the request's server span, and writes `traceparent` into
+    /// the outgoing headers.
+    fn start(
+        telemetry: &Telemetry,
+        metrics: &Arc<Metrics>,
+        ex: &Exchange,
+        method: Method,
+        url: &Uri,
+        headers: &mut http::HeaderMap,
+    ) -> Self {
+        let span = telemetry.client_span(&ex.trace, &method, url, headers);
+        let kind = if !is_retry_safe(&method) {
+            UpstreamCallKind::Write
+        } else if headers.contains_key(header::IF_NONE_MATCH)
+            || headers.contains_key(header::IF_MODIFIED_SINCE)
+        {
+            UpstreamCallKind::Revalidate
+        } else {
+            UpstreamCallKind::Fetch
+        };
+        Self {
+            span,
+            metrics: metrics.clone(),
+            started: Instant::now(),
+            status: None,
+            kind,
+            method,
+        }
+    }
+
+    /// Counts the upstream's answer and records it on the exchange.
+    fn answered(&mut self, ex: &Exchange, status: http::StatusCode) {
+        self.status = Some(status);
+        let elapsed = self.started.elapsed();
+        self.metrics
+            .upstream_answered(&self.method, self.kind, status, elapsed);
+        ex.set_upstream(status, elapsed);
+    }
+
+    /// Ends the client span now.
+    fn end(&self, status: Option<http::StatusCode>, error: Option<&'static str>) {
+        telemetry::end_span(&self.span, status, error, true);
+    }
+}
+
+impl body::TapHook for UpstreamCall {
+    fn data(&mut self, _len: usize) {}
+    fn end(&mut self, complete: bool) {
+        let error = (!complete).then_some("response_body_incomplete");
+        UpstreamCall::end(self, self.status, error);
     }
 }
 
@@ -400,7 +493,7 @@ impl UpstreamInner {
 }
 
 fn is_retry_safe(method: &Method) -> bool {
-    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
+    crate::http::is_read(method)
 }
 
 /// What one upstream HTTP/1 connection buffers of a response at most.
@@ -533,7 +626,7 @@ mod tests {
             proxy: None,
             proxy_credentials_file: None,
         };
-        Upstream::new(&config).unwrap()
+        Upstream::build(&config, None).unwrap()
     }
 
     #[tokio::test]

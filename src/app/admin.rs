@@ -9,7 +9,7 @@ use http::{Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 
 use crate::app::Shared;
-use crate::app::server::ClientAddr;
+use crate::context::ClientAddr;
 use crate::http::body::{self, Body};
 use crate::http::error::error_response;
 

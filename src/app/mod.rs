@@ -47,7 +47,7 @@ pub type Credentials = Arc<ArcSwap<Vec<Arc<TokenSource>>>>;
 
 /// The policy for `config`, bound to `credentials` (validation guarantees every rule's
 /// credential is among them).
-fn policy_for(config: &Config, credentials: &[Arc<TokenSource>], metrics: &Arc<Metrics>) -> Policy {
+fn policy_for(config: &Config, credentials: &[Arc<TokenSource>]) -> Policy {
     let by_name: HashMap<String, Arc<TokenSource>> = credentials
         .iter()
         .map(|c| (c.credential().to_string(), c.clone()))
@@ -56,7 +56,7 @@ fn policy_for(config: &Config, credentials: &[Arc<TokenSource>], metrics: &Arc<M
         true => vec![RuleSpec::allow_all(&config.credentials[0].name)],
         false => config.policy.clone(),
     };
-    Policy::new(rules, &by_name, metrics.clone())
+    Policy::new(rules, &by_name)
 }
 
 /// Applies a new configuration to a running gateway (SIGHUP): the `[[policy]]` rules and rates,
@@ -161,7 +161,7 @@ impl Reloader {
             report.applied.push("credentials");
         }
         if credentials_changed || differs(&running.policy, &new.policy) {
-            let policy = policy_for(&new, &inner.credentials.load(), &inner.metrics);
+            let policy = policy_for(&new, &inner.credentials.load());
             inner.policy.store(Arc::new(policy));
             report.applied.push("policy");
         }
@@ -295,12 +295,12 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Start-up, in order: 1. build the upstream client (fails on a bad CA bundle) and the
-    /// tracer; 2. load the credentials (a missing token is tolerated), the TLS files and the
-    /// client-authentication sources (these must load); 3. bind both listeners; 4. make the
-    /// cache, the metrics and the policy; 5. open the audit sink (fails if it cannot be opened).
+    /// Start-up, in order: 1. build the tracer; 2. load the credentials (a missing token is
+    /// tolerated) and the TLS files; 3. make the cache and the metrics, and build the upstream
+    /// client (fails on a bad CA bundle); 4. load the client-authentication sources (these must
+    /// load); 5. bind both listeners; 6. make the policy; 7. open the audit sink (fails if it
+    /// cannot be opened).
     pub async fn bind(config: Config) -> Result<Self, StartError> {
-        let upstream = Upstream::new(&config.upstream)?;
         let telemetry = Telemetry::new(&config.telemetry)?;
         // One key for all: two credentials holding the same token share a cache partition.
         let key = FingerprintKey::random();
@@ -333,11 +333,13 @@ impl Gateway {
         // Until `Reloader::started` names the file's hash (a configuration without a file has
         // none).
         metrics.config.in_force("none");
+        let upstream = Upstream::new(&config.upstream, telemetry.clone(), metrics.clone())?;
         let kubernetes = match &config.clients.kubernetes {
-            Some(k) => Some(Arc::new(
-                TokenReviewer::new(k, metrics.token_reviews.clone())
-                    .map_err(|e| StartError::Setup(format!("clients.kubernetes: {e}")))?,
-            )),
+            Some(k) => {
+                Some(Arc::new(TokenReviewer::new(k).map_err(|e| {
+                    StartError::Setup(format!("clients.kubernetes: {e}"))
+                })?))
+            }
             None => None,
         };
         let api_keys = match &config.clients.api_keys {
@@ -357,7 +359,6 @@ impl Gateway {
         let policy = Arc::new(ArcSwap::from_pointee(policy_for(
             &config,
             &credentials.load(),
-            &metrics,
         )));
         let loopback = config.server.listen.ip().is_loopback();
         if !loopback && config.server.allow_unauthenticated {
@@ -379,7 +380,6 @@ impl Gateway {
             allow_unauthenticated: config.server.allow_unauthenticated,
             kubernetes,
             api_keys,
-            metrics: metrics.clone(),
         });
         let audit = match config.audit.enabled {
             true => Some(AuditLog::open(&config.audit, metrics.audit.clone())?),

@@ -23,29 +23,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tower::{Service, ServiceExt};
 
+use crate::context::{ClientAddr, PeerIdentity};
 use crate::http::body::Body;
-use crate::layers::identity::{PeerIdentity, identity_from_certificate};
+use crate::layers::identity::identity_from_certificate;
 use crate::observability::metrics::ListenerMetrics;
 use crate::secrets::tls::ServerTls;
-
-/// The address of the peer that sent a request, in request extensions.
-#[derive(Debug, Clone)]
-pub struct ClientAddr {
-    /// The peer's socket address.
-    pub addr: SocketAddr,
-    /// The address as text, formatted once per connection (every audit record carries it).
-    pub text: Arc<str>,
-}
-
-impl ClientAddr {
-    /// Formats `addr` once.
-    pub fn new(addr: SocketAddr) -> Self {
-        Self {
-            addr,
-            text: addr.to_string().into(),
-        }
-    }
-}
 
 /// How connections are served.
 #[derive(Debug, Clone, Copy)]

@@ -11,19 +11,10 @@ use std::pin::Pin;
 use std::task::ready;
 use tower::{Layer, Service};
 
+use crate::context::RequestId;
+
 /// The header carrying the id.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-
-/// The request's id, in request extensions.
-#[derive(Debug, Clone)]
-pub struct RequestId(pub HeaderValue);
-
-impl RequestId {
-    /// The id as text (always ASCII).
-    pub fn as_str(&self) -> &str {
-        self.0.to_str().unwrap_or_default()
-    }
-}
 
 /// An id is kept when it is 1 to 128 characters of letters, digits and `-_.:+/=`; anything else
 /// (control characters, spaces, quotes) could corrupt logs downstream, so it is replaced.

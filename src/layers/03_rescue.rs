@@ -18,9 +18,9 @@ use futures_util::future::CatchUnwind;
 use http::{Request, Response};
 use tower::{Layer, Service};
 
+use crate::context::{Exchange, GatewayMade, LogIds};
 use crate::http::body::Body;
 use crate::http::error::GatewayError;
-use crate::layers::observe::{Exchange, LogIds};
 
 /// See the module docs.
 #[derive(Debug, Clone, Default)]
@@ -126,13 +126,6 @@ pub fn rescue(err: GatewayError, ids: Option<&LogIds>) -> Response<Body> {
     let mut response = err.into_response();
     response.extensions_mut().insert(GatewayMade { kind });
     response
-}
-
-/// Marks a response the gateway made itself (for audit and metrics).
-#[derive(Debug, Clone, Copy)]
-pub struct GatewayMade {
-    /// [`GatewayError::kind`].
-    pub kind: &'static str,
 }
 
 fn panicked(panic: Box<dyn Any + Send>, ids: Option<&LogIds>) -> Response<Body> {

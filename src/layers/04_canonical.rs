@@ -40,10 +40,10 @@ use http::{HeaderName, HeaderValue, Method, Request, Response, Uri};
 use tower::{Layer, Service};
 
 pub use crate::config::{DEFAULT_METHODS, NEVER_FORWARDED, OverrideMode};
+use crate::context::{Exchange, WireMethod};
 use crate::http::body::Body;
 use crate::http::error::GatewayError;
 use crate::http::headers::{is_hop_by_hop, strip_hop_by_hop};
-use crate::layers::observe::Exchange;
 
 /// The method-override headers some frameworks honour (Eve, Rails, ASP.NET, Google APIs).
 pub const OVERRIDE_HEADERS: [HeaderName; 3] = [
@@ -51,16 +51,6 @@ pub const OVERRIDE_HEADERS: [HeaderName; 3] = [
     HeaderName::from_static("x-http-method"),
     HeaderName::from_static("x-method-override"),
 ];
-
-/// The method the client sent, in request extensions, when an override replaced it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WireMethod(pub Method);
-
-/// Whether a method reads only: everything else counts as a write for fail-closed audit and
-/// cache invalidation.
-pub fn is_read(method: &Method) -> bool {
-    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
-}
 
 /// Which methods are forwarded and how overrides are treated.
 #[derive(Debug, Clone)]
@@ -437,6 +427,7 @@ where
 mod tests {
     use super::*;
     use crate::http::headers::test_map as headers;
+    use crate::http::is_read;
     use http::HeaderMap;
 
     #[test]

@@ -20,11 +20,10 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use http::{Method, Request, Response};
 use tower::{Layer, Service};
 
+use crate::context::Exchange;
+use crate::context::{ClientIdentity, Decision, Refusal};
 use crate::http::body::Body;
 use crate::http::error::GatewayError;
-use crate::layers::identity::ClientIdentity;
-use crate::layers::observe::Exchange;
-use crate::observability::metrics::Metrics;
 use crate::secrets::credential::SelectedCredential;
 use crate::secrets::token::TokenSource;
 
@@ -210,20 +209,10 @@ struct Rule {
     limiter: Option<DefaultKeyedRateLimiter<Arc<str>>>,
 }
 
-/// What the policy decided for a request, for audit records.
-#[derive(Debug, Clone)]
-pub struct Decision {
-    /// The rule that matched.
-    pub rule: Arc<str>,
-    /// The credential's name (never its value).
-    pub credential: Arc<str>,
-}
-
 /// The compiled policy.
 pub struct Policy {
     rules: Vec<Rule>,
     clock: DefaultClock,
-    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Policy {
@@ -236,11 +225,7 @@ impl std::fmt::Debug for Policy {
 impl Policy {
     /// Binds the rules to the credentials' token sources (config validation guarantees each
     /// rule's credential exists).
-    pub fn new(
-        specs: Vec<RuleSpec>,
-        credentials: &HashMap<String, Arc<TokenSource>>,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    pub fn new(specs: Vec<RuleSpec>, credentials: &HashMap<String, Arc<TokenSource>>) -> Self {
         let rules = specs
             .into_iter()
             .map(|spec| Rule {
@@ -256,7 +241,6 @@ impl Policy {
         Self {
             rules,
             clock: DefaultClock::default(),
-            metrics,
         }
     }
 
@@ -266,25 +250,26 @@ impl Policy {
         client: &ClientIdentity,
         method: &Method,
         path: &str,
-    ) -> Result<(&Rule, Decision), GatewayError> {
+    ) -> Result<(&Rule, Decision), (Refusal, GatewayError)> {
         let Some(rule) = self
             .rules
             .iter()
             .find(|r| r.spec.matches(&client.id, method, path))
         else {
-            self.metrics.client_denied(Some(&client.id), "forbidden");
-            return Err(GatewayError::Forbidden(format!(
-                "client '{}' may not {method} {path}",
-                client.id
-            )));
+            return Err((
+                Refusal::Forbidden,
+                GatewayError::Forbidden(format!("client '{}' may not {method} {path}", client.id)),
+            ));
         };
         if let Some(limiter) = &rule.limiter
             && let Err(not_until) = limiter.check_key(&client.id)
         {
-            self.metrics.client_denied(Some(&client.id), "rate_limited");
-            return Err(GatewayError::RateLimited {
-                retry_after: not_until.wait_time_from(self.clock.now()),
-            });
+            return Err((
+                Refusal::RateLimited,
+                GatewayError::RateLimited {
+                    retry_after: not_until.wait_time_from(self.clock.now()),
+                },
+            ));
         }
         Ok((rule, rule.decision.clone()))
     }
@@ -347,7 +332,12 @@ where
         };
         let policy = self.policy.load();
         match policy.decide(&client, req.method(), req.uri().path()) {
-            Err(e) => Either::Left(std::future::ready(Err(e))),
+            Err((refusal, e)) => {
+                if let Some(ex) = Exchange::of(&req) {
+                    ex.set_refusal(refusal);
+                }
+                Either::Left(std::future::ready(Err(e)))
+            }
             Ok((rule, decision)) => {
                 if let Some(ex) = Exchange::of(&req) {
                     ex.set_decision(decision);

@@ -9,11 +9,12 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use tower::{Layer, Service};
 
+use crate::context::Exchange;
 use crate::http::body::Body;
 use crate::http::error::GatewayError;
 use crate::http::gate::{Admit, GateFuture};
-use crate::layers::observe::Exchange;
 use crate::observability::audit::AuditLog;
+use crate::observability::audit::record;
 
 /// Fail-closed mode: every write (any effective method but GET, HEAD and OPTIONS) waits here for
 /// its intent record to be durable.
@@ -62,15 +63,13 @@ where
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         let exchange = Exchange::of(&req).cloned();
-        let (Some(audit), Some(exchange), true) = (
-            &self.audit,
-            exchange,
-            !crate::layers::canonical::is_read(req.method()),
-        ) else {
+        let (Some(audit), Some(exchange), true) =
+            (&self.audit, exchange, !crate::http::is_read(req.method()))
+        else {
             return GateFuture::call(&mut self.inner, req);
         };
         let audit = audit.clone();
-        let json = exchange.intent_record();
+        let json = record::intent(&exchange);
         let step = async move {
             match audit.intent(json).await {
                 Ok(()) => Ok(Box::new(|_: &mut Request<Body>| {}) as Admit<Body>),

@@ -29,10 +29,9 @@ use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use super::{AuthMethod, ClientIdentity};
 use crate::config::KubernetesConfig;
+use crate::context::{AuthMethod, ClientIdentity, Review, ReviewResult};
 use crate::http::error::GatewayError;
-use crate::observability::metrics::TokenReviewMetrics;
 use crate::secrets::token::{FingerprintKey, TokenOrigin, TokenSource};
 
 /// How long a refusal is remembered.
@@ -42,6 +41,15 @@ const NEGATIVE_TTL: Duration = Duration::from_secs(5);
 enum Reviewed {
     Valid(Arc<ClientIdentity>, Duration),
     Refused(String),
+}
+
+impl Reviewed {
+    fn into_identity(self) -> Result<Arc<ClientIdentity>, GatewayError> {
+        match self {
+            Reviewed::Valid(identity, _) => Ok(identity),
+            Reviewed::Refused(why) => Err(GatewayError::Unauthenticated(why)),
+        }
+    }
 }
 
 /// Checks ServiceAccount tokens.
@@ -55,7 +63,6 @@ pub struct TokenReviewer {
     cache: moka::future::Cache<[u8; 32], Reviewed>,
     in_flight: Arc<tokio::sync::Semaphore>,
     rate: governor::DefaultDirectRateLimiter,
-    metrics: TokenReviewMetrics,
 }
 
 impl std::fmt::Debug for TokenReviewer {
@@ -109,7 +116,7 @@ struct ReviewUser {
 impl TokenReviewer {
     /// Builds the client: trusts only the cluster's CA, authenticates with the gateway's own
     /// ServiceAccount token (re-read as it rotates).
-    pub fn new(config: &KubernetesConfig, metrics: TokenReviewMetrics) -> Result<Self, String> {
+    pub fn new(config: &KubernetesConfig) -> Result<Self, String> {
         let mut roots = rustls::RootCertStore::empty();
         crate::upstream::add_pem_roots(&mut roots, &config.ca_file)?;
         let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -155,42 +162,45 @@ impl TokenReviewer {
                 config.max_concurrent_reviews as usize,
             )),
             rate: governor::RateLimiter::direct(config.review_rate.quota()),
-            metrics,
         })
     }
 
     /// Reviews a bearer token: the identity, 401 for a token that is not valid here, or 503
-    /// when the API server cannot say.
-    pub async fn review(&self, token: &str) -> Result<Arc<ClientIdentity>, GatewayError> {
+    /// when the API server cannot say; and, when the token was not in the review cache, what
+    /// became of it (for the observer to count).
+    pub async fn review(
+        &self,
+        token: &str,
+    ) -> (Result<Arc<ClientIdentity>, GatewayError>, Option<Review>) {
         let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        let reviewed = match self.cache.get(&key).await {
-            Some(r) => r,
-            None => {
-                if let Err(why) = precheck(token, &self.audience, SystemTime::now()) {
-                    self.metrics.reviewed("prechecked", None);
-                    return Err(GatewayError::Unauthenticated(format!(
-                        "not a valid ServiceAccount token for this gateway ({why})"
-                    )));
-                }
-                let _permit = self.admit().inspect_err(|_| {
-                    self.metrics.reviewed("throttled", None);
-                })?;
-                let started = std::time::Instant::now();
-                let asked = self.ask(token).await;
-                let result = match &asked {
-                    Ok(Reviewed::Valid(..)) => "authenticated",
-                    Ok(Reviewed::Refused(_)) => "refused",
-                    Err(_) => "error",
-                };
-                self.metrics.reviewed(result, Some(started.elapsed()));
-                let r = asked?;
-                self.cache.insert(key, r.clone()).await;
-                r
-            }
+        if let Some(r) = self.cache.get(&key).await {
+            return (r.into_identity(), None);
+        }
+        let fact = |result, elapsed| Some(Review { result, elapsed });
+        if let Err(why) = precheck(token, &self.audience, SystemTime::now()) {
+            let refused = GatewayError::Unauthenticated(format!(
+                "not a valid ServiceAccount token for this gateway ({why})"
+            ));
+            return (Err(refused), fact(ReviewResult::Prechecked, None));
+        }
+        let _permit = match self.admit() {
+            Ok(permit) => permit,
+            Err(e) => return (Err(e), fact(ReviewResult::Throttled, None)),
         };
-        match reviewed {
-            Reviewed::Valid(identity, _) => Ok(identity),
-            Reviewed::Refused(why) => Err(GatewayError::Unauthenticated(why)),
+        let started = std::time::Instant::now();
+        let asked = self.ask(token).await;
+        let result = match &asked {
+            Ok(Reviewed::Valid(..)) => ReviewResult::Authenticated,
+            Ok(Reviewed::Refused(_)) => ReviewResult::Refused,
+            Err(_) => ReviewResult::Error,
+        };
+        let review = fact(result, Some(started.elapsed()));
+        match asked {
+            Ok(r) => {
+                self.cache.insert(key, r.clone()).await;
+                (r.into_identity(), review)
+            }
+            Err(e) => (Err(e), review),
         }
     }
 

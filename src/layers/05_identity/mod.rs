@@ -16,55 +16,12 @@ use std::task::{Context, Poll};
 use http::{Request, Response, header};
 use tower::{Layer, Service};
 
+use crate::context::{AuthMethod, ClientIdentity, Exchange, PeerIdentity, Refusal};
 use crate::http::body::Body;
 use crate::http::error::GatewayError;
 use crate::http::gate::{Admit, GateFuture};
-use crate::layers::observe::Exchange;
-use crate::observability::metrics::Metrics;
 use api_keys::ApiKeys;
 use kubernetes::TokenReviewer;
-
-/// How a client proved who it is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum AuthMethod {
-    /// Nothing: the listener is loopback (sidecar mode).
-    Local,
-    /// Nothing: `server.allow_unauthenticated = true`.
-    Anonymous,
-    /// A client certificate.
-    Mtls,
-    /// A Kubernetes ServiceAccount token (TokenReview).
-    Kubernetes,
-    /// An API key.
-    ApiKey,
-}
-
-impl AuthMethod {
-    /// The name in audit records and metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Local => "local",
-            Self::Anonymous => "none",
-            Self::Mtls => "mtls",
-            Self::Kubernetes => "kubernetes",
-            Self::ApiKey => "api_key",
-        }
-    }
-}
-
-/// A caller, as identified.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClientIdentity {
-    /// The id policy rules match: a SPIFFE ID or other SAN, a ServiceAccount username, an API
-    /// key id, `local` or `anonymous`.
-    pub id: Arc<str>,
-    /// How it was established.
-    pub method: AuthMethod,
-}
-
-/// The identity a verified client certificate gave the connection; set by the listener.
-#[derive(Debug, Clone)]
-pub struct PeerIdentity(pub Arc<ClientIdentity>);
 
 /// The identity in a client certificate, in its namespace: its first URI SAN as it is (a SPIFFE
 /// ID, `spiffe://…`), else `dns:<first DNS SAN>`, else `cn:<subject CN>`. The prefixes keep
@@ -116,8 +73,6 @@ pub struct Authenticator {
     pub kubernetes: Option<Arc<TokenReviewer>>,
     /// API keys.
     pub api_keys: Option<Arc<ApiKeys>>,
-    /// For denial counts.
-    pub metrics: Arc<Metrics>,
 }
 
 /// The sidecar's caller.
@@ -252,23 +207,38 @@ where
                 GateFuture::call(&mut self.inner, req)
             }
             Outcome::Refused(e) => {
-                auth.metrics.client_denied(None, "unauthenticated");
+                if let Some(ex) = Exchange::of(&req) {
+                    ex.set_refusal(Refusal::Unauthenticated);
+                }
                 GateFuture::refuse(e)
             }
             Outcome::Review(token) => {
                 let Some(reviewer) = auth.kubernetes.clone() else {
                     return GateFuture::refuse(GatewayError::Internal);
                 };
-                let metrics = auth.metrics.clone();
+                let exchange = Exchange::of(&req).cloned();
                 let step = async move {
-                    match reviewer.review(&token).await {
+                    let (reviewed, review) = reviewer.review(&token).await;
+                    if let (Some(ex), Some(review)) = (&exchange, review) {
+                        ex.set_review(review);
+                    }
+                    match reviewed {
                         Ok(identity) => {
                             Ok(Box::new(move |req: &mut Request<B>| admit(req, identity))
                                 as Admit<B>)
                         }
                         Err(e) => {
-                            // unauthenticated, identity_unavailable or identity_throttled.
-                            metrics.client_denied(None, e.kind());
+                            if let Some(ex) = &exchange {
+                                ex.set_refusal(match &e {
+                                    GatewayError::IdentityThrottled { .. } => {
+                                        Refusal::IdentityThrottled
+                                    }
+                                    GatewayError::IdentityUnavailable(_) => {
+                                        Refusal::IdentityUnavailable
+                                    }
+                                    _ => Refusal::Unauthenticated,
+                                });
+                            }
                             Err(e)
                         }
                     }

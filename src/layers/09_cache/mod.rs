@@ -30,10 +30,11 @@ use tower::util::BoxCloneService;
 use tower::{Layer, Service};
 
 use crate::config::CacheConfig;
+use crate::context::Exchange;
+use crate::context::WireMethod;
 use crate::http::body::{self, Body, Collected, Hold, PrefixedBody, Tap, collect_limited};
 use crate::http::error::GatewayError;
-use crate::layers::canonical::{WireMethod, is_read};
-use crate::layers::observe::Exchange;
+use crate::http::is_read;
 use crate::secrets::credential::{PinnedToken, SelectedCredential};
 use rules::{Directives, NotStorable};
 use status::{CacheStatus, Forward};
@@ -556,7 +557,7 @@ fn collapse_key_headers(names: &[HeaderName], headers: &mut HeaderMap) {
 /// (`/api/v1/usergroups/ID/...` and `/api/v1/usergroups` → `/api/v1/usergroups`), or, outside
 /// `/api/v1/<collection>`, the path's own subtree; and, exactly, the parent of that root.
 fn invalidation_scope(path: &str) -> (String, String) {
-    let root = match crate::observability::audit::record::Resource::parse(path) {
+    let root = match crate::http::resource::Resource::parse(path) {
         Some(r) => format!("/api/v1/{}", r.collection),
         None => path.trim_end_matches('/').to_string(),
     };

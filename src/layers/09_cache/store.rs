@@ -140,7 +140,7 @@ type PathIndex = Mutex<HashMap<(Fingerprint, Box<str>), HashMap<Box<str>, u64>>>
 
 /// The bucket of `path` in the [`PathIndex`].
 fn bucket(path: &str) -> &str {
-    if let Some(r) = crate::observability::audit::record::Resource::parse(path) {
+    if let Some(r) = crate::http::resource::Resource::parse(path) {
         let end = "/api/v1/".len() + r.collection.len();
         return &path[..end];
     }

@@ -22,7 +22,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 use crate::config::{AuditConfig, AuditSink};
-use crate::layers::observe::LogIds;
+use crate::context::LogIds;
 use crate::observability::metrics::AuditMetrics;
 use chain::{ChainHash, GENESIS};
 

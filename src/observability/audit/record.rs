@@ -5,37 +5,8 @@
 
 use serde::Serialize;
 
-/// `/api/v1/<collection>/<id>`, as named in a request path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct Resource<'a> {
-    /// The collection, e.g. `clusters`.
-    pub collection: &'a str,
-    /// The item id, when the path names one.
-    pub id: Option<&'a str>,
-}
-
-impl<'a> Resource<'a> {
-    /// Parses `/api/v1/<collection>[/<id>[/...]]`; other paths name no resource.
-    pub fn parse(path: &'a str) -> Option<Self> {
-        let rest = path.strip_prefix("/api/v1/")?;
-        let mut parts = rest.split('/');
-        let collection = parts.next().filter(|c| !c.is_empty())?;
-        let id = parts.next().filter(|i| !i.is_empty());
-        Some(Self { collection, id })
-    }
-}
-
-/// The route template for span names: low-cardinality by construction.
-pub fn route(path: &str) -> &'static str {
-    match Resource::parse(path) {
-        None => "/*",
-        Some(Resource { id: None, .. }) => "/api/v1/{collection}",
-        Some(_) if path.trim_end_matches('/').matches('/').count() > 4 => {
-            "/api/v1/{collection}/{id}/*"
-        }
-        Some(_) => "/api/v1/{collection}/{id}",
-    }
-}
+use crate::context::Exchange;
+use crate::http::resource::Resource;
 
 /// Who made the request.
 #[derive(Debug, Clone, Serialize)]
@@ -112,6 +83,51 @@ impl Record<'_> {
     }
 }
 
+impl<'a> Record<'a> {
+    /// The members every record has, from what the exchange says so far.
+    pub fn of(ex: &'a Exchange, phase: &'static str) -> Self {
+        let path = ex.uri().path();
+        let span = opentelemetry::trace::TraceContextExt::span(&ex.trace);
+        let sc = span.span_context();
+        Record {
+            ts: humantime::format_rfc3339_millis(ex.received_at).to_string(),
+            phase,
+            request_id: ex.request_id.to_str().unwrap_or_default(),
+            // The same lowercase hex as their Display, without the formatter.
+            trace_id: hex::encode(sc.trace_id().to_bytes()),
+            span_id: hex::encode(sc.span_id().to_bytes()),
+            client: Client {
+                addr: ex.client_addr.as_ref().map(|a| &*a.text),
+                id: ex.client().map(|c| c.id.as_ref()),
+                auth: ex.client().map(|c| c.method.as_str()),
+            },
+            rule: ex.decision().map(|d| d.rule.as_ref()),
+            credential: ex.decision().map(|d| d.credential.as_ref()),
+            method: ex.method().as_str(),
+            wire_method: ex.overridden().then(|| ex.wire_method.as_str()),
+            path,
+            query: ex.uri().query(),
+            resource: Resource::parse(path),
+            status: None,
+            upstream_status: None,
+            cache: None,
+            if_match: ex.if_match.as_ref().and_then(|v| v.to_str().ok()),
+            etag: None,
+            bytes_in: None,
+            bytes_out: None,
+            duration_ms: None,
+            upstream_ms: None,
+            error: None,
+            complete: None,
+        }
+    }
+}
+
+/// The fail-closed intent record for a request, open for the chain members.
+pub fn intent(ex: &Exchange) -> Vec<u8> {
+    Record::of(ex, "intent").to_open_json()
+}
+
 /// An ETag's value without its quotes (a weak one keeps its `W/`).
 pub fn unquote_etag(value: &str) -> String {
     match value.strip_prefix("W/") {
@@ -128,34 +144,6 @@ pub fn millis(d: std::time::Duration) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn resources_and_routes() {
-        let r = |p| Resource::parse(p);
-        assert_eq!(
-            r("/api/v1/clusters/abc"),
-            Some(Resource {
-                collection: "clusters",
-                id: Some("abc")
-            })
-        );
-        assert_eq!(
-            r("/api/v1/clusters"),
-            Some(Resource {
-                collection: "clusters",
-                id: None
-            })
-        );
-        assert_eq!(r("/api/v1/"), None);
-        assert_eq!(r("/healthz"), None);
-        assert_eq!(route("/api/v1/clusters"), "/api/v1/{collection}");
-        assert_eq!(route("/api/v1/clusters/x"), "/api/v1/{collection}/{id}");
-        assert_eq!(
-            route("/api/v1/clusters/x/action"),
-            "/api/v1/{collection}/{id}/*"
-        );
-        assert_eq!(route("/other"), "/*");
-    }
 
     #[test]
     fn etags_lose_their_quotes() {

@@ -1,0 +1,375 @@
+//! The request context: one [`Exchange`] per request, and the facts the layers record on it.
+//!
+//! The observe layer creates the exchange and puts it into the request extensions; each layer
+//! below records what only it knows, once (the canonical request, who the client is, the policy's
+//! decision, why a request was refused, a TokenReview, what the upstream answered), and the
+//! observe layer reads it all when the response ends, to write the audit record, end the span and
+//! count the metrics. Layers write facts; they do not count or log their own outcomes.
+//!
+//! This module depends on nothing else in the crate, so every layer can use it without pulling
+//! in another layer; the types here are the vocabulary they share.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use http::{HeaderValue, Method, Request, StatusCode, Uri};
+use opentelemetry::KeyValue;
+use opentelemetry::trace::TraceContextExt;
+
+/// The address of the peer that sent a request, in request extensions (set by the listener).
+#[derive(Debug, Clone)]
+pub struct ClientAddr {
+    /// The peer's socket address.
+    pub addr: SocketAddr,
+    /// The address as text, formatted once per connection (every audit record carries it).
+    pub text: Arc<str>,
+}
+
+impl ClientAddr {
+    /// Formats `addr` once.
+    pub fn new(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            text: addr.to_string().into(),
+        }
+    }
+}
+
+/// The request's id (`X-Request-Id`), in request extensions.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub HeaderValue);
+
+impl RequestId {
+    /// The id as text (always ASCII).
+    pub fn as_str(&self) -> &str {
+        self.0.to_str().unwrap_or_default()
+    }
+}
+
+/// How a client proved who it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AuthMethod {
+    /// Nothing: the listener is loopback (sidecar mode).
+    Local,
+    /// Nothing: `server.allow_unauthenticated = true`.
+    Anonymous,
+    /// A client certificate.
+    Mtls,
+    /// A Kubernetes ServiceAccount token (TokenReview).
+    Kubernetes,
+    /// An API key.
+    ApiKey,
+}
+
+impl AuthMethod {
+    /// The name in audit records and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Anonymous => "none",
+            Self::Mtls => "mtls",
+            Self::Kubernetes => "kubernetes",
+            Self::ApiKey => "api_key",
+        }
+    }
+}
+
+/// A caller, as identified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientIdentity {
+    /// The id policy rules match: a SPIFFE ID or other SAN, a ServiceAccount username, an API
+    /// key id, `local` or `anonymous`.
+    pub id: Arc<str>,
+    /// How it was established.
+    pub method: AuthMethod,
+}
+
+/// The identity a verified client certificate gave the connection; set by the listener.
+#[derive(Debug, Clone)]
+pub struct PeerIdentity(pub Arc<ClientIdentity>);
+
+/// The method the client sent, in request extensions, when an override replaced it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireMethod(pub Method);
+
+/// What the policy decided for a request, for audit records.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    /// The rule that matched.
+    pub rule: Arc<str>,
+    /// The credential's name (never its value).
+    pub credential: Arc<str>,
+}
+
+/// Why a request was refused before it reached the cache: the identity and policy layers record
+/// it, and the observer counts it per client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No acceptable credential (401).
+    Unauthenticated,
+    /// The Kubernetes API server could not review a ServiceAccount token (503).
+    IdentityUnavailable,
+    /// Too many TokenReviews at once or per second (503).
+    IdentityThrottled,
+    /// No policy rule allows it (403).
+    Forbidden,
+    /// Over the rule's rate (429).
+    RateLimited,
+}
+
+impl Refusal {
+    /// The label in metrics (`reason`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unauthenticated => "unauthenticated",
+            Self::IdentityUnavailable => "identity_unavailable",
+            Self::IdentityThrottled => "identity_throttled",
+            Self::Forbidden => "forbidden",
+            Self::RateLimited => "rate_limited",
+        }
+    }
+}
+
+/// What became of a ServiceAccount token that was not in the review cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReviewResult {
+    /// Refused without asking the API server (not a JWS, expired, wrong audience).
+    Prechecked,
+    /// Refused because reviews are at their bound.
+    Throttled,
+    /// The API server authenticated it.
+    Authenticated,
+    /// The API server refused it.
+    Refused,
+    /// The API server could not be asked, or its answer made no sense.
+    Error,
+}
+
+impl ReviewResult {
+    /// The label in metrics (`result`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Prechecked => "prechecked",
+            Self::Throttled => "throttled",
+            Self::Authenticated => "authenticated",
+            Self::Refused => "refused",
+            Self::Error => "error",
+        }
+    }
+}
+
+/// A TokenReview this request caused: its result, and how long the API server took when asked.
+#[derive(Debug, Clone, Copy)]
+pub struct Review {
+    /// What became of it.
+    pub result: ReviewResult,
+    /// The API server's time, when it was asked.
+    pub elapsed: Option<Duration>,
+}
+
+/// Marks a response the gateway made itself (for audit and metrics).
+#[derive(Debug, Clone, Copy)]
+pub struct GatewayMade {
+    /// The error's kind (`GatewayError::kind`).
+    pub kind: &'static str,
+}
+
+/// What ties a log line to a request: its id and its trace.
+#[derive(Debug, Clone)]
+pub struct LogIds {
+    /// `X-Request-Id`.
+    pub request_id: HeaderValue,
+    /// The W3C trace id (32 hex digits).
+    pub trace_id: opentelemetry::trace::TraceId,
+}
+
+impl LogIds {
+    /// The request id as text.
+    pub fn request_id(&self) -> &str {
+        self.request_id.to_str().unwrap_or_default()
+    }
+}
+
+/// What the upstream said, as far as the records need it (the last answer, if the cache asked
+/// more than once).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UpstreamReport {
+    /// Its status.
+    pub status: Option<StatusCode>,
+    /// How long it took to answer (headers).
+    pub elapsed: Option<Duration>,
+}
+
+/// One request as it passes through the gateway: what arrived, and what the layers below learn.
+#[derive(Debug)]
+pub struct Exchange {
+    /// When it arrived (wall clock, for the record's `ts`).
+    pub received_at: SystemTime,
+    /// When it arrived (monotonic, for durations).
+    pub started: Instant,
+    /// `X-Request-Id`.
+    pub request_id: HeaderValue,
+    /// The method as it arrived.
+    pub wire_method: Method,
+    /// The target as it arrived.
+    pub wire_uri: Uri,
+    /// `If-Match`, as it arrived.
+    pub if_match: Option<HeaderValue>,
+    /// The peer, when the listener knows it.
+    pub client_addr: Option<ClientAddr>,
+    /// The server span's context: the parent of upstream calls' client spans.
+    pub trace: opentelemetry::Context,
+    effective_method: OnceLock<Method>,
+    canonical_uri: OnceLock<Uri>,
+    client: OnceLock<Arc<ClientIdentity>>,
+    decision: OnceLock<Decision>,
+    refusal: OnceLock<Refusal>,
+    review: OnceLock<Review>,
+    bytes_in: AtomicU64,
+    upstream: Mutex<UpstreamReport>,
+}
+
+impl Exchange {
+    /// A new exchange for a request that arrived just now.
+    pub fn new(
+        request_id: HeaderValue,
+        wire_method: Method,
+        wire_uri: Uri,
+        if_match: Option<HeaderValue>,
+        client_addr: Option<ClientAddr>,
+        trace: opentelemetry::Context,
+    ) -> Self {
+        Self {
+            received_at: SystemTime::now(),
+            started: Instant::now(),
+            request_id,
+            wire_method,
+            wire_uri,
+            if_match,
+            client_addr,
+            trace,
+            effective_method: OnceLock::new(),
+            canonical_uri: OnceLock::new(),
+            client: OnceLock::new(),
+            decision: OnceLock::new(),
+            refusal: OnceLock::new(),
+            review: OnceLock::new(),
+            bytes_in: AtomicU64::new(0),
+            upstream: Mutex::new(UpstreamReport::default()),
+        }
+    }
+
+    /// The exchange a request belongs to, when it came through the observe layer.
+    pub fn of<B>(req: &Request<B>) -> Option<&Arc<Exchange>> {
+        req.extensions().get::<Arc<Exchange>>()
+    }
+
+    /// Records the request the upstream will execute, where it differs from the one that
+    /// arrived (by the canonical layer): the audit record, span and metrics then describe it.
+    pub fn set_effective(&self, method: Option<Method>, uri: Option<Uri>) {
+        if let Some(method) = method {
+            let span = self.trace.span();
+            if span.is_recording() {
+                span.set_attribute(KeyValue::new(
+                    "http.request.method",
+                    method.as_str().to_owned(),
+                ));
+                span.set_attribute(KeyValue::new(
+                    "http.request.method_original",
+                    self.wire_method.as_str().to_owned(),
+                ));
+            }
+            let _ = self.effective_method.set(method);
+        }
+        if let Some(uri) = uri {
+            let _ = self.canonical_uri.set(uri);
+        }
+    }
+
+    /// The method the upstream executes (the wire method unless an override replaced it).
+    pub fn method(&self) -> &Method {
+        self.effective_method.get().unwrap_or(&self.wire_method)
+    }
+
+    /// Whether a method override replaced the wire method.
+    pub fn overridden(&self) -> bool {
+        self.effective_method.get().is_some()
+    }
+
+    /// The canonical target (the wire target unless it was rewritten).
+    pub fn uri(&self) -> &Uri {
+        self.canonical_uri.get().unwrap_or(&self.wire_uri)
+    }
+
+    /// Records who the client is (by the identity layer).
+    pub fn set_client(&self, client: Arc<ClientIdentity>) {
+        let _ = self.client.set(client);
+    }
+
+    /// Who the client is, once identified.
+    pub fn client(&self) -> Option<&Arc<ClientIdentity>> {
+        self.client.get()
+    }
+
+    /// Records the policy's decision.
+    pub fn set_decision(&self, decision: Decision) {
+        let _ = self.decision.set(decision);
+    }
+
+    /// The policy's decision, once made.
+    pub fn decision(&self) -> Option<&Decision> {
+        self.decision.get()
+    }
+
+    /// Records why the request was refused (by the identity or policy layer).
+    pub fn set_refusal(&self, refusal: Refusal) {
+        let _ = self.refusal.set(refusal);
+    }
+
+    /// Why the request was refused, if it was.
+    pub fn refusal(&self) -> Option<Refusal> {
+        self.refusal.get().copied()
+    }
+
+    /// Records the TokenReview this request caused (by the identity layer).
+    pub fn set_review(&self, review: Review) {
+        let _ = self.review.set(review);
+    }
+
+    /// The TokenReview this request caused, if any.
+    pub fn review(&self) -> Option<Review> {
+        self.review.get().copied()
+    }
+
+    /// Counts request body bytes as they are read.
+    pub fn add_bytes_in(&self, n: u64) {
+        self.bytes_in.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Request body bytes read so far.
+    pub fn bytes_in(&self) -> u64 {
+        self.bytes_in.load(Ordering::Relaxed)
+    }
+
+    /// Records the upstream's answer (the last one, if the cache asked more than once).
+    pub fn set_upstream(&self, status: StatusCode, elapsed: Duration) {
+        let mut report = self.upstream.lock().unwrap_or_else(|e| e.into_inner());
+        report.status = Some(status);
+        report.elapsed = Some(elapsed);
+    }
+
+    /// What the upstream answered, if it was asked.
+    pub fn upstream(&self) -> UpstreamReport {
+        *self.upstream.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The ids every log line about this request carries.
+    pub fn log_ids(&self) -> LogIds {
+        LogIds {
+            request_id: self.request_id.clone(),
+            trace_id: self.trace.span().span_context().trace_id(),
+        }
+    }
+}
