@@ -169,6 +169,18 @@ pub struct Review {
     pub elapsed: Option<Duration>,
 }
 
+/// What the cache did with a request, as the cache layer reports it: the label audit records,
+/// spans and metrics use, and the `Cache-Status` header (RFC 9211), both derived there from one
+/// outcome. The observe layer puts the header on the response, whether the cache answered or
+/// the request failed below it.
+#[derive(Debug, Clone)]
+pub struct CacheReport {
+    /// `hit`, `revalidated`, `miss`, `stale` or `bypass`.
+    pub label: &'static str,
+    /// The `Cache-Status` value.
+    pub header: HeaderValue,
+}
+
 /// Marks a response the gateway made itself (for audit and metrics).
 #[derive(Debug, Clone, Copy)]
 pub struct GatewayMade {
@@ -227,6 +239,7 @@ pub struct Exchange {
     decision: OnceLock<Decision>,
     refusal: OnceLock<Refusal>,
     review: OnceLock<Review>,
+    cache: OnceLock<CacheReport>,
     bytes_in: AtomicU64,
     upstream: Mutex<UpstreamReport>,
 }
@@ -256,6 +269,7 @@ impl Exchange {
             decision: OnceLock::new(),
             refusal: OnceLock::new(),
             review: OnceLock::new(),
+            cache: OnceLock::new(),
             bytes_in: AtomicU64::new(0),
             upstream: Mutex::new(UpstreamReport::default()),
         }
@@ -341,6 +355,16 @@ impl Exchange {
     /// The TokenReview this request caused, if any.
     pub fn review(&self) -> Option<Review> {
         self.review.get().copied()
+    }
+
+    /// Records what the cache did (by the cache layer).
+    pub fn set_cache(&self, report: CacheReport) {
+        let _ = self.cache.set(report);
+    }
+
+    /// What the cache did, if the request reached it.
+    pub fn cache(&self) -> Option<&CacheReport> {
+        self.cache.get()
     }
 
     /// Counts request body bytes as they are read.

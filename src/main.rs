@@ -164,7 +164,7 @@ fn main() -> ExitCode {
     if cli.check {
         let files = match cli.config_only {
             true => Ok(()),
-            false => config.check_files(),
+            false => cloudcasa_gateway::app::check::check_files(&config),
         };
         return match files {
             Ok(()) => {

@@ -6,7 +6,6 @@
 //! before the request was written; writes never are.
 
 use std::future::Future;
-use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,8 +23,6 @@ use hyper_util::client::legacy::connect::proxy::Tunnel;
 use hyper_util::rt::TokioIo;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::RootCertStore;
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject;
 use tower::Service;
 
 use crate::config::UpstreamConfig;
@@ -36,6 +33,7 @@ use crate::http::body::{
 };
 use crate::http::error::{GatewayError, find_cause};
 use crate::http::headers::strip_hop_by_hop;
+use crate::http::pem::add_pem_roots;
 use crate::observability::metrics::{Metrics, UpstreamCallKind};
 use crate::observability::telemetry::{self, Telemetry};
 
@@ -44,28 +42,6 @@ type Connector = TimeoutConnector<HttpsConnector<Route>>;
 pub type HttpClient = Client<Connector, Body>;
 
 static APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json");
-
-/// Reads a PEM bundle of CA certificates.
-pub fn read_pem_roots(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{} is not a PEM certificate bundle: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!("{} contains no PEM certificates", path.display()));
-    }
-    Ok(certs)
-}
-
-/// Adds the certificates of a PEM bundle to `roots`; errors name the file.
-pub fn add_pem_roots(roots: &mut RootCertStore, path: &Path) -> Result<(), String> {
-    for cert in read_pem_roots(path)? {
-        roots
-            .add(cert)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-    }
-    Ok(())
-}
 
 /// Errors building the upstream client.
 #[derive(Debug, thiserror::Error)]

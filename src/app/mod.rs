@@ -3,6 +3,7 @@
 //! Read [`Gateway::proxy_stack`] to follow a request through the gateway.
 
 pub mod admin;
+pub mod check;
 pub mod server;
 
 use std::collections::HashMap;
@@ -102,7 +103,7 @@ impl Reloader {
             .map_err(|e| format!("cannot read {}: {e}", path.display()))
             .and_then(|bytes| {
                 let config = Config::load(Some(path), overrides).map_err(|e| e.to_string())?;
-                config.check_files().map_err(|e| e.to_string())?;
+                check::check_files(&config).map_err(|e| e.to_string())?;
                 Ok((config, config_hash(&bytes)))
             });
         match loaded {
@@ -326,7 +327,9 @@ impl Gateway {
         let credentials: Credentials = Arc::new(ArcSwap::from_pointee(credentials));
         let metrics = Arc::new(Metrics::new(
             credentials.clone(),
-            cache.clone(),
+            cache
+                .clone()
+                .map(|c| c as Arc<dyn crate::observability::metrics::CacheGauges>),
             tls.clone(),
             telemetry.export_failures(),
         ));

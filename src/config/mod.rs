@@ -5,6 +5,7 @@
 //! turns them into validated types, collecting every problem (each naming its key) before failing.
 //! Nothing outside this module sees serde or TOML.
 
+pub mod policy;
 pub mod raw;
 
 use std::fmt;
@@ -14,8 +15,7 @@ use std::time::Duration;
 
 use http::{Method, Uri};
 
-use crate::layers::policy::{Rate, RuleSpec};
-use crate::secrets::token::TokenOrigin;
+use policy::{Rate, RuleSpec};
 use raw::RawConfig;
 
 /// CloudCasa's production API.
@@ -307,6 +307,15 @@ pub struct Overrides {
     pub token_file: Option<PathBuf>,
 }
 
+/// Where a token is read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenOrigin {
+    /// A file, typically a key of a Secret mounted as a volume.
+    File(PathBuf),
+    /// An environment variable, read once at start.
+    Env(String),
+}
+
 /// One configuration problem, naming the key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigProblem {
@@ -454,14 +463,6 @@ impl Config {
             .upstream
             .pool_idle_timeout
             .unwrap_or(Duration::from_secs(90));
-        if let Some(Err(e)) = r
-            .upstream
-            .ca_file
-            .as_deref()
-            .map(crate::upstream::read_pem_roots)
-        {
-            p.add("upstream.ca_file", e);
-        }
 
         let proxy = r.upstream.proxy.as_deref().and_then(|text| {
             match text.parse::<Uri>() {
@@ -674,91 +675,6 @@ impl Config {
                 },
             }),
             _ => Err(p.0),
-        }
-    }
-
-    /// The extra checks of `--check`: files named in the configuration must be readable now.
-    /// (At run time a missing token file is tolerated: the Secret may appear later.)
-    pub fn check_files(&self) -> Result<(), ConfigError> {
-        let mut p = Problems::default();
-        for (i, c) in self.credentials.iter().enumerate() {
-            let key = |field: &str| match c.name.as_str() {
-                "default" => format!("token.{field}"),
-                _ => format!("credentials[{i}].{field}"),
-            };
-            match &c.origin {
-                TokenOrigin::File(path) => match std::fs::read_to_string(path) {
-                    Ok(t) if t.trim().is_empty() => {
-                        p.add(&key("file"), format!("{} is empty", path.display()))
-                    }
-                    Ok(_) => {}
-                    Err(e) => p.add(&key("file"), format!("cannot read {}: {e}", path.display())),
-                },
-                TokenOrigin::Env(name) => {
-                    if std::env::var(name)
-                        .map(|v| v.trim().is_empty())
-                        .unwrap_or(true)
-                    {
-                        p.add(
-                            &key("env"),
-                            format!("environment variable {name} is not set or empty"),
-                        );
-                    }
-                }
-            }
-        }
-        let mut readable = |key: &str, path: &Path| {
-            if let Err(e) = std::fs::metadata(path) {
-                p.add(key, format!("cannot read {}: {e}", path.display()));
-            }
-        };
-        if let Some(tls) = &self.server.tls {
-            readable("server.tls.cert_file", &tls.cert_file);
-            readable("server.tls.key_file", &tls.key_file);
-            if let Some(ca) = &tls.client_ca_file {
-                readable("server.tls.client_ca_file", ca);
-            }
-        }
-        if let Some(f) = &self.upstream.proxy_credentials_file {
-            readable("upstream.proxy_credentials_file", f);
-        }
-        if let Some(k) = &self.clients.kubernetes {
-            readable("clients.kubernetes.token_file", &k.token_file);
-            readable("clients.kubernetes.ca_file", &k.ca_file);
-        }
-        if let Some(keys) = &self.clients.api_keys {
-            // Parsed, as start-up parses it: nothing --check accepts may fail at start.
-            match std::fs::read_to_string(keys) {
-                Err(e) => p.add(
-                    "clients.api_keys.file",
-                    format!("cannot read {}: {e}", keys.display()),
-                ),
-                Ok(text) => {
-                    if let Err(e) = crate::layers::identity::api_keys::parse(&text) {
-                        p.add("clients.api_keys.file", format!("{}: {e}", keys.display()));
-                    }
-                }
-            }
-        }
-        if let (true, AuditSink::File(path)) = (self.audit.enabled, &self.audit.sink) {
-            let dir = path
-                .parent()
-                .filter(|d| !d.as_os_str().is_empty())
-                .unwrap_or(Path::new("."));
-            if !dir.is_dir() {
-                p.add(
-                    "audit.path",
-                    format!("directory {} does not exist", dir.display()),
-                );
-            }
-        }
-        if p.0.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError {
-                origin: "the files named in the configuration".into(),
-                problems: p.0,
-            })
         }
     }
 }

@@ -6,6 +6,7 @@ pub mod body;
 pub mod error;
 pub mod gate;
 pub mod headers;
+pub mod pem;
 pub mod resource;
 
 /// Whether a method only reads (GET, HEAD, OPTIONS): never a write, safe to retry, never

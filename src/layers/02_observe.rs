@@ -20,8 +20,8 @@ use tower::{Layer, Service};
 
 use crate::context::{ClientAddr, Exchange, GatewayMade, RequestId};
 use crate::http::body::{self, Body, Tap, TapHook};
+use crate::http::headers::CACHE_STATUS;
 use crate::http::resource;
-use crate::layers::cache::status::CacheStatus;
 use crate::observability::audit::AuditLog;
 use crate::observability::audit::record::{self, Record};
 use crate::observability::metrics::Metrics;
@@ -153,10 +153,16 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let Ok(response) = ready!(this.inner.poll(cx));
+        let Ok(mut response) = ready!(this.inner.poll(cx));
         let Some(mut completion) = this.completion.take() else {
             return Poll::Ready(Ok(response));
         };
+        // What the cache did, on whatever the response became (an error rendered by rescue too).
+        if let Some(report) = completion.exchange.cache() {
+            response
+                .headers_mut()
+                .insert(CACHE_STATUS.clone(), report.header.clone());
+        }
         completion.response = Some(Answered::from(
             &response,
             *completion.exchange.method() == Method::HEAD,
@@ -169,7 +175,6 @@ where
 #[derive(Debug)]
 struct Answered {
     status: StatusCode,
-    cache: Option<CacheStatus>,
     etag: Option<String>,
     error: Option<&'static str>,
     /// A body that is empty by definition (HEAD, 204, 304) is complete when dropped.
@@ -181,7 +186,6 @@ impl Answered {
         let status = response.status();
         Self {
             status,
-            cache: response.extensions().get::<CacheStatus>().cloned(),
             etag: response
                 .headers()
                 .get(header::ETAG)
@@ -239,14 +243,14 @@ impl Completion {
                 Some("client_closed"),
             ),
         };
-        let cache = self.response.as_ref().and_then(|r| r.cache.as_ref());
-        let cache_label = cache.map_or("bypass", CacheStatus::label);
+        let cache = ex.cache();
+        let cache_label = cache.map_or("bypass", |c| c.label);
 
         let span = ex.trace.span();
         if span.is_recording() {
             span.set_attribute(KeyValue::new("cloudcasa_gateway.cache.status", cache_label));
             if let Some(c) = cache
-                && let Ok(detail) = c.header_value().to_str()
+                && let Ok(detail) = c.header.to_str()
             {
                 span.set_attribute(KeyValue::new(
                     "cloudcasa_gateway.cache.detail",

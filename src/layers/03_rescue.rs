@@ -112,7 +112,7 @@ where
 }
 
 /// Logs a gateway-made error (with the request's ids) and renders it.
-pub fn rescue(err: GatewayError, ids: Option<&LogIds>) -> Response<Body> {
+fn rescue(err: GatewayError, ids: Option<&LogIds>) -> Response<Body> {
     // `detail`, not `message`: JSON logs already have a `message` key for the event itself.
     let detail = err.message();
     let request_id = ids.map(LogIds::request_id);

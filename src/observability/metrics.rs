@@ -17,7 +17,6 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::layers::cache::Cache;
 use crate::secrets::tls::ServerTls;
 use crate::secrets::token::TokenSource;
 
@@ -190,7 +189,7 @@ impl Metrics {
     /// Registers every metric; `tokens` and `cache` are read at scrape time.
     pub fn new(
         tokens: Arc<arc_swap::ArcSwap<Vec<Arc<TokenSource>>>>,
-        cache: Option<Arc<Cache>>,
+        cache: Option<Arc<dyn CacheGauges>>,
         tls: Option<Arc<ServerTls>>,
         telemetry_failures: Counter,
     ) -> Self {
@@ -849,82 +848,105 @@ impl Collector for TokenCollector {
     }
 }
 
+/// What the cache reports at scrape time: its size and the counters it keeps anyway.
+/// Implemented by the cache layer, so that metrics need not know the cache.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CacheSnapshot {
+    /// Entries stored.
+    pub entries: u64,
+    /// Their weighted size in bytes.
+    pub weighted_bytes: u64,
+    /// `cache.max_size`.
+    pub max_bytes: u64,
+    /// Requests answered from the cache without asking upstream.
+    pub hits: u64,
+    /// Requests with nothing usable stored.
+    pub misses: u64,
+    /// Stored responses revalidated upstream.
+    pub revalidations: u64,
+    /// Stale responses served because the upstream failed.
+    pub stale_served: u64,
+    /// Requests that waited for another request's upstream fetch.
+    pub collapsed: u64,
+    /// Entries evicted to stay within `cache.max_size`.
+    pub evictions: u64,
+    /// Paths invalidated by writes.
+    pub invalidations: u64,
+}
+
+/// A source of [`CacheSnapshot`]s.
+pub trait CacheGauges: Send + Sync + std::fmt::Debug + 'static {
+    /// The figures now.
+    fn snapshot(&self) -> CacheSnapshot;
+}
+
 #[derive(Debug)]
-struct CacheCollector(Arc<Cache>);
+struct CacheCollector(Arc<dyn CacheGauges>);
 
 impl Collector for CacheCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        use std::sync::atomic::Ordering::Relaxed;
-        let store = self.0.store();
-        let (entries, weighted) = store.approximate_size();
+        let s = self.0.snapshot();
         let e = &mut encoder;
         encode_one(
             e,
             "cache_entries",
             "Paths with a stored response",
             None,
-            ConstGauge::new(entries as i64),
+            ConstGauge::new(s.entries as i64),
         )?;
         encode_one(
             e,
             "cache_weighted_bytes",
             "Weighted size of stored responses",
             None,
-            ConstGauge::new(weighted as i64),
+            ConstGauge::new(s.weighted_bytes as i64),
         )?;
         encode_one(
             e,
             "cache_max_bytes",
             "cache.max_size",
             None,
-            ConstGauge::new(store.max_size() as i64),
+            ConstGauge::new(s.max_bytes as i64),
         )?;
-        let s = &store.stats;
         let counters = [
             (
                 "cache_hits",
                 "Requests answered from the cache without asking upstream",
-                &s.hits,
+                s.hits,
             ),
             (
                 "cache_misses",
                 "Requests with nothing usable stored",
-                &s.misses,
+                s.misses,
             ),
             (
                 "cache_revalidations",
                 "Stored responses revalidated upstream",
-                &s.revalidations,
+                s.revalidations,
             ),
             (
                 "cache_stale_served",
                 "Stale responses served because the upstream failed",
-                &s.stale_served,
+                s.stale_served,
             ),
             (
                 "cache_collapsed",
                 "Requests that waited for another request's upstream fetch",
-                &s.collapsed,
+                s.collapsed,
             ),
             (
                 "cache_evictions",
                 "Entries evicted to stay within cache.max_size",
-                &s.evictions,
+                s.evictions,
             ),
             (
                 "cache_invalidations",
                 "Paths invalidated by writes",
-                &s.invalidations,
+                s.invalidations,
             ),
         ];
-        for (name, help, counter) in counters {
-            encode_one(
-                e,
-                name,
-                help,
-                None,
-                ConstCounter::new(counter.load(Relaxed)),
-            )?;
+        for (name, help, value) in counters {
+            encode_one(e, name, help, None, ConstCounter::new(value))?;
         }
         Ok(())
     }

@@ -121,7 +121,7 @@ fn build(config: &TlsConfig) -> Result<(Vec<u8>, ServerConfig, i64), String> {
         None => builder.with_no_client_auth(),
         Some(ca) => {
             let mut roots = rustls::RootCertStore::empty();
-            crate::upstream::add_pem_roots(&mut roots, ca)
+            crate::http::pem::add_pem_roots(&mut roots, ca)
                 .map_err(|e| format!("server.tls.client_ca_file: {e}"))?;
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .allow_unauthenticated()

@@ -18,14 +18,7 @@ use http::HeaderValue;
 use sha2::Sha256;
 use tokio::sync::Notify;
 
-/// Where a token is read from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TokenOrigin {
-    /// A file, typically a key of a Secret mounted as a volume.
-    File(PathBuf),
-    /// An environment variable, read once at start.
-    Env(String),
-}
+use crate::config::TokenOrigin;
 
 /// A per-process secret key for fingerprints, so a fingerprint reveals nothing about a token and
 /// cannot be precomputed from a guessed one.

@@ -30,9 +30,10 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::config::KubernetesConfig;
+use crate::config::TokenOrigin;
 use crate::context::{AuthMethod, ClientIdentity, Review, ReviewResult};
 use crate::http::error::GatewayError;
-use crate::secrets::token::{FingerprintKey, TokenOrigin, TokenSource};
+use crate::secrets::token::{FingerprintKey, TokenSource};
 
 /// How long a refusal is remembered.
 const NEGATIVE_TTL: Duration = Duration::from_secs(5);
@@ -118,7 +119,7 @@ impl TokenReviewer {
     /// ServiceAccount token (re-read as it rotates).
     pub fn new(config: &KubernetesConfig) -> Result<Self, String> {
         let mut roots = rustls::RootCertStore::empty();
-        crate::upstream::add_pem_roots(&mut roots, &config.ca_file)?;
+        crate::http::pem::add_pem_roots(&mut roots, &config.ca_file)?;
         let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))

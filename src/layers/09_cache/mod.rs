@@ -30,18 +30,15 @@ use tower::util::BoxCloneService;
 use tower::{Layer, Service};
 
 use crate::config::CacheConfig;
-use crate::context::Exchange;
-use crate::context::WireMethod;
+use crate::context::{CacheReport, Exchange, WireMethod};
 use crate::http::body::{self, Body, Collected, Hold, PrefixedBody, Tap, collect_limited};
 use crate::http::error::GatewayError;
 use crate::http::is_read;
+use crate::observability::metrics::{CacheGauges, CacheSnapshot};
 use crate::secrets::credential::{PinnedToken, SelectedCredential};
 use rules::{Directives, NotStorable};
 use status::{CacheStatus, Forward};
 use store::{CacheKey, FlightOutcome, Joined, PathKey, Store, Stored, VariantKey};
-
-/// The `Cache-Status` header (RFC 9211).
-pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
 /// Client conditionals the cache answers itself; they are never sent upstream for cacheable
 /// reads (the cache wants a full response to store).
@@ -63,6 +60,27 @@ pub struct Cache {
     inflight: Arc<Semaphore>,
     /// How long a collapsed request waits for the fetch it joined.
     wait_limit: Duration,
+}
+
+impl CacheGauges for Cache {
+    fn snapshot(&self) -> CacheSnapshot {
+        let store = self.store();
+        let (entries, weighted_bytes) = store.approximate_size();
+        let s = &store.stats;
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        CacheSnapshot {
+            entries,
+            weighted_bytes,
+            max_bytes: store.max_size(),
+            hits: get(&s.hits),
+            misses: get(&s.misses),
+            revalidations: get(&s.revalidations),
+            stale_served: get(&s.stale_served),
+            collapsed: get(&s.collapsed),
+            evictions: get(&s.evictions),
+            invalidations: get(&s.invalidations),
+        }
+    }
 }
 
 impl Cache {
@@ -180,18 +198,15 @@ impl Service<Request<Body>> for CacheService {
                     cache.write(inner, req).await,
                 ),
             };
-            let mut response = match result {
-                Ok(response) => response,
-                // Rendered here rather than above so the error, too, says what the cache did.
-                Err(err) => {
-                    crate::layers::rescue::rescue(err, exchange.map(|e| e.log_ids()).as_ref())
-                }
-            };
-            response
-                .headers_mut()
-                .insert(CACHE_STATUS.clone(), status.header_value());
-            response.extensions_mut().insert(status);
-            Ok(response)
+            // The one outcome, reported once: the observe layer puts the header on whatever
+            // response this becomes (an error is rendered by rescue, like every layer's).
+            if let Some(ex) = exchange {
+                ex.set_cache(CacheReport {
+                    label: status.label(),
+                    header: status.header_value(),
+                });
+            }
+            result
         })
     }
 }
