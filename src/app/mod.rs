@@ -25,15 +25,15 @@ use crate::config::{Config, Overrides};
 use crate::http::body::Body;
 use crate::layers::audit_intent::AuditIntentLayer;
 use crate::layers::body_limit::BodyLimitLayer;
-use crate::layers::cache::{Cache, CacheLayer};
+use crate::layers::cache::{CacheLayer, ResponseCache};
 use crate::layers::canonical::{CanonicalLayer, MethodRules};
 use crate::layers::identity::api_keys::ApiKeys;
 use crate::layers::identity::kubernetes::TokenReviewer;
 use crate::layers::identity::{Authenticator, IdentityLayer};
 use crate::layers::inject_token::InjectTokenLayer;
 use crate::layers::observe::{ObserveLayer, Observers};
-use crate::layers::policy::{Policy, PolicyLayer, RuleSpec};
-use crate::layers::request_id::RequestIdLayer;
+use crate::layers::policy::{CompiledPolicy, PolicyLayer, RuleSpec};
+use crate::layers::request_id::SetRequestIdLayer;
 use crate::layers::rescue::RescueLayer;
 use crate::observability::audit::{AuditLog, AuditOpenError};
 use crate::observability::metrics::Metrics;
@@ -48,7 +48,7 @@ pub type Credentials = Arc<ArcSwap<Vec<Arc<TokenSource>>>>;
 
 /// The policy for `config`, bound to `credentials` (validation guarantees every rule's
 /// credential is among them).
-fn policy_for(config: &Config, credentials: &[Arc<TokenSource>]) -> Policy {
+fn policy_for(config: &Config, credentials: &[Arc<TokenSource>]) -> CompiledPolicy {
     let by_name: HashMap<String, Arc<TokenSource>> = credentials
         .iter()
         .map(|c| (c.credential().to_string(), c.clone()))
@@ -57,7 +57,7 @@ fn policy_for(config: &Config, credentials: &[Arc<TokenSource>]) -> Policy {
         true => vec![RuleSpec::allow_all(&config.credentials[0].name)],
         false => config.policy.clone(),
     };
-    Policy::new(rules, &by_name)
+    CompiledPolicy::new(rules, &by_name)
 }
 
 /// Applies a new configuration to a running gateway (SIGHUP): the `[[policy]]` rules and rates,
@@ -73,11 +73,11 @@ pub struct Reloader {
 
 struct ReloaderInner {
     running: std::sync::Mutex<Config>,
-    policy: Arc<ArcSwap<Policy>>,
+    policy: Arc<ArcSwap<CompiledPolicy>>,
     credentials: Credentials,
     key: FingerprintKey,
     metrics: Arc<Metrics>,
-    cache: Option<Arc<Cache>>,
+    cache: Option<Arc<ResponseCache>>,
 }
 
 /// What a reload did.
@@ -249,7 +249,7 @@ pub struct Shared {
     /// Set once shutdown begins; `/readyz` turns 503.
     pub draining: AtomicBool,
     /// The response cache, unless `cache.enabled = false`.
-    pub cache: Option<Arc<Cache>>,
+    pub cache: Option<Arc<ResponseCache>>,
     /// Traces, metrics and the audit trail.
     pub observers: Arc<Observers>,
 }
@@ -291,7 +291,7 @@ pub struct Gateway {
     shared: Arc<Shared>,
     tls: Option<Arc<ServerTls>>,
     authenticator: Arc<Authenticator>,
-    policy: Arc<ArcSwap<Policy>>,
+    policy: Arc<ArcSwap<CompiledPolicy>>,
     key: FingerprintKey,
 }
 
@@ -320,10 +320,12 @@ impl Gateway {
             Some(t) => Some(ServerTls::load(t).map_err(StartError::Setup)?),
             None => None,
         };
-        let cache = config
-            .cache
-            .enabled
-            .then(|| Arc::new(Cache::new(config.cache.clone(), config.upstream.timeout)));
+        let cache = config.cache.enabled.then(|| {
+            Arc::new(ResponseCache::new(
+                config.cache.clone(),
+                config.upstream.timeout,
+            ))
+        });
         let credentials: Credentials = Arc::new(ArcSwap::from_pointee(credentials));
         let metrics = Arc::new(Metrics::new(
             credentials.clone(),
@@ -456,7 +458,7 @@ impl Gateway {
             // Last resort: a panic in the two layers above the inner rescue still becomes a 500.
             .layer(RescueLayer)
             // Every request gets an id, kept from the client when sane; echoed on the response.
-            .layer(RequestIdLayer)
+            .layer(SetRequestIdLayer)
             // Trace context, server span, audit record, metrics: opened here, completed when the
             // response ends. Above everything that can refuse, so refusals are recorded too.
             .layer(ObserveLayer::new(observers.clone()))

@@ -34,22 +34,22 @@ fn generate() -> HeaderValue {
 
 /// Layer that assigns request ids.
 #[derive(Debug, Clone, Default)]
-pub struct RequestIdLayer;
+pub struct SetRequestIdLayer;
 
-impl<S> Layer<S> for RequestIdLayer {
-    type Service = RequestIdService<S>;
+impl<S> Layer<S> for SetRequestIdLayer {
+    type Service = SetRequestId<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        RequestIdService { inner }
+        SetRequestId { inner }
     }
 }
 
 /// Service that assigns request ids.
 #[derive(Debug, Clone)]
-pub struct RequestIdService<S> {
+pub struct SetRequestId<S> {
     inner: S,
 }
 
-impl<S, ReqB, ResB, E> Service<Request<ReqB>> for RequestIdService<S>
+impl<S, ReqB, ResB, E> Service<Request<ReqB>> for SetRequestId<S>
 where
     S: Service<Request<ReqB>, Response = Response<ResB>, Error = E>,
 {

@@ -35,19 +35,21 @@ struct Rule {
 }
 
 /// The compiled policy.
-pub struct Policy {
+pub struct CompiledPolicy {
     rules: Vec<Rule>,
     clock: DefaultClock,
 }
 
-impl std::fmt::Debug for Policy {
+impl std::fmt::Debug for CompiledPolicy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let names: Vec<_> = self.rules.iter().map(|r| &r.spec.name).collect();
-        f.debug_struct("Policy").field("rules", &names).finish()
+        f.debug_struct("CompiledPolicy")
+            .field("rules", &names)
+            .finish()
     }
 }
 
-impl Policy {
+impl CompiledPolicy {
     /// Binds the rules to the credentials' token sources (config validation guarantees each
     /// rule's credential exists).
     pub fn new(specs: Vec<RuleSpec>, credentials: &HashMap<String, Arc<TokenSource>>) -> Self {
@@ -108,23 +110,23 @@ impl Policy {
     }
 }
 
-/// Applies the [`Policy`] to identified requests.
+/// Applies the [`CompiledPolicy`] to identified requests.
 #[derive(Debug, Clone)]
 pub struct PolicyLayer {
-    policy: Arc<ArcSwap<Policy>>,
+    policy: Arc<ArcSwap<CompiledPolicy>>,
 }
 
 impl PolicyLayer {
     /// Enforces the policy in force (a reload swaps it).
-    pub fn new(policy: Arc<ArcSwap<Policy>>) -> Self {
+    pub fn new(policy: Arc<ArcSwap<CompiledPolicy>>) -> Self {
         Self { policy }
     }
 }
 
 impl<S> Layer<S> for PolicyLayer {
-    type Service = PolicyService<S>;
+    type Service = Policy<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        PolicyService {
+        Policy {
             inner,
             policy: self.policy.clone(),
         }
@@ -133,12 +135,12 @@ impl<S> Layer<S> for PolicyLayer {
 
 /// See [`PolicyLayer`].
 #[derive(Debug, Clone)]
-pub struct PolicyService<S> {
+pub struct Policy<S> {
     inner: S,
-    policy: Arc<ArcSwap<Policy>>,
+    policy: Arc<ArcSwap<CompiledPolicy>>,
 }
 
-impl<S, B> Service<Request<B>> for PolicyService<S>
+impl<S, B> Service<Request<B>> for Policy<S>
 where
     S: Service<Request<B>, Response = Response<Body>, Error = GatewayError>,
 {

@@ -170,9 +170,9 @@ impl IdentityLayer {
 }
 
 impl<S> Layer<S> for IdentityLayer {
-    type Service = Identify<S>;
+    type Service = Identity<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        Identify {
+        Identity {
             inner,
             authenticator: self.authenticator.clone(),
         }
@@ -181,12 +181,12 @@ impl<S> Layer<S> for IdentityLayer {
 
 /// See the module docs.
 #[derive(Debug, Clone)]
-pub struct Identify<S> {
+pub struct Identity<S> {
     inner: S,
     authenticator: Arc<Authenticator>,
 }
 
-impl<S, B> Service<Request<B>> for Identify<S>
+impl<S, B> Service<Request<B>> for Identity<S>
 where
     S: Service<Request<B>, Response = Response<Body>, Error = GatewayError> + Clone,
     B: Send + 'static,

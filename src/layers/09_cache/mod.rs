@@ -52,7 +52,7 @@ const CLIENT_CONDITIONALS: [HeaderName; 5] = [
 
 /// The cache and its settings.
 #[derive(Debug)]
-pub struct Cache {
+pub struct ResponseCache {
     store: Store,
     /// Swapped whole on a reload (`SIGHUP`); each request reads it once.
     config: ArcSwap<CacheConfig>,
@@ -62,7 +62,7 @@ pub struct Cache {
     wait_limit: Duration,
 }
 
-impl CacheGauges for Cache {
+impl CacheGauges for ResponseCache {
     fn snapshot(&self) -> CacheSnapshot {
         let store = self.store();
         let (entries, weighted_bytes) = store.approximate_size();
@@ -83,7 +83,7 @@ impl CacheGauges for Cache {
     }
 }
 
-impl Cache {
+impl ResponseCache {
     /// A cache per `config`; collapsed waits are bounded by `upstream_timeout`.
     pub fn new(config: CacheConfig, upstream_timeout: Duration) -> Self {
         let kib = usize::try_from(config.max_inflight / 1024).unwrap_or(usize::MAX);
@@ -120,12 +120,12 @@ impl Cache {
 /// Puts the cache into the stack.
 #[derive(Clone)]
 pub struct CacheLayer {
-    cache: Option<Arc<Cache>>,
+    cache: Option<Arc<ResponseCache>>,
 }
 
 impl CacheLayer {
     /// `None` disables caching (responses still say `fwd=bypass`).
-    pub fn new(cache: Option<Arc<Cache>>) -> Self {
+    pub fn new(cache: Option<Arc<ResponseCache>>) -> Self {
         Self { cache }
     }
 }
@@ -142,9 +142,9 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    type Service = CacheService;
+    type Service = Cache;
     fn layer(&self, inner: S) -> Self::Service {
-        CacheService {
+        Cache {
             inner: BoxCloneService::new(inner),
             cache: self.cache.clone(),
         }
@@ -153,12 +153,12 @@ where
 
 /// See the module docs.
 #[derive(Clone)]
-pub struct CacheService {
+pub struct Cache {
     inner: Inner,
-    cache: Option<Arc<Cache>>,
+    cache: Option<Arc<ResponseCache>>,
 }
 
-impl Service<Request<Body>> for CacheService {
+impl Service<Request<Body>> for Cache {
     type Response = Response<Body>;
     type Error = GatewayError;
     type Future = BoxFuture<'static, Result<Response<Body>, GatewayError>>;
@@ -218,7 +218,7 @@ async fn pass(mut inner: Inner, req: Request<Body>) -> Result<Response<Body>, Ga
 /// What to answer a read with, decided after the upstream was asked.
 type Outcome = (CacheStatus, Result<Response<Body>, GatewayError>);
 
-impl Cache {
+impl ResponseCache {
     async fn write(
         &self,
         mut inner: Inner,
