@@ -193,7 +193,7 @@ impl Telemetry {
         let cx = parent.with_span(span);
         headers.remove(&TRACEPARENT);
         headers.remove(&TRACESTATE);
-        inject(&cx, headers);
+        write_traceparent(&cx, headers);
         cx
     }
 
@@ -211,7 +211,7 @@ static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 /// Writes the W3C `traceparent` for the span in `cx` (and `tracestate`, when it has one) into
 /// `headers`: what the SDK's `TraceContextPropagator` writes, hex-encoded into a fixed buffer
 /// instead of through `format!`, because every upstream call does it.
-fn inject(cx: &Context, headers: &mut HeaderMap) {
+fn write_traceparent(cx: &Context, headers: &mut HeaderMap) {
     let span = cx.span();
     let sc = span.span_context();
     if !sc.is_valid() {
@@ -389,7 +389,7 @@ mod tests {
     }
 
     #[test]
-    fn injects_what_the_sdk_propagator_injects() {
+    fn write_traceparent_matches_and_round_trips_the_sdk_propagator() {
         use opentelemetry::trace::{SpanContext, SpanId, TraceId, TraceState};
         let propagator = TraceContextPropagator::new();
         let state = TraceState::from_key_value([("vendor", "x"), ("other", "1")]).unwrap();
@@ -407,16 +407,25 @@ mod tests {
             );
             let cx = Context::new().with_remote_span_context(sc);
             let mut ours = HeaderMap::new();
-            inject(&cx, &mut ours);
+            write_traceparent(&cx, &mut ours);
             let mut theirs = HeaderMap::new();
             propagator.inject_context(&cx, &mut opentelemetry_http::HeaderInjector(&mut theirs));
             assert_eq!(ours["traceparent"], theirs["traceparent"]);
             // The SDK writes an empty tracestate when there is none; the gateway leaves it out.
             let state = theirs.get("tracestate").filter(|v| !v.is_empty());
             assert_eq!(ours.get("tracestate"), state);
+            // And it round-trips: the propagator reads back the span context that was written.
+            let back = propagator.extract(&opentelemetry_http::HeaderExtractor(&ours));
+            let back = back.span();
+            let back = back.span_context();
+            let sent = cx.span().span_context().clone();
+            assert_eq!(back.trace_id(), sent.trace_id());
+            assert_eq!(back.span_id(), sent.span_id());
+            assert_eq!(back.trace_flags(), sent.trace_flags());
+            assert_eq!(back.trace_state().header(), sent.trace_state().header());
         }
         let mut none = HeaderMap::new();
-        inject(&Context::new(), &mut none);
+        write_traceparent(&Context::new(), &mut none);
         assert!(none.is_empty(), "an invalid span context writes nothing");
     }
 

@@ -25,6 +25,7 @@ use crate::config::{AuditConfig, AuditSink};
 use crate::context::LogIds;
 use crate::observability::metrics::AuditMetrics;
 use chain::{ChainHash, GENESIS};
+use record::OpenRecord;
 
 /// Records waiting for the writer; past this, records are dropped (and counted), never waited on.
 const QUEUE_CAPACITY: usize = 64 * 1024;
@@ -48,8 +49,8 @@ pub struct AuditOpenError {
 }
 
 enum Job {
-    Record(Vec<u8>),
-    Intent(Vec<u8>, oneshot::Sender<Result<(), String>>),
+    Record(OpenRecord),
+    Intent(OpenRecord, oneshot::Sender<Result<(), String>>),
     Reopen,
     Flush(oneshot::Sender<ChainHash>),
 }
@@ -115,7 +116,7 @@ impl AuditLog {
 
     /// Queues a finished record without waiting. A full queue loses it (counted, and logged
     /// with the request's ids from `ids`).
-    pub fn record(&self, open_json: Vec<u8>, ids: impl FnOnce() -> LogIds) {
+    pub fn record(&self, open_json: OpenRecord, ids: impl FnOnce() -> LogIds) {
         let why = match self.tx.try_send(Job::Record(open_json)) {
             Ok(()) => {
                 self.metrics.queued.inc();
@@ -139,7 +140,7 @@ impl AuditLog {
     }
 
     /// Writes an intent record durably (write and fsync) and waits for it.
-    pub async fn intent(&self, open_json: Vec<u8>) -> Result<(), String> {
+    pub async fn intent(&self, open_json: OpenRecord) -> Result<(), String> {
         let (done, written) = oneshot::channel();
         if self.tx.try_send(Job::Intent(open_json, done)).is_err() {
             self.metrics.failed("queue_full", 1);
@@ -304,11 +305,11 @@ impl Writer {
         for job in jobs.drain(..) {
             match job {
                 Job::Record(open) => {
-                    self.head = chain::seal(&open, self.head, buf);
+                    self.head = chain::seal(open.as_bytes(), self.head, buf);
                     outcomes += 1;
                 }
                 Job::Intent(open, done) => {
-                    self.head = chain::seal(&open, self.head, buf);
+                    self.head = chain::seal(open.as_bytes(), self.head, buf);
                     intents.push(done);
                 }
                 Job::Reopen => {

@@ -72,14 +72,27 @@ pub struct Record<'a> {
     pub complete: Option<bool>,
 }
 
+/// A record's JSON object with its closing brace left off: the chain members (`prev`, `hash`)
+/// are appended by the writer, which hashes these bytes as they will be on disk. Only
+/// [`Record::to_open_json`] makes one, so the writer never sees bytes that are not a record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenRecord(Vec<u8>);
+
+impl OpenRecord {
+    /// The bytes, up to (not including) the closing brace.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 impl Record<'_> {
-    /// The record as a JSON object with its closing brace left off, ready for the chain members.
-    pub fn to_open_json(&self) -> Vec<u8> {
+    /// The record as an [`OpenRecord`], ready for the chain members.
+    pub fn to_open_json(&self) -> OpenRecord {
         let mut out = Vec::with_capacity(640);
         serde_json::to_writer(&mut out, self).expect("a record always serializes");
         debug_assert_eq!(out.last(), Some(&b'}'));
         out.pop();
-        out
+        OpenRecord(out)
     }
 }
 
@@ -124,7 +137,7 @@ impl<'a> Record<'a> {
 }
 
 /// The fail-closed intent record for a request, open for the chain members.
-pub fn intent(ex: &Exchange) -> Vec<u8> {
+pub fn intent(ex: &Exchange) -> OpenRecord {
     Record::of(ex, "intent").to_open_json()
 }
 
