@@ -12,6 +12,7 @@ use crate::app::Shared;
 use crate::context::ClientAddr;
 use crate::http::body::{self, Body};
 use crate::http::error::error_response;
+use crate::layers::cache::status::CacheOutcome;
 
 /// Handles one admin request.
 pub async fn handle(
@@ -84,11 +85,15 @@ async fn cache_report(shared: &Shared) -> Response<Body> {
             "entries": entries,
             "weighted_bytes": weighted,
             "max_bytes": store.max_size(),
-            "hits": n(&s.hits),
-            "misses": n(&s.misses),
-            "revalidations": n(&s.revalidations),
-            "stale_served": n(&s.stale_served),
+            "hits": s.outcomes(CacheOutcome::Hit),
+            "misses": s.outcomes(CacheOutcome::Miss),
+            "revalidations": s.outcomes(CacheOutcome::Revalidated),
+            "stale_served": s.outcomes(CacheOutcome::Stale),
             "collapsed": n(&s.collapsed),
+            "outcomes": CacheOutcome::ALL
+                .iter()
+                .map(|o| (o.as_str().to_string(), s.outcomes(*o).into()))
+                .collect::<serde_json::Map<_, _>>(),
             "evictions": n(&s.evictions),
             "invalidations": n(&s.invalidations),
         }),

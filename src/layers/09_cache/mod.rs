@@ -37,7 +37,7 @@ use crate::http::is_read;
 use crate::observability::metrics::{CacheGauges, CacheSnapshot};
 use crate::secrets::credential::{PinnedToken, SelectedCredential};
 use rules::{Directives, NotStorable};
-use status::{CacheStatus, Forward};
+use status::{CacheOutcome, CacheStatus, Forward};
 use store::{CacheKey, FlightOutcome, Joined, PathKey, Store, Stored, VariantKey};
 
 /// Client conditionals the cache answers itself; they are never sent upstream for cacheable
@@ -72,10 +72,10 @@ impl CacheGauges for ResponseCache {
             entries,
             weighted_bytes,
             max_bytes: store.max_size(),
-            hits: get(&s.hits),
-            misses: get(&s.misses),
-            revalidations: get(&s.revalidations),
-            stale_served: get(&s.stale_served),
+            hits: s.outcomes(CacheOutcome::Hit),
+            misses: s.outcomes(CacheOutcome::Miss),
+            revalidations: s.outcomes(CacheOutcome::Revalidated),
+            stale_served: s.outcomes(CacheOutcome::Stale),
             collapsed: get(&s.collapsed),
             evictions: get(&s.evictions),
             invalidations: get(&s.invalidations),
@@ -178,6 +178,7 @@ impl Service<Request<Body>> for Cache {
             // response would be keyed on what the client sent, not on what was executed.
             let overridden = req.extensions().get::<WireMethod>().is_some();
             let exchange = Exchange::of(&req).cloned();
+            let counted = cache.clone();
             let (status, result) = match (cache, req.method()) {
                 (None, _) => (
                     CacheStatus::forward(Forward::Bypass),
@@ -198,11 +199,16 @@ impl Service<Request<Body>> for Cache {
                     cache.write(inner, req).await,
                 ),
             };
-            // The one outcome, reported once: the observe layer puts the header on whatever
-            // response this becomes (an error is rendered by rescue, like every layer's).
+            // The one outcome, counted and reported once: the observe layer puts the header on
+            // whatever response this becomes (an error is rendered by rescue, like every
+            // layer's).
+            let outcome = status.outcome();
+            if let Some(cache) = &counted {
+                cache.store.stats.count(outcome);
+            }
             if let Some(ex) = exchange {
                 ex.set_cache(CacheReport {
-                    label: status.label(),
+                    label: outcome.as_str(),
                     header: status.header_value(),
                 });
             }
@@ -305,7 +311,6 @@ impl ResponseCache {
             if let Some(s) = &stored
                 && rules::fresh_enough(s.age(now), s.lifetime, &request_cc, s.forbids_stale)
             {
-                self.store.stats.hits.fetch_add(1, Ordering::Relaxed);
                 return (
                     CacheStatus::hit(s.ttl(now)),
                     Ok(serve(s, req.headers(), is_head, now)),
@@ -325,7 +330,6 @@ impl ResponseCache {
             };
             if is_head {
                 // A HEAD cannot fill the cache; it goes upstream as it is.
-                self.store.stats.misses.fetch_add(1, Ordering::Relaxed);
                 return (CacheStatus::forward(forward), pass(inner, req).await);
             }
             let epoch = self.store.epoch();
@@ -342,7 +346,6 @@ impl ResponseCache {
                         if let Ok(Ok(done)) = waited
                             && let Some(FlightOutcome::Stored(s)) = done.as_ref()
                         {
-                            self.store.stats.misses.fetch_add(1, Ordering::Relaxed);
                             let mut status = CacheStatus::forward(forward);
                             status.collapsed = true;
                             let now = SystemTime::now();
@@ -390,9 +393,7 @@ impl ResponseCache {
                     parts.headers.insert(header::IF_MODIFIED_SINCE, lm.clone());
                 }
             }
-            None => {
-                self.store.stats.misses.fetch_add(1, Ordering::Relaxed);
-            }
+            None => {}
         }
         let request_time = SystemTime::now();
         let result = inner.call(Request::from_parts(parts, body)).await;
@@ -428,10 +429,6 @@ impl ResponseCache {
                 now,
             ));
             status.stored = self.store.insert(&key, updated.clone(), epoch).await;
-            self.store
-                .stats
-                .revalidations
-                .fetch_add(1, Ordering::Relaxed);
             if let Some(guard) = guard {
                 guard.finish(FlightOutcome::Stored(updated.clone()));
             }
@@ -518,16 +515,6 @@ impl ResponseCache {
             request_time,
             now,
         ));
-        if let Some(old) = &stored
-            && !old.upstream_etag
-            && old.etag == fresh.etag
-        {
-            // No validator upstream, but the same bytes: as good as a 304 for our clients.
-            self.store
-                .stats
-                .revalidations
-                .fetch_add(1, Ordering::Relaxed);
-        }
         status.stored = self.store.insert(&key, fresh.clone(), epoch).await;
         if let Some(guard) = guard {
             guard.finish(FlightOutcome::Stored(fresh.clone()));
@@ -536,10 +523,6 @@ impl ResponseCache {
     }
 
     fn serve_stale(&self, stale: &Stored, client: &HeaderMap, now: SystemTime) -> Outcome {
-        self.store
-            .stats
-            .stale_served
-            .fetch_add(1, Ordering::Relaxed);
         let mut status = CacheStatus::hit(stale.ttl(now));
         status.stale_if_error = true;
         (status, Ok(serve(stale, client, false, now)))
@@ -726,6 +709,99 @@ fn serve(stored: &Stored, client: &HeaderMap, head: bool, now: SystemTime) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One outcome per request: the label (audit, spans, metrics), the header and the counters
+    /// the admin endpoint and metrics read all say the same thing, for every outcome.
+    #[tokio::test]
+    async fn every_outcome_agrees_across_header_label_and_counters() {
+        use crate::config::{Config, Overrides};
+        let config = Config::from_raw(
+            Config::parse("[token]\nfile = \"/t\"\n").unwrap(),
+            &Overrides::default(),
+        )
+        .unwrap();
+        let examples = |outcome: CacheOutcome| -> Vec<CacheStatus> {
+            let with = |mut s: CacheStatus, f: &dyn Fn(&mut CacheStatus)| {
+                f(&mut s);
+                s
+            };
+            match outcome {
+                CacheOutcome::Hit => vec![CacheStatus::hit(5)],
+                CacheOutcome::Collapsed => {
+                    vec![with(CacheStatus::forward(Forward::UriMiss), &|s| {
+                        s.collapsed = true
+                    })]
+                }
+                CacheOutcome::Revalidated => [Forward::Stale, Forward::Request]
+                    .into_iter()
+                    .map(|f| with(CacheStatus::forward(f), &|s| s.fwd_status = Some(304)))
+                    .collect(),
+                CacheOutcome::Miss => [Forward::UriMiss, Forward::VaryMiss, Forward::Request]
+                    .into_iter()
+                    .flat_map(|f| {
+                        [
+                            with(CacheStatus::forward(f), &|s| s.fwd_status = Some(200)),
+                            with(CacheStatus::forward(f), &|s| s.stored = true),
+                            CacheStatus::forward(f),
+                        ]
+                    })
+                    .chain([with(CacheStatus::forward(Forward::Stale), &|s| {
+                        s.fwd_status = Some(200)
+                    })])
+                    .collect(),
+                CacheOutcome::Stale => {
+                    vec![with(CacheStatus::hit(-3), &|s| s.stale_if_error = true)]
+                }
+                CacheOutcome::Bypass => vec![
+                    CacheStatus::forward(Forward::Bypass),
+                    CacheStatus::forward(Forward::Method),
+                ],
+            }
+        };
+        for outcome in CacheOutcome::ALL {
+            for status in examples(outcome) {
+                assert_eq!(status.outcome(), outcome, "{status:?}");
+                assert_eq!(status.label(), outcome.as_str());
+                let header = status.header_value();
+                let header = header.to_str().unwrap();
+                let says = match outcome {
+                    CacheOutcome::Hit => header.contains("; hit") && !header.contains("detail="),
+                    CacheOutcome::Collapsed => {
+                        header.contains("; collapsed") && !header.contains("fwd-status=")
+                    }
+                    CacheOutcome::Revalidated => header.contains("fwd-status=304"),
+                    CacheOutcome::Miss => {
+                        header.contains("; fwd=")
+                            && !header.contains("fwd=method")
+                            && !header.contains("fwd=bypass")
+                            && !header.contains("; collapsed")
+                            && !header.contains("fwd-status=304")
+                    }
+                    CacheOutcome::Stale => header.contains("; hit; detail=stale-if-error"),
+                    CacheOutcome::Bypass => {
+                        header.contains("fwd=method") || header.contains("fwd=bypass")
+                    }
+                };
+                assert!(says, "{outcome:?}: {header}");
+            }
+            // Counted once, in its own counter, which the admin figures and metrics read.
+            let cache = ResponseCache::new(config.cache.clone(), Duration::from_secs(1));
+            cache.store.stats.count(outcome);
+            let snap = cache.snapshot();
+            let expect = |o: CacheOutcome| u64::from(o == outcome);
+            for o in CacheOutcome::ALL {
+                assert_eq!(
+                    cache.store.stats.outcomes(o),
+                    expect(o),
+                    "{outcome:?} counted as {o:?}"
+                );
+            }
+            assert_eq!(snap.hits, expect(CacheOutcome::Hit));
+            assert_eq!(snap.misses, expect(CacheOutcome::Miss));
+            assert_eq!(snap.revalidations, expect(CacheOutcome::Revalidated));
+            assert_eq!(snap.stale_served, expect(CacheOutcome::Stale));
+        }
+    }
 
     #[test]
     fn writes_invalidate_the_collections_subtree() {

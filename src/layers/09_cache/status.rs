@@ -1,5 +1,7 @@
-//! What the cache did with a request: the `Cache-Status` header (RFC 9211) and the short label
-//! used by audit records and metrics.
+//! What the cache did with a request: one [`CacheOutcome`], from which the label audit records,
+//! spans and metrics use, the admin counters ([`super::store::CacheStats::count`]) and the
+//! `Cache-Status` header (RFC 9211) are all derived, with the details ([`CacheStatus`]) the header
+//! adds.
 
 use http::HeaderValue;
 
@@ -38,7 +40,54 @@ impl Forward {
     }
 }
 
-/// The outcome for one request.
+/// What the cache did with one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CacheOutcome {
+    /// Served a fresh stored response; the upstream was not asked.
+    Hit,
+    /// Waited for another request's upstream fetch and served what it stored.
+    Collapsed,
+    /// The upstream confirmed a stored response (304) and the stored body was served.
+    Revalidated,
+    /// The upstream was asked and its response served (nothing usable stored, the client's
+    /// directives, a failed fetch).
+    Miss,
+    /// A stale stored response was served because the upstream failed (`stale-if-error`).
+    Stale,
+    /// Not a cacheable request: a write, a method override, OPTIONS, or the cache is disabled.
+    Bypass,
+}
+
+impl CacheOutcome {
+    /// Every outcome, in counter order.
+    pub const ALL: [CacheOutcome; 6] = [
+        Self::Hit,
+        Self::Collapsed,
+        Self::Revalidated,
+        Self::Miss,
+        Self::Stale,
+        Self::Bypass,
+    ];
+
+    /// The label in audit records (`cache`), spans and metrics (`cache`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hit => "hit",
+            Self::Collapsed => "collapsed",
+            Self::Revalidated => "revalidated",
+            Self::Miss => "miss",
+            Self::Stale => "stale",
+            Self::Bypass => "bypass",
+        }
+    }
+
+    /// The index of this outcome's counter.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The outcome for one request, with the details `Cache-Status` reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheStatus {
     /// `None` for a hit.
@@ -80,19 +129,24 @@ impl CacheStatus {
         }
     }
 
-    /// The label audit records and metrics use: `hit`, `revalidated`, `miss`, `stale`, `bypass`.
-    pub fn label(&self) -> &'static str {
+    /// What the cache did, in one word.
+    pub fn outcome(&self) -> CacheOutcome {
         match self.forward {
-            _ if self.stale_if_error => "stale",
-            None => "hit",
+            _ if self.stale_if_error => CacheOutcome::Stale,
+            None => CacheOutcome::Hit,
             // The stored response was confirmed, whether it was stale or the client said no-cache.
             Some(Forward::Stale | Forward::Request) if self.fwd_status == Some(304) => {
-                "revalidated"
+                CacheOutcome::Revalidated
             }
-            Some(Forward::Bypass | Forward::Method) => "bypass",
-            Some(_) if self.collapsed && self.fwd_status.is_none() => "hit",
-            Some(_) => "miss",
+            Some(Forward::Bypass | Forward::Method) => CacheOutcome::Bypass,
+            Some(_) if self.collapsed && self.fwd_status.is_none() => CacheOutcome::Collapsed,
+            Some(_) => CacheOutcome::Miss,
         }
+    }
+
+    /// The outcome's label (see [`CacheOutcome::as_str`]).
+    pub fn label(&self) -> &'static str {
+        self.outcome().as_str()
     }
 
     /// The `Cache-Status` header value.

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use tokio::sync::{RwLock, watch};
 
+use super::status::CacheOutcome;
 use crate::secrets::token::Fingerprint;
 
 /// The primary cache key: the credential's keyed fingerprint (never the token) and the path.
@@ -177,20 +178,30 @@ impl PathEntry {
 /// Counters, exported by the admin endpoint and metrics.
 #[derive(Debug, Default)]
 pub struct CacheStats {
-    /// Requests answered from a fresh stored response (including collapsed waiters).
-    pub hits: AtomicU64,
-    /// Requests that needed the upstream for want of a usable stored response.
-    pub misses: AtomicU64,
-    /// Stored responses confirmed by a 304 (or an identical body).
-    pub revalidations: AtomicU64,
-    /// Stale responses served because the upstream failed.
-    pub stale_served: AtomicU64,
-    /// Requests that waited for another request's upstream fetch.
+    /// Requests per [`CacheOutcome`], counted once per request by [`CacheStats::count`]: the
+    /// admin endpoint's `hits`, `misses`, `revalidations` and `stale_served` and the metrics of
+    /// the same names are read from here.
+    outcomes: [AtomicU64; CacheOutcome::ALL.len()],
+    /// Requests that joined another request's upstream fetch to wait for it, counted when they
+    /// join (most end as [`CacheOutcome::Collapsed`]; one whose leader stored nothing fetches on
+    /// its own).
     pub collapsed: AtomicU64,
     /// Entries evicted for space.
     pub evictions: AtomicU64,
     /// Paths invalidated by writes or by the admin endpoint.
     pub invalidations: AtomicU64,
+}
+
+impl CacheStats {
+    /// Counts one request's outcome.
+    pub fn count(&self, outcome: CacheOutcome) {
+        self.outcomes[outcome.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests that ended as `outcome`.
+    pub fn outcomes(&self, outcome: CacheOutcome) -> u64 {
+        self.outcomes[outcome.index()].load(Ordering::Relaxed)
+    }
 }
 
 /// The response store.
