@@ -10,6 +10,9 @@ use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
 use governor::Quota;
 use http::Method;
 
+use super::credentials::CredentialConfig;
+use super::{Problems, raw};
+
 /// A rate such as `50/s`: `count` requests per `per`, with bursts up to `count`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rate {
@@ -183,6 +186,63 @@ fn client_form_problem(entry: &str) -> Option<String> {
          (\"spiffe://…\"), \"dns:<SAN>\", \"cn:<common name>\", \"local\", \"anonymous\" or \"*\"; \
          did you mean \"apikey:{entry}\"?"
     ))
+}
+
+/// Validates `[[policy]]` against the credentials defined.
+pub(super) fn policy(
+    p: &mut Problems,
+    rules: Vec<raw::RawPolicy>,
+    credentials: &[CredentialConfig],
+) -> Vec<RuleSpec> {
+    let mut out = Vec::new();
+    for (i, r) in rules.into_iter().enumerate() {
+        let key = |field: &str| format!("policy[{i}].{field}");
+        let name = r.name.unwrap_or_else(|| format!("policy[{i}]"));
+        let credential = match r.credential {
+            Some(c) if credentials.iter().any(|k| k.name == c) => c,
+            Some(c) => {
+                let known: Vec<_> = credentials.iter().map(|k| k.name.as_str()).collect();
+                p.add(
+                    &key("credential"),
+                    format!("no credential named {c:?} (defined: {})", known.join(", ")),
+                );
+                continue;
+            }
+            None => {
+                p.add(
+                    &key("credential"),
+                    "is required: the credential this rule's requests use",
+                );
+                continue;
+            }
+        };
+        let rate = match r.rate.as_deref().map(Rate::parse) {
+            None => None,
+            Some(Ok(rate)) => Some(rate),
+            Some(Err(e)) => {
+                p.add(&key("rate"), e);
+                None
+            }
+        };
+        let Some(clients) = r.clients.filter(|c| !c.is_empty()) else {
+            p.add(
+                &key("clients"),
+                "is required: client ids or globs, e.g. [\"system:serviceaccount:velero:*\"]",
+            );
+            continue;
+        };
+        match RuleSpec::new(name, clients, r.methods, r.paths, credential, rate) {
+            Ok(rule) => out.push(rule),
+            Err((field, message)) => p.add(&key(field), message),
+        }
+    }
+    if out.is_empty() && credentials.len() > 1 {
+        p.add(
+            "policy",
+            "with more than one credential, [[policy]] rules must say which client uses which",
+        );
+    }
+    out
 }
 
 #[cfg(test)]
