@@ -169,14 +169,61 @@ pub struct Review {
     pub elapsed: Option<Duration>,
 }
 
-/// What the cache did with a request, as the cache layer reports it: the label audit records,
-/// spans and metrics use, and the `Cache-Status` header (RFC 9211), both derived there from one
-/// outcome. The observe layer puts the header on the response, whether the cache answered or
-/// the request failed below it.
+/// What the cache did with one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CacheOutcome {
+    /// Served a fresh stored response; the upstream was not asked.
+    Hit,
+    /// Waited for another request's upstream fetch and served what it stored.
+    Collapsed,
+    /// The upstream confirmed a stored response (304) and the stored body was served.
+    Revalidated,
+    /// The upstream was asked and its response served (nothing usable stored, the client's
+    /// directives, a failed fetch).
+    Miss,
+    /// A stale stored response was served because the upstream failed (`stale-if-error`).
+    Stale,
+    /// Not a cacheable request: a write, a method override, OPTIONS, or the cache is disabled.
+    Bypass,
+}
+
+impl CacheOutcome {
+    /// Every outcome, in counter order.
+    pub const ALL: [CacheOutcome; 6] = [
+        Self::Hit,
+        Self::Collapsed,
+        Self::Revalidated,
+        Self::Miss,
+        Self::Stale,
+        Self::Bypass,
+    ];
+
+    /// The label in audit records (`cache`), spans and metrics (`cache`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hit => "hit",
+            Self::Collapsed => "collapsed",
+            Self::Revalidated => "revalidated",
+            Self::Miss => "miss",
+            Self::Stale => "stale",
+            Self::Bypass => "bypass",
+        }
+    }
+
+    /// The index of this outcome's counter.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// What the cache did with a request, as the cache layer reports it: its one outcome (the label
+/// audit records, spans and metrics use) and the `Cache-Status` header (RFC 9211) derived from
+/// it. The observe layer puts the header on the response, whether the cache answered or the
+/// request failed below it.
 #[derive(Debug, Clone)]
 pub struct CacheReport {
-    /// `hit`, `revalidated`, `miss`, `stale` or `bypass`.
-    pub label: &'static str,
+    /// What the cache did.
+    pub outcome: CacheOutcome,
     /// The `Cache-Status` value.
     pub header: HeaderValue,
 }

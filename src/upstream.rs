@@ -48,7 +48,7 @@ static APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/jso
 pub enum UpstreamSetupError {
     /// The CA bundle is unusable.
     #[error("upstream.ca_file: {0}")]
-    CaFile(String),
+    CaFile(#[source] crate::http::pem::PemError),
     /// rustls refused the configuration.
     #[error("TLS setup failed: {0}")]
     Tls(#[from] rustls::Error),

@@ -9,10 +9,10 @@ use http::{Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 
 use crate::app::Shared;
+use crate::context::CacheOutcome;
 use crate::context::ClientAddr;
 use crate::http::body::{self, Body};
 use crate::http::error::error_response;
-use crate::layers::cache::status::CacheOutcome;
 
 /// Handles one admin request.
 pub async fn handle(

@@ -60,7 +60,7 @@ pub fn check_files(config: &Config) -> Result<(), ConfigError> {
     if let Some(ca) = &config.upstream.ca_file
         && let Err(e) = crate::http::pem::read_pem_roots(ca)
     {
-        add("upstream.ca_file", e);
+        add("upstream.ca_file", e.to_string());
     }
     if let Some(f) = &config.upstream.proxy_credentials_file {
         readable(&mut add, "upstream.proxy_credentials_file", f);

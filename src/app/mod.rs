@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tower::{Service, ServiceBuilder};
 
-use crate::config::{Config, Overrides};
+use crate::config::{Config, ConfigError, Overrides};
 use crate::http::body::Body;
 use crate::layers::audit_intent::AuditIntentLayer;
 use crate::layers::body_limit::BodyLimitLayer;
@@ -58,6 +58,23 @@ fn policy_for(config: &Config, credentials: &[Arc<TokenSource>]) -> CompiledPoli
         false => config.policy.clone(),
     };
     CompiledPolicy::new(rules, &by_name)
+}
+
+/// Why a reload was refused (the running configuration stays).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The file cannot be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        /// The configuration file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file, or a file it names, is not valid.
+    #[error(transparent)]
+    Invalid(#[from] ConfigError),
 }
 
 /// Applies a new configuration to a running gateway (SIGHUP): the `[[policy]]` rules and rates,
@@ -98,12 +115,19 @@ impl Reloader {
     /// Reads, validates and applies the configuration file (the files it names are checked as
     /// `--check` does). On any problem nothing changes, the problem is logged and counted, and
     /// the error is returned.
-    pub fn reload_from(&self, path: &Path, overrides: &Overrides) -> Result<ReloadReport, String> {
+    pub fn reload_from(
+        &self,
+        path: &Path,
+        overrides: &Overrides,
+    ) -> Result<ReloadReport, ReloadError> {
         let loaded = std::fs::read(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))
+            .map_err(|source| ReloadError::Read {
+                path: path.to_path_buf(),
+                source,
+            })
             .and_then(|bytes| {
-                let config = Config::load(Some(path), overrides).map_err(|e| e.to_string())?;
-                check::check_files(&config).map_err(|e| e.to_string())?;
+                let config = Config::load(Some(path), overrides)?;
+                check::check_files(&config)?;
                 Ok((config, config_hash(&bytes)))
             });
         match loaded {
@@ -277,9 +301,15 @@ pub enum StartError {
     /// The trace exporter could not be built.
     #[error(transparent)]
     Telemetry(#[from] TelemetryError),
-    /// The TLS files or a client-authentication source could not be loaded.
-    #[error("{0}")]
-    Setup(String),
+    /// The listener's TLS files could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] crate::secrets::tls::TlsSetupError),
+    /// The TokenReview client could not be built.
+    #[error(transparent)]
+    TokenReview(#[from] crate::layers::identity::kubernetes::ReviewerSetupError),
+    /// The API keys file could not be loaded.
+    #[error(transparent)]
+    ApiKeys(#[from] crate::layers::identity::api_keys::ApiKeysError),
 }
 
 /// A gateway with its listeners bound, ready to run.
@@ -317,7 +347,7 @@ impl Gateway {
             })
             .collect();
         let tls = match &config.server.tls {
-            Some(t) => Some(ServerTls::load(t).map_err(StartError::Setup)?),
+            Some(t) => Some(ServerTls::load(t)?),
             None => None,
         };
         let cache = config.cache.enabled.then(|| {
@@ -340,18 +370,11 @@ impl Gateway {
         metrics.config.in_force("none");
         let upstream = Upstream::new(&config.upstream, telemetry.clone(), metrics.clone())?;
         let kubernetes = match &config.clients.kubernetes {
-            Some(k) => {
-                Some(Arc::new(TokenReviewer::new(k).map_err(|e| {
-                    StartError::Setup(format!("clients.kubernetes: {e}"))
-                })?))
-            }
+            Some(k) => Some(Arc::new(TokenReviewer::new(k)?)),
             None => None,
         };
         let api_keys = match &config.clients.api_keys {
-            Some(path) => Some(
-                ApiKeys::load(path)
-                    .map_err(|e| StartError::Setup(format!("clients.api_keys.file: {e}")))?,
-            ),
+            Some(path) => Some(ApiKeys::load(path)?),
             None => None,
         };
         let bind = |key, addr| async move {

@@ -18,7 +18,7 @@ use opentelemetry::KeyValue;
 use opentelemetry::trace::TraceContextExt;
 use tower::{Layer, Service};
 
-use crate::context::{ClientAddr, Exchange, GatewayMade, RequestId};
+use crate::context::{CacheOutcome, ClientAddr, Exchange, GatewayMade, RequestId};
 use crate::http::body::{self, Body, Tap, TapHook};
 use crate::http::headers::CACHE_STATUS;
 use crate::http::resource;
@@ -244,7 +244,8 @@ impl Completion {
             ),
         };
         let cache = ex.cache();
-        let cache_label = cache.map_or("bypass", |c| c.label);
+        let outcome = cache.map_or(CacheOutcome::Bypass, |c| c.outcome);
+        let cache_label = outcome.as_str();
 
         let span = ex.trace.span();
         if span.is_recording() {
@@ -300,7 +301,7 @@ impl Completion {
 
         observers
             .metrics
-            .request_finished(ex.method(), status, cache_label, error, duration);
+            .request_finished(ex.method(), status, outcome, error, duration);
 
         if let Some(audit) = &observers.audit {
             let mut r = Record::of(ex, "outcome");

@@ -17,6 +17,7 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::context::CacheOutcome;
 use crate::secrets::tls::ServerTls;
 use crate::secrets::token::TokenSource;
 
@@ -383,15 +384,11 @@ impl Metrics {
             registry,
             requests,
             request_duration,
-            request_handles: Handles::new(
-                METHODS.len() * STATUS_CLASSES.len() * CACHE_LABELS.len(),
-            ),
-            duration_handles: Handles::new(
-                METHODS.len() * STATUS_CLASSES.len() * CACHE_LABELS.len(),
-            ),
-            upstream_handles: Handles::new(STATUS_CLASSES.len()),
+            request_handles: Handles::new(REQUEST_SLOTS),
+            duration_handles: Handles::new(REQUEST_SLOTS),
+            upstream_handles: Handles::new(StatusClass::COUNT),
             upstream_duration,
-            upstream_duration_handles: Handles::new(METHODS.len() * 3 * STATUS_CLASSES.len()),
+            upstream_duration_handles: Handles::new(UPSTREAM_SLOTS),
             upstream_responses,
             gateway_errors,
             in_flight,
@@ -436,45 +433,24 @@ impl Metrics {
         &self,
         method: &Method,
         status: StatusCode,
-        cache: &'static str,
+        cache: CacheOutcome,
         error: Option<&'static str>,
         elapsed: Duration,
     ) {
         self.in_flight.dec();
-        let (m, s) = (method_index(method), status_class_index(status));
-        let (method, status_class) = (METHODS[m], STATUS_CLASSES[s]);
-        let requests = || {
-            self.requests
-                .get_or_create(&RequestLabels {
-                    method,
-                    status_class,
-                    cache,
-                })
-                .clone()
+        let (m, s) = (MethodLabel::of(method), StatusClass::of(status));
+        let labels = || RequestLabels {
+            method: m.as_str(),
+            status_class: s.as_str(),
+            cache: cache.as_str(),
         };
-        let duration = || {
-            self.request_duration
-                .get_or_create(&RequestLabels {
-                    method,
-                    status_class,
-                    cache,
-                })
-                .clone()
-        };
-        // Cache labels come from CacheStatus::label; one outside the list still counts.
-        match CACHE_LABELS.iter().position(|c| *c == cache) {
-            Some(c) => {
-                let i = (m * STATUS_CLASSES.len() + s) * CACHE_LABELS.len() + c;
-                self.request_handles.get(i, requests).inc();
-                self.duration_handles
-                    .get(i, duration)
-                    .observe(elapsed.as_secs_f64());
-            }
-            None => {
-                requests().inc();
-                duration().observe(elapsed.as_secs_f64());
-            }
-        }
+        let i = request_slot(m, s, cache);
+        self.request_handles
+            .get(i, || self.requests.get_or_create(&labels()).clone())
+            .inc();
+        self.duration_handles
+            .get(i, || self.request_duration.get_or_create(&labels()).clone())
+            .observe(elapsed.as_secs_f64());
         if let Some(kind) = error {
             self.gateway_errors.get_or_create(&KindLabel { kind }).inc();
         }
@@ -488,14 +464,13 @@ impl Metrics {
         status: StatusCode,
         elapsed: Duration,
     ) {
-        let (m, i) = (method_index(method), status_class_index(status));
-        let status_class = STATUS_CLASSES[i];
-        let handle = (m * 3 + call as usize) * STATUS_CLASSES.len() + i;
+        let (m, s) = (MethodLabel::of(method), StatusClass::of(status));
+        let status_class = s.as_str();
         self.upstream_duration_handles
-            .get(handle, || {
+            .get(upstream_slot(m, call, s), || {
                 self.upstream_duration
                     .get_or_create(&UpstreamLabels {
-                        method: METHODS[m],
+                        method: m.as_str(),
                         call: call.as_str(),
                         status_class,
                     })
@@ -503,7 +478,7 @@ impl Metrics {
             })
             .observe(elapsed.as_secs_f64());
         self.upstream_handles
-            .get(i, || {
+            .get(s.index(), || {
                 self.upstream_responses
                     .get_or_create(&StatusClassLabel { status_class })
                     .clone()
@@ -520,14 +495,131 @@ impl Metrics {
     }
 }
 
-/// The label values of the per-request series, in the order their handles are indexed
-/// ([`method_index`], [`status_class_index`]). Methods outside the standard set share one label
-/// value, so a client cannot grow the series.
-const METHODS: [&str; 8] = [
-    "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "other",
-];
-const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
-const CACHE_LABELS: [&str; 5] = ["hit", "miss", "revalidated", "stale", "bypass"];
+/// A label whose values are a fixed set, so that series handles can be kept in a table indexed
+/// by it (see [`slot`]) instead of hashing the labels on every request. Methods outside the
+/// standard set share one value (`other`), so a client cannot grow the series.
+trait Label: Copy {
+    /// How many values.
+    const COUNT: usize;
+    /// This value's position, below [`Label::COUNT`].
+    fn index(self) -> usize;
+    /// The value as exported.
+    fn as_str(self) -> &'static str;
+}
+
+/// The `method` label: the standard methods, and `other`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct MethodLabel(u8);
+
+impl MethodLabel {
+    const NAMES: [&'static str; 8] = [
+        "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "other",
+    ];
+
+    fn of(method: &Method) -> Self {
+        Self(match *method {
+            Method::GET => 0,
+            Method::HEAD => 1,
+            Method::POST => 2,
+            Method::PUT => 3,
+            Method::PATCH => 4,
+            Method::DELETE => 5,
+            Method::OPTIONS => 6,
+            _ => 7,
+        })
+    }
+}
+
+impl Label for MethodLabel {
+    const COUNT: usize = Self::NAMES.len();
+    fn index(self) -> usize {
+        usize::from(self.0)
+    }
+    fn as_str(self) -> &'static str {
+        Self::NAMES[self.index()]
+    }
+}
+
+/// The `status_class` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StatusClass {
+    Informational,
+    Success,
+    Redirection,
+    ClientError,
+    ServerError,
+}
+
+impl StatusClass {
+    fn of(status: StatusCode) -> Self {
+        match status.as_u16() {
+            100..=199 => Self::Informational,
+            200..=299 => Self::Success,
+            300..=399 => Self::Redirection,
+            400..=499 => Self::ClientError,
+            _ => Self::ServerError,
+        }
+    }
+}
+
+impl Label for StatusClass {
+    const COUNT: usize = 5;
+    fn index(self) -> usize {
+        self as usize
+    }
+    fn as_str(self) -> &'static str {
+        ["1xx", "2xx", "3xx", "4xx", "5xx"][self.index()]
+    }
+}
+
+impl Label for CacheOutcome {
+    const COUNT: usize = CacheOutcome::ALL.len();
+    fn index(self) -> usize {
+        CacheOutcome::index(self)
+    }
+    fn as_str(self) -> &'static str {
+        CacheOutcome::as_str(self)
+    }
+}
+
+impl Label for UpstreamCallKind {
+    const COUNT: usize = 3;
+    fn index(self) -> usize {
+        self as usize
+    }
+    fn as_str(self) -> &'static str {
+        UpstreamCallKind::as_str(self)
+    }
+}
+
+/// The slot of a combination of label values in a handle table of `size` slots: the values'
+/// indexes read as one mixed-radix number, so every combination has its own slot.
+fn slot(digits: &[(usize, usize)]) -> usize {
+    digits
+        .iter()
+        .fold(0, |acc, &(index, count)| acc * count + index)
+}
+
+/// Slots of the per-request tables: one per (method, status class, cache outcome).
+const REQUEST_SLOTS: usize = MethodLabel::COUNT * StatusClass::COUNT * CacheOutcome::ALL.len();
+/// Slots of the upstream duration table: one per (method, call kind, status class).
+const UPSTREAM_SLOTS: usize = MethodLabel::COUNT * 3 * StatusClass::COUNT;
+
+fn request_slot(m: MethodLabel, s: StatusClass, c: CacheOutcome) -> usize {
+    slot(&[
+        (m.index(), MethodLabel::COUNT),
+        (s.index(), StatusClass::COUNT),
+        (Label::index(c), <CacheOutcome as Label>::COUNT),
+    ])
+}
+
+fn upstream_slot(m: MethodLabel, call: UpstreamCallKind, s: StatusClass) -> usize {
+    slot(&[
+        (m.index(), MethodLabel::COUNT),
+        (Label::index(call), <UpstreamCallKind as Label>::COUNT),
+        (s.index(), StatusClass::COUNT),
+    ])
+}
 
 /// Series handles of one family by label index, each looked up in the family once: recording
 /// is then an array index instead of hashing the labels and taking the family's lock on every
@@ -549,40 +641,15 @@ impl<M> Handles<M> {
     }
 }
 
-/// The position of a method's label in [`METHODS`].
-fn method_index(method: &Method) -> usize {
-    match *method {
-        Method::GET => 0,
-        Method::HEAD => 1,
-        Method::POST => 2,
-        Method::PUT => 3,
-        Method::PATCH => 4,
-        Method::DELETE => 5,
-        Method::OPTIONS => 6,
-        _ => 7,
-    }
-}
-
 /// A standard method's name as a `&'static str`; `None` for an extension method.
 pub fn standard_method(method: &Method) -> Option<&'static str> {
-    let i = method_index(method);
-    (i < METHODS.len() - 1).then_some(METHODS[i])
-}
-
-/// The position of a status's class in [`STATUS_CLASSES`].
-fn status_class_index(status: StatusCode) -> usize {
-    match status.as_u16() {
-        100..=199 => 0,
-        200..=299 => 1,
-        300..=399 => 2,
-        400..=499 => 3,
-        _ => 4,
-    }
+    let m = MethodLabel::of(method);
+    (m.index() < MethodLabel::COUNT - 1).then_some(m.as_str())
 }
 
 /// `2xx`, `4xx`, ...
 pub fn status_class(status: StatusCode) -> &'static str {
-    STATUS_CLASSES[status_class_index(status)]
+    StatusClass::of(status).as_str()
 }
 
 fn encode_one(
@@ -963,7 +1030,7 @@ mod tests {
         m.request_finished(
             &Method::GET,
             StatusCode::OK,
-            "hit",
+            CacheOutcome::Hit,
             None,
             Duration::from_millis(1),
         );
@@ -971,7 +1038,7 @@ mod tests {
         m.request_finished(
             &Method::from_bytes(b"BREW").unwrap(),
             StatusCode::BAD_GATEWAY,
-            "bypass",
+            CacheOutcome::Bypass,
             Some("upstream_unreachable"),
             Duration::from_millis(1),
         );
@@ -1007,9 +1074,9 @@ mod tests {
             Method::DELETE,
             Method::OPTIONS,
         ] {
-            assert_eq!(METHODS[method_index(&m)], m.as_str());
+            assert_eq!(MethodLabel::of(&m).as_str(), m.as_str());
         }
-        assert_eq!(METHODS[method_index(&Method::TRACE)], "other");
+        assert_eq!(MethodLabel::of(&Method::TRACE).as_str(), "other");
         assert_eq!(standard_method(&Method::PATCH), Some("PATCH"));
         assert_eq!(standard_method(&Method::TRACE), None);
         for code in [100, 204, 304, 412, 503, 599] {
@@ -1018,10 +1085,49 @@ mod tests {
         }
     }
 
+    /// Every combination of label values has its own slot, inside the table.
+    #[test]
+    fn slots_are_distinct_and_in_range() {
+        let methods: Vec<MethodLabel> = (0..MethodLabel::COUNT as u8).map(MethodLabel).collect();
+        let classes = [
+            StatusClass::Informational,
+            StatusClass::Success,
+            StatusClass::Redirection,
+            StatusClass::ClientError,
+            StatusClass::ServerError,
+        ];
+        assert_eq!(classes.len(), StatusClass::COUNT);
+        let calls = [
+            UpstreamCallKind::Fetch,
+            UpstreamCallKind::Revalidate,
+            UpstreamCallKind::Write,
+        ];
+        let mut seen = std::collections::HashSet::new();
+        for &m in &methods {
+            for &s in &classes {
+                for c in CacheOutcome::ALL {
+                    let i = request_slot(m, s, c);
+                    assert!(i < REQUEST_SLOTS && seen.insert(i), "{m:?} {s:?} {c:?}");
+                }
+            }
+        }
+        assert_eq!(seen.len(), REQUEST_SLOTS);
+        seen.clear();
+        for &m in &methods {
+            for &call in &calls {
+                for &s in &classes {
+                    let i = upstream_slot(m, call, s);
+                    assert!(i < UPSTREAM_SLOTS && seen.insert(i), "{m:?} {call:?} {s:?}");
+                }
+            }
+        }
+        assert_eq!(seen.len(), UPSTREAM_SLOTS);
+    }
+
     #[test]
     fn memoised_handles_count_into_the_exposed_series() {
         let m = Metrics::new(Default::default(), None, None, Counter::default());
-        let finish = |cache: &'static str| {
+        let finish = |cache: CacheOutcome| {
             m.request_started();
             m.request_finished(
                 &Method::PATCH,
@@ -1031,11 +1137,13 @@ mod tests {
                 Duration::from_micros(50),
             );
         };
-        // Three through the memoised handle, one through the family (a label with no index).
+        // Three through one memoised handle, and one of every outcome.
         for _ in 0..3 {
-            finish("miss");
+            finish(CacheOutcome::Miss);
         }
-        finish("unindexed");
+        for outcome in CacheOutcome::ALL {
+            finish(outcome);
+        }
         for _ in 0..2 {
             m.upstream_answered(
                 &Method::GET,
@@ -1050,19 +1158,26 @@ mod tests {
         );
         assert!(
             text.contains(
-                "cloudcasa_gateway_requests_total{method=\"PATCH\",status_class=\"4xx\",cache=\"miss\"} 3"
+                "cloudcasa_gateway_requests_total{method=\"PATCH\",status_class=\"4xx\",cache=\"miss\"} 4"
             ),
             "{text}"
         );
+        for outcome in CacheOutcome::ALL
+            .iter()
+            .filter(|o| **o != CacheOutcome::Miss)
+        {
+            let line = format!(
+                "cloudcasa_gateway_requests_total{{method=\"PATCH\",status_class=\"4xx\",cache=\"{}\"}} 1",
+                outcome.as_str()
+            );
+            assert!(text.contains(&line), "{line}\n{text}");
+        }
         assert!(text.contains(
-            "cloudcasa_gateway_requests_total{method=\"PATCH\",status_class=\"4xx\",cache=\"unindexed\"} 1"
-        ));
-        assert!(text.contains(
-            "cloudcasa_gateway_request_duration_seconds_count{method=\"PATCH\",status_class=\"4xx\",cache=\"miss\"} 3"
+            "cloudcasa_gateway_request_duration_seconds_count{method=\"PATCH\",status_class=\"4xx\",cache=\"miss\"} 4"
         ));
         assert!(
             text.contains(
-                "cloudcasa_gateway_request_duration_seconds_bucket{le=\"0.0001\",method=\"PATCH\",status_class=\"4xx\",cache=\"miss\"} 3"
+                "cloudcasa_gateway_request_duration_seconds_bucket{le=\"0.0001\",method=\"PATCH\",status_class=\"4xx\",cache=\"miss\"} 4"
             ),
             "{text}"
         );

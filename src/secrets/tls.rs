@@ -29,7 +29,7 @@ pub struct ServerTls {
 
 impl ServerTls {
     /// Loads the files; at start a problem is an error naming the key.
-    pub fn load(config: &TlsConfig) -> Result<Arc<Self>, String> {
+    pub fn load(config: &TlsConfig) -> Result<Arc<Self>, TlsSetupError> {
         let (bytes, server, not_after) = build(config)?;
         Ok(Arc::new(Self {
             config: config.clone(),
@@ -94,45 +94,85 @@ fn read_all(config: &TlsConfig) -> std::io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
-fn build(config: &TlsConfig) -> Result<(Vec<u8>, ServerConfig, i64), String> {
-    let bytes = read_all(config).map_err(|e| format!("server.tls: {e}"))?;
+/// The listener's TLS files cannot be used; the message names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    /// A file cannot be read.
+    #[error("server.tls: {0}")]
+    Read(#[source] std::io::Error),
+    /// The certificate file holds no usable certificate.
+    #[error("server.tls.cert_file: {}: {reason}", path.display())]
+    Certificate {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The key file holds no usable key.
+    #[error("server.tls.key_file: {}: {source}", path.display())]
+    Key {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    /// The client CA bundle is unusable.
+    #[error("server.tls.client_ca_file: {0}")]
+    ClientCa(#[source] crate::http::pem::PemError),
+    /// rustls refused the client CA bundle.
+    #[error("server.tls.client_ca_file: {0}")]
+    Verifier(#[source] rustls::server::VerifierBuilderError),
+    /// rustls refused the configuration.
+    #[error("server.tls: {0}")]
+    Rustls(#[source] rustls::Error),
+    /// The key is not the certificate's.
+    #[error("server.tls.key_file: does not match the certificate: {0}")]
+    Mismatch(#[source] rustls::Error),
+}
+
+fn build(config: &TlsConfig) -> Result<(Vec<u8>, ServerConfig, i64), TlsSetupError> {
+    let bytes = read_all(config).map_err(TlsSetupError::Read)?;
+    let certificate = |reason: String| TlsSetupError::Certificate {
+        path: config.cert_file.clone(),
+        reason,
+    };
     let certs = CertificateDer::pem_file_iter(&config.cert_file)
         .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("server.tls.cert_file: {}: {e}", config.cert_file.display()))?;
+        .map_err(|e| certificate(e.to_string()))?;
     if certs.is_empty() {
-        return Err(format!(
-            "server.tls.cert_file: {} holds no PEM certificate",
-            config.cert_file.display()
-        ));
+        return Err(certificate("holds no PEM certificate".into()));
     }
     let not_after = {
         use x509_parser::prelude::{FromDer, X509Certificate};
         X509Certificate::from_der(&certs[0])
             .map(|(_, c)| c.validity().not_after.timestamp())
-            .map_err(|e| format!("server.tls.cert_file: {}: {e}", config.cert_file.display()))?
+            .map_err(|e| certificate(e.to_string()))?
     };
-    let key = PrivateKeyDer::from_pem_file(&config.key_file)
-        .map_err(|e| format!("server.tls.key_file: {}: {e}", config.key_file.display()))?;
+    let key =
+        PrivateKeyDer::from_pem_file(&config.key_file).map_err(|source| TlsSetupError::Key {
+            path: config.key_file.clone(),
+            source,
+        })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("server.tls: {e}"))?;
+        .map_err(TlsSetupError::Rustls)?;
     let builder = match &config.client_ca_file {
         None => builder.with_no_client_auth(),
         Some(ca) => {
             let mut roots = rustls::RootCertStore::empty();
-            crate::http::pem::add_pem_roots(&mut roots, ca)
-                .map_err(|e| format!("server.tls.client_ca_file: {e}"))?;
+            crate::http::pem::add_pem_roots(&mut roots, ca).map_err(TlsSetupError::ClientCa)?;
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .allow_unauthenticated()
                 .build()
-                .map_err(|e| format!("server.tls.client_ca_file: {e}"))?;
+                .map_err(TlsSetupError::Verifier)?;
             builder.with_client_cert_verifier(verifier)
         }
     };
     let mut server = builder
         .with_single_cert(certs, key)
-        .map_err(|e| format!("server.tls.key_file: does not match the certificate: {e}"))?;
+        .map_err(TlsSetupError::Mismatch)?;
     server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok((bytes, server, not_after))
 }

@@ -106,12 +106,39 @@ pub fn key_bits(key: &str) -> f64 {
 /// The least a key must hold: 128 bits (32 hex characters, 22 of base64).
 pub const MIN_KEY_BITS: f64 = 128.0;
 
+/// The API keys file cannot be used; the message names the key and the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiKeysError {
+    /// The file cannot be read.
+    #[error("clients.api_keys.file: cannot read {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a valid keys file.
+    #[error("clients.api_keys.file: {}: {reason}", path.display())]
+    Invalid {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong, naming the entry.
+        reason: String,
+    },
+}
+
 impl ApiKeys {
     /// Loads the file; at start a bad or missing file is an error.
-    pub fn load(path: &Path) -> Result<Arc<Self>, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let keys = parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    pub fn load(path: &Path) -> Result<Arc<Self>, ApiKeysError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ApiKeysError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let keys = parse(&text).map_err(|reason| ApiKeysError::Invalid {
+            path: path.to_path_buf(),
+            reason,
+        })?;
         tracing::info!(file = %path.display(), keys = keys.len(), "API keys loaded");
         Ok(Arc::new(Self {
             path: path.to_path_buf(),

@@ -114,17 +114,31 @@ struct ReviewUser {
     username: String,
 }
 
+/// The TokenReview client cannot be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ReviewerSetupError {
+    /// The API server's CA bundle is unusable.
+    #[error("clients.kubernetes.ca_file: {0}")]
+    CaFile(#[source] crate::http::pem::PemError),
+    /// rustls refused the configuration.
+    #[error("clients.kubernetes: TLS setup failed: {0}")]
+    Tls(#[from] rustls::Error),
+    /// The TokenReview URL cannot be formed from the API server's.
+    #[error("clients.kubernetes.api_server: {0}")]
+    Url(#[from] http::uri::InvalidUri),
+}
+
 impl TokenReviewer {
     /// Builds the client: trusts only the cluster's CA, authenticates with the gateway's own
     /// ServiceAccount token (re-read as it rotates).
-    pub fn new(config: &KubernetesConfig) -> Result<Self, String> {
+    pub fn new(config: &KubernetesConfig) -> Result<Self, ReviewerSetupError> {
         let mut roots = rustls::RootCertStore::empty();
-        crate::http::pem::add_pem_roots(&mut roots, &config.ca_file)?;
+        crate::http::pem::add_pem_roots(&mut roots, &config.ca_file)
+            .map_err(ReviewerSetupError::CaFile)?;
         let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth();
         let mut http = HttpConnector::new();
@@ -146,8 +160,7 @@ impl TokenReviewer {
             "{}/apis/authentication.k8s.io/v1/tokenreviews",
             base.trim_end_matches('/')
         )
-        .parse()
-        .map_err(|e| format!("clients.kubernetes.api_server: {e}"))?;
+        .parse()?;
         Ok(Self {
             url,
             audience: config.audience.clone(),

@@ -91,16 +91,16 @@ static ANONYMOUS: std::sync::LazyLock<Arc<ClientIdentity>> = std::sync::LazyLock
     })
 });
 
-enum Outcome {
+enum Identified {
     Known(Arc<ClientIdentity>),
     Review(String),
     Refused(GatewayError),
 }
 
 impl Authenticator {
-    fn identify<B>(&self, req: &Request<B>) -> Outcome {
+    fn identify<B>(&self, req: &Request<B>) -> Identified {
         if let Some(peer) = req.extensions().get::<PeerIdentity>() {
-            return Outcome::Known(peer.0.clone());
+            return Identified::Known(peer.0.clone());
         }
         let bearer = req
             .headers()
@@ -113,22 +113,22 @@ impl Authenticator {
             .filter(|t| !t.is_empty());
         match (bearer, &self.kubernetes, &self.api_keys) {
             (Some(token), Some(_), _) if kubernetes::is_jwt(token) => {
-                return Outcome::Review(token.to_string());
+                return Identified::Review(token.to_string());
             }
             (Some(token), _, Some(keys)) => {
                 return match keys.identify(token) {
-                    Some(id) => Outcome::Known(Arc::new(ClientIdentity {
+                    Some(id) => Identified::Known(Arc::new(ClientIdentity {
                         id,
                         method: AuthMethod::ApiKey,
                     })),
-                    None => Outcome::Refused(GatewayError::Unauthenticated(
+                    None => Identified::Refused(GatewayError::Unauthenticated(
                         "the bearer credential is not a valid API key or ServiceAccount token"
                             .into(),
                     )),
                 };
             }
             (Some(_), Some(_), None) => {
-                return Outcome::Refused(GatewayError::Unauthenticated(
+                return Identified::Refused(GatewayError::Unauthenticated(
                     "the bearer credential is not a Kubernetes ServiceAccount token".into(),
                 ));
             }
@@ -136,11 +136,11 @@ impl Authenticator {
             _ => {}
         }
         if self.local {
-            Outcome::Known(LOCAL.clone())
+            Identified::Known(LOCAL.clone())
         } else if self.allow_unauthenticated {
-            Outcome::Known(ANONYMOUS.clone())
+            Identified::Known(ANONYMOUS.clone())
         } else {
-            Outcome::Refused(GatewayError::Unauthenticated(
+            Identified::Refused(GatewayError::Unauthenticated(
                 "no client credential: present a client certificate, a ServiceAccount token or \
                  an API key"
                     .into(),
@@ -202,17 +202,17 @@ where
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let auth = &self.authenticator;
         match auth.identify(&req) {
-            Outcome::Known(identity) => {
+            Identified::Known(identity) => {
                 admit(&mut req, identity);
                 GateFuture::call(&mut self.inner, req)
             }
-            Outcome::Refused(e) => {
+            Identified::Refused(e) => {
                 if let Some(ex) = Exchange::of(&req) {
                     ex.set_refusal(Refusal::Unauthenticated);
                 }
                 GateFuture::refuse(e)
             }
-            Outcome::Review(token) => {
+            Identified::Review(token) => {
                 let Some(reviewer) = auth.kubernetes.clone() else {
                     return GateFuture::refuse(GatewayError::Internal);
                 };

@@ -30,6 +30,7 @@ use tower::util::BoxCloneService;
 use tower::{Layer, Service};
 
 use crate::config::CacheConfig;
+use crate::context::CacheOutcome;
 use crate::context::{CacheReport, Exchange, WireMethod};
 use crate::http::body::{self, Body, Collected, Hold, PrefixedBody, Tap, collect_limited};
 use crate::http::error::GatewayError;
@@ -37,7 +38,7 @@ use crate::http::is_read;
 use crate::observability::metrics::{CacheGauges, CacheSnapshot};
 use crate::secrets::credential::{PinnedToken, SelectedCredential};
 use rules::{Directives, NotStorable};
-use status::{CacheOutcome, CacheStatus, Forward};
+use status::{CacheStatus, Forward};
 use store::{CacheKey, FlightOutcome, Joined, PathKey, Store, Stored, VariantKey};
 
 /// Client conditionals the cache answers itself; they are never sent upstream for cacheable
@@ -208,7 +209,7 @@ impl Service<Request<Body>> for Cache {
             }
             if let Some(ex) = exchange {
                 ex.set_cache(CacheReport {
-                    label: outcome.as_str(),
+                    outcome,
                     header: status.header_value(),
                 });
             }
@@ -221,8 +222,19 @@ async fn pass(mut inner: Inner, req: Request<Body>) -> Result<Response<Body>, Ga
     inner.call(req).await
 }
 
+/// A fetch that may fill the cache: where it would be stored, what is stored there now (to
+/// revalidate, or to fall back on), why the upstream is asked, the invalidation epoch it
+/// started under, and the collapsing lock it holds if it leads a group.
+struct Fill {
+    key: CacheKey,
+    stored: Option<Arc<Stored>>,
+    forward: Forward,
+    epoch: u64,
+    guard: Option<store::FlightGuard>,
+}
+
 /// What to answer a read with, decided after the upstream was asked.
-type Outcome = (CacheStatus, Result<Response<Body>, GatewayError>);
+type Answer = (CacheStatus, Result<Response<Body>, GatewayError>);
 
 impl ResponseCache {
     async fn write(
@@ -262,7 +274,7 @@ impl ResponseCache {
         Ok(response)
     }
 
-    async fn read(&self, inner: Inner, mut req: Request<Body>) -> Outcome {
+    async fn read(&self, inner: Inner, mut req: Request<Body>) -> Answer {
         let request_cc = Directives::parse(req.headers());
         let Some(token) = SelectedCredential::token_for(&req) else {
             // No credential, no partition: nothing can be served or stored (injection answers 503).
@@ -359,24 +371,31 @@ impl ResponseCache {
             } else {
                 None
             };
-            return self
-                .fetch(inner, req, &request_cc, key, stored, forward, epoch, guard)
-                .await;
+            let fill = Fill {
+                key,
+                stored,
+                forward,
+                epoch,
+                guard,
+            };
+            return self.fetch(inner, req, &request_cc, fill).await;
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn fetch(
         &self,
         mut inner: Inner,
         req: Request<Body>,
         request_cc: &Directives,
-        key: CacheKey,
-        stored: Option<Arc<Stored>>,
-        forward: Forward,
-        epoch: u64,
-        guard: Option<store::FlightGuard>,
-    ) -> Outcome {
+        fill: Fill,
+    ) -> Answer {
+        let Fill {
+            key,
+            stored,
+            forward,
+            epoch,
+            guard,
+        } = fill;
         let config = self.config.load_full();
         let mut status = CacheStatus::forward(forward);
         let (mut parts, body) = req.into_parts();
@@ -522,7 +541,7 @@ impl ResponseCache {
         (status, Ok(serve(&fresh, &client, false, now).map(hold)))
     }
 
-    fn serve_stale(&self, stale: &Stored, client: &HeaderMap, now: SystemTime) -> Outcome {
+    fn serve_stale(&self, stale: &Stored, client: &HeaderMap, now: SystemTime) -> Answer {
         let mut status = CacheStatus::hit(stale.ttl(now));
         status.stale_if_error = true;
         (status, Ok(serve(stale, client, false, now)))

@@ -6,6 +6,7 @@
 use http::HeaderValue;
 
 use super::rules::NotStorable;
+use crate::context::CacheOutcome;
 
 /// The cache's name in `Cache-Status`.
 pub const CACHE_NAME: &str = "cloudcasa-gateway";
@@ -37,53 +38,6 @@ impl Forward {
             Self::Request => "request",
             Self::Stale => "stale",
         }
-    }
-}
-
-/// What the cache did with one request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum CacheOutcome {
-    /// Served a fresh stored response; the upstream was not asked.
-    Hit,
-    /// Waited for another request's upstream fetch and served what it stored.
-    Collapsed,
-    /// The upstream confirmed a stored response (304) and the stored body was served.
-    Revalidated,
-    /// The upstream was asked and its response served (nothing usable stored, the client's
-    /// directives, a failed fetch).
-    Miss,
-    /// A stale stored response was served because the upstream failed (`stale-if-error`).
-    Stale,
-    /// Not a cacheable request: a write, a method override, OPTIONS, or the cache is disabled.
-    Bypass,
-}
-
-impl CacheOutcome {
-    /// Every outcome, in counter order.
-    pub const ALL: [CacheOutcome; 6] = [
-        Self::Hit,
-        Self::Collapsed,
-        Self::Revalidated,
-        Self::Miss,
-        Self::Stale,
-        Self::Bypass,
-    ];
-
-    /// The label in audit records (`cache`), spans and metrics (`cache`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Hit => "hit",
-            Self::Collapsed => "collapsed",
-            Self::Revalidated => "revalidated",
-            Self::Miss => "miss",
-            Self::Stale => "stale",
-            Self::Bypass => "bypass",
-        }
-    }
-
-    /// The index of this outcome's counter.
-    pub fn index(self) -> usize {
-        self as usize
     }
 }
 

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use tokio::sync::{RwLock, watch};
 
-use super::status::CacheOutcome;
+use crate::context::CacheOutcome;
 use crate::secrets::token::Fingerprint;
 
 /// The primary cache key: the credential's keyed fingerprint (never the token) and the path.
