@@ -243,6 +243,42 @@ fn layers_do_not_use_each_other_or_count_their_own_outcomes() {
     }
 }
 
+/// The facts on the exchange are read when the request completes, by the observe layer and the
+/// audit record it builds (the fail-closed intent record is built by the same code); every
+/// other module only records them. Calls are found by receiver name (`ex`, `exchange`), which is
+/// how the code names an `Exchange`.
+#[test]
+fn only_the_observer_reads_the_facts() {
+    const GETTERS: [&str; 7] = [
+        "client", "decision", "refusal", "review", "cache", "upstream", "bytes_in",
+    ];
+    let readers = ["02_observe.rs", "record.rs", "context.rs"];
+    let mut violations = Vec::new();
+    for s in sources() {
+        let name = s.file.file_name().unwrap().to_string_lossy().into_owned();
+        if readers.contains(&name.as_str()) {
+            continue;
+        }
+        let code = code(&std::fs::read_to_string(&s.file).unwrap());
+        for getter in GETTERS {
+            for receiver in ["ex.", "exchange."] {
+                let call = format!("{receiver}{getter}()");
+                let called = code.match_indices(&call).any(|(at, _)| {
+                    // `ex.` must be the receiver, not the end of `index.`.
+                    !code[..at]
+                        .chars()
+                        .next_back()
+                        .is_some_and(|c| c.is_alphanumeric() || c == '_')
+                });
+                if called {
+                    violations.push(format!("{} reads {call}", s.file.display()));
+                }
+            }
+        }
+    }
+    assert!(violations.is_empty(), "{}", violations.join("\n"));
+}
+
 #[test]
 fn the_parser_sees_grouped_and_inline_paths() {
     let text = "use crate::{http::body::Body, config::Config};\nlet x = crate::context::Exchange::of(&r); // crate::app\nlet y = cloudcasa_gateway::app::Gateway;";
