@@ -82,6 +82,98 @@ async fn waiters_still_get_an_answer_when_the_leader_fails() {
     }
 }
 
+/// Issue 16: a failed leader hands over to one waiter; the rest wait for the new leader.
+/// (`fresh_for` keeps a waiter that comes back after the new leader finished from revalidating.)
+#[tokio::test]
+async fn fifty_waiters_and_a_failing_leader_make_two_upstream_requests() {
+    let (mock, _secret, gw) = setup("[cache]\nfresh_for = \"1h\"").await;
+    let (id, _) = item(&mock, "g");
+    let path = format!("/api/v1/usergroups/{id}");
+    let release = mock.state.hold_next(Some(StatusCode::SERVICE_UNAVAILABLE));
+    let leader = spawn_gets(&gw, &path, 1).remove(0);
+    mock.state.wait_for(1).await;
+    let waiters = spawn_gets(&gw, &path, 50);
+    wait_collapsed(&gw, 50).await;
+    release.notify_one();
+    assert_eq!(
+        leader.await.unwrap().status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    for w in waiters {
+        let reply = w.await.unwrap();
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.json()["name"], "g");
+    }
+    assert_eq!(mock.state.requests_to(&path).len(), 2);
+}
+
+/// Issue 16: invalidation is per collection. A write to another collection while a fill is in
+/// flight does not keep that fill from being stored.
+#[tokio::test]
+async fn a_write_elsewhere_does_not_discard_a_fill_in_flight() {
+    let (mock, _secret, gw) = setup("[cache]\nfresh_for = \"1h\"").await;
+    let (id, _) = item(&mock, "g");
+    let path = format!("/api/v1/usergroups/{id}");
+    let release = mock.state.hold_next(None);
+    let read = spawn_gets(&gw, &path, 1).remove(0);
+    mock.state.wait_for(1).await;
+    let created = send(
+        Method::POST,
+        &gw.url("/api/v1/clusters"),
+        &[("content-type", "application/json")],
+        Bytes::from_static(br#"{"name":"c"}"#),
+    )
+    .await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    release.notify_one();
+    let first = read.await.unwrap();
+    assert!(
+        first.header("cache-status").unwrap().contains("; stored"),
+        "{:?}",
+        first.headers
+    );
+    let again = get(&gw.url(&path), &[]).await;
+    assert!(
+        again
+            .header("cache-status")
+            .unwrap()
+            .starts_with("cloudcasa-gateway; hit")
+    );
+    assert_eq!(mock.state.requests_to(&path).len(), 1);
+}
+
+/// ... while a write to the same collection does: the read that raced it is not stored, and the
+/// next read sees the write (no read older than a write through the gateway).
+#[tokio::test]
+async fn a_write_to_the_collection_discards_a_fill_that_raced_it() {
+    let (mock, _secret, gw) = setup("[cache]\nfresh_for = \"1h\"").await;
+    let (id, etag) = item(&mock, "g");
+    let path = format!("/api/v1/usergroups/{id}");
+    let release = mock.state.hold_next(None);
+    let read = spawn_gets(&gw, &path, 1).remove(0);
+    mock.state.wait_for(1).await;
+    let patched = send(
+        Method::PATCH,
+        &gw.url(&path),
+        &[
+            ("content-type", "application/json"),
+            ("if-match", &format!("\"{etag}\"")),
+        ],
+        Bytes::from_static(br#"{"name":"h"}"#),
+    )
+    .await;
+    assert_eq!(patched.status, StatusCode::OK);
+    release.notify_one();
+    let raced = read.await.unwrap();
+    assert!(
+        !raced.header("cache-status").unwrap().contains("; stored"),
+        "{:?}",
+        raced.headers
+    );
+    let after = get(&gw.url(&path), &[]).await;
+    assert_eq!(after.json()["name"], "h");
+}
+
 #[tokio::test]
 async fn revalidation_sends_the_etag_and_serves_the_stored_body_on_304() {
     let (mock, _secret, gw) = setup("").await;

@@ -66,3 +66,81 @@ async fn dashboard_and_alerts_use_exported_metric_names() {
         );
     }
 }
+
+/// The `cache` label values a selector `cache=~"a|b"` in `expr` matches, in order of appearance.
+fn cache_selectors(expr: &str) -> Vec<Vec<String>> {
+    expr.match_indices("cache=~\"")
+        .map(|(at, m)| {
+            let rest = &expr[at + m.len()..];
+            rest[..rest.find('"').unwrap()]
+                .split('|')
+                .map(str::to_string)
+                .collect()
+        })
+        .collect()
+}
+
+/// The sum of `cloudcasa_gateway_requests_total` over series whose `cache` is in `values`.
+fn requests_with_cache(exposition: &str, values: &[String]) -> f64 {
+    exposition
+        .lines()
+        .filter(|l| l.starts_with("cloudcasa_gateway_requests_total{"))
+        .filter(|l| values.iter().any(|v| l.contains(&format!("cache=\"{v}\""))))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Issue 16: the shipped cache alert, evaluated on the metrics of a healthy default deployment
+/// (`fresh_for = 0s`, so every repeated read is a revalidation), stays far from its threshold.
+/// Counters start at zero in the run, so the ratio of their values is the ratio of their rates.
+/// The alert's hits-only expression of before read 0 on the same traffic, and fired.
+#[tokio::test]
+async fn the_cache_alert_stays_quiet_in_a_healthy_default_deployment() {
+    let (mock, _secret, gw) = setup("").await;
+    let paths: Vec<String> = (0..5)
+        .map(|i| format!("/api/v1/usergroups/{}", item(&mock, &format!("g{i}")).0))
+        .collect();
+    for _ in 0..10 {
+        for path in &paths {
+            assert_eq!(get(&gw.url(path), &[]).await.status, StatusCode::OK);
+        }
+    }
+    let exposition = get(&gw.admin_url("/metrics"), &[]).await.text();
+
+    let root = env!("CARGO_MANIFEST_DIR");
+    for file in [
+        "deploy/prometheus/alerts.yaml",
+        "deploy/kubernetes/components/prometheus/prometheusrule.yaml",
+    ] {
+        let text = std::fs::read_to_string(format!("{root}/{file}")).unwrap();
+        let start = text
+            .find("alert: CloudCasaGatewayCacheHitRatioCollapsed")
+            .unwrap();
+        let block = &text[start..];
+        let block = &block[..block.find("- alert:").unwrap_or(block.len())];
+        let selectors = cache_selectors(block);
+        assert_eq!(selectors.len(), 2, "{file}: {block}");
+        let served = requests_with_cache(&exposition, &selectors[0]);
+        let reads = requests_with_cache(&exposition, &selectors[1]);
+        assert_eq!(reads, 50.0, "{file}: {exposition}");
+        let ratio = served / reads;
+        assert!(ratio >= 0.9, "{file}: ratio {ratio} ({served}/{reads})");
+        assert!(
+            block.contains(") < 0.1"),
+            "{file}: threshold changed: {block}"
+        );
+    }
+    let value = |name: &str| {
+        exposition
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap()
+    };
+    let hits = value("cloudcasa_gateway_cache_hits_total");
+    let old_ratio = hits
+        / (hits
+            + value("cloudcasa_gateway_cache_misses_total")
+            + value("cloudcasa_gateway_cache_revalidations_total"));
+    assert!(old_ratio < 0.1, "the old expression read {old_ratio}");
+}

@@ -223,13 +223,13 @@ async fn pass(mut inner: Inner, req: Request<Body>) -> Result<Response<Body>, Ga
 }
 
 /// A fetch that may fill the cache: where it would be stored, what is stored there now (to
-/// revalidate, or to fall back on), why the upstream is asked, the invalidation epoch it
-/// started under, and the collapsing lock it holds if it leads a group.
+/// revalidate, or to fall back on), why the upstream is asked, the invalidation ticket it
+/// started with, and the collapsing lock it holds if it leads a group.
 struct Fill {
     key: CacheKey,
     stored: Option<Arc<Stored>>,
     forward: Forward,
-    epoch: u64,
+    ticket: u64,
     guard: Option<store::FlightGuard>,
 }
 
@@ -313,6 +313,10 @@ impl ResponseCache {
         }
 
         let mut may_collapse = true;
+        // Collapsed requests wait at most as long as one upstream call may take, in total,
+        // however many leaders fail in that time.
+        let deadline = tokio::time::Instant::now() + self.wait_limit;
+        let mut joined = false;
         loop {
             let now = SystemTime::now();
             let found = self.store.get(&key).await;
@@ -344,27 +348,37 @@ impl ResponseCache {
                 // A HEAD cannot fill the cache; it goes upstream as it is.
                 return (CacheStatus::forward(forward), pass(inner, req).await);
             }
-            let epoch = self.store.epoch();
+            let ticket = self.store.ticket();
             let guard = if may_collapse {
-                match self.store.flights.join(&key, epoch) {
+                match self.store.join(&key, ticket) {
                     Joined::Leader(guard) => Some(guard),
                     Joined::Waiter(mut outcome) => {
-                        self.store.stats.collapsed.fetch_add(1, Ordering::Relaxed);
-                        let waited = tokio::time::timeout(
-                            self.wait_limit,
-                            outcome.wait_for(Option::is_some),
-                        )
-                        .await;
-                        if let Ok(Ok(done)) = waited
-                            && let Some(FlightOutcome::Stored(s)) = done.as_ref()
-                        {
-                            let mut status = CacheStatus::forward(forward);
-                            status.collapsed = true;
-                            let now = SystemTime::now();
-                            return (status, Ok(serve(s, req.headers(), false, now)));
+                        if !joined {
+                            joined = true;
+                            self.store.stats.collapsed.fetch_add(1, Ordering::Relaxed);
                         }
-                        // The leader stored nothing, failed, or went away: fetch on our own.
-                        may_collapse = false;
+                        let waited =
+                            tokio::time::timeout_at(deadline, outcome.wait_for(Option::is_some))
+                                .await;
+                        // `None`: waited as long as an upstream call may take.
+                        let outcome = match waited {
+                            Err(_) => None,
+                            Ok(Err(_)) => Some(FlightOutcome::Released),
+                            Ok(Ok(done)) => Some(done.clone().unwrap_or(FlightOutcome::Released)),
+                        };
+                        match outcome {
+                            Some(FlightOutcome::Stored(s)) => {
+                                let mut status = CacheStatus::forward(forward);
+                                status.collapsed = true;
+                                let now = SystemTime::now();
+                                return (status, Ok(serve(&s, req.headers(), false, now)));
+                            }
+                            // Nothing to share: every waiter asks on its own, at once.
+                            Some(FlightOutcome::Uncacheable) | None => may_collapse = false,
+                            // The leader failed or went away: the first waiter back leads a
+                            // new fetch and the others wait for it, until the deadline.
+                            Some(FlightOutcome::Released) => {}
+                        }
                         continue;
                     }
                 }
@@ -375,7 +389,7 @@ impl ResponseCache {
                 key,
                 stored,
                 forward,
-                epoch,
+                ticket,
                 guard,
             };
             return self.fetch(inner, req, &request_cc, fill).await;
@@ -393,7 +407,7 @@ impl ResponseCache {
             key,
             stored,
             forward,
-            epoch,
+            ticket,
             guard,
         } = fill;
         let config = self.config.load_full();
@@ -447,7 +461,7 @@ impl ResponseCache {
                 request_time,
                 now,
             ));
-            status.stored = self.store.insert(&key, updated.clone(), epoch).await;
+            status.stored = self.store.insert(&key, updated.clone(), ticket).await;
             if let Some(guard) = guard {
                 guard.finish(FlightOutcome::Stored(updated.clone()));
             }
@@ -463,6 +477,13 @@ impl ResponseCache {
             }
             if code == StatusCode::OK {
                 status.not_stored = Some(reason);
+            }
+            // A 5xx is a failed fetch (the guard, dropped, lets a waiter try again); any other
+            // answer that cannot be stored is what every waiter would get: they go at once.
+            if let Some(guard) = guard
+                && !code.is_server_error()
+            {
+                guard.finish(FlightOutcome::Uncacheable);
             }
             return (status, Ok(response));
         }
@@ -483,6 +504,9 @@ impl ResponseCache {
                 Ok(permit) => reserved = Some(permit),
                 Err(_) => {
                     status.not_stored = Some(NotStorable::InflightLimit);
+                    if let Some(guard) = guard {
+                        guard.finish(FlightOutcome::Uncacheable);
+                    }
                     return (status, Ok(Response::from_parts(parts, body)));
                 }
             }
@@ -522,6 +546,9 @@ impl ResponseCache {
                     false => NotStorable::TooLarge,
                 });
                 let body = hold(body::boxed(PrefixedBody { prefix, rest }));
+                if let Some(guard) = guard {
+                    guard.finish(FlightOutcome::Uncacheable);
+                }
                 return (status, Ok(Response::from_parts(parts, body)));
             }
             Err(err) => return (status, Err(GatewayError::UpstreamUnreachable(err))),
@@ -534,7 +561,7 @@ impl ResponseCache {
             request_time,
             now,
         ));
-        status.stored = self.store.insert(&key, fresh.clone(), epoch).await;
+        status.stored = self.store.insert(&key, fresh.clone(), ticket).await;
         if let Some(guard) = guard {
             guard.finish(FlightOutcome::Stored(fresh.clone()));
         }

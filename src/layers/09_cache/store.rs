@@ -2,8 +2,10 @@
 //! path, holding every stored query variant of that path. Keeping a path's variants together
 //! makes "invalidate the collection with every query variant" a single removal.
 //!
-//! Also here: the collapsing lock ([`Flights`]) and the invalidation epoch that keeps a fetch
-//! started before a write from storing what the write just changed.
+//! Also here: the collapsing lock ([`Flights`]) and the invalidation epochs ([`Epochs`]) that
+//! keep a fetch started before a write from storing what the write just changed. Epochs are per
+//! bucket (a collection, in one credential partition): a write discards only the fills and
+//! collapsed fetches of the buckets it invalidated, never those elsewhere.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -204,12 +206,76 @@ impl CacheStats {
     }
 }
 
+/// When each bucket was last invalidated, on one monotonic clock of invalidations.
+///
+/// A fetch takes a ticket (the clock's value) when it starts; its fill is stored only if no
+/// bucket it belongs to was invalidated after that (`bucket's epoch <= ticket`). Buckets are
+/// `(partition, bucket)`; `(partition, "")` stands for every bucket of the partition (a write to
+/// `/`). The map is bounded: past [`Epochs::LIMIT`] buckets it is emptied and `floor` raised to
+/// the clock, and a fetch whose ticket is below the floor is not stored (it cannot know what was
+/// invalidated since); that happens only under writes to thousands of collections at once.
+#[derive(Debug, Default)]
+pub struct Epochs {
+    clock: u64,
+    floor: u64,
+    /// Per partition, per bucket (nested so that a lookup by `&str` allocates nothing).
+    by_bucket: HashMap<Fingerprint, HashMap<Box<str>, u64>>,
+    buckets: usize,
+}
+
+impl Epochs {
+    /// Buckets remembered at most.
+    const LIMIT: usize = 16 * 1024;
+
+    /// Records an invalidation of `buckets` now.
+    fn bump(&mut self, buckets: impl IntoIterator<Item = (Fingerprint, Box<str>)>) {
+        self.clock += 1;
+        let now = self.clock;
+        for (partition, b) in buckets {
+            if self
+                .by_bucket
+                .entry(partition)
+                .or_default()
+                .insert(b, now)
+                .is_none()
+            {
+                self.buckets += 1;
+            }
+        }
+        if self.buckets > Self::LIMIT {
+            self.by_bucket.clear();
+            self.buckets = 0;
+            self.floor = now;
+        }
+    }
+
+    /// Records an invalidation of everything (a purge).
+    fn bump_all(&mut self) {
+        self.clock += 1;
+        self.by_bucket.clear();
+        self.buckets = 0;
+        self.floor = self.clock;
+    }
+
+    /// Whether `key`'s bucket was invalidated after `ticket` was taken.
+    fn invalidated_since(&self, key: &PathKey, ticket: u64) -> bool {
+        if ticket < self.floor {
+            return true;
+        }
+        let Some(partition) = self.by_bucket.get(&key.partition) else {
+            return false;
+        };
+        let at = |b: &str| partition.get(b).copied().unwrap_or(0);
+        at(bucket(&key.path)) > ticket || at("") > ticket
+    }
+}
+
 /// The response store.
 pub struct Store {
     cache: moka::future::Cache<PathKey, Arc<PathEntry>>,
     index: Arc<PathIndex>,
-    /// Bumped by every invalidation; a fill started under an older epoch is not stored.
-    epoch: AtomicU64,
+    /// Per-bucket invalidation epochs.
+    epochs: Mutex<Epochs>,
     /// Fills hold it shared while checking the epoch and inserting; invalidations hold it
     /// exclusively, so no fill can slip its old data in between.
     fill_gate: RwLock<()>,
@@ -252,7 +318,7 @@ impl Store {
         Self {
             cache,
             index,
-            epoch: AtomicU64::new(0),
+            epochs: Mutex::default(),
             fill_gate: RwLock::new(()),
             max_size,
             stats,
@@ -260,9 +326,25 @@ impl Store {
         }
     }
 
-    /// The current invalidation epoch; capture it before asking the upstream.
-    pub fn epoch(&self) -> u64 {
-        self.epoch.load(Ordering::Acquire)
+    /// A ticket for a fetch about to start: capture it before asking the upstream.
+    pub fn ticket(&self) -> u64 {
+        self.epochs.lock().unwrap_or_else(|e| e.into_inner()).clock
+    }
+
+    /// Whether `key`'s bucket was invalidated after `ticket` was taken.
+    fn invalidated_since(&self, key: &PathKey, ticket: u64) -> bool {
+        self.epochs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .invalidated_since(key, ticket)
+    }
+
+    /// Joins the fetch in progress for `key`, unless its bucket was invalidated after that fetch
+    /// started (then this request leads a new one).
+    pub fn join(&self, key: &CacheKey, ticket: u64) -> Joined {
+        self.flights.join(key, ticket, |started| {
+            self.invalidated_since(&key.path, started)
+        })
     }
 
     /// The stored response for `key`, if any, and whether the path has other variants stored
@@ -276,10 +358,11 @@ impl Store {
             .map(|(_, s)| s.clone())
     }
 
-    /// Stores `stored` unless an invalidation happened since `epoch`. Returns whether it was stored.
-    pub async fn insert(&self, key: &CacheKey, stored: Arc<Stored>, epoch: u64) -> bool {
+    /// Stores `stored` unless `key`'s bucket was invalidated after `ticket` was taken. Returns
+    /// whether it was stored.
+    pub async fn insert(&self, key: &CacheKey, stored: Arc<Stored>, ticket: u64) -> bool {
         let _gate = self.fill_gate.read().await;
-        if self.epoch() != epoch {
+        if self.invalidated_since(&key.path, ticket) {
             return false;
         }
         let mut variants = match self.cache.get(&key.path).await {
@@ -314,7 +397,8 @@ impl Store {
 
     /// Removes one stored variant (the upstream said it is gone).
     pub async fn remove(&self, key: &CacheKey) {
-        self.invalidate_with(|| async {
+        let buckets = [(key.path.partition, Box::from(bucket(&key.path.path)))];
+        self.invalidate_with(Some(buckets.to_vec()), || async {
             if let Some(entry) = self.cache.get(&key.path).await {
                 let variants: Vec<_> = entry
                     .variants
@@ -338,7 +422,12 @@ impl Store {
     /// path below it, segment by segment: `/a/b` covers `/a/b/c`, not `/a/bc`). Effective at
     /// once: no later lookup returns what was removed.
     pub async fn invalidate(&self, partition: Fingerprint, exact: &[String], roots: Vec<String>) {
-        self.invalidate_with(|| async {
+        let buckets: Vec<(Fingerprint, Box<str>)> = exact
+            .iter()
+            .chain(&roots)
+            .map(|p| (partition, Box::from(bucket(p))))
+            .collect();
+        self.invalidate_with(Some(buckets), || async {
             for path in exact {
                 let key = PathKey {
                     partition,
@@ -395,7 +484,7 @@ impl Store {
     /// (`""`: everything). Returns how many paths were removed.
     pub async fn purge_prefix(&self, prefix: &str) -> usize {
         let mut removed = 0;
-        self.invalidate_with(|| async {
+        self.invalidate_with(None, || async {
             if prefix.is_empty() {
                 removed = self.cache.iter().count();
                 self.cache.invalidate_all();
@@ -422,7 +511,7 @@ impl Store {
     /// every partition. Returns how many were removed.
     pub async fn purge_key(&self, path: &str, query: &str) -> usize {
         let mut removed = 0;
-        self.invalidate_with(|| async {
+        self.invalidate_with(None, || async {
             let keys: Vec<(Arc<PathKey>, Arc<PathEntry>)> = self
                 .cache
                 .iter()
@@ -459,13 +548,24 @@ impl Store {
         removed
     }
 
-    async fn invalidate_with<F, Fut>(&self, invalidate: F)
-    where
+    /// Runs `invalidate` with fills held off, after recording the invalidation of `buckets`
+    /// (`None`: of everything, for the admin purges).
+    async fn invalidate_with<F, Fut>(
+        &self,
+        buckets: Option<Vec<(Fingerprint, Box<str>)>>,
+        invalidate: F,
+    ) where
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = ()>,
     {
         let _gate = self.fill_gate.write().await;
-        self.epoch.fetch_add(1, Ordering::AcqRel);
+        {
+            let mut epochs = self.epochs.lock().unwrap_or_else(|e| e.into_inner());
+            match buckets {
+                Some(buckets) => epochs.bump(buckets),
+                None => epochs.bump_all(),
+            }
+        }
         invalidate().await;
     }
 
@@ -510,13 +610,16 @@ pub fn in_subtree(path: &str, root: &str) -> bool {
 pub enum FlightOutcome {
     /// The response was stored: waiters answer from it.
     Stored(Arc<Stored>),
-    /// Not storable, failed, or the fetching request went away: waiters go on their own.
+    /// The response cannot be stored (and is not a failure): every waiter asks on its own.
+    Uncacheable,
+    /// The fetch failed (an error, a 5xx) or its request went away: one waiter leads a new
+    /// fetch and the others wait for it.
     Released,
 }
 
 /// One upstream fetch in progress.
 pub struct Flight {
-    epoch: u64,
+    ticket: u64,
     outcome: watch::Receiver<Option<FlightOutcome>>,
 }
 
@@ -535,21 +638,32 @@ pub enum Joined {
 }
 
 impl Flights {
-    /// Joins the fetch for `key` under `epoch`, or starts one. A fetch begun under an older epoch
-    /// (before a write invalidated the key) is not joined.
-    pub fn join(self: &Arc<Self>, key: &CacheKey, epoch: u64) -> Joined {
+    /// Joins the fetch for `key`, or starts one with `ticket`. A fetch that `stale(its ticket)`
+    /// says began before a write invalidated the key is not joined: this request leads anew.
+    pub fn join(
+        self: &Arc<Self>,
+        key: &CacheKey,
+        ticket: u64,
+        stale: impl FnOnce(u64) -> bool,
+    ) -> Joined {
         let mut map = self.in_progress.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(flight) = map.get(key)
-            && flight.epoch == epoch
+            && !stale(flight.ticket)
         {
             return Joined::Waiter(flight.outcome.clone());
         }
         let (tx, rx) = watch::channel(None);
-        map.insert(key.clone(), Arc::new(Flight { epoch, outcome: rx }));
+        map.insert(
+            key.clone(),
+            Arc::new(Flight {
+                ticket,
+                outcome: rx,
+            }),
+        );
         Joined::Leader(FlightGuard {
             flights: self.clone(),
             key: key.clone(),
-            epoch,
+            ticket,
             tx: Some(tx),
         })
     }
@@ -560,7 +674,7 @@ impl Flights {
 pub struct FlightGuard {
     flights: Arc<Flights>,
     key: CacheKey,
-    epoch: u64,
+    ticket: u64,
     tx: Option<watch::Sender<Option<FlightOutcome>>>,
 }
 
@@ -577,7 +691,7 @@ impl FlightGuard {
                 .in_progress
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            if map.get(&self.key).is_some_and(|f| f.epoch == self.epoch) {
+            if map.get(&self.key).is_some_and(|f| f.ticket == self.ticket) {
                 map.remove(&self.key);
             }
             drop(map);
@@ -640,14 +754,85 @@ mod tests {
     async fn a_fill_started_before_an_invalidation_is_not_stored() {
         let store = Store::new(1 << 20);
         let k = key("/api/v1/x", "");
-        let epoch = store.epoch();
+        let epoch = store.ticket();
         store
             .invalidate(k.path.partition, &["/api/v1/x".into()], Vec::new())
             .await;
         assert!(!store.insert(&k, stored("old"), epoch).await);
         assert!(store.get(&k).await.is_none());
-        assert!(store.insert(&k, stored("new"), store.epoch()).await);
+        assert!(store.insert(&k, stored("new"), store.ticket()).await);
         assert_eq!(store.get(&k).await.unwrap().body, "new");
+    }
+
+    /// A write discards only fills in the buckets it invalidated, in its partition; a write to
+    /// `/` covers the partition; a purge covers everything.
+    #[tokio::test]
+    async fn invalidation_discards_only_fills_of_its_buckets() {
+        let store = Store::new(1 << 20);
+        let partition = FingerprintKey::random().fingerprint(b"t");
+        let other = FingerprintKey::random().fingerprint(b"u");
+        let at = |partition, path: &str| CacheKey {
+            path: PathKey {
+                partition,
+                path: path.into(),
+            },
+            variant: VariantKey {
+                query: "".into(),
+                representation: b"application/json".as_slice().into(),
+            },
+        };
+        let jobs = at(partition, "/api/v1/jobs/1");
+        let clusters = at(partition, "/api/v1/clusters/9");
+        let elsewhere = at(other, "/api/v1/jobs/1");
+
+        let ticket = store.ticket();
+        store
+            .invalidate(partition, &[], vec!["/api/v1/clusters".into()])
+            .await;
+        assert!(!store.insert(&clusters, stored("old"), ticket).await);
+        assert!(
+            store.insert(&jobs, stored("j"), ticket).await,
+            "another bucket"
+        );
+        assert!(
+            store.insert(&elsewhere, stored("e"), ticket).await,
+            "another partition"
+        );
+
+        let ticket = store.ticket();
+        store.invalidate(partition, &[], vec!["/".into()]).await;
+        assert!(
+            !store.insert(&jobs, stored("j2"), ticket).await,
+            "/ covers the partition"
+        );
+        assert!(store.insert(&elsewhere, stored("e2"), ticket).await);
+
+        let ticket = store.ticket();
+        store.purge_prefix("/api/v1/jobs").await;
+        assert!(
+            !store.insert(&elsewhere, stored("e3"), ticket).await,
+            "purges cover all"
+        );
+        assert!(store.insert(&elsewhere, stored("e4"), store.ticket()).await);
+    }
+
+    /// Past its bound the epoch map is emptied, and fills that started before are refused
+    /// rather than risk storing what an invalidation they cannot see removed.
+    #[test]
+    fn the_epoch_map_is_bounded_and_conservative() {
+        let mut epochs = Epochs::default();
+        let partition = FingerprintKey::random().fingerprint(b"t");
+        let key = PathKey {
+            partition,
+            path: "/api/v1/jobs/1".into(),
+        };
+        let before = epochs.clock;
+        for i in 0..=Epochs::LIMIT {
+            epochs.bump([(partition, format!("/c{i}").into_boxed_str())]);
+        }
+        assert!(epochs.buckets <= Epochs::LIMIT);
+        assert!(epochs.invalidated_since(&key, before));
+        assert!(!epochs.invalidated_since(&key, epochs.clock));
     }
 
     #[test]
@@ -696,7 +881,7 @@ mod tests {
         };
         let other_tenant = key("/api/v1/usergroups/1", "");
         for k in [&item, &alias, &neighbour, &other_tenant] {
-            assert!(store.insert(k, stored("x"), store.epoch()).await);
+            assert!(store.insert(k, stored("x"), store.ticket()).await);
         }
         store
             .invalidate(item.path.partition, &[], vec!["/api/v1/usergroups".into()])
@@ -715,8 +900,8 @@ mod tests {
             path: a.path.clone(),
             ..b
         };
-        assert!(store.insert(&a, stored("1"), store.epoch()).await);
-        assert!(store.insert(&b, stored("2"), store.epoch()).await);
+        assert!(store.insert(&a, stored("1"), store.ticket()).await);
+        assert!(store.insert(&b, stored("2"), store.ticket()).await);
         assert_eq!(store.get(&a).await.unwrap().body, "1");
         assert_eq!(store.get(&b).await.unwrap().body, "2");
         store
@@ -729,14 +914,14 @@ mod tests {
     async fn a_leader_that_goes_away_releases_its_waiters() {
         let flights = Arc::new(Flights::default());
         let k = key("/x", "");
-        let Joined::Leader(guard) = flights.join(&k, 0) else {
+        let Joined::Leader(guard) = flights.join(&k, 0, |_| false) else {
             panic!("first is leader")
         };
-        let Joined::Waiter(mut rx) = flights.join(&k, 0) else {
+        let Joined::Waiter(mut rx) = flights.join(&k, 0, |_| false) else {
             panic!("second waits")
         };
         // A request joining after an invalidation does not wait on the older fetch.
-        assert!(matches!(flights.join(&k, 1), Joined::Leader(_)));
+        assert!(matches!(flights.join(&k, 1, |started| started < 1), Joined::Leader(_)));
         drop(guard);
         let outcome = rx.wait_for(Option::is_some).await.unwrap().clone();
         assert!(matches!(outcome, Some(FlightOutcome::Released)));
