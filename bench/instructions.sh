@@ -5,7 +5,11 @@
 #
 #   bench/instructions.sh [SCENARIO...]     scenarios: hit (a), hit-audit (a with the audit
 #                                           file on), patch (e), uncached (d), bare-patch (the
-#                                           bare hyper proxy on e); default all
+#                                           bare hyper proxy on e); default all. Also, on demand:
+#                                           hit-20k and miss-20k (a hit, and a miss that stores,
+#                                           with 20,000 query variants of the path stored) and
+#                                           miss-1 (a miss that stores, on paths with nothing
+#                                           stored): the cost per variant must be flat
 #
 # The audit writer's thread counts too: with the file on, the SHA-256 chain runs in software
 # under valgrind (no SHA extensions), so hit-audit overstates what the chain costs.
@@ -23,7 +27,7 @@ SCENARIOS=("$@")
 # shellcheck source=bench/lib.sh
 source bench/lib.sh
 
-need valgrind=valgrind callgrind_annotate=valgrind wrk=wrk
+need valgrind=valgrind callgrind_annotate=valgrind wrk=wrk curl=curl
 
 say "building (release)"
 cargo build --release --locked --bin cloudcasa-gateway --example bench_servers >&2
@@ -69,6 +73,20 @@ count() { # NAME PATH SCRIPT COMMAND... (the command listens on $GATEWAY)
   wait_port "$GATEWAY" 60
   local args=(-t1 -c8)
   [[ -n $script ]] && args+=(-s "$script")
+  if [[ -n ${PREFILL:-} ]]; then
+    # Store PREFILL variants first: wrk over them until the admin endpoint counts them all.
+    VARIANT_FIRST=1 VARIANT_COUNT=$PREFILL wrk -t1 -c8 -d600s -s bench/variants.lua "$url" >/dev/null &
+    local filler=$!
+    local stored=0
+    for _ in $(seq 600); do
+      stored=$(curl -s "http://127.0.0.1:$ADMIN/cache" | sed -n 's/.*"entries":\([0-9]*\).*/\1/p')
+      ((${stored:-0} >= PREFILL)) && break
+      sleep 1
+    done
+    kill "$filler" 2>/dev/null || true
+    wait "$filler" 2>/dev/null || true
+    ((${stored:-0} >= PREFILL)) || { say "prefill stopped at ${stored:-0} of $PREFILL"; exit 1; }
+  fi
   wrk "${args[@]}" -d2s "$url" >/dev/null
   callgrind_control -z "$vg" >/dev/null 2>&1
   local n
@@ -92,6 +110,9 @@ for s in "${SCENARIOS[@]}"; do
     patch) count patch /api/v1/patch bench/patch.lua "${gateway[@]}" ;;
     uncached) count uncached /api/v1/uncached "" "${gateway[@]}" ;;
     bare-patch) count bare-patch /api/v1/patch bench/patch.lua "$BIN/examples/bench_servers" proxy "127.0.0.1:$GATEWAY" 1 "127.0.0.1:$UPSTREAM" ;;
-    *) say "unknown scenario $s (hit, hit-audit, patch, uncached, bare-patch)"; exit 2 ;;
+    hit-20k) PREFILL=20000 VARIANT_FIRST=1 VARIANT_COUNT=20000 count hit-20k /api/v1/fresh bench/variants.lua "${gateway[@]}" ;;
+    miss-20k) PREFILL=20000 VARIANT_FIRST=20001 VARIANT_COUNT=100000000 count miss-20k /api/v1/fresh bench/variants.lua "${gateway[@]}" ;;
+    miss-1) BENCH_ENTRIES=100000000 count miss-1 /api/v1/items bench/distinct.lua "${gateway[@]}" ;;
+    *) say "unknown scenario $s (hit, hit-audit, patch, uncached, bare-patch, hit-20k, miss-20k, miss-1)"; exit 2 ;;
   esac
 done

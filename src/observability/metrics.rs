@@ -957,7 +957,7 @@ impl Collector for CacheCollector {
         encode_one(
             e,
             "cache_entries",
-            "Paths with a stored response",
+            "Stored responses (one per variant)",
             None,
             ConstGauge::new(s.entries as i64),
         )?;

@@ -51,10 +51,29 @@ const CLIENT_CONDITIONALS: [HeaderName; 5] = [
     header::IF_RANGE,
 ];
 
+/// Where the cache reads the time: the system clock in the gateway, a clock a test moves.
+/// Every freshness, age, stale-if-error and stored-time decision goes through it.
+pub trait Clock: Send + Sync + std::fmt::Debug + 'static {
+    /// Now.
+    fn now(&self) -> SystemTime;
+}
+
+/// The system's wall clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> SystemTime {
+        SystemTime::now()
+    }
+}
+
 /// The cache and its settings.
 #[derive(Debug)]
 pub struct ResponseCache {
     store: Store,
+    /// The time, for every freshness decision.
+    clock: Arc<dyn Clock>,
     /// Swapped whole on a reload (`SIGHUP`); each request reads it once.
     config: ArcSwap<CacheConfig>,
     /// `cache.max_inflight`, in KiB permits: what fills in progress may hold.
@@ -87,8 +106,18 @@ impl CacheGauges for ResponseCache {
 impl ResponseCache {
     /// A cache per `config`; collapsed waits are bounded by `upstream_timeout`.
     pub fn new(config: CacheConfig, upstream_timeout: Duration) -> Self {
+        Self::with_clock(config, upstream_timeout, Arc::new(SystemClock))
+    }
+
+    /// The same, reading the time from `clock`.
+    pub fn with_clock(
+        config: CacheConfig,
+        upstream_timeout: Duration,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
         let kib = usize::try_from(config.max_inflight / 1024).unwrap_or(usize::MAX);
         Self {
+            clock,
             inflight: Arc::new(Semaphore::new(kib.clamp(1, Semaphore::MAX_PERMITS))),
             store: Store::new(config.max_size),
             config: ArcSwap::from_pointee(config),
@@ -318,7 +347,7 @@ impl ResponseCache {
         let deadline = tokio::time::Instant::now() + self.wait_limit;
         let mut joined = false;
         loop {
-            let now = SystemTime::now();
+            let now = self.clock.now();
             let found = self.store.get(&key).await;
             let vary_miss = found
                 .as_ref()
@@ -370,7 +399,7 @@ impl ResponseCache {
                             Some(FlightOutcome::Stored(s)) => {
                                 let mut status = CacheStatus::forward(forward);
                                 status.collapsed = true;
-                                let now = SystemTime::now();
+                                let now = self.clock.now();
                                 return (status, Ok(serve(&s, req.headers(), false, now)));
                             }
                             // Nothing to share: every waiter asks on its own, at once.
@@ -428,9 +457,9 @@ impl ResponseCache {
             }
             None => {}
         }
-        let request_time = SystemTime::now();
+        let request_time = self.clock.now();
         let result = inner.call(Request::from_parts(parts, body)).await;
-        let now = SystemTime::now();
+        let now = self.clock.now();
         let stale = stored.as_ref().filter(|s| s.usable_if_error(now));
 
         let response = match result {
@@ -755,6 +784,120 @@ fn serve(stored: &Stored, client: &HeaderMap, head: bool, now: SystemTime) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A clock the test moves.
+    #[derive(Debug)]
+    struct ManualClock(std::sync::Mutex<SystemTime>);
+
+    impl ManualClock {
+        fn advance(&self, by: Duration) {
+            *self.0.lock().unwrap() += by;
+        }
+    }
+
+    impl Clock for ManualClock {
+        fn now(&self) -> SystemTime {
+            *self.0.lock().unwrap()
+        }
+    }
+
+    /// Freshness, revalidation and the stale-if-error window, by the clock the cache is given:
+    /// no sleeping. The upstream answers `max-age=60, stale-if-error=30` with an ETag, 304 to
+    /// a matching `If-None-Match`, or 503 once told to fail.
+    #[tokio::test]
+    async fn freshness_and_stale_if_error_follow_the_injected_clock() {
+        use crate::config::{Config, Overrides};
+        use crate::secrets::token::{FingerprintKey, TokenSource};
+        use std::sync::atomic::{AtomicBool, AtomicUsize};
+        let config = Config::from_raw(
+            Config::parse("[token]\nfile = \"/t\"\n").unwrap(),
+            &Overrides::default(),
+        )
+        .unwrap();
+        let clock = Arc::new(ManualClock(std::sync::Mutex::new(
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+        )));
+        let cache = Arc::new(ResponseCache::with_clock(
+            config.cache.clone(),
+            Duration::from_secs(1),
+            clock.clone(),
+        ));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let failing = Arc::new(AtomicBool::new(false));
+        let upstream = {
+            let (calls, failing, clock) = (calls.clone(), failing.clone(), clock.clone());
+            tower::service_fn(move |req: Request<Body>| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                let date = httpdate::fmt_http_date(clock.now());
+                let response = if failing.load(Ordering::SeqCst) {
+                    Response::builder().status(503).body(body::empty())
+                } else if req
+                    .headers()
+                    .get(header::IF_NONE_MATCH)
+                    .is_some_and(|v| v == "\"v1\"")
+                {
+                    Response::builder()
+                        .status(304)
+                        .header(header::ETAG, "\"v1\"")
+                        .header(header::DATE, &date)
+                        .header(header::CACHE_CONTROL, "max-age=60, stale-if-error=30")
+                        .body(body::empty())
+                } else {
+                    Response::builder()
+                        .header(header::ETAG, "\"v1\"")
+                        .header(header::DATE, &date)
+                        .header(header::CACHE_CONTROL, "max-age=60, stale-if-error=30")
+                        .body(body::full("{}"))
+                };
+                std::future::ready(Ok::<_, GatewayError>(response.unwrap()))
+            })
+        };
+        let mut svc = CacheLayer::new(Some(cache.clone())).layer(upstream);
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "t").unwrap();
+        let source = Arc::new(TokenSource::new(
+            "default",
+            crate::config::TokenOrigin::File(token),
+            FingerprintKey::random(),
+        ));
+        let mut get = || {
+            let mut req = Request::get("/api/v1/usergroups/1")
+                .body(body::empty())
+                .unwrap();
+            req.extensions_mut()
+                .insert(SelectedCredential(source.clone()));
+            svc.call(req)
+        };
+        let outcomes = |o| cache.store().stats.outcomes(o);
+
+        assert_eq!(get().await.unwrap().status(), StatusCode::OK);
+        assert_eq!(outcomes(CacheOutcome::Miss), 1);
+        clock.advance(Duration::from_secs(59));
+        assert_eq!(get().await.unwrap().status(), StatusCode::OK);
+        assert_eq!(outcomes(CacheOutcome::Hit), 1, "fresh at 59 s");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        clock.advance(Duration::from_secs(2));
+        assert_eq!(get().await.unwrap().status(), StatusCode::OK);
+        assert_eq!(
+            outcomes(CacheOutcome::Revalidated),
+            1,
+            "stale at 61 s: revalidated"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        // The 304 made it fresh again for 60 s; past that, with the upstream failing, it may
+        // stand in for 30 s more.
+        failing.store(true, Ordering::SeqCst);
+        clock.advance(Duration::from_secs(60 + 20));
+        assert_eq!(get().await.unwrap().status(), StatusCode::OK);
+        assert_eq!(outcomes(CacheOutcome::Stale), 1, "20 s into stale-if-error");
+        clock.advance(Duration::from_secs(15));
+        assert_eq!(
+            get().await.unwrap().status(),
+            StatusCode::SERVICE_UNAVAILABLE,
+            "35 s past freshness: beyond stale-if-error"
+        );
+    }
 
     /// One outcome per request: the label (audit, spans, metrics), the header and the counters
     /// the admin endpoint and metrics read all say the same thing, for every outcome.

@@ -1,6 +1,8 @@
-//! Where responses are kept: a moka cache bounded by bytes, keyed by credential partition and
-//! path, holding every stored query variant of that path. Keeping a path's variants together
-//! makes "invalidate the collection with every query variant" a single removal.
+//! Where responses are kept: a moka cache bounded by bytes with one entry per variant (credential
+//! partition, path, query, representation), so a lookup or a fill costs the same with one or
+//! 100,000 variants of a path and concurrent fills of two variants never lose one; and an index
+//! of the stored variants by bucket and path, so that "invalidate the collection with every
+//! query variant" visits only that collection's entries.
 //!
 //! Also here: the collapsing lock ([`Flights`]) and the invalidation epochs ([`Epochs`]) that
 //! keep a fetch started before a write from storing what the write just changed. Epochs are per
@@ -120,26 +122,58 @@ impl Stored {
 const HEADER_OVERHEAD: usize = 128;
 /// Memory per stored response beyond its body and headers.
 const STORED_OVERHEAD: usize = 512;
-/// Memory per cached path: moka's entry, the key, the variants list.
-const PATH_OVERHEAD: usize = 384;
+/// Memory per stored variant beyond its response: moka's entry, the key, the index's slot.
+const ENTRY_OVERHEAD: usize = 384;
 
-/// All stored query variants of one path.
-#[derive(Debug, Default)]
-pub struct PathEntry {
-    variants: Vec<(VariantKey, Arc<Stored>)>,
-    /// Tells this entry from a later one stored under the same path (see [`PathIndex`]).
+/// What moka holds for a key: the response, and an id that tells this entry from a later one
+/// stored under the same key (see [`PathIndex`]).
+#[derive(Debug, Clone)]
+struct Slot {
+    stored: Arc<Stored>,
     id: u64,
 }
 
-/// Which paths are stored, by partition and bucket: the collection root of an API path
-/// (`/api/v1/usergroups` for `/api/v1/usergroups/624e/`), else its first segment. A write's
-/// invalidation visits only its bucket's paths, never the whole cache: a moka predicate over
-/// every entry per write made write-heavy load cost CPU in proportion to the cache's size.
+impl Slot {
+    fn weight(&self, key: &CacheKey) -> u32 {
+        let total = key.path.path.len()
+            + key.variant.query.len()
+            + key.variant.representation.len()
+            + ENTRY_OVERHEAD
+            + self.stored.weight();
+        u32::try_from(total).unwrap_or(u32::MAX)
+    }
+}
+
+/// Which variants are stored, by partition and bucket, then path: the bucket is the collection
+/// root of an API path (`/api/v1/usergroups` for `/api/v1/usergroups/624e/`), else its first
+/// segment. A write's invalidation visits only its bucket's paths, never the whole cache: a moka
+/// predicate over every entry per write made write-heavy load cost CPU in proportion to the
+/// cache's size.
 ///
 /// Entries leave the index when invalidated, and when moka evicts or expires them (its
-/// eviction listener), but only if the index still names that very entry: a path evicted and
+/// eviction listener), but only if the index still names that very entry: a variant evicted and
 /// stored again must stay indexed, whatever order the notifications come in.
-type PathIndex = Mutex<HashMap<(Fingerprint, Box<str>), HashMap<Box<str>, u64>>>;
+type PathIndex = Mutex<Buckets>;
+type Buckets = HashMap<(Fingerprint, Box<str>), HashMap<Box<str>, HashMap<VariantKey, u64>>>;
+
+/// Takes `key` out of the index, if the index still names entry `id` there (`None`: any).
+fn unindex(index: &mut Buckets, key: &CacheKey, id: Option<u64>) {
+    let b = (key.path.partition, Box::<str>::from(bucket(&key.path.path)));
+    let Some(paths) = index.get_mut(&b) else {
+        return;
+    };
+    if let Some(variants) = paths.get_mut(&key.path.path) {
+        if id.is_none_or(|id| variants.get(&key.variant) == Some(&id)) {
+            variants.remove(&key.variant);
+        }
+        if variants.is_empty() {
+            paths.remove(&key.path.path);
+        }
+    }
+    if paths.is_empty() {
+        index.remove(&b);
+    }
+}
 
 /// The bucket of `path` in the [`PathIndex`].
 fn bucket(path: &str) -> &str {
@@ -154,28 +188,6 @@ fn bucket(path: &str) -> &str {
 }
 
 static NEXT_ENTRY_ID: AtomicU64 = AtomicU64::new(1);
-
-impl PathEntry {
-    fn new(variants: Vec<(VariantKey, Arc<Stored>)>) -> Self {
-        Self {
-            variants,
-            id: NEXT_ENTRY_ID.fetch_add(1, Ordering::Relaxed),
-        }
-    }
-}
-
-impl PathEntry {
-    fn weight(&self, key: &PathKey) -> u32 {
-        let total: usize = key.path.len()
-            + PATH_OVERHEAD
-            + self
-                .variants
-                .iter()
-                .map(|(v, s)| v.query.len() + v.representation.len() + s.weight())
-                .sum::<usize>();
-        u32::try_from(total).unwrap_or(u32::MAX)
-    }
-}
 
 /// Counters, exported by the admin endpoint and metrics.
 #[derive(Debug, Default)]
@@ -272,7 +284,7 @@ impl Epochs {
 
 /// The response store.
 pub struct Store {
-    cache: moka::future::Cache<PathKey, Arc<PathEntry>>,
+    cache: moka::future::Cache<CacheKey, Slot>,
     index: Arc<PathIndex>,
     /// Per-bucket invalidation epochs.
     epochs: Mutex<Epochs>,
@@ -292,26 +304,18 @@ impl Store {
         let stats = Arc::new(CacheStats::default());
         let evicted = stats.clone();
         let index: Arc<PathIndex> = Arc::default();
-        let unindex = index.clone();
+        let unindex_from = index.clone();
         let cache = moka::future::Cache::builder()
             .max_capacity(max_size)
-            .weigher(|k: &PathKey, v: &Arc<PathEntry>| v.weight(k))
-            .eviction_listener(move |k: Arc<PathKey>, v: Arc<PathEntry>, cause| {
+            .weigher(|k: &CacheKey, v: &Slot| v.weight(k))
+            .eviction_listener(move |k: Arc<CacheKey>, v: Slot, cause| {
                 use moka::notification::RemovalCause;
                 if cause == RemovalCause::Size {
                     evicted.evictions.fetch_add(1, Ordering::Relaxed);
                 }
                 if cause != RemovalCause::Replaced {
-                    let mut index = unindex.lock().unwrap_or_else(|e| e.into_inner());
-                    let b = (k.partition, Box::<str>::from(bucket(&k.path)));
-                    if let Some(paths) = index.get_mut(&b) {
-                        if paths.get(&k.path) == Some(&v.id) {
-                            paths.remove(&k.path);
-                        }
-                        if paths.is_empty() {
-                            index.remove(&b);
-                        }
-                    }
+                    let mut index = unindex_from.lock().unwrap_or_else(|e| e.into_inner());
+                    unindex(&mut index, &k, Some(v.id));
                 }
             })
             .build();
@@ -347,15 +351,9 @@ impl Store {
         })
     }
 
-    /// The stored response for `key`, if any, and whether the path has other variants stored
-    /// (so a miss can be told apart from a vary-miss by the caller).
+    /// The stored response for `key`, if any.
     pub async fn get(&self, key: &CacheKey) -> Option<Arc<Stored>> {
-        let entry = self.cache.get(&key.path).await?;
-        entry
-            .variants
-            .iter()
-            .find(|(v, _)| *v == key.variant)
-            .map(|(_, s)| s.clone())
+        self.cache.get(key).await.map(|slot| slot.stored)
     }
 
     /// Stores `stored` unless `key`'s bucket was invalidated after `ticket` was taken. Returns
@@ -365,54 +363,78 @@ impl Store {
         if self.invalidated_since(&key.path, ticket) {
             return false;
         }
-        let mut variants = match self.cache.get(&key.path).await {
-            Some(entry) => entry
-                .variants
-                .iter()
-                .filter(|(v, _)| *v != key.variant)
-                .cloned()
-                .collect(),
-            None => Vec::new(),
+        let slot = Slot {
+            stored,
+            id: NEXT_ENTRY_ID.fetch_add(1, Ordering::Relaxed),
         };
-        variants.push((key.variant.clone(), stored));
-        let entry = Arc::new(PathEntry::new(variants));
-        if u64::from(entry.weight(&key.path)) > self.max_size {
+        if u64::from(slot.weight(key)) > self.max_size {
             return false;
         }
-        self.put(&key.path, entry).await;
-        true
-    }
-
-    /// Stores an entry and indexes its path.
-    async fn put(&self, key: &PathKey, entry: Arc<PathEntry>) {
         {
             let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
             index
-                .entry((key.partition, bucket(&key.path).into()))
+                .entry((key.path.partition, bucket(&key.path.path).into()))
                 .or_default()
-                .insert(key.path.clone(), entry.id);
+                .entry(key.path.path.clone())
+                .or_default()
+                .insert(key.variant.clone(), slot.id);
         }
-        self.cache.insert(key.clone(), entry).await;
+        self.cache.insert(key.clone(), slot).await;
+        true
+    }
+
+    /// Takes out of the index, in `partition`, every variant of the paths `covers` accepts in
+    /// bucket `which` (`None`: in every bucket of the partition); returns their keys.
+    fn take_indexed(
+        &self,
+        partition: Fingerprint,
+        which: Option<&str>,
+        covers: impl Fn(&str) -> bool,
+    ) -> Vec<CacheKey> {
+        let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
+        let buckets: Vec<(Fingerprint, Box<str>)> = match which {
+            Some(b) => vec![(partition, b.into())],
+            None => index
+                .keys()
+                .filter(|(p, _)| *p == partition)
+                .cloned()
+                .collect(),
+        };
+        let mut doomed = Vec::new();
+        for b in buckets {
+            let Some(paths) = index.get_mut(&b) else {
+                continue;
+            };
+            paths.retain(|path, variants| {
+                let gone = covers(path);
+                if gone {
+                    doomed.extend(variants.keys().map(|variant| CacheKey {
+                        path: PathKey {
+                            partition,
+                            path: path.clone(),
+                        },
+                        variant: variant.clone(),
+                    }));
+                }
+                !gone
+            });
+            if paths.is_empty() {
+                index.remove(&b);
+            }
+        }
+        doomed
     }
 
     /// Removes one stored variant (the upstream said it is gone).
     pub async fn remove(&self, key: &CacheKey) {
         let buckets = [(key.path.partition, Box::from(bucket(&key.path.path)))];
         self.invalidate_with(Some(buckets.to_vec()), || async {
-            if let Some(entry) = self.cache.get(&key.path).await {
-                let variants: Vec<_> = entry
-                    .variants
-                    .iter()
-                    .filter(|(v, _)| *v != key.variant)
-                    .cloned()
-                    .collect();
-                if variants.is_empty() {
-                    self.cache.invalidate(&key.path).await;
-                } else {
-                    self.put(&key.path, Arc::new(PathEntry::new(variants)))
-                        .await;
-                }
-            }
+            unindex(
+                &mut self.index.lock().unwrap_or_else(|e| e.into_inner()),
+                key,
+                None,
+            );
+            self.cache.invalidate(key).await;
         })
         .await;
     }
@@ -428,47 +450,19 @@ impl Store {
             .map(|p| (partition, Box::from(bucket(p))))
             .collect();
         self.invalidate_with(Some(buckets), || async {
+            // The variants of the exact paths and of the roots' subtrees, taken out of the index
+            // under its lock; then removed from moka.
+            let mut doomed = Vec::new();
             for path in exact {
-                let key = PathKey {
-                    partition,
-                    path: path.as_str().into(),
-                };
-                self.cache.invalidate(&key).await;
+                doomed.extend(self.take_indexed(partition, Some(bucket(path)), |p| p == path));
             }
             for root in &roots {
-                // The paths of the root's bucket that lie in its subtree, taken out of the
-                // index under its lock; then removed from moka.
-                let doomed: Vec<Box<str>> = {
-                    let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
-                    // The root `/` covers every bucket of the partition; any other root, its own.
-                    let buckets: Vec<(Fingerprint, Box<str>)> = match bucket(root) {
-                        "" => index
-                            .keys()
-                            .filter(|(p, _)| *p == partition)
-                            .cloned()
-                            .collect(),
-                        b => vec![(partition, b.into())],
-                    };
-                    let mut doomed = Vec::new();
-                    for b in buckets {
-                        if let Some(paths) = index.get_mut(&b) {
-                            paths.retain(|p, _| {
-                                let gone = in_subtree(p, root);
-                                if gone {
-                                    doomed.push(p.clone());
-                                }
-                                !gone
-                            });
-                            if paths.is_empty() {
-                                index.remove(&b);
-                            }
-                        }
-                    }
-                    doomed
-                };
-                for path in doomed {
-                    self.cache.invalidate(&PathKey { partition, path }).await;
-                }
+                // The root `/` covers every bucket of the partition; any other root, its own.
+                let which = Some(bucket(root)).filter(|b| !b.is_empty());
+                doomed.extend(self.take_indexed(partition, which, |p| in_subtree(p, root)));
+            }
+            for key in doomed {
+                self.cache.invalidate(&key).await;
             }
             self.stats
                 .invalidations
@@ -491,13 +485,19 @@ impl Store {
                 self.index.lock().unwrap_or_else(|e| e.into_inner()).clear();
             } else {
                 // Whole segments: `/api/v1/clusters` is not a prefix of `/api/v1/clustersets`.
-                let keys: Vec<Arc<PathKey>> = self
+                let keys: Vec<Arc<CacheKey>> = self
                     .cache
                     .iter()
-                    .filter(|(k, _)| in_subtree(&k.path, prefix))
+                    .filter(|(k, _)| in_subtree(&k.path.path, prefix))
                     .map(|(k, _)| k)
                     .collect();
-                removed = keys.len();
+                removed = distinct_paths(&keys);
+                {
+                    let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
+                    for key in &keys {
+                        unindex(&mut index, key, None);
+                    }
+                }
                 for key in keys {
                     self.cache.invalidate(&*key).await;
                 }
@@ -512,26 +512,21 @@ impl Store {
     pub async fn purge_key(&self, path: &str, query: &str) -> usize {
         let mut removed = 0;
         self.invalidate_with(None, || async {
-            let keys: Vec<(Arc<PathKey>, Arc<PathEntry>)> = self
+            let keys: Vec<Arc<CacheKey>> = self
                 .cache
                 .iter()
-                .filter(|(k, _)| &*k.path == path)
+                .filter(|(k, _)| &*k.path.path == path && &*k.variant.query == query)
+                .map(|(k, _)| k)
                 .collect();
-            for (key, entry) in keys {
-                let (gone, kept): (Vec<_>, Vec<_>) = entry
-                    .variants
-                    .iter()
-                    .cloned()
-                    .partition(|(v, _)| &*v.query == query);
-                removed += gone.len();
-                if gone.is_empty() {
-                    continue;
+            removed = keys.len();
+            {
+                let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
+                for key in &keys {
+                    unindex(&mut index, key, None);
                 }
-                if kept.is_empty() {
-                    self.cache.invalidate(&*key).await;
-                } else {
-                    self.put(&key, Arc::new(PathEntry::new(kept))).await;
-                }
+            }
+            for key in keys {
+                self.cache.invalidate(&*key).await;
             }
         })
         .await;
@@ -572,12 +567,7 @@ impl Store {
     /// Entries (stored responses, all variants) and weighted bytes, after pending evictions ran.
     pub async fn size(&self) -> (u64, u64) {
         self.cache.run_pending_tasks().await;
-        let responses = self
-            .cache
-            .iter()
-            .map(|(_, e)| e.variants.len() as u64)
-            .sum();
-        (responses, self.cache.weighted_size())
+        (self.cache.entry_count(), self.cache.weighted_size())
     }
 
     /// Applies pending inserts and evictions to the counts (moka updates them lazily).
@@ -585,7 +575,7 @@ impl Store {
         self.cache.run_pending_tasks().await;
     }
 
-    /// Paths stored and weighted bytes as of the last maintenance (see [`Store::settle`]).
+    /// Stored responses and weighted bytes as of the last maintenance (see [`Store::settle`]).
     pub fn approximate_size(&self) -> (u64, u64) {
         (self.cache.entry_count(), self.cache.weighted_size())
     }
@@ -594,6 +584,14 @@ impl Store {
     pub fn max_size(&self) -> u64 {
         self.max_size
     }
+}
+
+/// How many distinct paths (in any partition) `keys` name.
+fn distinct_paths(keys: &[Arc<CacheKey>]) -> usize {
+    keys.iter()
+        .map(|k| &k.path)
+        .collect::<std::collections::HashSet<_>>()
+        .len()
 }
 
 /// Whether `path` is `root` or below it, by whole segments.
@@ -816,6 +814,48 @@ mod tests {
         assert!(store.insert(&elsewhere, stored("e4"), store.ticket()).await);
     }
 
+    /// One entry per variant: concurrent fills of different variants of one path all land, and
+    /// invalidating the path removes every one of 20,000 variants.
+    #[tokio::test]
+    async fn variants_are_stored_apart_and_invalidated_together() {
+        let store = Arc::new(Store::new(1 << 30));
+        let partition = FingerprintKey::random().fingerprint(b"t");
+        let page = |n: usize| CacheKey {
+            path: PathKey {
+                partition,
+                path: "/api/v1/jobs".into(),
+            },
+            variant: VariantKey {
+                query: format!("page={n}").into(),
+                representation: b"application/json".as_slice().into(),
+            },
+        };
+        let ticket = store.ticket();
+        let fills: Vec<_> = (0..64)
+            .map(|n| {
+                let store = store.clone();
+                let key = page(n);
+                tokio::spawn(async move { store.insert(&key, stored("p"), ticket).await })
+            })
+            .collect();
+        for fill in fills {
+            assert!(fill.await.unwrap());
+        }
+        for n in 0..64 {
+            assert!(store.get(&page(n)).await.is_some(), "page {n} was lost");
+        }
+        for n in 64..20_000 {
+            assert!(store.insert(&page(n), stored("p"), ticket).await);
+        }
+        assert_eq!(store.size().await.0, 20_000);
+        store
+            .invalidate(partition, &[], vec!["/api/v1/jobs".into()])
+            .await;
+        assert_eq!(store.size().await.0, 0);
+        assert!(store.get(&page(19_999)).await.is_none());
+        assert!(store.index.lock().unwrap().is_empty());
+    }
+
     /// Past its bound the epoch map is emptied, and fills that started before are refused
     /// rather than risk storing what an invalidation they cannot see removed.
     #[test]
@@ -921,7 +961,10 @@ mod tests {
             panic!("second waits")
         };
         // A request joining after an invalidation does not wait on the older fetch.
-        assert!(matches!(flights.join(&k, 1, |started| started < 1), Joined::Leader(_)));
+        assert!(matches!(
+            flights.join(&k, 1, |started| started < 1),
+            Joined::Leader(_)
+        ));
         drop(guard);
         let outcome = rx.wait_for(Option::is_some).await.unwrap().clone();
         assert!(matches!(outcome, Some(FlightOutcome::Released)));
