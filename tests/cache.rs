@@ -174,6 +174,59 @@ async fn a_write_to_the_collection_discards_a_fill_that_raced_it() {
     assert_eq!(after.json()["name"], "h");
 }
 
+/// Issue 16: a stored complete 200 answers ranges (RFC 9110 §14) without asking the upstream.
+#[tokio::test]
+async fn ranges_are_answered_from_a_stored_response() {
+    let (mock, _secret, gw) = setup("[cache]\nfresh_for = \"60s\"").await;
+    let (id, etag) = item(&mock, "g");
+    let url = gw.url(&format!("/api/v1/usergroups/{id}"));
+    let full = get(&url, &[]).await;
+    let body = full.body.clone();
+    let len = body.len();
+    let strong = format!("\"{etag}\"");
+
+    let first = get(&url, &[("range", "bytes=0-1")]).await;
+    assert_eq!(first.status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(
+        first.header("content-range"),
+        Some(format!("bytes 0-1/{len}").as_str())
+    );
+    assert_eq!(first.body, body.slice(0..2));
+    assert!(first.header("cache-status").unwrap().contains("; hit"));
+
+    let tail = get(&url, &[("range", "bytes=-3")]).await;
+    assert_eq!(tail.status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(tail.body, body.slice(len - 3..));
+    let longer = get(&url, &[("range", &format!("bytes=-{}", len + 10))]).await;
+    assert_eq!(longer.status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(longer.body, body);
+
+    let matching = get(&url, &[("range", "bytes=2-"), ("if-range", &strong)]).await;
+    assert_eq!(matching.status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(matching.body, body.slice(2..));
+    for other in ["\"other\"", &format!("W/{strong}")] {
+        let whole = get(&url, &[("range", "bytes=0-1"), ("if-range", other)]).await;
+        assert_eq!(whole.status, StatusCode::OK, "If-Range {other}");
+        assert_eq!(whole.body, body);
+    }
+    let several = get(&url, &[("range", "bytes=0-1,4-5")]).await;
+    assert_eq!(several.status, StatusCode::OK);
+    assert_eq!(several.body, body);
+    let past = get(&url, &[("range", &format!("bytes={}-", len + 5))]).await;
+    assert_eq!(past.status, StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(
+        past.header("content-range"),
+        Some(format!("bytes */{len}").as_str())
+    );
+
+    let path = format!("/api/v1/usergroups/{id}");
+    assert_eq!(
+        mock.state.requests_to(&path).len(),
+        1,
+        "all from the stored 200"
+    );
+}
+
 #[tokio::test]
 async fn revalidation_sends_the_etag_and_serves_the_stored_body_on_304() {
     let (mock, _secret, gw) = setup("").await;

@@ -313,15 +313,6 @@ impl ResponseCache {
             );
         };
         req.extensions_mut().insert(PinnedToken(token.clone()));
-        if req.headers().contains_key(header::RANGE) {
-            // A partial request goes upstream as it came, `Range` and `If-Range` together, and
-            // its answer is not stored: the upstream alone can tell whether `If-Range` still
-            // names the current representation (RFC 9110 §13.1.5).
-            return (
-                CacheStatus::forward(Forward::Request),
-                pass(inner, req).await,
-            );
-        }
         let config = self.config.load_full();
         collapse_key_headers(&config.key_headers, req.headers_mut());
         let key = CacheKey {
@@ -335,6 +326,25 @@ impl ResponseCache {
             },
         };
         let is_head = req.method() == Method::HEAD;
+        if !is_head && req.headers().contains_key(header::RANGE) {
+            // A fresh stored response answers the range itself (`serve_range`). Otherwise the
+            // request goes upstream as it came, `Range` and `If-Range` together, and its answer
+            // is not stored: only a complete 200 is.
+            let now = self.clock.now();
+            if let Some(s) = self.store.get(&key).await.filter(|s| {
+                s.matches_vary(req.headers())
+                    && rules::fresh_enough(s.age(now), s.lifetime, &request_cc, s.forbids_stale)
+            }) {
+                return (
+                    CacheStatus::hit(s.ttl(now)),
+                    Ok(serve_range(&s, req.headers(), now)),
+                );
+            }
+            return (
+                CacheStatus::forward(Forward::Request),
+                pass(inner, req).await,
+            );
+        }
         if request_cc.no_store {
             let mut status = CacheStatus::forward(Forward::Request);
             status.not_stored = Some(NotStorable::NoStore);
@@ -779,6 +789,79 @@ fn serve(stored: &Stored, client: &HeaderMap, head: bool, now: SystemTime) -> Re
     headers.insert(header::AGE, age);
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(stored.body.len()));
     response
+}
+
+/// A `Range` request answered from a stored complete 200 (RFC 9110 §14): one satisfiable
+/// byte range gets 206 with `Content-Range`; several ranges, or a range the parser does not take,
+/// get the whole 200 (which §14.2 allows); a range that starts past the end gets 416. An
+/// `If-Range` that does not match the stored response strongly (its own strong ETag, or its
+/// exact `Last-Modified`) gets the whole 200, as does a client conditional that says 304.
+fn serve_range(stored: &Stored, client: &HeaderMap, now: SystemTime) -> Response<Body> {
+    use http_range_header::RangeUnsatisfiableError;
+    let whole = || serve(stored, client, false, now);
+    if rules::not_modified(
+        client,
+        Some(&stored.etag),
+        stored.headers.get(header::LAST_MODIFIED),
+    ) {
+        return whole();
+    }
+    if let Some(if_range) = client.get(header::IF_RANGE)
+        && !if_range_matches(if_range, stored)
+    {
+        return whole();
+    }
+    let Some(Ok(parsed)) = client
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map(http_range_header::parse_range_header)
+    else {
+        return whole();
+    };
+    let len = stored.body.len() as u64;
+    if parsed.ranges.len() != 1 || len == 0 {
+        return whole();
+    }
+    let range = match parsed.validate(len) {
+        Ok(ranges) => ranges[0].clone(),
+        // A suffix longer than the body is the whole body (§14.1.2).
+        Err(RangeUnsatisfiableError::FileSuffixOutOfBounds) => 0..=len - 1,
+        Err(_) => {
+            let mut response = Response::new(body::empty());
+            *response.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
+            let headers = response.headers_mut();
+            headers.insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&format!("bytes */{len}")).expect("ASCII"),
+            );
+            headers.insert(header::ETAG, stored.etag.clone());
+            return response;
+        }
+    };
+    let (start, end) = (*range.start(), *range.end());
+    let mut response = whole();
+    *response.status_mut() = StatusCode::PARTIAL_CONTENT;
+    // The bounds were validated against the body's length.
+    let part = stored.body.slice(start as usize..=end as usize);
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_RANGE,
+        HeaderValue::from_str(&format!("bytes {start}-{end}/{len}")).expect("ASCII"),
+    );
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(part.len()));
+    *response.body_mut() = body::full(part);
+    response
+}
+
+/// Whether `If-Range` names the stored response: its ETag, compared strongly (a weak one never
+/// matches), or its `Last-Modified`, exactly.
+fn if_range_matches(if_range: &HeaderValue, stored: &Stored) -> bool {
+    let value = if_range.as_bytes();
+    if value.starts_with(b"\"") || value.starts_with(b"W/") {
+        !stored.etag.as_bytes().starts_with(b"W/") && value == stored.etag.as_bytes()
+    } else {
+        stored.headers.get(header::LAST_MODIFIED) == Some(if_range)
+    }
 }
 
 #[cfg(test)]
