@@ -20,6 +20,9 @@ pub struct CacheConfig {
     pub fresh_for: Duration,
     /// How long past freshness a stored response may stand in for a failing upstream.
     pub stale_if_error: Duration,
+    /// How long past freshness a stored response may be served at once while one background
+    /// request revalidates it (RFC 5861).
+    pub stale_while_revalidate: Duration,
     /// Request headers that select a representation: part of every stored variant, whether or
     /// not the upstream sends `Vary` (lower-case names).
     pub key_headers: Vec<http::HeaderName>,
@@ -38,6 +41,7 @@ pub(super) fn cache(p: &mut Problems, r: raw::RawCache) -> CacheConfig {
             .map_or(defaults::CACHE_MAX_INFLIGHT, |s| s.as_u64()),
         fresh_for: r.fresh_for.unwrap_or_default(),
         stale_if_error: r.stale_if_error.unwrap_or_default(),
+        stale_while_revalidate: r.stale_while_revalidate.unwrap_or_default(),
         key_headers: key_headers(p, r.key_headers),
     };
     if cache.enabled && cache.max_object_size > cache.max_size {

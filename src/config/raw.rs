@@ -96,6 +96,8 @@ pub struct RawCache {
     pub fresh_for: Option<Duration>,
     #[serde(with = "humantime_serde")]
     pub stale_if_error: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub stale_while_revalidate: Option<Duration>,
     pub key_headers: Option<Vec<String>>,
 }
 

@@ -131,6 +131,7 @@ impl ResponseCache {
         let mut next = (**self.config.load()).clone();
         next.fresh_for = new.fresh_for;
         next.stale_if_error = new.stale_if_error;
+        next.stale_while_revalidate = new.stale_while_revalidate;
         next.key_headers = new.key_headers.clone();
         next.max_object_size = new.max_object_size.min(next.max_inflight);
         self.config.store(Arc::new(next));
@@ -303,7 +304,7 @@ impl ResponseCache {
         Ok(response)
     }
 
-    async fn read(&self, inner: Inner, mut req: Request<Body>) -> Answer {
+    async fn read(self: &Arc<Self>, inner: Inner, mut req: Request<Body>) -> Answer {
         let request_cc = Directives::parse(req.headers());
         let Some(token) = SelectedCredential::token_for(&req) else {
             // No credential, no partition: nothing can be served or stored (injection answers 503).
@@ -371,6 +372,30 @@ impl ResponseCache {
                     Ok(serve(s, req.headers(), is_head, now)),
                 );
             }
+            // stale-while-revalidate (RFC 5861): serve the stale response now, and let one
+            // request in the background revalidate it (none, if a fetch is already under way).
+            if let Some(s) = &stored
+                && !is_head
+                && !request_cc.no_cache
+                && request_cc.max_age.is_none()
+                && request_cc.min_fresh.is_none()
+                && s.usable_while_revalidating(now)
+            {
+                let ticket = self.store.ticket();
+                if let Joined::Leader(guard) = self.store.join(&key, ticket) {
+                    let fill = Fill {
+                        key: key.clone(),
+                        stored: Some(s.clone()),
+                        forward: Forward::Stale,
+                        ticket,
+                        guard: Some(guard),
+                    };
+                    self.revalidate_in_background(&inner, &req, &token, fill);
+                }
+                let mut status = CacheStatus::hit(s.ttl(now));
+                status.stale_while_revalidate = true;
+                return (status, Ok(serve(s, req.headers(), false, now)));
+            }
             if request_cc.only_if_cached {
                 return (
                     CacheStatus::forward(Forward::Request),
@@ -433,6 +458,33 @@ impl ResponseCache {
             };
             return self.fetch(inner, req, &request_cc, fill).await;
         }
+    }
+
+    /// Starts the background revalidation of a response served under stale-while-revalidate:
+    /// the same GET, with the same credential pinned, as the leader of `key`'s fetch. It is
+    /// not a request of its own (no exchange, no audit record); it counts as an upstream call.
+    fn revalidate_in_background(
+        self: &Arc<Self>,
+        inner: &Inner,
+        req: &Request<Body>,
+        token: &Arc<crate::secrets::token::LoadedToken>,
+        fill: Fill,
+    ) {
+        let mut background = Request::new(body::empty());
+        *background.uri_mut() = req.uri().clone();
+        *background.headers_mut() = req.headers().clone();
+        background
+            .extensions_mut()
+            .insert(PinnedToken(token.clone()));
+        if let Some(credential) = req.extensions().get::<SelectedCredential>() {
+            background.extensions_mut().insert(credential.clone());
+        }
+        let (cache, inner) = (self.clone(), inner.clone());
+        tokio::spawn(async move {
+            let directives = Directives::parse(background.headers());
+            // The answer is stored (or refused) by `fetch`; nobody reads it.
+            let _ = cache.fetch(inner, background, &directives, fill).await;
+        });
     }
 
     async fn fetch(
@@ -696,6 +748,9 @@ fn build_stored(
         stale_if_error: config
             .stale_if_error
             .max(Duration::from_secs(directives.stale_if_error.unwrap_or(0))),
+        stale_while_revalidate: config.stale_while_revalidate.max(Duration::from_secs(
+            directives.stale_while_revalidate.unwrap_or(0),
+        )),
         forbids_stale: directives.forbids_stale(),
         headers: detach_headers(&headers),
         body,
@@ -884,102 +939,183 @@ mod tests {
         }
     }
 
-    /// Freshness, revalidation and the stale-if-error window, by the clock the cache is given:
-    /// no sleeping. The upstream answers `max-age=60, stale-if-error=30` with an ETag, 304 to
-    /// a matching `If-None-Match`, or 503 once told to fail.
-    #[tokio::test]
-    async fn freshness_and_stale_if_error_follow_the_injected_clock() {
-        use crate::config::{Config, Overrides};
-        use crate::secrets::token::{FingerprintKey, TokenSource};
-        use std::sync::atomic::{AtomicBool, AtomicUsize};
-        let config = Config::from_raw(
-            Config::parse("[token]\nfile = \"/t\"\n").unwrap(),
-            &Overrides::default(),
-        )
-        .unwrap();
-        let clock = Arc::new(ManualClock(std::sync::Mutex::new(
-            SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
-        )));
-        let cache = Arc::new(ResponseCache::with_clock(
-            config.cache.clone(),
-            Duration::from_secs(1),
-            clock.clone(),
-        ));
-        let calls = Arc::new(AtomicUsize::new(0));
-        let failing = Arc::new(AtomicBool::new(false));
-        let upstream = {
-            let (calls, failing, clock) = (calls.clone(), failing.clone(), clock.clone());
-            tower::service_fn(move |req: Request<Body>| {
-                calls.fetch_add(1, Ordering::SeqCst);
-                let date = httpdate::fmt_http_date(clock.now());
-                let response = if failing.load(Ordering::SeqCst) {
-                    Response::builder().status(503).body(body::empty())
-                } else if req
-                    .headers()
-                    .get(header::IF_NONE_MATCH)
-                    .is_some_and(|v| v == "\"v1\"")
-                {
-                    Response::builder()
-                        .status(304)
-                        .header(header::ETAG, "\"v1\"")
-                        .header(header::DATE, &date)
-                        .header(header::CACHE_CONTROL, "max-age=60, stale-if-error=30")
-                        .body(body::empty())
-                } else {
-                    Response::builder()
-                        .header(header::ETAG, "\"v1\"")
-                        .header(header::DATE, &date)
-                        .header(header::CACHE_CONTROL, "max-age=60, stale-if-error=30")
-                        .body(body::full("{}"))
-                };
-                std::future::ready(Ok::<_, GatewayError>(response.unwrap()))
-            })
-        };
-        let mut svc = CacheLayer::new(Some(cache.clone())).layer(upstream);
-        let dir = tempfile::tempdir().unwrap();
-        let token = dir.path().join("token");
-        std::fs::write(&token, "t").unwrap();
-        let source = Arc::new(TokenSource::new(
-            "default",
-            crate::config::TokenOrigin::File(token),
-            FingerprintKey::random(),
-        ));
-        let mut get = || {
+    /// A cache with a manual clock over an upstream that answers `cache_control` with an ETag,
+    /// 304 to a matching `If-None-Match`, or 503 once told to fail.
+    struct Harness {
+        cache: Arc<ResponseCache>,
+        clock: Arc<ManualClock>,
+        calls: Arc<std::sync::atomic::AtomicUsize>,
+        failing: Arc<std::sync::atomic::AtomicBool>,
+        service: Cache,
+        source: Arc<crate::secrets::token::TokenSource>,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Harness {
+        fn new(cache_control: &'static str, extra: &str) -> Self {
+            use crate::config::{Config, Overrides};
+            use crate::secrets::token::{FingerprintKey, TokenSource};
+            let config = Config::from_raw(
+                Config::parse(&format!("[token]\nfile = \"/t\"\n{extra}")).unwrap(),
+                &Overrides::default(),
+            )
+            .unwrap();
+            let clock = Arc::new(ManualClock(std::sync::Mutex::new(
+                SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+            )));
+            let cache = Arc::new(ResponseCache::with_clock(
+                config.cache.clone(),
+                Duration::from_secs(1),
+                clock.clone(),
+            ));
+            let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let upstream = {
+                let (calls, failing, clock) = (calls.clone(), failing.clone(), clock.clone());
+                tower::service_fn(move |req: Request<Body>| {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    let date = httpdate::fmt_http_date(clock.now());
+                    let revalidated = req
+                        .headers()
+                        .get(header::IF_NONE_MATCH)
+                        .is_some_and(|v| v == "\"v1\"");
+                    let response = if failing.load(Ordering::SeqCst) {
+                        Response::builder().status(503).body(body::empty())
+                    } else {
+                        Response::builder()
+                            .status(if revalidated { 304 } else { 200 })
+                            .header(header::ETAG, "\"v1\"")
+                            .header(header::DATE, &date)
+                            .header(header::CACHE_CONTROL, cache_control)
+                            .body(if revalidated {
+                                body::empty()
+                            } else {
+                                body::full("{}")
+                            })
+                    };
+                    std::future::ready(Ok::<_, GatewayError>(response.unwrap()))
+                })
+            };
+            let service = CacheLayer::new(Some(cache.clone())).layer(upstream);
+            let dir = tempfile::tempdir().unwrap();
+            let token = dir.path().join("token");
+            std::fs::write(&token, "t").unwrap();
+            let source = Arc::new(TokenSource::new(
+                "default",
+                crate::config::TokenOrigin::File(token),
+                FingerprintKey::random(),
+            ));
+            Self {
+                cache,
+                clock,
+                calls,
+                failing,
+                service,
+                source,
+                _dir: dir,
+            }
+        }
+
+        async fn get(&mut self) -> Response<Body> {
             let mut req = Request::get("/api/v1/usergroups/1")
                 .body(body::empty())
                 .unwrap();
             req.extensions_mut()
-                .insert(SelectedCredential(source.clone()));
-            svc.call(req)
-        };
-        let outcomes = |o| cache.store().stats.outcomes(o);
+                .insert(SelectedCredential(self.source.clone()));
+            self.service.call(req).await.unwrap()
+        }
 
-        assert_eq!(get().await.unwrap().status(), StatusCode::OK);
-        assert_eq!(outcomes(CacheOutcome::Miss), 1);
-        clock.advance(Duration::from_secs(59));
-        assert_eq!(get().await.unwrap().status(), StatusCode::OK);
-        assert_eq!(outcomes(CacheOutcome::Hit), 1, "fresh at 59 s");
-        assert_eq!(calls.load(Ordering::SeqCst), 1);
-        clock.advance(Duration::from_secs(2));
-        assert_eq!(get().await.unwrap().status(), StatusCode::OK);
+        fn calls(&self) -> usize {
+            self.calls.load(Ordering::SeqCst)
+        }
+
+        fn outcomes(&self, outcome: CacheOutcome) -> u64 {
+            self.cache.store().stats.outcomes(outcome)
+        }
+    }
+
+    /// Freshness, revalidation and the stale-if-error window, by the clock the cache is given:
+    /// no sleeping.
+    #[tokio::test]
+    async fn freshness_and_stale_if_error_follow_the_injected_clock() {
+        let mut h = Harness::new("max-age=60, stale-if-error=30", "");
+        assert_eq!(h.get().await.status(), StatusCode::OK);
+        assert_eq!(h.outcomes(CacheOutcome::Miss), 1);
+        h.clock.advance(Duration::from_secs(59));
+        assert_eq!(h.get().await.status(), StatusCode::OK);
+        assert_eq!(h.outcomes(CacheOutcome::Hit), 1, "fresh at 59 s");
+        assert_eq!(h.calls(), 1);
+        h.clock.advance(Duration::from_secs(2));
+        assert_eq!(h.get().await.status(), StatusCode::OK);
         assert_eq!(
-            outcomes(CacheOutcome::Revalidated),
+            h.outcomes(CacheOutcome::Revalidated),
             1,
             "stale at 61 s: revalidated"
         );
-        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert_eq!(h.calls(), 2);
         // The 304 made it fresh again for 60 s; past that, with the upstream failing, it may
         // stand in for 30 s more.
-        failing.store(true, Ordering::SeqCst);
-        clock.advance(Duration::from_secs(60 + 20));
-        assert_eq!(get().await.unwrap().status(), StatusCode::OK);
-        assert_eq!(outcomes(CacheOutcome::Stale), 1, "20 s into stale-if-error");
-        clock.advance(Duration::from_secs(15));
+        h.failing.store(true, Ordering::SeqCst);
+        h.clock.advance(Duration::from_secs(60 + 20));
+        assert_eq!(h.get().await.status(), StatusCode::OK);
         assert_eq!(
-            get().await.unwrap().status(),
+            h.outcomes(CacheOutcome::Stale),
+            1,
+            "20 s into stale-if-error"
+        );
+        h.clock.advance(Duration::from_secs(15));
+        assert_eq!(
+            h.get().await.status(),
             StatusCode::SERVICE_UNAVAILABLE,
             "35 s past freshness: beyond stale-if-error"
         );
+    }
+
+    /// Waits (bounded) for the upstream to have been called `n` times.
+    async fn calls_reach(h: &Harness, n: usize) {
+        for _ in 0..500 {
+            if h.calls() >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        panic!("the upstream was called {} times, not {n}", h.calls());
+    }
+
+    /// stale-while-revalidate (RFC 5861): inside the window the stale response is served at
+    /// once and one background request revalidates it; past it, the request waits for the
+    /// upstream. The window is the larger of the response's and `cache.stale_while_revalidate`.
+    #[tokio::test]
+    async fn stale_while_revalidate_serves_at_once_and_refreshes_in_the_background() {
+        let mut h = Harness::new("max-age=60, stale-while-revalidate=30", "");
+        h.get().await;
+        h.clock.advance(Duration::from_secs(70));
+        let served = h.get().await;
+        assert_eq!(served.status(), StatusCode::OK);
+        assert_eq!(h.outcomes(CacheOutcome::Stale), 1);
+        calls_reach(&h, 2).await;
+        // The background 304 refreshed it: fresh again.
+        h.get().await;
+        assert_eq!(h.outcomes(CacheOutcome::Hit), 1);
+        assert_eq!(h.calls(), 2);
+        // Past freshness and the window: a revalidation the client waits for.
+        h.clock.advance(Duration::from_secs(60 + 31));
+        h.get().await;
+        assert_eq!(h.outcomes(CacheOutcome::Revalidated), 1);
+        assert_eq!(h.outcomes(CacheOutcome::Stale), 1);
+
+        // Off without the directive or the setting; the setting alone turns it on.
+        let mut off = Harness::new("max-age=60", "");
+        off.get().await;
+        off.clock.advance(Duration::from_secs(70));
+        off.get().await;
+        assert_eq!(off.outcomes(CacheOutcome::Stale), 0);
+        let mut on = Harness::new("max-age=60", "[cache]\nstale_while_revalidate = \"30s\"");
+        on.get().await;
+        on.clock.advance(Duration::from_secs(70));
+        on.get().await;
+        assert_eq!(on.outcomes(CacheOutcome::Stale), 1);
+        calls_reach(&on, 2).await;
     }
 
     /// One outcome per request: the label (audit, spans, metrics), the header and the counters
@@ -1021,9 +1157,10 @@ mod tests {
                         s.fwd_status = Some(200)
                     })])
                     .collect(),
-                CacheOutcome::Stale => {
-                    vec![with(CacheStatus::hit(-3), &|s| s.stale_if_error = true)]
-                }
+                CacheOutcome::Stale => vec![
+                    with(CacheStatus::hit(-3), &|s| s.stale_if_error = true),
+                    with(CacheStatus::hit(-3), &|s| s.stale_while_revalidate = true),
+                ],
                 CacheOutcome::Bypass => vec![
                     CacheStatus::forward(Forward::Bypass),
                     CacheStatus::forward(Forward::Method),
@@ -1049,7 +1186,10 @@ mod tests {
                             && !header.contains("; collapsed")
                             && !header.contains("fwd-status=304")
                     }
-                    CacheOutcome::Stale => header.contains("; hit; detail=stale-if-error"),
+                    CacheOutcome::Stale => {
+                        header.contains("; hit; detail=stale-if-error")
+                            || header.contains("; fwd=stale; detail=stale-while-revalidate")
+                    }
                     CacheOutcome::Bypass => {
                         header.contains("fwd=method") || header.contains("fwd=bypass")
                     }

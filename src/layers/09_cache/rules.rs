@@ -28,6 +28,8 @@ pub struct Directives {
     pub s_maxage: Option<u64>,
     /// `stale-if-error=N`.
     pub stale_if_error: Option<u64>,
+    /// `stale-while-revalidate=N`.
+    pub stale_while_revalidate: Option<u64>,
     /// `max-stale` (request; `Some(u64::MAX)` when given without a value).
     pub max_stale: Option<u64>,
     /// `min-fresh=N` (request).
@@ -71,6 +73,9 @@ impl Directives {
                         d.s_maxage.get_or_insert(seconds().unwrap_or(0));
                     }
                     "stale-if-error" => d.stale_if_error = d.stale_if_error.or(seconds()),
+                    "stale-while-revalidate" => {
+                        d.stale_while_revalidate = d.stale_while_revalidate.or(seconds())
+                    }
                     "max-stale" => {
                         d.max_stale.get_or_insert(match arg {
                             None => u64::MAX,

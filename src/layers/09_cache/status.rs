@@ -56,6 +56,8 @@ pub struct CacheStatus {
     pub collapsed: bool,
     /// A stale response was served because the upstream failed.
     pub stale_if_error: bool,
+    /// A stale response was served while a background request revalidates it.
+    pub stale_while_revalidate: bool,
     /// Why the response was not stored, when it could have been.
     pub not_stored: Option<NotStorable>,
 }
@@ -70,6 +72,7 @@ impl CacheStatus {
             stored: false,
             collapsed: false,
             stale_if_error: false,
+            stale_while_revalidate: false,
             not_stored: None,
         }
     }
@@ -86,7 +89,7 @@ impl CacheStatus {
     /// What the cache did, in one word.
     pub fn outcome(&self) -> CacheOutcome {
         match self.forward {
-            _ if self.stale_if_error => CacheOutcome::Stale,
+            _ if self.stale_if_error || self.stale_while_revalidate => CacheOutcome::Stale,
             None => CacheOutcome::Hit,
             // The stored response was confirmed, whether it was stale or the client said no-cache.
             Some(Forward::Stale | Forward::Request) if self.fwd_status == Some(304) => {
@@ -111,6 +114,9 @@ impl CacheStatus {
         v.push_str(CACHE_NAME);
         match self.forward {
             _ if self.stale_if_error => v.push_str("; hit; detail=stale-if-error"),
+            _ if self.stale_while_revalidate => {
+                v.push_str("; fwd=stale; detail=stale-while-revalidate")
+            }
             None => v.push_str("; hit"),
             Some(fwd) => {
                 v.push_str("; fwd=");

@@ -71,6 +71,8 @@ pub struct Stored {
     pub lifetime: Duration,
     /// How long past its lifetime it may stand in for a failing upstream.
     pub stale_if_error: Duration,
+    /// How long past its lifetime it may be served while a background request revalidates it.
+    pub stale_while_revalidate: Duration,
     /// Must never be served stale.
     pub forbids_stale: bool,
 }
@@ -89,6 +91,14 @@ impl Stored {
     pub fn ttl(&self, now: SystemTime) -> i64 {
         let secs = |d: Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
         secs(self.lifetime).saturating_sub(secs(self.age(now)))
+    }
+
+    /// Whether it is stale but may be served at once while it is revalidated in the background.
+    pub fn usable_while_revalidating(&self, now: SystemTime) -> bool {
+        let age = self.age(now);
+        !self.forbids_stale
+            && age >= self.lifetime
+            && age < self.lifetime.saturating_add(self.stale_while_revalidate)
     }
 
     /// Whether it may be served because the upstream failed.
@@ -730,6 +740,7 @@ mod tests {
             initial_age: Duration::ZERO,
             lifetime: Duration::from_secs(60),
             stale_if_error: Duration::ZERO,
+            stale_while_revalidate: Duration::ZERO,
             forbids_stale: false,
         })
     }
