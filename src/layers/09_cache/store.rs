@@ -6,8 +6,9 @@
 //!
 //! Also here: the collapsing lock ([`Flights`]) and the invalidation epochs ([`Epochs`]) that
 //! keep a fetch started before a write from storing what the write just changed. Epochs are per
-//! bucket (a collection, in one credential partition): a write discards only the fills and
-//! collapsed fetches of the buckets it invalidated, never those elsewhere.
+//! invalidated scope (a path, or a subtree such as a collection, in one credential partition): a
+//! write discards only the fills and collapsed fetches of the paths it invalidated, never those
+//! elsewhere.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -228,45 +229,72 @@ impl CacheStats {
     }
 }
 
-/// When each bucket was last invalidated, on one monotonic clock of invalidations.
+/// What an invalidation covered, for [`Epochs`]: a path exactly, or a subtree (a root and
+/// everything below it by whole segments; `""` is the partition's root `/`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// One path, with every query variant.
+    Exact(Box<str>),
+    /// A root and every path below it.
+    Subtree(Box<str>),
+}
+
+/// When each invalidated scope was last invalidated, on one monotonic clock of invalidations.
 ///
-/// A fetch takes a ticket (the clock's value) when it starts; its fill is stored only if no
-/// bucket it belongs to was invalidated after that (`bucket's epoch <= ticket`). Buckets are
-/// `(partition, bucket)`; `(partition, "")` stands for every bucket of the partition (a write to
-/// `/`). The map is bounded: past [`Epochs::LIMIT`] buckets it is emptied and `floor` raised to
-/// the clock, and a fetch whose ticket is below the floor is not stored (it cannot know what was
-/// invalidated since); that happens only under writes to thousands of collections at once.
+/// A fetch takes a ticket (the clock's value) when it starts; its fill is stored only if
+/// nothing that covers its path was invalidated after that: its path exactly, or a subtree
+/// rooted at the path or at one of its ancestors. The check walks the path's ancestors (one
+/// lookup per segment), so it costs the same however many scopes are remembered, and a write
+/// discards only the fills and collapsed fetches of the paths it invalidated, never those of
+/// a sibling. The map is bounded: past [`Epochs::LIMIT`] scopes it is emptied and `floor` raised
+/// to the clock, and a fetch whose ticket is below the floor is not stored (it cannot know what
+/// was invalidated since); that takes writes to thousands of distinct paths within one fetch.
 #[derive(Debug, Default)]
 pub struct Epochs {
     clock: u64,
     floor: u64,
-    /// Per partition, per bucket (nested so that a lookup by `&str` allocates nothing).
-    by_bucket: HashMap<Fingerprint, HashMap<Box<str>, u64>>,
-    buckets: usize,
+    /// Per partition, per scope path (without its trailing `/`): when it was last invalidated
+    /// exactly, and as a subtree root.
+    by_scope: HashMap<Fingerprint, HashMap<Box<str>, ScopeEpochs>>,
+    scopes: usize,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct ScopeEpochs {
+    exact: u64,
+    subtree: u64,
 }
 
 impl Epochs {
-    /// Buckets remembered at most.
+    /// Scopes remembered at most.
     const LIMIT: usize = 16 * 1024;
 
-    /// Records an invalidation of `buckets` now.
-    fn bump(&mut self, buckets: impl IntoIterator<Item = (Fingerprint, Box<str>)>) {
+    /// Records an invalidation of `scopes` in `partition` now.
+    fn bump(&mut self, partition: Fingerprint, scopes: &[Scope]) {
         self.clock += 1;
         let now = self.clock;
-        for (partition, b) in buckets {
-            if self
-                .by_bucket
-                .entry(partition)
-                .or_default()
-                .insert(b, now)
-                .is_none()
-            {
-                self.buckets += 1;
+        let map = self.by_scope.entry(partition).or_default();
+        for scope in scopes {
+            let (path, subtree) = match scope {
+                Scope::Exact(p) => (p, false),
+                Scope::Subtree(p) => (p, true),
+            };
+            let path = path.trim_end_matches('/');
+            let entry = match map.get_mut(path) {
+                Some(e) => e,
+                None => {
+                    self.scopes += 1;
+                    map.entry(path.into()).or_default()
+                }
+            };
+            match subtree {
+                true => entry.subtree = now,
+                false => entry.exact = now,
             }
         }
-        if self.buckets > Self::LIMIT {
-            self.by_bucket.clear();
-            self.buckets = 0;
+        if self.scopes > Self::LIMIT {
+            self.by_scope.clear();
+            self.scopes = 0;
             self.floor = now;
         }
     }
@@ -274,21 +302,34 @@ impl Epochs {
     /// Records an invalidation of everything (a purge).
     fn bump_all(&mut self) {
         self.clock += 1;
-        self.by_bucket.clear();
-        self.buckets = 0;
+        self.by_scope.clear();
+        self.scopes = 0;
         self.floor = self.clock;
     }
 
-    /// Whether `key`'s bucket was invalidated after `ticket` was taken.
+    /// Whether something covering `key`'s path was invalidated after `ticket` was taken.
     fn invalidated_since(&self, key: &PathKey, ticket: u64) -> bool {
         if ticket < self.floor {
             return true;
         }
-        let Some(partition) = self.by_bucket.get(&key.partition) else {
+        let Some(scopes) = self.by_scope.get(&key.partition) else {
             return false;
         };
-        let at = |b: &str| partition.get(b).copied().unwrap_or(0);
-        at(bucket(&key.path)) > ticket || at("") > ticket
+        let path = key.path.trim_end_matches('/');
+        if scopes.get(path).is_some_and(|e| e.exact > ticket) {
+            return true;
+        }
+        // The path itself, then each ancestor by whole segments, down to the root `""`.
+        let mut at = path;
+        loop {
+            if scopes.get(at).is_some_and(|e| e.subtree > ticket) {
+                return true;
+            }
+            match at.rfind('/') {
+                Some(i) => at = &at[..i],
+                None => return false,
+            }
+        }
     }
 }
 
@@ -437,8 +478,11 @@ impl Store {
 
     /// Removes one stored variant (the upstream said it is gone).
     pub async fn remove(&self, key: &CacheKey) {
-        let buckets = [(key.path.partition, Box::from(bucket(&key.path.path)))];
-        self.invalidate_with(Some(buckets.to_vec()), || async {
+        let scopes = Some((
+            key.path.partition,
+            vec![Scope::Exact(key.path.path.clone())],
+        ));
+        self.invalidate_with(scopes, || async {
             unindex(
                 &mut self.index.lock().unwrap_or_else(|e| e.into_inner()),
                 key,
@@ -454,12 +498,12 @@ impl Store {
     /// path below it, segment by segment: `/a/b` covers `/a/b/c`, not `/a/bc`). Effective at
     /// once: no later lookup returns what was removed.
     pub async fn invalidate(&self, partition: Fingerprint, exact: &[String], roots: Vec<String>) {
-        let buckets: Vec<(Fingerprint, Box<str>)> = exact
+        let scopes = exact
             .iter()
-            .chain(&roots)
-            .map(|p| (partition, Box::from(bucket(p))))
+            .map(|p| Scope::Exact(p.as_str().into()))
+            .chain(roots.iter().map(|r| Scope::Subtree(r.as_str().into())))
             .collect();
-        self.invalidate_with(Some(buckets), || async {
+        self.invalidate_with(Some((partition, scopes)), || async {
             // The variants of the exact paths and of the roots' subtrees, taken out of the index
             // under its lock; then removed from moka.
             let mut doomed = Vec::new();
@@ -553,11 +597,11 @@ impl Store {
         removed
     }
 
-    /// Runs `invalidate` with fills held off, after recording the invalidation of `buckets`
-    /// (`None`: of everything, for the admin purges).
+    /// Runs `invalidate` with fills held off, after recording the invalidation of `scopes` in
+    /// a partition (`None`: of everything, for the admin purges).
     async fn invalidate_with<F, Fut>(
         &self,
-        buckets: Option<Vec<(Fingerprint, Box<str>)>>,
+        scopes: Option<(Fingerprint, Vec<Scope>)>,
         invalidate: F,
     ) where
         F: FnOnce() -> Fut,
@@ -566,8 +610,8 @@ impl Store {
         let _gate = self.fill_gate.write().await;
         {
             let mut epochs = self.epochs.lock().unwrap_or_else(|e| e.into_inner());
-            match buckets {
-                Some(buckets) => epochs.bump(buckets),
+            match scopes {
+                Some((partition, scopes)) => epochs.bump(partition, &scopes),
                 None => epochs.bump_all(),
             }
         }
@@ -867,6 +911,40 @@ mod tests {
         assert!(store.index.lock().unwrap().is_empty());
     }
 
+    /// Outside the API, a write invalidates its own subtree and its parent exactly: fills of
+    /// its siblings go on (the cache-tests suite writes to `/test/<uuid>` paths side by side).
+    #[tokio::test]
+    async fn a_write_spares_its_siblings_fills() {
+        let store = Store::new(1 << 20);
+        let partition = FingerprintKey::random().fingerprint(b"t");
+        let at = |path: &str| CacheKey {
+            path: PathKey {
+                partition,
+                path: path.into(),
+            },
+            variant: VariantKey {
+                query: "".into(),
+                representation: b"application/json".as_slice().into(),
+            },
+        };
+        let ticket = store.ticket();
+        store
+            .invalidate(partition, &["/test".into()], vec!["/test/a".into()])
+            .await;
+        assert!(store.insert(&at("/test/b"), stored("b"), ticket).await);
+        assert!(
+            store.insert(&at("/test/ab"), stored("ab"), ticket).await,
+            "whole segments"
+        );
+        assert!(!store.insert(&at("/test/a"), stored("a"), ticket).await);
+        assert!(!store.insert(&at("/test/a/x/"), stored("x"), ticket).await);
+        assert!(
+            !store.insert(&at("/test/"), stored("t"), ticket).await,
+            "the parent"
+        );
+        assert!(store.insert(&at("/other"), stored("o"), ticket).await);
+    }
+
     /// Past its bound the epoch map is emptied, and fills that started before are refused
     /// rather than risk storing what an invalidation they cannot see removed.
     #[test]
@@ -879,9 +957,9 @@ mod tests {
         };
         let before = epochs.clock;
         for i in 0..=Epochs::LIMIT {
-            epochs.bump([(partition, format!("/c{i}").into_boxed_str())]);
+            epochs.bump(partition, &[Scope::Subtree(format!("/c{i}").into())]);
         }
-        assert!(epochs.buckets <= Epochs::LIMIT);
+        assert!(epochs.scopes <= Epochs::LIMIT);
         assert!(epochs.invalidated_since(&key, before));
         assert!(!epochs.invalidated_since(&key, epochs.clock));
     }

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Runs the independent HTTP caching test suite (https://github.com/http-tests/cache-tests)
+# through the gateway and scores its required tests, as the suite normally runs (25 at once)
+# and one at a time.
+#
+#   bench/cache-tests.sh DIR     DIR: a checkout of http-tests/cache-tests (needs Node >= 14
+#                                and `npm install` there; the suite's code is not vendored here)
+#
+# The gateway (target/debug, built if missing) runs with its defaults in front of the suite's
+# origin server; its token is a dummy, which the origin ignores. Scores count required tests
+# (not browser-only) that pass their own assertions, without failing them for a dependency that
+# is an optimal test (the suite's `honorDependencies = false`), and list the ones that fail.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SUITE=${1:?usage: bench/cache-tests.sh CACHE_TESTS_DIR}
+SUITE=$(cd "$SUITE" && pwd)
+ORIGIN=18400 GATEWAY=18480 ADMIN=18481
+WORK=$(mktemp -d /tmp/cloudcasa-cache-tests.XXXXXX)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+[[ -x target/debug/cloudcasa-gateway ]] || cargo build --locked --bin cloudcasa-gateway
+echo -n dummy >"$WORK/token"
+cat >"$WORK/gateway.toml" <<TOML
+[server]
+listen = "127.0.0.1:$GATEWAY"
+[admin]
+listen = "127.0.0.1:$ADMIN"
+[upstream]
+url = "http://127.0.0.1:$ORIGIN"
+[token]
+file = "$WORK/token"
+[audit]
+enabled = false
+TOML
+(cd "$SUITE" && npm_config_protocol=http npm_config_port=$ORIGIN exec node test-engine/server/server.mjs) \
+  >"$WORK/origin.log" 2>&1 &
+PIDS+=($!)
+target/debug/cloudcasa-gateway --config "$WORK/gateway.toml" 2>"$WORK/gateway.log" &
+PIDS+=($!)
+for _ in $(seq 100); do
+  curl -s -o /dev/null "http://127.0.0.1:$GATEWAY/" && break
+  sleep 0.1
+done
+
+cat >"$WORK/score.mjs" <<JS
+import tests from '$SUITE/tests/index.mjs'
+import { determineTestResult, resultTypes } from '$SUITE/test-engine/lib/results.mjs'
+import fs from 'fs'
+const results = JSON.parse(fs.readFileSync(process.argv[2]))
+let required = 0, passed = 0
+const failed = []
+for (const suite of tests) for (const t of suite.tests) {
+  if (t.browser_only || !(t.kind === 'required' || t.kind === undefined)) continue
+  required++
+  const r = determineTestResult(tests, t.id, results, false)
+  if (r === resultTypes.pass) passed++
+  else failed.push('  ' + t.id + (t.cdn_only ? ' (CDN only)' : '') + ': ' + JSON.stringify(results[t.id]))
+}
+console.log(process.argv[3] + ': ' + passed + '/' + required + ' required tests pass')
+console.log(failed.join('\n'))
+JS
+
+for chunk in 25 1; do
+  # The runner takes its concurrency as an argument only; run it with ours.
+  (cd "$SUITE" && node --no-warnings --input-type=module -e "
+    import { runTests, getResults } from '$SUITE/test-engine/client/runner.mjs'
+    import tests from '$SUITE/tests/index.mjs'
+    await runTests(tests, false, 'http://127.0.0.1:$GATEWAY', $chunk)
+    console.log(JSON.stringify(getResults()))
+  ") >"$WORK/results-$chunk.json"
+  node "$WORK/score.mjs" "$WORK/results-$chunk.json" "$chunk at once"
+done
