@@ -550,15 +550,7 @@ impl Store {
                     .map(|(k, _)| k)
                     .collect();
                 removed = distinct_paths(&keys);
-                {
-                    let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
-                    for key in &keys {
-                        unindex(&mut index, key, None);
-                    }
-                }
-                for key in keys {
-                    self.cache.invalidate(&*key).await;
-                }
+                self.forget(keys).await;
             }
         })
         .await;
@@ -577,18 +569,23 @@ impl Store {
                 .map(|(k, _)| k)
                 .collect();
             removed = keys.len();
-            {
-                let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
-                for key in &keys {
-                    unindex(&mut index, key, None);
-                }
-            }
-            for key in keys {
-                self.cache.invalidate(&*key).await;
-            }
+            self.forget(keys).await;
         })
         .await;
         self.purged(removed).await
+    }
+
+    /// Takes `keys` out of the index, then out of moka.
+    async fn forget(&self, keys: Vec<Arc<CacheKey>>) {
+        {
+            let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
+            for key in &keys {
+                unindex(&mut index, key, None);
+            }
+        }
+        for key in keys {
+            self.cache.invalidate(&*key).await;
+        }
     }
 
     /// Counts an admin purge's removals and lets moka apply them, so the report that follows
