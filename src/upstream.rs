@@ -185,12 +185,7 @@ impl Upstream {
         if let Some(path) = &config.ca_file {
             add_pem_roots(&mut roots, path).map_err(UpstreamSetupError::CaFile)?;
         }
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let tls = crate::http::pem::client_config(roots)?;
 
         let mut http = HttpConnector::new();
         http.enforce_http(false);

@@ -74,3 +74,15 @@ pub fn add_pem_roots(roots: &mut RootCertStore, path: &Path) -> Result<(), PemEr
     }
     Ok(())
 }
+
+/// A TLS client configuration (ring, safe default protocol versions) trusting `roots` only.
+pub fn client_config(roots: RootCertStore) -> Result<rustls::ClientConfig, rustls::Error> {
+    Ok(
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    )
+}

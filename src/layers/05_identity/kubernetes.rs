@@ -135,12 +135,7 @@ impl TokenReviewer {
         let mut roots = rustls::RootCertStore::empty();
         crate::http::pem::add_pem_roots(&mut roots, &config.ca_file)
             .map_err(ReviewerSetupError::CaFile)?;
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let tls = crate::http::pem::client_config(roots)?;
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(config.timeout));
