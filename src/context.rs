@@ -15,7 +15,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use http::{HeaderValue, Method, Request, StatusCode, Uri};
-use opentelemetry::KeyValue;
 use opentelemetry::trace::TraceContextExt;
 
 /// The address of the peer that sent a request, in request extensions (set by the listener).
@@ -331,22 +330,16 @@ impl Exchange {
     /// arrived (by the canonical layer): the audit record, span and metrics then describe it.
     pub fn set_effective(&self, method: Option<Method>, uri: Option<Uri>) {
         if let Some(method) = method {
-            let span = self.trace.span();
-            if span.is_recording() {
-                span.set_attribute(KeyValue::new(
-                    "http.request.method",
-                    method.as_str().to_owned(),
-                ));
-                span.set_attribute(KeyValue::new(
-                    "http.request.method_original",
-                    self.wire_method.as_str().to_owned(),
-                ));
-            }
             let _ = self.effective_method.set(method);
         }
         if let Some(uri) = uri {
             let _ = self.canonical_uri.set(uri);
         }
+    }
+
+    /// The method on the wire, when an override replaced it.
+    pub fn overridden_from(&self) -> Option<&Method> {
+        self.overridden().then_some(&self.wire_method)
     }
 
     /// The method the upstream executes (the wire method unless an override replaced it).

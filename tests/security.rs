@@ -659,3 +659,183 @@ async fn an_escaped_spelling_cannot_reach_a_broader_rule() {
     assert_eq!(records[0]["rule"], "run-now");
     assert!(records[1..].iter().all(|r| r["error"] == "rate_limited"));
 }
+
+#[tokio::test]
+async fn location_and_content_location_at_the_upstream_become_gateway_paths() {
+    let (mock, _secret, gw) = setup("").await;
+    let created = send(
+        Method::POST,
+        &gw.url("/api/v1/usergroups"),
+        &[("content-type", "application/json")],
+        r#"{"name":"placed"}"#,
+    )
+    .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.text());
+    // The mock answered with absolute URLs naming its own host (as Eve does).
+    let upstream_host = mock.addr.to_string();
+    for name in ["location", "content-location"] {
+        let value = created
+            .header(name)
+            .unwrap_or_else(|| panic!("no {name}: {:?}", created.headers));
+        assert!(
+            value.starts_with("/api/v1/usergroups/") && !value.contains(&upstream_host),
+            "{name}: {value}"
+        );
+    }
+    assert_eq!(
+        created.header("location"),
+        created.header("content-location")
+    );
+    let followed = get(&gw.url(created.header("content-location").unwrap()), &[]).await;
+    assert_eq!(followed.json()["name"], "placed");
+}
+
+#[tokio::test]
+async fn only_127_0_0_1_may_purge_the_cache_not_a_mesh_sidecar_on_127_0_0_6() {
+    let (_mock, _secret, gw) = setup("").await;
+    let purge = b"DELETE /cache HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n";
+    // Istio's inbound sidecar forwards pod-network traffic from 127.0.0.6.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.6:0".parse().unwrap()).unwrap();
+    let mut stream = socket.connect(gw.admin).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(purge).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_end(&mut answer),
+    )
+    .await
+    .expect("the admin listener answers")
+    .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(answer.contains("127.0.0.1 and ::1 only"), "{answer}");
+    let local = raw_exchange(gw.admin, purge).await;
+    assert!(local.starts_with("HTTP/1.1 200"), "{local}");
+}
+
+#[tokio::test]
+async fn rate_limits_count_the_effective_method() {
+    // PATCH is limited to one an hour; POST is not limited. A POST that overrides to PATCH is a
+    // PATCH for the limiter too.
+    let (mock, _secret, gw) = setup(
+        r#"
+[[policy]]
+name = "patch-hourly"
+clients = ["local"]
+methods = ["PATCH"]
+paths = ["/api/v1/usergroups/**"]
+credential = "default"
+rate = "1/h"
+
+[[policy]]
+name = "create"
+clients = ["local"]
+methods = ["POST", "GET"]
+paths = ["/api/v1/usergroups", "/api/v1/usergroups/**"]
+credential = "default"
+"#,
+    )
+    .await;
+    let (id, etag) = item(&mock, "limited");
+    let path = format!("/api/v1/usergroups/{id}");
+    let patch_by_post = |if_match: String| {
+        let url = gw.url(&path);
+        async move {
+            send(
+                Method::POST,
+                &url,
+                &[
+                    ("x-http-method-override", "PATCH"),
+                    ("if-match", &if_match),
+                    ("content-type", "application/json"),
+                ],
+                r#"{"name":"x"}"#,
+            )
+            .await
+        }
+    };
+    let first = patch_by_post(format!("\"{etag}\"")).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.text());
+    let second = patch_by_post(format!("\"{etag}\"")).await;
+    second.envelope_message(429);
+    assert!(second.header("retry-after").is_some());
+    let patches = mock
+        .state
+        .requests()
+        .iter()
+        .filter(|r| r.method == Method::PATCH)
+        .count();
+    assert_eq!(patches, 1, "the limited PATCH never reached the upstream");
+    // A plain POST is judged as a POST, under the other rule.
+    let created = send(
+        Method::POST,
+        &gw.url("/api/v1/usergroups"),
+        &[("content-type", "application/json")],
+        r#"{"name":"new"}"#,
+    )
+    .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.text());
+    let records = gw.wait_audit(3).await;
+    assert_eq!(records[1]["method"], "PATCH");
+    assert_eq!(records[1]["wire_method"], "POST");
+    assert_eq!(records[1]["status"], 429);
+}
+
+#[tokio::test]
+async fn a_raw_quote_in_the_query_is_refused_before_the_gateway_and_an_encoded_one_passes() {
+    // The limitation the README documents: the `http` crate's URI parser refuses a raw `"` in
+    // the query, so hyper answers 400 itself; percent-encoded, the same query reaches Eve.
+    let (mock, _secret, gw) = setup("").await;
+    let raw = "GET /api/v1/usergroups?where={\"name\":\"x\"} HTTP/1.1\r\nHost: gw\r\n\
+               Connection: close\r\n\r\n";
+    let refused = raw_exchange(gw.proxy, raw.as_bytes()).await;
+    assert!(refused.starts_with("HTTP/1.1 400"), "{refused}");
+    assert_eq!(mock.state.count(), 0);
+    let encoded = get(
+        &gw.url("/api/v1/usergroups?where=%7B%22name%22:%22x%22%7D"),
+        &[],
+    )
+    .await;
+    assert_eq!(encoded.status, StatusCode::OK, "{}", encoded.text());
+    assert_eq!(
+        mock.state.last().uri.query(),
+        Some("where=%7B%22name%22:%22x%22%7D")
+    );
+}
+
+#[tokio::test]
+async fn a_large_chunked_body_to_an_http10_upstream_is_sent_with_its_length() {
+    // Past 1 MiB a chunked body streams, unless the upstream is known to speak HTTP/1.0 (which
+    // would read none of it): then it is read whole, up to server.max_body_size, and sent with
+    // a Content-Length.
+    let (mock, _secret, gw) = setup("").await;
+    mock.state.set_http10(true);
+    assert_eq!(
+        get(&gw.url("/api/v1/usergroups"), &[]).await.status,
+        StatusCode::OK
+    );
+    let name = "n".repeat(2 * 1024 * 1024);
+    let body = format!(r#"{{"name":"{name}"}}"#);
+    let mut request = b"POST /api/v1/usergroups HTTP/1.1\r\nHost: gw\r\n\
+Content-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        .to_vec();
+    for chunk in body.as_bytes().chunks(64 * 1024) {
+        request.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        request.extend_from_slice(chunk);
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(b"0\r\n\r\n");
+    raw_exchange(gw.proxy, &request).await;
+    // (The mock keeps the first 64 KiB of a body, so it cannot parse this document and answers
+    // 400; what matters is what it received.)
+    let seen = mock.state.last();
+    assert_eq!(seen.method, Method::POST);
+    assert_eq!(
+        seen.header("content-length"),
+        Some(body.len().to_string().as_str())
+    );
+    assert!(seen.header("transfer-encoding").is_none());
+    assert_eq!(seen.body_len, body.len() as u64);
+}

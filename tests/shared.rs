@@ -614,6 +614,41 @@ async fn token_reviews_are_bounded_in_rate() {
 }
 
 #[tokio::test]
+async fn token_reviews_are_bounded_in_concurrency() {
+    // Two reviews at a time; each takes 3 s at the API server. Six callers with plausible
+    // tokens arrive together: two are reviewed, four are told to retry, none waits in a queue.
+    let f = fixture_with("", "max_concurrent_reviews = 2\nreview_rate = \"1000/s\"").await;
+    f.kube.set_delay(Duration::from_secs(3));
+    let far = 4_000_000_000u64;
+    let calls = (0..6u64).map(|i| {
+        let token = jwt(
+            json!({"alg": "RS256"}),
+            json!({"exp": far, "aud": ["cloudcasa-gateway"], "n": i}),
+        );
+        let f = &f;
+        async move { f.get("/api/v1/clusters", Some(&token)).await }
+    });
+    let replies = futures_util::future::join_all(calls).await;
+    let mut statuses: Vec<u16> = replies.iter().map(|r| r.status.as_u16()).collect();
+    statuses.sort_unstable();
+    assert_eq!(
+        statuses,
+        [401, 401, 503, 503, 503, 503],
+        "two reviewed, four throttled"
+    );
+    for reply in replies.iter().filter(|r| r.status.as_u16() == 503) {
+        assert!(reply.header("retry-after").is_some(), "no Retry-After");
+        assert!(reply.envelope_message(503).contains("retry"));
+    }
+    assert_eq!(f.kube.reviews(), 2, "never more than two at the API server");
+    let metrics = get(&f.gw.admin_url("/metrics"), &[]).await.text();
+    assert!(
+        metrics.contains("reason=\"identity_throttled\"} 4"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
 async fn identities_of_different_kinds_never_collide() {
     // The rule names the API key backup-bot; a certificate whose CN (or DNS SAN) is backup-bot
     // is another identity.

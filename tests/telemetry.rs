@@ -146,6 +146,84 @@ async fn spans_are_exported_over_otlp_http() {
 }
 
 #[tokio::test]
+async fn spans_and_metrics_describe_the_request_the_upstream_executed() {
+    // A POST overriding to PATCH, with a path spelled `%75sergroups`: the upstream executes
+    // PATCH /api/v1/usergroups/ID, and that is what the span and the metrics say.
+    let receiver = OtlpReceiver::start().await;
+    let (mock, _secret, mut gw) = setup(&format!(
+        "[telemetry]\notlp_endpoint = \"{}\"",
+        receiver.endpoint()
+    ))
+    .await;
+    let (id, etag) = item(&mock, "traced");
+    let canonical = format!("/api/v1/usergroups/{id}");
+    let reply = send(
+        Method::POST,
+        &gw.url(&format!("/api/v1/%75sergroups/{id}")),
+        &[
+            ("x-http-method-override", "PATCH"),
+            ("if-match", &format!("\"{etag}\"")),
+            ("content-type", "application/json"),
+        ],
+        r#"{"name":"after"}"#,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(mock.state.last().method, Method::PATCH);
+    assert_eq!(mock.state.last().uri.path(), canonical);
+
+    gw.wait_audit(1).await;
+    let m = scrape(&gw).await;
+    let series = |method: &str| {
+        format!(
+            "cloudcasa_gateway_requests_total{{method=\"{method}\",status_class=\"2xx\",cache=\"bypass\"}}"
+        )
+    };
+    assert_eq!(m.get(&series("PATCH")).copied(), Some(1.0), "{m:#?}");
+    assert_eq!(m.get(&series("POST")).copied().unwrap_or(0.0), 0.0);
+    assert_eq!(
+        m.get("cloudcasa_gateway_upstream_duration_seconds_count{method=\"PATCH\",call=\"write\",status_class=\"2xx\"}")
+            .copied(),
+        Some(1.0),
+        "{m:#?}"
+    );
+
+    gw.begin_shutdown().await.unwrap();
+    let spans = receiver.spans();
+    let server = spans
+        .iter()
+        .find(|s| s.span.kind == 2)
+        .unwrap_or_else(|| panic!("no server span in {spans:#?}"));
+    let client = spans
+        .iter()
+        .find(|s| s.span.kind == 3)
+        .unwrap_or_else(|| panic!("no client span in {spans:#?}"));
+    assert_eq!(server.span.name, "PATCH /api/v1/{collection}/{id}");
+    let attr = |s: &support::otlp::Received, key: &str| s.attr(key);
+    assert_eq!(
+        attr(server, "http.request.method").as_deref(),
+        Some("PATCH")
+    );
+    assert_eq!(
+        attr(server, "http.request.method_original").as_deref(),
+        Some("POST")
+    );
+    assert_eq!(
+        attr(server, "url.path").as_deref(),
+        Some(canonical.as_str())
+    );
+    assert_eq!(
+        attr(server, "http.route").as_deref(),
+        Some("/api/v1/{collection}/{id}")
+    );
+    assert_eq!(
+        attr(client, "http.request.method").as_deref(),
+        Some("PATCH")
+    );
+    assert!(attr(client, "url.full").unwrap().ends_with(&canonical));
+}
+
+#[tokio::test]
 async fn an_unreachable_collector_does_not_touch_requests() {
     // Port 1 on loopback: connection refused on every export attempt.
     let (_mock, _secret, gw) = setup("[telemetry]\notlp_endpoint = \"http://127.0.0.1:1\"").await;

@@ -98,7 +98,6 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let client_addr = req.extensions().get::<ClientAddr>().cloned();
         let trace = self.observers.telemetry.server_span(ServerRequest {
-            method: req.method(),
             uri: req.uri(),
             headers: req.headers(),
             version: req.version(),
@@ -247,6 +246,7 @@ impl Completion {
         let outcome = cache.map_or(CacheOutcome::Bypass, |c| c.outcome);
         let cache_label = outcome.as_str();
 
+        telemetry::describe_request(&ex.trace, ex.method(), ex.overridden_from(), ex.uri());
         let span = ex.trace.span();
         if span.is_recording() {
             span.set_attribute(KeyValue::new("cloudcasa_gateway.cache.status", cache_label));

@@ -128,19 +128,11 @@ impl Telemetry {
             .span_builder(request.route)
             .with_kind(SpanKind::Server)
             .start_with_context(&self.tracer, &parent);
+        // The method, path and route are recorded when the request ends (`describe_request`):
+        // they are the effective ones, known only after the canonical layer ran.
         if span.is_recording() {
-            span.update_name(format!("{} {}", request.method, request.route));
-            let mut attributes = Vec::with_capacity(9);
-            attributes.push(KeyValue::new(
-                "http.request.method",
-                request.method.as_str().to_owned(),
-            ));
-            attributes.push(KeyValue::new("url.path", request.uri.path().to_owned()));
-            if let Some(query) = request.uri.query() {
-                attributes.push(KeyValue::new("url.query", query.to_owned()));
-            }
+            let mut attributes = Vec::with_capacity(6);
             attributes.push(KeyValue::new("url.scheme", request.scheme));
-            attributes.push(KeyValue::new("http.route", request.route));
             attributes.push(KeyValue::new(
                 "network.protocol.version",
                 protocol_version(request.version),
@@ -244,11 +236,37 @@ fn method_name(method: &Method) -> Cow<'static, str> {
         .map_or_else(|| Cow::Owned(method.as_str().to_owned()), Cow::Borrowed)
 }
 
+/// Names the server span after the request the upstream executes, once it is known: the span
+/// is named `"{method} {route}"` and carries the effective method (and the wire method when an
+/// override replaced it), the canonical path and its query. Set once, at the end, so the span
+/// never holds two values for one attribute.
+pub fn describe_request(cx: &Context, method: &Method, wire_method: Option<&Method>, uri: &Uri) {
+    let span = cx.span();
+    if !span.is_recording() {
+        return;
+    }
+    let route = crate::http::resource::route(uri.path());
+    span.update_name(format!("{method} {route}"));
+    span.set_attribute(KeyValue::new(
+        "http.request.method",
+        method.as_str().to_owned(),
+    ));
+    if let Some(wire) = wire_method {
+        span.set_attribute(KeyValue::new(
+            "http.request.method_original",
+            wire.as_str().to_owned(),
+        ));
+    }
+    span.set_attribute(KeyValue::new("url.path", uri.path().to_owned()));
+    if let Some(query) = uri.query() {
+        span.set_attribute(KeyValue::new("url.query", query.to_owned()));
+    }
+    span.set_attribute(KeyValue::new("http.route", route));
+}
+
 /// What the server span is made from.
 #[derive(Debug)]
 pub struct ServerRequest<'a> {
-    /// The request method.
-    pub method: &'a Method,
     /// The client's request target.
     pub uri: &'a Uri,
     /// The client's headers (for trace context and user agent).
@@ -327,7 +345,6 @@ mod tests {
 
     fn server(t: &Telemetry, headers: &HeaderMap) -> Context {
         t.server_span(ServerRequest {
-            method: &Method::GET,
             uri: &"/api/v1/clusters".parse().unwrap(),
             headers,
             version: Version::HTTP_11,

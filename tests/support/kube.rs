@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use base64::Engine;
@@ -29,6 +29,8 @@ pub struct FakeKube {
     pub ca_pem: String,
     tokens: Arc<Tokens>,
     pub reviews: Arc<AtomicUsize>,
+    /// How long each review takes to answer, in milliseconds (0: at once).
+    delay_ms: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -62,20 +64,21 @@ impl FakeKube {
         let addr = listener.local_addr().unwrap();
         let tokens = Arc::new(Mutex::new(HashMap::new()));
         let reviews = Arc::new(AtomicUsize::new(0));
-        let (t, r) = (tokens.clone(), reviews.clone());
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let (t, r, d) = (tokens.clone(), reviews.clone(), delay_ms.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let (acceptor, t, r) = (acceptor.clone(), t.clone(), r.clone());
+                let (acceptor, t, r, d) = (acceptor.clone(), t.clone(), r.clone(), d.clone());
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(stream).await else {
                         return;
                     };
                     let service = hyper::service::service_fn(move |req| {
-                        let (t, r) = (t.clone(), r.clone());
-                        async move { Ok::<_, hyper::Error>(review(req, &t, &r).await) }
+                        let (t, r, d) = (t.clone(), r.clone(), d.clone());
+                        async move { Ok::<_, hyper::Error>(review(req, &t, &r, &d).await) }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(tls), service)
@@ -88,8 +91,15 @@ impl FakeKube {
             ca_pem,
             tokens,
             reviews,
+            delay_ms,
             task,
         }
+    }
+
+    /// Makes every review take `delay` before it is answered.
+    pub fn set_delay(&self, delay: std::time::Duration) {
+        self.delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
     pub fn url(&self) -> String {
@@ -122,6 +132,7 @@ async fn review(
     req: Request<Incoming>,
     tokens: &Tokens,
     reviews: &AtomicUsize,
+    delay_ms: &AtomicU64,
 ) -> Response<Full<Bytes>> {
     let reply = |status: StatusCode, v: Value| {
         Response::builder()
@@ -148,6 +159,10 @@ async fn review(
         );
     }
     reviews.fetch_add(1, Ordering::SeqCst);
+    let delay = delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+    }
     let body: Value = serde_json::from_slice(&req.into_body().collect().await.unwrap().to_bytes())
         .unwrap_or(Value::Null);
     let token = body["spec"]["token"].as_str().unwrap_or_default();

@@ -486,6 +486,10 @@ async fn handle(
         response
             .headers_mut()
             .insert(header::LOCATION, absolute.parse().unwrap());
+        // A 201 may say where its representation lives (RFC 9110 §8.7), as absolutely.
+        response
+            .headers_mut()
+            .insert(header::CONTENT_LOCATION, absolute.parse().unwrap());
     }
     if http10 {
         *response.version_mut() = Version::HTTP_10;

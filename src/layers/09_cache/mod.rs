@@ -852,7 +852,6 @@ fn serve(stored: &Stored, client: &HeaderMap, head: bool, now: SystemTime) -> Re
 /// `If-Range` that does not match the stored response strongly (its own strong ETag, or its
 /// exact `Last-Modified`) gets the whole 200, as does a client conditional that says 304.
 fn serve_range(stored: &Stored, client: &HeaderMap, now: SystemTime) -> Response<Body> {
-    use http_range_header::RangeUnsatisfiableError;
     let whole = || serve(stored, client, false, now);
     if rules::not_modified(
         client,
@@ -866,22 +865,14 @@ fn serve_range(stored: &Stored, client: &HeaderMap, now: SystemTime) -> Response
     {
         return whole();
     }
-    let Some(Ok(parsed)) = client
-        .get(header::RANGE)
-        .and_then(|v| v.to_str().ok())
-        .map(http_range_header::parse_range_header)
-    else {
+    let Some(range) = client.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
         return whole();
     };
     let len = stored.body.len() as u64;
-    if parsed.ranges.len() != 1 || len == 0 {
-        return whole();
-    }
-    let range = match parsed.validate(len) {
-        Ok(ranges) => ranges[0].clone(),
-        // A suffix longer than the body is the whole body (§14.1.2).
-        Err(RangeUnsatisfiableError::FileSuffixOutOfBounds) => 0..=len - 1,
-        Err(_) => {
+    let (start, end) = match rules::byte_range(range, len) {
+        rules::ByteRange::Whole => return whole(),
+        rules::ByteRange::Part { start, end } => (start, end),
+        rules::ByteRange::Unsatisfiable => {
             let mut response = Response::new(body::empty());
             *response.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
             let headers = response.headers_mut();
@@ -893,10 +884,9 @@ fn serve_range(stored: &Stored, client: &HeaderMap, now: SystemTime) -> Response
             return response;
         }
     };
-    let (start, end) = (*range.start(), *range.end());
     let mut response = whole();
     *response.status_mut() = StatusCode::PARTIAL_CONTENT;
-    // The bounds were validated against the body's length.
+    // `byte_range` keeps both bounds within the body.
     let part = stored.body.slice(start as usize..=end as usize);
     let headers = response.headers_mut();
     headers.insert(

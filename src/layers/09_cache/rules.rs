@@ -403,6 +403,48 @@ pub const NOT_MODIFIED_HEADERS: [HeaderName; 7] = [
     header::LAST_MODIFIED,
 ];
 
+/// What a `Range` request gets from a stored complete body of `len` bytes (RFC 9110 §14).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ByteRange {
+    /// The whole body, as a 200: several ranges, an empty body, or a header the parser does not
+    /// take (§14.2 lets a server ignore `Range`).
+    Whole,
+    /// One satisfiable range, inclusive bounds, both within the body: a 206.
+    Part {
+        /// First byte.
+        start: u64,
+        /// Last byte (`start <= end < len`).
+        end: u64,
+    },
+    /// A range that starts past the end: 416.
+    Unsatisfiable,
+}
+
+/// Picks the answer to `range` (the client's `Range` value) for a body of `len` bytes. Clients
+/// choose the numbers, so every bound is checked against `len` before anything is sliced: a
+/// `Part` always lies within the body.
+pub fn byte_range(range: &str, len: u64) -> ByteRange {
+    use http_range_header::RangeUnsatisfiableError;
+    let Ok(parsed) = http_range_header::parse_range_header(range) else {
+        return ByteRange::Whole;
+    };
+    if parsed.ranges.len() != 1 || len == 0 {
+        return ByteRange::Whole;
+    }
+    let (start, end) = match parsed.validate(len) {
+        Ok(ranges) => (*ranges[0].start(), *ranges[0].end()),
+        // A suffix longer than the body is the whole body (§14.1.2).
+        Err(RangeUnsatisfiableError::FileSuffixOutOfBounds) => (0, len - 1),
+        Err(_) => return ByteRange::Unsatisfiable,
+    };
+    if start <= end && end < len {
+        ByteRange::Part { start, end }
+    } else {
+        // The parser validated these; a disagreement is answered whole, never sliced.
+        ByteRange::Whole
+    }
+}
+
 /// Headers of a stored response that a 304 must not replace (RFC 9111 §3.2).
 pub fn keep_on_update(name: &HeaderName) -> bool {
     name == header::CONTENT_LENGTH
