@@ -243,7 +243,7 @@ async fn fail_closed_audit_sees_every_write_however_it_is_spelled() {
 }
 
 #[tokio::test]
-async fn trace_and_connect_are_never_forwarded() {
+async fn trace_connect_and_lower_case_methods_are_never_forwarded() {
     let (mock, _secret, gw) = setup("").await;
     let trace = send(Method::TRACE, &gw.url("/api/v1/usergroups"), &[], "").await;
     assert!(trace.envelope_message(501).contains("TRACE"));
@@ -255,9 +255,20 @@ async fn trace_and_connect_are_never_forwarded() {
     .await;
     assert!(connect.starts_with("HTTP/1.1 501"), "{connect}");
     assert!(connect.contains("\"_status\":\"ERR\""), "{connect}");
+    // Spellings Werkzeug would upper-case and execute are refused and audited as spelled.
+    for method in ["delete", "Post"] {
+        let reply = send(
+            Method::from_bytes(method.as_bytes()).unwrap(),
+            &gw.url("/api/v1/usergroups"),
+            &[],
+            "",
+        )
+        .await;
+        assert!(reply.envelope_message(501).contains(method));
+    }
     assert_eq!(mock.state.count(), 0);
-    // Both were audited.
-    let records = gw.wait_audit(2).await;
+    // All were audited.
+    let records = gw.wait_audit(4).await;
     let methods: Vec<_> = records
         .iter()
         .map(|r| (r["method"].as_str().unwrap(), r["error"].as_str().unwrap()))
@@ -266,7 +277,9 @@ async fn trace_and_connect_are_never_forwarded() {
         methods,
         [
             ("TRACE", "unsupported_method"),
-            ("CONNECT", "unsupported_method")
+            ("CONNECT", "unsupported_method"),
+            ("delete", "unsupported_method"),
+            ("Post", "unsupported_method"),
         ]
     );
 }
