@@ -7,6 +7,7 @@
 pub mod app;
 pub mod config;
 pub mod context;
+pub mod fleet;
 pub mod http;
 pub mod layers;
 pub mod observability;

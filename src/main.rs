@@ -121,16 +121,29 @@ enum AuditCommand {
 fn audit_verify(files: &[PathBuf]) -> ExitCode {
     match chain::verify_files(files) {
         Ok(v) => {
-            let anchor = match v.anchor {
-                None => "the file is empty".to_string(),
-                Some(a) if a == GENESIS => "the chain starts here".to_string(),
-                Some(a) => format!("continues a chain whose previous hash was {a}"),
-            };
-            let head = v.head.map_or_else(|| "-".to_string(), |h| h.to_hex());
+            if v.chains.is_empty() {
+                println!("OK: 0 records (the file is empty)");
+                return ExitCode::SUCCESS;
+            }
             println!(
-                "OK: {} records, chain intact ({anchor}); head {head}",
-                v.records
+                "OK: {} records in {} chain{}, each intact",
+                v.records,
+                v.chains.len(),
+                if v.chains.len() == 1 { "" } else { "s" }
             );
+            for c in &v.chains {
+                let anchor = match c.anchor {
+                    a if a == GENESIS => "the chain starts here".to_string(),
+                    a => format!("continues a chain whose previous hash was {a}"),
+                };
+                println!(
+                    "  chain {} (replica {}): {} records ({anchor}); head {}",
+                    if c.id.is_empty() { "-" } else { &c.id },
+                    c.replica.as_deref().unwrap_or("-"),
+                    c.records,
+                    c.head
+                );
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -13,6 +13,7 @@ const LAYERS: &[&str] = &[
     "config",
     "secrets",
     "observability",
+    "fleet",
     "upstream",
     "layers",
     "app",
@@ -28,10 +29,19 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("config", &[]),
     ("secrets", &["config", "http"]),
     ("observability", &["context", "http", "config", "secrets"]),
+    // The Redis link the replicas share: speaks Redis, knows nothing of HTTP or layers.
+    ("fleet", &["config", "secrets", "observability"]),
     ("upstream", &["context", "http", "config", "observability"]),
     (
         "layers",
-        &["context", "http", "config", "secrets", "observability"],
+        &[
+            "context",
+            "http",
+            "config",
+            "secrets",
+            "observability",
+            "fleet",
+        ],
     ),
     // Nothing depends on the app: it assembles everything else.
     (
@@ -42,6 +52,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "config",
             "secrets",
             "observability",
+            "fleet",
             "upstream",
             "layers",
         ],

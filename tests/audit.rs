@@ -14,7 +14,7 @@ use support::*;
 const BIN: &str = env!("CARGO_BIN_EXE_cloudcasa-gateway");
 
 /// Every member a record has, in order. Nothing else may appear (no header, no body, no token).
-const MEMBERS: [&str; 26] = [
+const MEMBERS: [&str; 28] = [
     "ts",
     "phase",
     "request_id",
@@ -39,6 +39,8 @@ const MEMBERS: [&str; 26] = [
     "upstream_ms",
     "error",
     "complete",
+    "replica",
+    "chain",
     "prev",
     "hash",
 ];
@@ -68,6 +70,9 @@ fn check_shape(r: &Value, reply: &Reply) {
         "{r}"
     );
     assert!(is_hex(&r["trace_id"], 32), "{r}");
+    // The replica is this host's name (no [fleet]: POD_NAME, else the hostname).
+    assert!(r["replica"].as_str().is_some_and(|s| !s.is_empty()), "{r}");
+    assert!(is_hex(&r["chain"], 16), "{r}");
     assert!(is_hex(&r["span_id"], 16), "{r}");
     assert!(is_hex(&r["prev"], 64) && is_hex(&r["hash"], 64), "{r}");
     assert_eq!(r["client"]["id"], "local");

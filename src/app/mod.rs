@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use tower::{Service, ServiceBuilder};
 
 use crate::config::{Config, ConfigError, Overrides};
+use crate::fleet::{Fleet, FleetSetupError};
 use crate::http::body::Body;
 use crate::layers::audit_intent::AuditIntentLayer;
 use crate::layers::body_limit::BodyLimitLayer;
@@ -48,7 +49,11 @@ pub type Credentials = Arc<ArcSwap<Vec<Arc<TokenSource>>>>;
 
 /// The policy for `config`, bound to `credentials` (validation guarantees every rule's
 /// credential is among them).
-fn policy_for(config: &Config, credentials: &[Arc<TokenSource>]) -> CompiledPolicy {
+fn policy_for(
+    config: &Config,
+    credentials: &[Arc<TokenSource>],
+    fleet: Option<Arc<Fleet>>,
+) -> CompiledPolicy {
     let by_name: HashMap<String, Arc<TokenSource>> = credentials
         .iter()
         .map(|c| (c.credential().to_string(), c.clone()))
@@ -57,7 +62,7 @@ fn policy_for(config: &Config, credentials: &[Arc<TokenSource>]) -> CompiledPoli
         true => vec![RuleSpec::allow_all(&config.credentials[0].name)],
         false => config.policy.clone(),
     };
-    CompiledPolicy::new(rules, &by_name)
+    CompiledPolicy::new(rules, &by_name, fleet)
 }
 
 /// Why a reload was refused (the running configuration stays).
@@ -95,6 +100,7 @@ struct ReloaderInner {
     key: FingerprintKey,
     metrics: Arc<Metrics>,
     cache: Option<Arc<ResponseCache>>,
+    fleet: Option<Arc<Fleet>>,
 }
 
 /// What a reload did.
@@ -186,7 +192,7 @@ impl Reloader {
             report.applied.push("credentials");
         }
         if credentials_changed || differs(&running.policy, &new.policy) {
-            let policy = policy_for(&new, &inner.credentials.load());
+            let policy = policy_for(&new, &inner.credentials.load(), inner.fleet.clone());
             inner.policy.store(Arc::new(policy));
             report.applied.push("policy");
         }
@@ -219,7 +225,8 @@ impl Reloader {
         if running.log.format != new.log.format || running.log.color != new.log.color {
             report.needs_restart.push("log (format, color)");
         }
-        let fixed: [(&'static str, bool); 6] = [
+        let fixed: [(&'static str, bool); 7] = [
+            ("fleet", running.fleet != new.fleet),
             ("server", differs(&running.server, &new.server)),
             ("admin", differs(&running.admin, &new.admin)),
             ("upstream", differs(&running.upstream, &new.upstream)),
@@ -246,6 +253,7 @@ impl Reloader {
         next.clients = running.clients.clone();
         next.audit = running.audit.clone();
         next.telemetry = running.telemetry.clone();
+        next.fleet = running.fleet.clone();
         next.cache.enabled = running.cache.enabled;
         next.cache.max_size = running.cache.max_size;
         next.cache.max_inflight = running.cache.max_inflight;
@@ -310,6 +318,9 @@ pub enum StartError {
     /// The API keys file could not be loaded.
     #[error(transparent)]
     ApiKeys(#[from] crate::layers::identity::api_keys::ApiKeysError),
+    /// `[fleet]` could not be set up.
+    #[error(transparent)]
+    Fleet(#[from] FleetSetupError),
 }
 
 /// A gateway with its listeners bound, ready to run.
@@ -323,6 +334,25 @@ pub struct Gateway {
     authenticator: Arc<Authenticator>,
     policy: Arc<ArcSwap<CompiledPolicy>>,
     key: FingerprintKey,
+    fleet: Option<Arc<Fleet>>,
+}
+
+/// A fleet member without a cache: other replicas' invalidations have nothing to apply to.
+struct NoCache;
+
+impl crate::fleet::Listener for NoCache {
+    fn invalidate(
+        &self,
+        _: crate::secrets::token::Fingerprint,
+        _: Vec<String>,
+        _: Vec<String>,
+    ) -> futures_util::future::BoxFuture<'static, ()> {
+        Box::pin(async {})
+    }
+
+    fn resync(&self) -> futures_util::future::BoxFuture<'static, ()> {
+        Box::pin(async {})
+    }
 }
 
 impl Gateway {
@@ -333,8 +363,24 @@ impl Gateway {
     /// cannot be opened).
     pub async fn bind(config: Config) -> Result<Self, StartError> {
         let telemetry = Telemetry::new(&config.telemetry)?;
-        // One key for all: two credentials holding the same token share a cache partition.
-        let key = FingerprintKey::random();
+        // One key for all: two credentials holding the same token share a cache partition. In a
+        // fleet, every replica derives the same key, so they share partitions in Redis.
+        let key = match &config.fleet {
+            Some(fleet) => {
+                let secret = match &fleet.partition_key_file {
+                    Some(path) => {
+                        Some(std::fs::read(path).map_err(|source| FleetSetupError::File {
+                            key: "fleet.partition_key_file",
+                            path: path.clone(),
+                            source,
+                        })?)
+                    }
+                    None => None,
+                };
+                FingerprintKey::fleet(secret.as_deref())
+            }
+            None => FingerprintKey::random(),
+        };
         let credentials: Vec<Arc<TokenSource>> = config
             .credentials
             .iter()
@@ -368,6 +414,16 @@ impl Gateway {
         // Until `Reloader::started` names the file's hash (a configuration without a file has
         // none).
         metrics.config.in_force("none");
+        let fleet = match &config.fleet {
+            Some(f) => Some(Fleet::new(f.clone(), metrics.fleet.clone())?),
+            None => None,
+        };
+        if let Some(fleet) = &fleet {
+            match &cache {
+                Some(cache) => cache.join_fleet(fleet.clone()),
+                None => fleet.start(Arc::new(NoCache)),
+            }
+        }
         let upstream = Upstream::new(&config.upstream, telemetry.clone(), metrics.clone())?;
         let kubernetes = match &config.clients.kubernetes {
             Some(k) => Some(Arc::new(TokenReviewer::new(k)?)),
@@ -387,6 +443,7 @@ impl Gateway {
         let policy = Arc::new(ArcSwap::from_pointee(policy_for(
             &config,
             &credentials.load(),
+            fleet.clone(),
         )));
         let loopback = config.server.listen.ip().is_loopback();
         if !loopback && config.server.allow_unauthenticated {
@@ -410,7 +467,18 @@ impl Gateway {
             api_keys,
         });
         let audit = match config.audit.enabled {
-            true => Some(AuditLog::open(&config.audit, metrics.audit.clone())?),
+            true => {
+                // The replica a fleet names, else this host's name (POD_NAME, the hostname).
+                let replica = config
+                    .fleet
+                    .as_ref()
+                    .map_or_else(crate::config::fleet::default_replica, |f| f.replica.clone());
+                Some(AuditLog::open(
+                    &config.audit,
+                    &replica,
+                    metrics.audit.clone(),
+                )?)
+            }
             false => None,
         };
         let observers = Arc::new(Observers {
@@ -427,6 +495,7 @@ impl Gateway {
             authenticator,
             policy,
             key,
+            fleet,
             shared: Arc::new(Shared {
                 credentials,
                 draining: AtomicBool::new(false),
@@ -453,6 +522,7 @@ impl Gateway {
                 key: self.key.clone(),
                 metrics: self.shared.observers.metrics.clone(),
                 cache: self.shared.cache.clone(),
+                fleet: self.fleet.clone(),
             }),
         }
     }

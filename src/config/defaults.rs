@@ -58,3 +58,9 @@ pub const REVIEW_RATE: &str = "50/s";
 pub const LOG_LEVEL: &str = "info";
 /// `telemetry.service_name`.
 pub const SERVICE_NAME: &str = "cloudcasa-gateway";
+
+/// `fleet.timeout`: a Redis round trip on a cluster network is well under a millisecond; past
+/// this the link counts as down and requests go on without it.
+pub const FLEET_TIMEOUT: Duration = Duration::from_millis(50);
+/// `fleet.max_shared_object_size`: 1 MiB.
+pub const FLEET_MAX_SHARED_OBJECT_SIZE: u64 = 1024 * 1024;

@@ -11,6 +11,7 @@ pub mod cache;
 pub mod clients;
 pub mod credentials;
 pub mod defaults;
+pub mod fleet;
 pub mod observability;
 pub mod policy;
 pub mod raw;
@@ -27,6 +28,7 @@ use http::Uri;
 pub use cache::CacheConfig;
 pub use clients::{ClientsConfig, KubernetesConfig};
 pub use credentials::{CredentialConfig, TokenOrigin};
+pub use fleet::FleetConfig;
 pub use observability::{AuditConfig, AuditSink, LogColor, LogConfig, LogFormat, TelemetryConfig};
 pub use server::{
     AdminConfig, DEFAULT_METHODS, NEVER_FORWARDED, OverrideMode, ServerConfig, TlsConfig,
@@ -60,6 +62,8 @@ pub struct Config {
     pub audit: AuditConfig,
     /// OpenTelemetry traces.
     pub telemetry: TelemetryConfig,
+    /// Replicas sharing a Redis (`None`: this gateway runs alone).
+    pub fleet: Option<FleetConfig>,
 }
 
 /// Command-line values that take precedence over the file.
@@ -171,6 +175,7 @@ impl Config {
         let log = observability::log(&mut p, r.log);
         let audit = observability::audit(&mut p, r.audit);
         let telemetry = observability::telemetry(&mut p, r.telemetry);
+        let fleet = fleet::fleet(&mut p, r.fleet);
 
         // A listener other hosts can reach must authenticate its clients.
         if let Some(s) = &server {
@@ -208,6 +213,7 @@ impl Config {
                 log,
                 audit,
                 telemetry,
+                fleet,
             }),
             _ => Err(p.0),
         }

@@ -24,6 +24,21 @@ pub struct RawConfig {
     pub credentials: Vec<RawCredential>,
     pub clients: RawClients,
     pub policy: Vec<RawPolicy>,
+    pub fleet: Option<RawFleet>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawFleet {
+    pub redis_url: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    pub partition_key_file: Option<PathBuf>,
+    pub replica: Option<String>,
+    pub shared_cache: Option<bool>,
+    pub max_shared_object_size: Option<ByteSize>,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]

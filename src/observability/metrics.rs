@@ -184,6 +184,8 @@ pub struct Metrics {
     pub token_reviews: TokenReviewMetrics,
     /// Handed to the reloader.
     pub config: ConfigMetrics,
+    /// Handed to the fleet link.
+    pub fleet: FleetMetrics,
 }
 
 impl Metrics {
@@ -376,6 +378,7 @@ impl Metrics {
         ] {
             let _ = gateway_errors.get_or_create(&KindLabel { kind });
         }
+        let fleet = FleetMetrics::register(&mut registry);
         registry.register_collector(Box::new(TokenCollector(tokens)));
         if let Some(cache) = cache {
             registry.register_collector(Box::new(CacheCollector(cache)));
@@ -399,6 +402,7 @@ impl Metrics {
             connections,
             token_reviews,
             config,
+            fleet,
         }
     }
 
@@ -1191,5 +1195,167 @@ mod tests {
         assert!(text.contains("process_resident_memory_bytes "));
         assert!(text.contains("process_cpu_seconds_total "));
         assert!(text.contains("cloudcasa_gateway_requests_in_flight 0"));
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabel {
+    op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabel {
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModeLabel {
+    mode: &'static str,
+}
+
+/// The fleet link's metrics (`[fleet]`), handed to it; registered whether or not a fleet is
+/// configured, so dashboards and alerts find the series.
+#[derive(Debug, Clone)]
+pub struct FleetMetrics {
+    up: Gauge,
+    replicas: Gauge,
+    errors: Family<OpLabel, Counter>,
+    lookups: Family<ResultLabel, Counter>,
+    stores: Family<ResultLabel, Counter>,
+    invalidations: Family<DirectionLabel, Counter>,
+    delay: Family<DirectionLabel, Histogram, fn() -> Histogram>,
+    rate: Family<ModeLabel, Counter>,
+}
+
+/// Propagation delays: a pub/sub hop is sub-millisecond on one network.
+const PROPAGATION_BUCKETS: [f64; 10] = [
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+
+fn propagation_histogram() -> Histogram {
+    Histogram::new(PROPAGATION_BUCKETS)
+}
+
+impl FleetMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            up: Gauge::default(),
+            replicas: Gauge::default(),
+            errors: Family::default(),
+            lookups: Family::default(),
+            stores: Family::default(),
+            invalidations: Family::default(),
+            delay: Family::new_with_constructor(propagation_histogram),
+            rate: Family::default(),
+        };
+        let name = |n: &str| format!("{PREFIX}_{n}");
+        registry.register(
+            name("fleet_link_up"),
+            "1 while Redis answers and this replica hears other replicas' invalidations; 0 while \
+             it serves degraded (memory cache revalidates every read, per-replica rate limits)",
+            m.up.clone(),
+        );
+        registry.register(
+            name("fleet_replicas"),
+            "Replicas alive at the last heartbeat",
+            m.replicas.clone(),
+        );
+        registry.register(
+            name("fleet_errors"),
+            "Redis calls that failed or timed out, by operation",
+            m.errors.clone(),
+        );
+        registry.register(
+            name("fleet_shared_lookups"),
+            "Lookups in the shared (Redis) tier after a memory miss, by result (hit, miss)",
+            m.lookups.clone(),
+        );
+        registry.register(
+            name("fleet_shared_stores"),
+            "Fills offered to the shared tier, by result (stored; invalidated: a write covered \
+             the path while the fill was under way, so it was not stored)",
+            m.stores.clone(),
+        );
+        registry.register(
+            name("fleet_invalidations"),
+            "Invalidations published (sent) and applied from other replicas (received)",
+            m.invalidations.clone(),
+        );
+        registry.register(
+            name("fleet_invalidation_delay_seconds"),
+            "From a write's invalidation being published to another replica applying it",
+            m.delay.clone(),
+        );
+        registry.register(
+            name("fleet_rate_decisions"),
+            "Rate decisions by where they were made (fleet: Redis; local: the per-replica \
+             share while Redis is unreachable)",
+            m.rate.clone(),
+        );
+        for op in [
+            "lookup",
+            "store",
+            "invalidate",
+            "rate",
+            "probe",
+            "subscribe",
+        ] {
+            let _ = m.errors.get_or_create(&OpLabel { op });
+        }
+        for direction in ["sent", "received"] {
+            let _ = m.invalidations.get_or_create(&DirectionLabel { direction });
+        }
+        for mode in ["fleet", "local"] {
+            let _ = m.rate.get_or_create(&ModeLabel { mode });
+        }
+        m
+    }
+
+    /// The link is up (or down).
+    pub fn set_up(&self, up: bool) {
+        self.up.set(i64::from(up));
+    }
+
+    /// Replicas alive.
+    pub fn set_replicas(&self, n: u64) {
+        self.replicas.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// A Redis call failed.
+    pub fn error(&self, op: &'static str) {
+        self.errors.get_or_create(&OpLabel { op }).inc();
+    }
+
+    /// A shared-tier lookup ended with `result`.
+    pub fn lookup(&self, result: &'static str) {
+        self.lookups.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    /// A fill was offered to the shared tier.
+    pub fn stored(&self, result: &'static str) {
+        self.stores.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    /// An invalidation was published.
+    pub fn invalidation(&self, direction: &'static str) {
+        self.invalidations
+            .get_or_create(&DirectionLabel { direction })
+            .inc();
+    }
+
+    /// Another replica's invalidation arrived `delay` after it was published.
+    pub fn received(&self, delay: Duration) {
+        let label = DirectionLabel {
+            direction: "received",
+        };
+        self.invalidations.get_or_create(&label).inc();
+        self.delay
+            .get_or_create(&label)
+            .observe(delay.as_secs_f64());
+    }
+
+    /// A rate decision was made in `mode`.
+    pub fn rate(&self, mode: &'static str) {
+        self.rate.get_or_create(&ModeLabel { mode }).inc();
     }
 }

@@ -33,6 +33,19 @@ impl FingerprintKey {
         Self(key)
     }
 
+    /// The key every replica of a fleet derives from the same secret (`fleet.partition_key_file`),
+    /// so their fingerprints of one token agree and they share cache partitions; the secret
+    /// itself never leaves the replicas. Without a secret, a published constant: fingerprints
+    /// are then plain keyed hashes of the token, which reveal nothing of a random token but let
+    /// whoever reads Redis test guesses of it (the README says so).
+    pub fn fleet(secret: Option<&[u8]>) -> Self {
+        use sha2::Digest;
+        let mut hasher = Sha256::new();
+        hasher.update(b"cloudcasa-gateway fleet partition key v1\0");
+        hasher.update(secret.unwrap_or_default());
+        Self(hasher.finalize().into())
+    }
+
     /// HMAC-SHA256 of `data` under this key.
     pub fn fingerprint(&self, data: &[u8]) -> Fingerprint {
         let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.0)
@@ -51,6 +64,21 @@ impl fmt::Debug for FingerprintKey {
 /// A keyed hash of a credential: stable within one process, safe to log and to use in cache keys.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Fingerprint([u8; 32]);
+
+impl Fingerprint {
+    /// 64 lowercase hex digits: how Redis keys and fleet messages name a partition.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    /// Parses [`Fingerprint::to_hex`]'s form.
+    pub fn from_hex(text: &str) -> Option<Self> {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(text, &mut out)
+            .ok()
+            .map(|()| Self(out))
+    }
+}
 
 impl fmt::Display for Fingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

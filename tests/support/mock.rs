@@ -102,6 +102,9 @@ pub struct MockState {
     requests: Mutex<Vec<Recorded>>,
     received: Notify,
     fault: Mutex<Option<(Fault, Option<usize>)>>,
+    /// The next request with this method is executed at once, and its answer held until the
+    /// `Notify` is notified: a fetch that read the state before a write that follows it.
+    hold_answer: Mutex<Option<(Method, Arc<Notify>)>>,
     routes: Mutex<HashMap<String, Handler>>,
     next_id: Mutex<u64>,
     http10: std::sync::atomic::AtomicBool,
@@ -261,6 +264,14 @@ impl MockState {
             },
             Some(1),
         );
+        release
+    }
+
+    /// Executes the next `method` request at once but holds its answer until the returned
+    /// `Notify` is notified.
+    pub fn hold_next_answer(&self, method: Method) -> Arc<Notify> {
+        let release = Arc::new(Notify::new());
+        *self.hold_answer.lock().unwrap() = Some((method, release.clone()));
         release
     }
 
@@ -479,6 +490,16 @@ async fn handle(
         ));
     }
     let mut response = finish(api(&state, &tenant, &executed));
+    let held = {
+        let mut slot = state.hold_answer.lock().unwrap();
+        match slot.as_ref() {
+            Some((method, _)) if *method == executed.method => slot.take().map(|(_, n)| n),
+            _ => None,
+        }
+    };
+    if let Some(release) = held {
+        release.notified().await;
+    }
     if let Some(location) = response.headers().get(header::LOCATION).cloned() {
         // Eve's Location is absolute, naming the host it was asked as.
         let host = recorded.header("host").unwrap_or("localhost").to_string();

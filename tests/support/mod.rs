@@ -5,6 +5,7 @@
 pub mod kube;
 pub mod mock;
 pub mod otlp;
+pub mod redis_server;
 pub mod tls;
 
 use std::net::SocketAddr;

@@ -11,6 +11,7 @@
 //! collapsing lock in [`store`]; this module applies them to requests.
 
 pub mod rules;
+pub mod shared;
 pub mod status;
 pub mod store;
 
@@ -32,6 +33,7 @@ use tower::{Layer, Service};
 use crate::config::CacheConfig;
 use crate::context::CacheOutcome;
 use crate::context::{CacheReport, Exchange, WireMethod};
+use crate::fleet::{self, Fleet};
 use crate::http::body::{self, Body, Collected, Hold, PrefixedBody, Tap, collect_limited};
 use crate::http::error::GatewayError;
 use crate::http::is_read;
@@ -80,6 +82,8 @@ pub struct ResponseCache {
     inflight: Arc<Semaphore>,
     /// How long a collapsed request waits for the fetch it joined.
     wait_limit: Duration,
+    /// The fleet's shared tier and invalidations (`[fleet]`), once joined.
+    fleet: std::sync::OnceLock<Arc<Fleet>>,
 }
 
 impl CacheGauges for ResponseCache {
@@ -122,7 +126,19 @@ impl ResponseCache {
             store: Store::new(config.max_size),
             config: ArcSwap::from_pointee(config),
             wait_limit: upstream_timeout,
+            fleet: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Shares this cache with the fleet's other replicas: misses look in Redis, fills and
+    /// writes go there too, and other replicas' invalidations apply here.
+    pub fn join_fleet(self: &Arc<Self>, fleet: Arc<Fleet>) {
+        fleet.start(Arc::new(FleetListener(Arc::downgrade(self))));
+        let _ = self.fleet.set(fleet);
+    }
+
+    fn fleet(&self) -> Option<&Arc<Fleet>> {
+        self.fleet.get()
     }
 
     /// Applies the settings a reload may change (freshness, stale windows, key headers, the
@@ -261,6 +277,11 @@ struct Fill {
     forward: Forward,
     ticket: u64,
     guard: Option<store::FlightGuard>,
+    /// The shared tier's versions read before the upstream is asked: the fill is offered to
+    /// Redis under them (`None`: not shared, or the fleet link is down).
+    shared: Option<fleet::Versions>,
+    /// `stored` came from the shared tier.
+    from_shared: bool,
 }
 
 /// What to answer a read with, decided after the upstream was asked.
@@ -299,7 +320,13 @@ impl ResponseCache {
             roots.dedup();
             exact.sort();
             exact.dedup();
-            self.store.invalidate(partition, &exact, roots).await;
+            self.store
+                .invalidate(partition, &exact, roots.clone())
+                .await;
+            // Every other replica, before the client hears the write succeeded.
+            if let Some(fleet) = self.fleet() {
+                fleet.invalidate(&partition, &exact, &roots).await;
+            }
         }
         Ok(response)
     }
@@ -327,13 +354,17 @@ impl ResponseCache {
             },
         };
         let is_head = req.method() == Method::HEAD;
+        // While the fleet link is down this replica cannot hear other replicas' writes: what
+        // memory holds is revalidated before it is served.
+        let fleet_down = self.fleet().is_some_and(|f| !f.is_up());
         if !is_head && req.headers().contains_key(header::RANGE) {
             // A fresh stored response answers the range itself (`serve_range`). Otherwise the
             // request goes upstream as it came, `Range` and `If-Range` together, and its answer
             // is not stored: only a complete 200 is.
             let now = self.clock.now();
             if let Some(s) = self.store.get(&key).await.filter(|s| {
-                s.matches_vary(req.headers())
+                !fleet_down
+                    && s.matches_vary(req.headers())
                     && rules::fresh_enough(s.age(now), s.lifetime, &request_cc, s.forbids_stale)
             }) {
                 return (
@@ -365,6 +396,7 @@ impl ResponseCache {
                 .is_some_and(|s| !s.matches_vary(req.headers()));
             let stored = found.filter(|_| !vary_miss);
             if let Some(s) = &stored
+                && !fleet_down
                 && rules::fresh_enough(s.age(now), s.lifetime, &request_cc, s.forbids_stale)
             {
                 return (
@@ -376,6 +408,7 @@ impl ResponseCache {
             // request in the background revalidate it (none, if a fetch is already under way).
             if let Some(s) = &stored
                 && !is_head
+                && !fleet_down
                 && !request_cc.no_cache
                 && request_cc.max_age.is_none()
                 && request_cc.min_fresh.is_none()
@@ -389,6 +422,8 @@ impl ResponseCache {
                         forward: Forward::Stale,
                         ticket,
                         guard: Some(guard),
+                        shared: None,
+                        from_shared: false,
                     };
                     self.revalidate_in_background(&inner, &req, &token, fill);
                 }
@@ -403,7 +438,8 @@ impl ResponseCache {
                 );
             }
             let forward = match &stored {
-                Some(s) if s.age(now) < s.lifetime => Forward::Request,
+                Some(s) if s.age(now) < s.lifetime && !fleet_down => Forward::Request,
+                Some(s) if s.age(now) < s.lifetime => Forward::Stale,
                 Some(_) => Forward::Stale,
                 None if vary_miss => Forward::VaryMiss,
                 None => Forward::UriMiss,
@@ -449,14 +485,26 @@ impl ResponseCache {
             } else {
                 None
             };
-            let fill = Fill {
+            let mut fill = Fill {
                 key,
                 stored,
                 forward,
                 ticket,
                 guard,
+                shared: None,
+                from_shared: false,
             };
-            return self.fetch(inner, req, &request_cc, fill).await;
+            if fill.stored.is_none()
+                && let Some(answer) = self
+                    .look_in_fleet(&mut fill, req.headers(), &request_cc)
+                    .await
+            {
+                // Another replica had it (the shared tier).
+                return answer;
+            }
+            let mut answer = self.fetch(inner, req, &request_cc, fill).await;
+            answer.0.fleet_down = fleet_down;
+            return answer;
         }
     }
 
@@ -500,9 +548,12 @@ impl ResponseCache {
             forward,
             ticket,
             guard,
+            shared,
+            from_shared,
         } = fill;
         let config = self.config.load_full();
         let mut status = CacheStatus::forward(forward);
+        status.shared = from_shared;
         let (mut parts, body) = req.into_parts();
         let client = parts.headers.clone();
         for h in &CLIENT_CONDITIONALS {
@@ -552,7 +603,8 @@ impl ResponseCache {
                 request_time,
                 now,
             ));
-            status.stored = self.store.insert(&key, updated.clone(), ticket).await;
+            status.stored = self.offer_to_fleet(&key, shared, &updated, now).await
+                && self.store.insert(&key, updated.clone(), ticket).await;
             if let Some(guard) = guard {
                 guard.finish(FlightOutcome::Stored(updated.clone()));
             }
@@ -652,17 +704,137 @@ impl ResponseCache {
             request_time,
             now,
         ));
-        status.stored = self.store.insert(&key, fresh.clone(), ticket).await;
+        status.stored = self.offer_to_fleet(&key, shared, &fresh, now).await
+            && self.store.insert(&key, fresh.clone(), ticket).await;
         if let Some(guard) = guard {
-            guard.finish(FlightOutcome::Stored(fresh.clone()));
+            guard.finish(match status.stored {
+                true => FlightOutcome::Stored(fresh.clone()),
+                // A write covered the path while this fill was under way: the waiters ask on
+                // their own rather than take what may predate it.
+                false => FlightOutcome::Uncacheable,
+            });
         }
         (status, Ok(serve(&fresh, &client, false, now).map(hold)))
+    }
+
+    /// Looks for `fill`'s key in the fleet's shared tier after a miss in memory. A fresh entry
+    /// is kept in memory and served (`detail=shared`); a stale one becomes what the fetch
+    /// revalidates. The versions read are kept in `fill` for offering the fill to Redis.
+    async fn look_in_fleet(
+        &self,
+        fill: &mut Fill,
+        headers: &HeaderMap,
+        request_cc: &Directives,
+    ) -> Option<Answer> {
+        let fleet = self.fleet().filter(|f| f.config().shared_cache)?;
+        let key = &fill.key;
+        let variant = shared_variant(&key.variant);
+        let lookup = fleet
+            .lookup(&key.path.partition, &key.path.path, &variant)
+            .await?;
+        fill.shared = Some(lookup.versions);
+        let data = lookup.data?;
+        let Some(stored) = shared::decode(&data) else {
+            tracing::warn!(path = %key.path.path, "ignored a shared cache entry that does not decode");
+            return None;
+        };
+        if !stored.matches_vary(headers) {
+            return None;
+        }
+        let stored = Arc::new(stored);
+        let now = self.clock.now();
+        if rules::fresh_enough(
+            stored.age(now),
+            stored.lifetime,
+            request_cc,
+            stored.forbids_stale,
+        ) {
+            let mut status = CacheStatus::hit(stored.ttl(now));
+            status.shared = true;
+            self.store.insert(key, stored.clone(), fill.ticket).await;
+            if let Some(guard) = fill.guard.take() {
+                guard.finish(FlightOutcome::Stored(stored.clone()));
+            }
+            return Some((status, Ok(serve(&stored, headers, false, now))));
+        }
+        fill.stored = Some(stored);
+        fill.forward = Forward::Stale;
+        fill.from_shared = true;
+        None
+    }
+
+    /// Offers a fill to the fleet's shared tier under the versions read before it began.
+    /// Returns `false` only when Redis refused it because a write covered its path since (the
+    /// fill may predate that write, so memory must not keep it either); a link that is down,
+    /// an object over `fleet.max_shared_object_size` or no fleet at all is no reason not to
+    /// keep it in memory.
+    async fn offer_to_fleet(
+        &self,
+        key: &CacheKey,
+        versions: Option<fleet::Versions>,
+        stored: &Stored,
+        now: SystemTime,
+    ) -> bool {
+        let (Some(fleet), Some(versions)) = (self.fleet(), versions) else {
+            return true;
+        };
+        if stored.body.len() as u64 > fleet.config().max_shared_object_size {
+            return true;
+        }
+        let stored_there = fleet
+            .store(
+                &key.path.partition,
+                &key.path.path,
+                &shared_variant(&key.variant),
+                versions,
+                shared::encode(stored),
+                shared::useful_for(stored, now),
+            )
+            .await;
+        stored_there != Some(false)
     }
 
     fn serve_stale(&self, stale: &Stored, client: &HeaderMap, now: SystemTime) -> Answer {
         let mut status = CacheStatus::hit(stale.ttl(now));
         status.stale_if_error = true;
         (status, Ok(serve(stale, client, false, now)))
+    }
+}
+
+/// A variant as the shared tier keys it: the query and the key headers' values.
+fn shared_variant(variant: &VariantKey) -> Vec<u8> {
+    let mut out = Vec::with_capacity(variant.query.len() + 1 + variant.representation.len());
+    out.extend_from_slice(variant.query.as_bytes());
+    out.push(0);
+    out.extend_from_slice(&variant.representation);
+    out
+}
+
+/// Applies other replicas' invalidations to this replica's memory.
+struct FleetListener(std::sync::Weak<ResponseCache>);
+
+impl fleet::Listener for FleetListener {
+    fn invalidate(
+        &self,
+        partition: crate::secrets::token::Fingerprint,
+        exact: Vec<String>,
+        roots: Vec<String>,
+    ) -> BoxFuture<'static, ()> {
+        let cache = self.0.clone();
+        Box::pin(async move {
+            if let Some(cache) = cache.upgrade() {
+                cache.store.invalidate(partition, &exact, roots).await;
+            }
+        })
+    }
+
+    fn resync(&self) -> BoxFuture<'static, ()> {
+        let cache = self.0.clone();
+        Box::pin(async move {
+            if let Some(cache) = cache.upgrade() {
+                cache.store.purge_prefix("").await;
+            }
+        })
     }
 }
 

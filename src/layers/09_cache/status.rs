@@ -60,6 +60,11 @@ pub struct CacheStatus {
     pub stale_while_revalidate: bool,
     /// Why the response was not stored, when it could have been.
     pub not_stored: Option<NotStorable>,
+    /// What was served (or revalidated) came from the fleet's shared tier (Redis).
+    pub shared: bool,
+    /// A stored response was revalidated because the fleet link is down (this replica cannot
+    /// hear other replicas' invalidations).
+    pub fleet_down: bool,
 }
 
 impl CacheStatus {
@@ -74,6 +79,8 @@ impl CacheStatus {
             stale_if_error: false,
             stale_while_revalidate: false,
             not_stored: None,
+            shared: false,
+            fleet_down: false,
         }
     }
 
@@ -138,9 +145,17 @@ impl CacheStatus {
         if self.collapsed {
             v.push_str("; collapsed");
         }
-        if let Some(reason) = self.not_stored {
+        // One `detail` (RFC 9211 parameters do not repeat): why nothing was stored matters most.
+        let detail = match (self.not_stored, self.shared, self.fleet_down) {
+            _ if self.stale_if_error || self.stale_while_revalidate => None,
+            (Some(reason), _, _) => Some(reason.as_str()),
+            (None, true, _) => Some("shared"),
+            (None, false, true) => Some("fleet-down"),
+            (None, false, false) => None,
+        };
+        if let Some(detail) = detail {
             v.push_str("; detail=");
-            v.push_str(reason.as_str());
+            v.push_str(detail);
         }
         // The string's buffer becomes the value's: no second copy.
         HeaderValue::from_maybe_shared(bytes::Bytes::from(v)).expect("Cache-Status is ASCII")

@@ -5,7 +5,13 @@
 //! `H = hex(SHA-256(B))`. The hashed bytes are the bytes on disk, so there is no canonical-JSON
 //! step to get wrong: any edit to a line changes its hash, and deleting or reordering lines breaks
 //! the `prev` links.
+//!
+//! Every record also names its `replica` and its `chain` (written by the writer, just before
+//! `prev`): replicas of one gateway each keep their own chain, and a log collector interleaves
+//! them; verification follows each chain by its id. A chain id is random per writer, and kept
+//! when a restarted writer continues the chain of an existing file.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::io::{BufRead, Read, Seek, SeekFrom};
 use std::path::Path;
@@ -56,13 +62,46 @@ impl fmt::Debug for ChainHash {
     }
 }
 
+/// Which chain a writer appends to: its replica and chain id, as the JSON members every record
+/// carries (`,"replica":"gw-0","chain":"…"`), rendered once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainTag {
+    members: Vec<u8>,
+    chain: String,
+}
+
+impl ChainTag {
+    /// The tag of `chain` written by `replica`.
+    pub fn new(replica: &str, chain: &str) -> Self {
+        let text = |s: &str| serde_json::to_string(s).expect("a string serializes");
+        let members = format!(",\"replica\":{},\"chain\":{}", text(replica), text(chain));
+        Self {
+            members: members.into_bytes(),
+            chain: chain.to_string(),
+        }
+    }
+
+    /// A new chain: 16 random hex digits.
+    pub fn new_chain_id() -> String {
+        let mut id = [0u8; 8];
+        getrandom::fill(&mut id).expect("the operating system's random source is unavailable");
+        hex::encode(id)
+    }
+
+    /// The chain id.
+    pub fn chain(&self) -> &str {
+        &self.chain
+    }
+}
+
 /// Appends the chain members to a record and returns the new chain head.
 ///
 /// `open` is the record's JSON object without its closing brace (`{"ts":...,"error":null`).
 /// The finished line, newline included, is appended to `out`.
-pub fn seal(open: &[u8], prev: ChainHash, out: &mut Vec<u8>) -> ChainHash {
+pub fn seal(open: &[u8], tag: &ChainTag, prev: ChainHash, out: &mut Vec<u8>) -> ChainHash {
     let start = out.len();
     out.extend_from_slice(open);
+    out.extend_from_slice(&tag.members);
     out.extend_from_slice(b",\"prev\":\"");
     out.extend_from_slice(&prev.hex_bytes());
     out.push(b'"');
@@ -147,15 +186,28 @@ pub fn check_line(line: &[u8], expected_prev: Option<ChainHash>) -> Result<Chain
     Ok(hash)
 }
 
+/// One chain found by a verification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedChain {
+    /// Its id (`""` for records written before chains had ids).
+    pub id: String,
+    /// The replica that wrote it, as its first record says.
+    pub replica: Option<String>,
+    /// Records checked.
+    pub records: u64,
+    /// The `prev` of its first record (all zeros when the chain starts there).
+    pub anchor: ChainHash,
+    /// Its last record's hash.
+    pub head: ChainHash,
+}
+
 /// The result of verifying one or more files in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verified {
-    /// Records checked.
+    /// Records checked, in all chains.
     pub records: u64,
-    /// The `prev` of the first record (all zeros when the chain starts there).
-    pub anchor: Option<ChainHash>,
-    /// The last record's hash.
-    pub head: Option<ChainHash>,
+    /// The chains, in the order their first records appear.
+    pub chains: Vec<VerifiedChain>,
 }
 
 /// The first broken line found.
@@ -179,13 +231,15 @@ impl fmt::Display for VerifyError {
     }
 }
 
-/// Verifies files as one chain, in the order given (oldest rotated file first).
+/// Verifies files in the order given (oldest rotated file first): each chain (by its `chain`
+/// member) must be unbroken, however the chains' records are interleaved, as a log collector
+/// merging several replicas' output interleaves them.
 pub fn verify_files(files: &[impl AsRef<Path>]) -> Result<Verified, VerifyError> {
     let mut verified = Verified {
         records: 0,
-        anchor: None,
-        head: None,
+        chains: Vec::new(),
     };
+    let mut by_id: HashMap<String, usize> = HashMap::new();
     for file in files {
         let path = file.as_ref();
         let name = path.display().to_string();
@@ -203,24 +257,57 @@ pub fn verify_files(files: &[impl AsRef<Path>]) -> Result<Verified, VerifyError>
                 problem,
             };
             let line = line.map_err(|e| broken(e.to_string()))?;
-            if verified.anchor.is_none() {
-                verified.anchor = serde_json::from_slice::<serde_json::Value>(&line)
-                    .ok()
-                    .and_then(|v| v.get("prev")?.as_str().and_then(ChainHash::parse));
+            let value: Option<serde_json::Value> = serde_json::from_slice(&line).ok();
+            let member = |key: &str| {
+                value
+                    .as_ref()
+                    .and_then(|v| v.get(key)?.as_str().map(String::from))
+            };
+            let id = member("chain").unwrap_or_default();
+            let chain = by_id.get(&id).map(|i| &verified.chains[*i]);
+            let hash = check_line(&line, chain.map(|c| c.head))
+                .map_err(|b| broken(format!("{b} (chain {id:?})")))?;
+            match by_id.get(&id) {
+                Some(i) => {
+                    let chain = &mut verified.chains[*i];
+                    chain.head = hash;
+                    chain.records += 1;
+                }
+                None => {
+                    let anchor = member("prev")
+                        .as_deref()
+                        .and_then(ChainHash::parse)
+                        .unwrap_or(GENESIS);
+                    by_id.insert(id.clone(), verified.chains.len());
+                    verified.chains.push(VerifiedChain {
+                        id,
+                        replica: member("replica"),
+                        records: 1,
+                        anchor,
+                        head: hash,
+                    });
+                }
             }
-            let hash = check_line(&line, verified.head).map_err(|b| broken(b.to_string()))?;
-            verified.head = Some(hash);
             verified.records += 1;
         }
     }
     Ok(verified)
 }
 
+/// Where an existing audit file's chain ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    /// The last complete record's hash.
+    pub hash: ChainHash,
+    /// Its chain id (`None` for a record written before chains had ids).
+    pub chain: Option<String>,
+}
+
 /// The hash of the last complete record in an existing audit file, so that a restarted gateway
 /// continues the chain. `Ok(None)` for a missing or empty file. A torn last line (a crash in the
 /// middle of a write) is skipped with a warning; the chain continues from the last good record and
 /// `audit verify` will point at the torn line.
-pub fn read_head(path: &Path) -> std::io::Result<Option<ChainHash>> {
+pub fn read_head(path: &Path) -> std::io::Result<Option<Head>> {
     let mut file = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -241,7 +328,10 @@ pub fn read_head(path: &Path) -> std::io::Result<Option<ChainHash>> {
             continue;
         }
         if let Ok(hash) = check_line(line, None) {
-            return Ok(Some(hash));
+            let chain = serde_json::from_slice::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v.get("chain")?.as_str().map(String::from));
+            return Ok(Some(Head { hash, chain }));
         }
         if n <= 1 {
             tracing::warn!(
@@ -264,7 +354,7 @@ mod tests {
             .iter()
             .map(|r| {
                 let mut line = Vec::new();
-                prev = seal(r.as_bytes(), prev, &mut line);
+                prev = seal(r.as_bytes(), &ChainTag::new("gw-0", "c0"), prev, &mut line);
                 line.pop();
                 line
             })
@@ -332,7 +422,69 @@ mod tests {
         text.extend_from_slice(b"\n{\"n\":3,\"pr");
         std::fs::write(&path, &text).unwrap();
         let expected = check_line(&lines[1], None).unwrap();
-        assert_eq!(read_head(&path).unwrap(), Some(expected));
+        assert_eq!(read_head(&path).unwrap().map(|h| h.hash), Some(expected));
         assert_eq!(read_head(&dir.path().join("missing")).unwrap(), None);
+    }
+
+    /// A chain of `n` records by `replica` under chain id `id`.
+    fn tagged(replica: &str, id: &str, n: usize) -> Vec<Vec<u8>> {
+        let tag = ChainTag::new(replica, id);
+        let mut prev = GENESIS;
+        (0..n)
+            .map(|i| {
+                let mut line = Vec::new();
+                prev = seal(format!("{{\"n\":{i}").as_bytes(), &tag, prev, &mut line);
+                line.pop();
+                line
+            })
+            .collect()
+    }
+
+    #[test]
+    fn interleaved_chains_verify_each_on_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("merged.log");
+        let (a, b) = (tagged("gw-0", "aaaa", 3), tagged("gw-1", "bbbb", 2));
+        // As a log collector merges two replicas' output.
+        let merged = [&a[0], &b[0], &a[1], &b[1], &a[2]];
+        let text: Vec<u8> = merged
+            .iter()
+            .flat_map(|l| [&l[..], b"\n"].concat())
+            .collect();
+        std::fs::write(&path, &text).unwrap();
+        let v = verify_files(&[&path]).unwrap();
+        assert_eq!(v.records, 5);
+        let summary: Vec<_> = v
+            .chains
+            .iter()
+            .map(|c| (c.id.as_str(), c.replica.as_deref(), c.records, c.anchor))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("aaaa", Some("gw-0"), 3, GENESIS),
+                ("bbbb", Some("gw-1"), 2, GENESIS)
+            ]
+        );
+        // Reordering within one chain, or dropping one of its records, is still caught.
+        for broken in [
+            vec![&a[0], &b[0], &a[2], &b[1], &a[1]],
+            vec![&a[0], &b[0], &b[1], &a[2]],
+        ] {
+            let text: Vec<u8> = broken
+                .iter()
+                .flat_map(|l| [&l[..], b"\n"].concat())
+                .collect();
+            std::fs::write(&path, &text).unwrap();
+            let e = verify_files(&[&path]).unwrap_err();
+            assert!(e.problem.contains("\"aaaa\""), "{e}");
+        }
+        // A record cannot move to another chain: its id is hashed with it.
+        let moved = String::from_utf8(a[1].clone())
+            .unwrap()
+            .replace("aaaa", "bbbb");
+        let text = [&a[0][..], b"\n", &b[0], b"\n", moved.as_bytes(), b"\n"].concat();
+        std::fs::write(&path, &text).unwrap();
+        assert!(verify_files(&[&path]).is_err());
     }
 }

@@ -24,7 +24,7 @@ use tokio::sync::oneshot;
 use crate::config::{AuditConfig, AuditSink};
 use crate::context::LogIds;
 use crate::observability::metrics::AuditMetrics;
-use chain::{ChainHash, GENESIS};
+use chain::{ChainHash, ChainTag, GENESIS};
 use record::OpenRecord;
 
 /// Records waiting for the writer; past this, records are dropped (and counted), never waited on.
@@ -73,9 +73,16 @@ impl std::fmt::Debug for AuditLog {
 
 impl AuditLog {
     /// Opens the sink, finds the chain head in an existing file, and starts the writer thread.
-    pub fn open(config: &AuditConfig, metrics: AuditMetrics) -> Result<Self, AuditOpenError> {
-        // The chain continues from the last record of an existing file; stdout starts afresh.
+    /// Records name `replica` and this writer's chain.
+    pub fn open(
+        config: &AuditConfig,
+        replica: &str,
+        metrics: AuditMetrics,
+    ) -> Result<Self, AuditOpenError> {
+        // The chain continues from the last record of an existing file (under its id); stdout
+        // starts a new chain.
         let mut head = GENESIS;
+        let mut chain = None;
         let sink = match &config.sink {
             AuditSink::Stdout => Sink::Stdout,
             AuditSink::File(path) => {
@@ -84,7 +91,10 @@ impl AuditLog {
                     source,
                 };
                 let file = open_append(path).map_err(error)?;
-                head = chain::read_head(path).map_err(error)?.unwrap_or(GENESIS);
+                if let Some(found) = chain::read_head(path).map_err(error)? {
+                    head = found.hash;
+                    chain = found.chain;
+                }
                 let torn = ends_without_newline(path);
                 Sink::File {
                     path: path.clone(),
@@ -94,9 +104,12 @@ impl AuditLog {
             }
         };
         let (tx, rx) = mpsc::sync_channel(QUEUE_CAPACITY);
+        let tag = ChainTag::new(replica, &chain.unwrap_or_else(ChainTag::new_chain_id));
+        tracing::info!(head = %head, chain = tag.chain(), replica, sink = ?config.sink, "audit trail open");
         let writer = Writer {
             sink,
             head,
+            tag,
             metrics: metrics.clone(),
         };
         std::thread::Builder::new()
@@ -106,7 +119,6 @@ impl AuditLog {
                 path: "(writer thread)".into(),
                 source,
             })?;
-        tracing::info!(head = %head, sink = ?config.sink, "audit trail open");
         Ok(Self {
             tx,
             metrics,
@@ -270,6 +282,8 @@ impl Sink {
 struct Writer {
     sink: Sink,
     head: ChainHash,
+    /// The replica and chain every record names.
+    tag: ChainTag,
     metrics: AuditMetrics,
 }
 
@@ -305,11 +319,11 @@ impl Writer {
         for job in jobs.drain(..) {
             match job {
                 Job::Record(open) => {
-                    self.head = chain::seal(open.as_bytes(), self.head, buf);
+                    self.head = chain::seal(open.as_bytes(), &self.tag, self.head, buf);
                     outcomes += 1;
                 }
                 Job::Intent(open, done) => {
-                    self.head = chain::seal(open.as_bytes(), self.head, buf);
+                    self.head = chain::seal(open.as_bytes(), &self.tag, self.head, buf);
                     intents.push(done);
                 }
                 Job::Reopen => {

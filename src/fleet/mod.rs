@@ -1,0 +1,735 @@
+//! Fleet mode: what the replicas of one gateway share through Redis (`[fleet]`).
+//!
+//! - **The shared tier** (L2): stored responses, keyed by partition, path and variant, each
+//!   stored with the sum of the versions of the scopes covering its path ([`keys`]).
+//! - **Invalidations**: a write bumps the versions of what it invalidates and publishes the
+//!   scopes in one script; every replica applies them to its memory ([`Listener`]). A fill stores
+//!   into Redis only if the versions it read before asking the upstream are unchanged, so a fill
+//!   racing a write on any replica never stores what the write changed.
+//! - **Rate budgets**: one GCRA decision per request in Redis, on Redis's clock.
+//! - **Degraded mode**: every call is bounded by `fleet.timeout`; one failure marks the link
+//!   down (logged once, `fleet_link_up` 0) and later calls are skipped without waiting. While
+//!   down, the memory cache serves nothing without revalidating (this replica cannot hear
+//!   invalidations), rate limits fall back to a per-replica share, and writes remember their
+//!   partitions. A supervisor probes every [`PROBE_INTERVAL`]; when Redis answers and the
+//!   subscription is back, the partitions written while down get a new generation (every
+//!   replica's shared entries of them are void), the memory cache is emptied (it may hold what
+//!   another replica's write changed), and the link is up again.
+//!
+//! This module speaks Redis and knows nothing of HTTP: the cache layer encodes what it stores,
+//! the policy layer decides what a budget is.
+
+pub mod keys;
+mod scripts;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::config::FleetConfig;
+use crate::config::fleet::redacted_url;
+use crate::observability::metrics::FleetMetrics;
+use crate::secrets::token::Fingerprint;
+
+/// How often the supervisor probes Redis (and re-reads the password file).
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(500);
+/// How long a connection attempt may take (longer than a call: TLS and AUTH included).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a replica's heartbeat counts it as alive.
+const HEARTBEAT_WINDOW: Duration = Duration::from_secs(15);
+/// How long a version is kept after its last bump: longer than any entry lives
+/// ([`MAX_ENTRY_TTL`]), so a version never restarts from zero under an entry that read it.
+const VERSION_TTL: Duration = Duration::from_secs(2 * 24 * 3600);
+/// The longest a shared entry is kept.
+pub const MAX_ENTRY_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Which Redis call failed, for `fleet_errors_total{op}` and the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FleetOp {
+    /// Reading a shared entry.
+    Lookup,
+    /// Writing a shared entry.
+    Store,
+    /// Publishing a write's invalidation.
+    Invalidate,
+    /// A rate decision.
+    Rate,
+    /// The supervisor's probe and heartbeat.
+    Probe,
+    /// The invalidation subscription.
+    Subscribe,
+}
+
+impl FleetOp {
+    /// Every op, for pre-registering series.
+    pub const ALL: [Self; 6] = [
+        Self::Lookup,
+        Self::Store,
+        Self::Invalidate,
+        Self::Rate,
+        Self::Probe,
+        Self::Subscribe,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Lookup => "lookup",
+            Self::Store => "store",
+            Self::Invalidate => "invalidate",
+            Self::Rate => "rate",
+            Self::Probe => "probe",
+            Self::Subscribe => "subscribe",
+        }
+    }
+}
+
+/// What a replica does with the invalidations other replicas publish.
+pub trait Listener: Send + Sync + 'static {
+    /// Another replica's write invalidated these scopes of `partition`.
+    fn invalidate(
+        &self,
+        partition: Fingerprint,
+        exact: Vec<String>,
+        roots: Vec<String>,
+    ) -> BoxFuture<'static, ()>;
+    /// Invalidations may have been missed (the link was down): forget everything kept.
+    fn resync(&self) -> BoxFuture<'static, ()>;
+}
+
+/// The versions a fill read before it asked the upstream; it may store only if they still hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versions {
+    token: Arc<str>,
+    /// The link's generation when they were read: a fill across an outage stores nothing.
+    link: u64,
+}
+
+/// What [`Fleet::lookup`] found.
+#[derive(Debug, Clone)]
+pub struct Lookup {
+    /// The entry, when one is stored under the current versions.
+    pub data: Option<Bytes>,
+    /// The versions, for storing the fill that follows a miss.
+    pub versions: Versions,
+}
+
+/// A rate decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Within the fleet-wide budget.
+    Admitted,
+    /// Over it: retry after this long.
+    Refused(Duration),
+    /// Redis could not decide: the caller applies its per-replica share.
+    Unknown,
+}
+
+/// One published invalidation.
+#[derive(Debug, Serialize, Deserialize)]
+struct Message {
+    /// The publishing instance (its own messages are skipped).
+    from: String,
+    /// The partition, [`Fingerprint::to_hex`].
+    p: String,
+    /// Paths invalidated exactly.
+    #[serde(default)]
+    x: Vec<String>,
+    /// Subtree roots invalidated.
+    #[serde(default)]
+    s: Vec<String>,
+    /// The whole partition.
+    #[serde(default)]
+    all: bool,
+    /// When it was published, ms since the epoch (for the propagation delay).
+    at: u64,
+}
+
+/// The connection: a client (for the subscription) and its reconnecting manager (for calls).
+struct Connection {
+    client: redis::Client,
+    manager: ConnectionManager,
+}
+
+/// Why the fleet could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetSetupError {
+    /// A file `[fleet]` names cannot be read.
+    #[error("cannot read {key} {}: {source}", path.display())]
+    File {
+        /// The config key.
+        key: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The Redis client could not be built.
+    #[error("fleet.redis_url {url}: {source}")]
+    Client {
+        /// The URL without its password.
+        url: String,
+        /// Why.
+        #[source]
+        source: redis::RedisError,
+    },
+}
+
+/// The fleet link. See the module docs.
+pub struct Fleet {
+    config: FleetConfig,
+    /// This process: the replica name and a random suffix (a restarted pod is a new instance).
+    instance: String,
+    connection: ArcSwap<Connection>,
+    password: Mutex<Option<String>>,
+    up: AtomicBool,
+    subscribed: AtomicBool,
+    /// Bumped whenever the link goes down.
+    link_generation: AtomicU64,
+    /// Replicas alive at the last heartbeat (at least 1).
+    replicas: AtomicU64,
+    /// Partitions written while the link was down.
+    dirty: Mutex<HashSet<Fingerprint>>,
+    listener: OnceLock<Arc<dyn Listener>>,
+    wake: Notify,
+    metrics: FleetMetrics,
+}
+
+impl std::fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fleet")
+            .field("redis", &redacted_url(&self.config.redis_url))
+            .field("instance", &self.instance)
+            .field("up", &self.up.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+fn read_secret(key: &'static str, path: &PathBuf) -> Result<String, FleetSetupError> {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim_end_matches(['\r', '\n']).to_string())
+        .map_err(|source| FleetSetupError::File {
+            key,
+            path: path.clone(),
+            source,
+        })
+}
+
+fn connect(config: &FleetConfig, password: Option<&str>) -> Result<Connection, FleetSetupError> {
+    let failed = |source| FleetSetupError::Client {
+        url: redacted_url(&config.redis_url),
+        source,
+    };
+    let mut info = redis::IntoConnectionInfo::into_connection_info(config.redis_url.as_str())
+        .map_err(failed)?;
+    if let Some(password) = password {
+        let settings = info.redis_settings().clone().set_password(password);
+        info = info.set_redis_settings(settings);
+    }
+    let client = match &config.ca_file {
+        Some(ca) => {
+            let root_cert = std::fs::read(ca).map_err(|source| FleetSetupError::File {
+                key: "fleet.ca_file",
+                path: ca.clone(),
+                source,
+            })?;
+            redis::Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                },
+            )
+            .map_err(failed)?
+        }
+        None => redis::Client::open(info).map_err(failed)?,
+    };
+    // The manager reconnects by itself; calls are bounded here and by the caller's timeout.
+    let manager_config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(Some(config.timeout))
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_millis(200));
+    let manager =
+        ConnectionManager::new_lazy_with_config(client.clone(), manager_config).map_err(failed)?;
+    Ok(Connection { client, manager })
+}
+
+/// An invocation of `script` on `keys`, in order.
+fn with_keys(
+    script: &'static redis::Script,
+    keys: Vec<String>,
+) -> redis::ScriptInvocation<'static> {
+    let mut invocation = script.prepare_invoke();
+    for k in keys {
+        invocation.key(k);
+    }
+    invocation
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl Fleet {
+    /// Builds the link (no connection yet: [`Fleet::start`] connects in the background, and the
+    /// gateway serves, degraded, until Redis answers).
+    pub fn new(config: FleetConfig, metrics: FleetMetrics) -> Result<Arc<Self>, FleetSetupError> {
+        let password = match &config.password_file {
+            Some(path) => Some(read_secret("fleet.password_file", path)?),
+            None => None,
+        };
+        let connection = connect(&config, password.as_deref())?;
+        let mut suffix = [0u8; 4];
+        getrandom::fill(&mut suffix).expect("the operating system's random source is unavailable");
+        metrics.set_up(false);
+        Ok(Arc::new(Self {
+            instance: format!("{}-{}", config.replica, hex::encode(suffix)),
+            config,
+            connection: ArcSwap::from_pointee(connection),
+            password: Mutex::new(password),
+            up: AtomicBool::new(false),
+            subscribed: AtomicBool::new(false),
+            link_generation: AtomicU64::new(0),
+            replicas: AtomicU64::new(1),
+            dirty: Mutex::default(),
+            listener: OnceLock::new(),
+            wake: Notify::new(),
+            metrics,
+        }))
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &FleetConfig {
+        &self.config
+    }
+
+    /// Whether invalidations reach this replica and Redis answers: when not, nothing may be
+    /// served from memory without revalidating.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    /// Replicas alive at the last heartbeat (at least 1).
+    pub fn replicas(&self) -> u64 {
+        self.replicas.load(Ordering::Relaxed).max(1)
+    }
+
+    /// Starts the subscription and the supervisor; `listener` gets other replicas'
+    /// invalidations.
+    pub fn start(self: &Arc<Self>, listener: Arc<dyn Listener>) {
+        let _ = self.listener.set(listener);
+        tokio::spawn(self.clone().subscribe());
+        tokio::spawn(self.clone().supervise());
+    }
+
+    /// Runs `call` on the connection, bounded by `fleet.timeout`; a failure marks the link
+    /// down. While down, `None` at once.
+    async fn call<T, F>(&self, op: FleetOp, call: F) -> Option<T>
+    where
+        F: FnOnce(ConnectionManager) -> BoxFuture<'static, redis::RedisResult<T>>,
+    {
+        if !self.is_up() {
+            return None;
+        }
+        let manager = self.connection.load().manager.clone();
+        match tokio::time::timeout(self.config.timeout, call(manager)).await {
+            Ok(Ok(value)) => Some(value),
+            Ok(Err(e)) => {
+                let unreachable = e.is_io_error()
+                    || e.is_timeout()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || e.is_unrecoverable_error();
+                // Redis answered with an error (out of memory under `noeviction`, a script
+                // error): the call failed, the link did not, except for an invalidation, which
+                // other replicas then never heard of.
+                if unreachable || op == FleetOp::Invalidate {
+                    self.failed(op, &e.to_string());
+                } else {
+                    self.metrics.error(op.as_str());
+                    tracing::debug!(op = op.as_str(), error = %e, "a fleet call failed");
+                }
+                None
+            }
+            Err(_) => {
+                self.failed(op, &format!("no answer within {:?}", self.config.timeout));
+                None
+            }
+        }
+    }
+
+    fn failed(&self, op: FleetOp, why: &str) {
+        self.metrics.error(op.as_str());
+        self.mark_down(op, why);
+    }
+
+    fn mark_down(&self, op: FleetOp, why: &str) {
+        if self.up.swap(false, Ordering::AcqRel) {
+            self.link_generation.fetch_add(1, Ordering::AcqRel);
+            self.metrics.set_up(false);
+            tracing::warn!(
+                op = op.as_str(),
+                error = why,
+                redis = %redacted_url(&self.config.redis_url),
+                "fleet link down: serving without Redis (memory cache revalidates every read, \
+                 rate limits per replica) until it answers again"
+            );
+            self.wake.notify_one();
+        }
+    }
+
+    /// The shared entry for `variant` of `path`, and the versions a fill must store under.
+    /// `None`: the link is down (nothing to store under either).
+    pub async fn lookup(
+        &self,
+        partition: &Fingerprint,
+        path: &str,
+        variant: &[u8],
+    ) -> Option<Lookup> {
+        let link = self.link_generation.load(Ordering::Acquire);
+        let keys = keys::entry_and_versions(partition, path, variant);
+        // `{token}` or `{token, data}`: a Lua table of one or two values.
+        let found: Option<Vec<redis::Value>> = self
+            .call(FleetOp::Lookup, move |mut c| {
+                Box::pin(async move {
+                    with_keys(&scripts::LOOKUP, keys)
+                        .arg(VERSION_TTL.as_millis() as u64)
+                        .invoke_async(&mut c)
+                        .await
+                })
+            })
+            .await;
+        let text = |t: &[u8]| Arc::<str>::from(String::from_utf8_lossy(t));
+        let (token, data) = match found?.as_slice() {
+            [redis::Value::BulkString(token)] => (text(token), None),
+            [
+                redis::Value::BulkString(token),
+                redis::Value::BulkString(data),
+            ] => (text(token), Some(data.clone())),
+            other => {
+                self.failed(FleetOp::Lookup, &format!("unexpected answer {other:?}"));
+                return None;
+            }
+        };
+        self.metrics
+            .lookup(if data.is_some() { "hit" } else { "miss" });
+        Some(Lookup {
+            data: data.map(Bytes::from),
+            versions: Versions { token, link },
+        })
+    }
+
+    /// Stores `data` for `variant` of `path` for `ttl`, unless a covering scope was invalidated
+    /// since `versions` were read (or the link went down meanwhile). Returns whether it was
+    /// stored; `None` when the link is down.
+    pub async fn store(
+        &self,
+        partition: &Fingerprint,
+        path: &str,
+        variant: &[u8],
+        versions: Versions,
+        data: Vec<u8>,
+        ttl: Duration,
+    ) -> Option<bool> {
+        if versions.link != self.link_generation.load(Ordering::Acquire) {
+            return Some(false);
+        }
+        let keys = keys::entry_and_versions(partition, path, variant);
+        let ttl_ms = u64::try_from(ttl.min(MAX_ENTRY_TTL).as_millis())
+            .unwrap_or(1)
+            .max(1);
+        let stored: Option<i64> = self
+            .call(FleetOp::Store, move |mut c| {
+                Box::pin(async move {
+                    with_keys(&scripts::STORE, keys)
+                        .arg(&*versions.token)
+                        .arg(data)
+                        .arg(ttl_ms)
+                        .arg(VERSION_TTL.as_millis() as u64)
+                        .invoke_async(&mut c)
+                        .await
+                })
+            })
+            .await;
+        let stored = stored? == 1;
+        self.metrics
+            .stored(if stored { "stored" } else { "invalidated" });
+        Some(stored)
+    }
+
+    /// Publishes a write's invalidation to every replica and voids the shared entries it
+    /// covers. While the link is down, the partition is remembered instead: when it comes
+    /// back, the whole partition gets a new generation.
+    pub async fn invalidate(&self, partition: &Fingerprint, exact: &[String], roots: &[String]) {
+        let message = Message {
+            from: self.instance.clone(),
+            p: partition.to_hex(),
+            x: exact.to_vec(),
+            s: roots.to_vec(),
+            all: false,
+            at: now_ms(),
+        };
+        let keys = keys::versions_bumped(partition, exact, roots);
+        if !self.publish(FleetOp::Invalidate, keys, &message).await {
+            self.dirty
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(*partition);
+        }
+    }
+
+    async fn publish(&self, op: FleetOp, keys: Vec<String>, message: &Message) -> bool {
+        let text = serde_json::to_string(message).expect("a message serializes");
+        let ttl_ms = VERSION_TTL.as_millis() as u64;
+        let published: Option<i64> = self
+            .call(op, move |mut c| {
+                Box::pin(async move {
+                    with_keys(&scripts::INVALIDATE, keys)
+                        .arg(keys::CHANNEL)
+                        .arg(text)
+                        .arg(ttl_ms)
+                        .invoke_async(&mut c)
+                        .await
+                })
+            })
+            .await;
+        if published.is_some() {
+            self.metrics.invalidation("sent");
+        }
+        published.is_some()
+    }
+
+    /// One fleet-wide GCRA decision for `client` under `rule` (`count` per `per`).
+    pub async fn admit(&self, rule: &str, client: &str, count: u32, per: Duration) -> Admission {
+        let key = keys::budget(rule, client);
+        let interval_us = per.as_secs_f64() * 1e6 / f64::from(count.max(1));
+        let decided: Option<(i64, i64)> = self
+            .call(FleetOp::Rate, move |mut c| {
+                Box::pin(async move {
+                    scripts::GCRA
+                        .key(key)
+                        .arg(interval_us)
+                        .arg(count)
+                        .invoke_async(&mut c)
+                        .await
+                })
+            })
+            .await;
+        match decided {
+            Some((1, _)) => {
+                self.metrics.rate("fleet");
+                Admission::Admitted
+            }
+            Some((_, wait_us)) => {
+                self.metrics.rate("fleet");
+                Admission::Refused(Duration::from_micros(wait_us.max(0) as u64))
+            }
+            None => {
+                self.metrics.rate("local");
+                Admission::Unknown
+            }
+        }
+    }
+
+    /// Keeps the subscription to other replicas' invalidations, reconnecting after a loss
+    /// (which marks the link down: what was published meanwhile was missed).
+    async fn subscribe(self: Arc<Self>) {
+        loop {
+            let client = self.connection.load().client.clone();
+            let pubsub = tokio::time::timeout(CONNECT_TIMEOUT, async {
+                let mut pubsub = client.get_async_pubsub().await?;
+                pubsub.subscribe(keys::CHANNEL).await?;
+                Ok::<_, redis::RedisError>(pubsub)
+            })
+            .await;
+            match pubsub {
+                Ok(Ok(pubsub)) => {
+                    self.subscribed.store(true, Ordering::Release);
+                    self.wake.notify_one();
+                    let mut messages = pubsub.into_on_message();
+                    while let Some(message) = messages.next().await {
+                        if let Ok(payload) = message.get_payload::<Vec<u8>>() {
+                            self.received(&payload).await;
+                        }
+                    }
+                    self.subscribed.store(false, Ordering::Release);
+                    self.metrics.error(FleetOp::Subscribe.as_str());
+                    self.mark_down(FleetOp::Subscribe, "the subscription ended");
+                }
+                Ok(Err(e)) => {
+                    self.subscribed.store(false, Ordering::Release);
+                    self.mark_down(FleetOp::Subscribe, &e.to_string());
+                }
+                Err(_) => {
+                    self.subscribed.store(false, Ordering::Release);
+                    self.mark_down(FleetOp::Subscribe, "no answer while subscribing");
+                }
+            }
+            tokio::time::sleep(PROBE_INTERVAL).await;
+        }
+    }
+
+    async fn received(&self, payload: &[u8]) {
+        let Ok(message) = serde_json::from_slice::<Message>(payload) else {
+            tracing::warn!("ignored a fleet message that is not an invalidation");
+            return;
+        };
+        if message.from == self.instance {
+            return;
+        }
+        let Some(partition) = Fingerprint::from_hex(&message.p) else {
+            return;
+        };
+        let delay = Duration::from_millis(now_ms().saturating_sub(message.at));
+        self.metrics.received(delay);
+        let Some(listener) = self.listener.get() else {
+            return;
+        };
+        if message.all {
+            listener
+                .invalidate(partition, Vec::new(), vec!["/".into()])
+                .await;
+        } else {
+            listener.invalidate(partition, message.x, message.s).await;
+        }
+    }
+
+    /// Probes Redis, counts replicas, re-reads the password file, and brings the link up when
+    /// Redis answers and the subscription is live.
+    async fn supervise(self: Arc<Self>) {
+        loop {
+            self.reload_password();
+            let manager = self.connection.load().manager.clone();
+            let instance = self.instance.clone();
+            let probe = tokio::time::timeout(CONNECT_TIMEOUT, async move {
+                let mut c = manager;
+                scripts::HEARTBEAT
+                    .key(keys::REPLICAS)
+                    .arg(instance)
+                    .arg(HEARTBEAT_WINDOW.as_millis() as u64)
+                    .invoke_async::<u64>(&mut c)
+                    .await
+            })
+            .await;
+            match probe {
+                Ok(Ok(alive)) => {
+                    self.replicas.store(alive.max(1), Ordering::Relaxed);
+                    self.metrics.set_replicas(alive.max(1));
+                    if !self.is_up() && self.subscribed.load(Ordering::Acquire) {
+                        self.recover().await;
+                    }
+                }
+                Ok(Err(e)) => {
+                    if self.is_up() {
+                        self.metrics.error(FleetOp::Probe.as_str());
+                    }
+                    self.mark_down(FleetOp::Probe, &e.to_string());
+                }
+                Err(_) => {
+                    if self.is_up() {
+                        self.metrics.error(FleetOp::Probe.as_str());
+                    }
+                    self.mark_down(FleetOp::Probe, "no answer to the probe");
+                }
+            }
+            let _ = tokio::time::timeout(PROBE_INTERVAL, self.wake.notified()).await;
+        }
+    }
+
+    /// The link is back: void what this replica wrote while it was down, forget what memory
+    /// holds, then serve from the fleet again.
+    async fn recover(&self) {
+        let dirty: Vec<Fingerprint> = self
+            .dirty
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .collect();
+        for partition in &dirty {
+            let message = Message {
+                from: self.instance.clone(),
+                p: partition.to_hex(),
+                x: Vec::new(),
+                s: Vec::new(),
+                all: true,
+                at: now_ms(),
+            };
+            // Published with the link still marked down: `call` would skip it.
+            let manager = self.connection.load().manager.clone();
+            let text = serde_json::to_string(&message).expect("a message serializes");
+            let key = keys::generation(partition);
+            let sent = tokio::time::timeout(self.config.timeout.max(CONNECT_TIMEOUT), async {
+                let mut c = manager;
+                scripts::INVALIDATE
+                    .key(key)
+                    .arg(keys::CHANNEL)
+                    .arg(text)
+                    .arg(VERSION_TTL.as_millis() as u64)
+                    .invoke_async::<i64>(&mut c)
+                    .await
+            })
+            .await;
+            if !matches!(sent, Ok(Ok(_))) {
+                // Still not reachable: try again at the next probe.
+                self.dirty
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend(dirty.iter().copied());
+                return;
+            }
+        }
+        if let Some(listener) = self.listener.get() {
+            listener.resync().await;
+        }
+        self.up.store(true, Ordering::Release);
+        self.metrics.set_up(true);
+        tracing::info!(
+            redis = %redacted_url(&self.config.redis_url),
+            instance = %self.instance,
+            partitions_voided = dirty.len(),
+            "fleet link up: shared cache, invalidations and fleet-wide rate limits in force"
+        );
+    }
+
+    /// Re-reads `fleet.password_file`; on a change, connects with the new password (the link
+    /// goes down until the new connection answers).
+    fn reload_password(&self) {
+        let Some(path) = &self.config.password_file else {
+            return;
+        };
+        let Ok(new) = read_secret("fleet.password_file", path) else {
+            return;
+        };
+        let mut current = self.password.lock().unwrap_or_else(|e| e.into_inner());
+        if current.as_deref() == Some(new.as_str()) {
+            return;
+        }
+        match connect(&self.config, Some(&new)) {
+            Ok(connection) => {
+                self.connection.store(Arc::new(connection));
+                *current = Some(new);
+                tracing::info!("fleet.password_file changed: reconnecting to Redis");
+            }
+            Err(e) => tracing::warn!(error = %e, "fleet.password_file changed but cannot be used"),
+        }
+    }
+
+    /// This replica's instance name (replica and a per-process suffix).
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+}

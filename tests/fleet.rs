@@ -1,0 +1,349 @@
+//! Fleet mode against a real `redis-server`: two gateways (replicas) in front of one mock
+//! CloudCasa share a cache tier, an invalidation stream and rate budgets, and keep serving,
+//! degraded, when Redis dies.
+
+mod support;
+
+use std::time::Duration;
+
+use http::{Method, StatusCode};
+use support::redis_server::RedisServer;
+use support::*;
+
+/// Two replicas, `gw-a` and `gw-b`, sharing `redis`, each with `extra` TOML.
+async fn replicas(
+    redis: &RedisServer,
+    extra: &str,
+) -> (MockCloudCasa, SecretDir, TestGateway, TestGateway) {
+    let mock = MockCloudCasa::start().await;
+    let secret = SecretDir::new("token-a");
+    let replica = |name: &str| {
+        format!(
+            "[fleet]\nredis_url = \"{}\"\nreplica = \"{name}\"\ntimeout = \"200ms\"\n{extra}",
+            redis.url()
+        )
+    };
+    let a = TestGateway::for_mock(&mock, &secret, &replica("gw-a")).await;
+    let b = TestGateway::for_mock(&mock, &secret, &replica("gw-b")).await;
+    for gw in [&a, &b] {
+        wait_link(gw, 1.0).await;
+    }
+    (mock, secret, a, b)
+}
+
+async fn metric(gw: &TestGateway, series: &str) -> Option<f64> {
+    let text = get(&gw.admin_url("/metrics"), &[]).await.text();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Waits until the gateway's fleet link is up (1) or down (0).
+async fn wait_link(gw: &TestGateway, up: f64) {
+    eventually(
+        Duration::from_secs(10),
+        &format!("fleet_link_up {up}"),
+        || async { metric(gw, "cloudcasa_gateway_fleet_link_up").await == Some(up) },
+    )
+    .await;
+}
+
+fn gets(mock: &MockCloudCasa, path: &str) -> usize {
+    mock.state
+        .requests_to(path)
+        .iter()
+        .filter(|r| r.method == Method::GET)
+        .count()
+}
+
+#[tokio::test]
+async fn replicas_share_fills_and_see_each_others_writes() {
+    let redis = RedisServer::start().await;
+    let (mock, _secret, a, b) = replicas(&redis, "[cache]\nfresh_for = \"60s\"").await;
+    let (id, etag) = item(&mock, "before");
+    let path = format!("/api/v1/usergroups/{id}");
+
+    // One upstream fetch for two replicas: B finds A's fill in Redis.
+    let first = get(&a.url(&path), &[]).await;
+    assert_eq!(first.json()["name"], "before");
+    let shared = get(&b.url(&path), &[]).await;
+    assert_eq!(shared.json()["name"], "before");
+    assert_eq!(
+        shared.header("cache-status"),
+        Some("cloudcasa-gateway; hit; ttl=60; detail=shared"),
+        "{:?}",
+        shared.headers
+    );
+    assert_eq!(
+        gets(&mock, &path),
+        1,
+        "the upstream saw one GET for two replicas"
+    );
+    // And from B's memory after that.
+    let local = get(&b.url(&path), &[]).await;
+    assert_eq!(
+        local.header("cache-status"),
+        Some("cloudcasa-gateway; hit; ttl=60")
+    );
+    let listing = get(&b.url("/api/v1/usergroups"), &[]).await;
+    assert_eq!(listing.json()["_items"][0]["name"], "before");
+
+    // A write through A reaches B's memory (fresh for another minute) within a pub/sub hop.
+    let patched = send(
+        Method::PATCH,
+        &a.url(&path),
+        &[("if-match", &format!("\"{etag}\""))],
+        r#"{"name":"after"}"#,
+    )
+    .await;
+    assert_eq!(patched.status, StatusCode::OK, "{}", patched.text());
+    eventually(Duration::from_secs(2), "B sees the write", || async {
+        get(&b.url(&path), &[]).await.json()["name"] == "after"
+    })
+    .await;
+    let listing = get(&b.url("/api/v1/usergroups"), &[]).await;
+    assert_eq!(listing.json()["_items"][0]["name"], "after");
+    assert_eq!(
+        metric(
+            &b,
+            "cloudcasa_gateway_fleet_invalidations_total{direction=\"received\"}"
+        )
+        .await,
+        Some(1.0)
+    );
+    let delays = metric(
+        &b,
+        "cloudcasa_gateway_fleet_invalidation_delay_seconds_count{direction=\"received\"}",
+    )
+    .await;
+    assert_eq!(delays, Some(1.0));
+
+    // Nothing in Redis names the token; every key is the gateway's.
+    let dump = redis.dump().await;
+    assert!(!dump.contains("token-a"), "{dump}");
+    assert!(dump.lines().all(|l| l.starts_with("ccg:")), "{dump}");
+}
+
+#[tokio::test]
+async fn a_fill_racing_a_write_on_another_replica_is_not_shared() {
+    let redis = RedisServer::start().await;
+    let (mock, _secret, a, b) = replicas(&redis, "[cache]\nfresh_for = \"60s\"").await;
+    let (id, etag) = item(&mock, "before");
+    let path = format!("/api/v1/usergroups/{id}");
+
+    // B's fetch reads the item, then its answer is held while A writes.
+    let release = mock.state.hold_next_answer(Method::GET);
+    let url = b.url(&path);
+    let fill = tokio::spawn(async move { get(&url, &[]).await });
+    eventually(
+        Duration::from_secs(5),
+        "B's fetch reached the upstream",
+        || std::future::ready(gets(&mock, &path) == 1),
+    )
+    .await;
+    let patched = send(
+        Method::PATCH,
+        &a.url(&path),
+        &[("if-match", &format!("\"{etag}\""))],
+        r#"{"name":"after"}"#,
+    )
+    .await;
+    assert_eq!(patched.status, StatusCode::OK);
+    release.notify_one();
+    // B's client asked before the write finished: it may get the old state...
+    assert_eq!(fill.await.unwrap().json()["name"], "before");
+    // ...but nobody else will: Redis refused the fill, and neither replica serves it.
+    assert_eq!(
+        metric(
+            &b,
+            "cloudcasa_gateway_fleet_shared_stores_total{result=\"invalidated\"}"
+        )
+        .await,
+        Some(1.0)
+    );
+    assert_eq!(get(&a.url(&path), &[]).await.json()["name"], "after");
+    assert_eq!(get(&b.url(&path), &[]).await.json()["name"], "after");
+}
+
+#[tokio::test]
+async fn rate_budgets_are_fleet_wide() {
+    let redis = RedisServer::start().await;
+    let (_mock, _secret, a, b) = replicas(
+        &redis,
+        r#"
+[[policy]]
+name = "twenty-a-minute"
+clients = ["local"]
+methods = ["GET"]
+paths = ["/api/v1/**"]
+credential = "default"
+rate = "20/m"
+"#,
+    )
+    .await;
+    let mut admitted = 0;
+    for i in 0..60 {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        let reply = get(&gw.url("/api/v1/usergroups"), &[]).await;
+        match reply.status.as_u16() {
+            200 => admitted += 1,
+            429 => assert!(reply.header("retry-after").is_some()),
+            other => panic!("unexpected {other}: {}", reply.text()),
+        }
+    }
+    // The burst of one budget (one more may have been earned in the seconds the loop took).
+    assert!((20..=21).contains(&admitted), "admitted {admitted} of 60");
+    let fleet = |gw| {
+        metric(
+            gw,
+            "cloudcasa_gateway_fleet_rate_decisions_total{mode=\"fleet\"}",
+        )
+    };
+    assert_eq!(fleet(&a).await, Some(30.0));
+    assert_eq!(fleet(&b).await, Some(30.0));
+}
+
+#[tokio::test]
+async fn redis_dying_degrades_and_its_return_recovers() {
+    let mut redis = RedisServer::start().await;
+    let (mock, _secret, a, b) = replicas(
+        &redis,
+        r#"
+[cache]
+fresh_for = "60s"
+
+[[policy]]
+name = "limited"
+clients = ["local"]
+methods = ["GET", "PATCH"]
+paths = ["/api/v1/**"]
+credential = "default"
+rate = "1000/m"
+"#,
+    )
+    .await;
+    let (id, etag) = item(&mock, "before");
+    let path = format!("/api/v1/usergroups/{id}");
+    assert_eq!(get(&b.url(&path), &[]).await.json()["name"], "before");
+    assert_eq!(
+        get(&b.url(&path), &[]).await.header("cache-status"),
+        Some("cloudcasa-gateway; hit; ttl=60")
+    );
+
+    redis.kill();
+    for gw in [&a, &b] {
+        wait_link(gw, 0.0).await;
+    }
+    // Writes and reads still succeed; the write cannot reach B, so B revalidates what it holds.
+    let patched = send(
+        Method::PATCH,
+        &a.url(&path),
+        &[("if-match", &format!("\"{etag}\""))],
+        r#"{"name":"after"}"#,
+    )
+    .await;
+    assert_eq!(patched.status, StatusCode::OK, "{}", patched.text());
+    let degraded = get(&b.url(&path), &[]).await;
+    assert_eq!(degraded.status, StatusCode::OK);
+    assert_eq!(
+        degraded.json()["name"],
+        "after",
+        "no stale read while Redis is down"
+    );
+    assert!(
+        degraded
+            .header("cache-status")
+            .is_some_and(|s| s.contains("detail=fleet-down")),
+        "{:?}",
+        degraded.headers
+    );
+    // Rate limits fall back to this replica's share (the budget is far from spent).
+    assert!(
+        metric(
+            &b,
+            "cloudcasa_gateway_fleet_rate_decisions_total{mode=\"local\"}"
+        )
+        .await
+        .is_some_and(|n| n >= 1.0)
+    );
+    let ready = get(&b.admin_url("/readyz"), &[]).await;
+    assert_eq!(ready.status, StatusCode::OK, "readiness stays up");
+
+    redis.restart().await;
+    for gw in [&a, &b] {
+        wait_link(gw, 1.0).await;
+    }
+    let back = get(&b.url(&path), &[]).await;
+    assert_eq!(back.json()["name"], "after");
+    let again = get(&b.url(&path), &[]).await;
+    assert_eq!(again.json()["name"], "after");
+    assert!(
+        again
+            .header("cache-status")
+            .is_some_and(|s| s.contains("hit")),
+        "cached again once the link is up: {:?}",
+        again.headers
+    );
+    for gw in [&a, &b] {
+        assert!(
+            metric(gw, "cloudcasa_gateway_fleet_errors_total{op=\"subscribe\"}")
+                .await
+                .is_some_and(|n| n >= 1.0)
+        );
+    }
+}
+
+#[tokio::test]
+async fn interleaved_audit_trails_verify_chain_by_chain() {
+    let redis = RedisServer::start().await;
+    let (mock, _secret, a, b) = replicas(&redis, "").await;
+    item(&mock, "x");
+    for i in 0..3 {
+        for gw in [&a, &b] {
+            let reply = get(&gw.url(&format!("/api/v1/usergroups?i={i}")), &[]).await;
+            assert_eq!(reply.status, StatusCode::OK);
+        }
+    }
+    a.wait_audit(3).await;
+    b.wait_audit(3).await;
+    let lines = |gw: &TestGateway| {
+        std::fs::read_to_string(gw.audit.as_ref().unwrap())
+            .unwrap()
+            .lines()
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    let (la, lb) = (lines(&a), lines(&b));
+    for (records, replica) in [(&a, "gw-a"), (&b, "gw-b")] {
+        for r in records.audit_records() {
+            assert_eq!(r["replica"], replica);
+            assert!(r["chain"].as_str().is_some_and(|c| c.len() == 16), "{r}");
+        }
+    }
+    // As a log collector merges them.
+    let mut merged = String::new();
+    for i in 0..la.len().max(lb.len()) {
+        for l in [la.get(i), lb.get(i)].into_iter().flatten() {
+            merged.push_str(l);
+            merged.push('\n');
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_file(dir.path(), "merged.jsonl", &merged);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cloudcasa-gateway"))
+        .args(["audit", "verify"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("OK: 6 records in 2 chains, each intact"),
+        "{text}"
+    );
+    assert!(text.contains("(replica gw-a): 3 records"), "{text}");
+    assert!(text.contains("(replica gw-b): 3 records"), "{text}");
+}
