@@ -475,6 +475,77 @@ async fn cache_fills_are_bounded_by_max_inflight() {
 }
 
 #[tokio::test]
+async fn an_h2_connection_with_stalled_streams_holds_bounded_memory() {
+    // The README's bound for one HTTP/2 connection whose client never reads: 40 MiB (20–31 MiB
+    // measured with the gateway's limits, from run to run; 73 MiB with hyper's defaults and
+    // the same 100 streams, which allow 200).
+    const WORST_CASE: u64 = 40 * MIB;
+    const STREAMS: u32 = 100;
+    let mock = MockCloudCasa::start().await;
+    let secret = SecretDir::new("token-a");
+    let gw = child_gateway(&mock, &secret, "", "").await;
+    let pid = gw.gw.process.id();
+    // Warm up (the upstream pool, the allocator's caches) so that growth is the streams'.
+    let warm = format!("http://{}/api/v1/_blob?size={}&n=warm", gw.gw.proxy, MIB);
+    assert_eq!(get(&warm, &[]).await.body.len() as u64, MIB);
+    let before = child_rss(pid);
+    let mut conn = TcpStream::connect(gw.gw.proxy).await.unwrap();
+    // The largest windows a client can give, so that only the gateway's own limits hold
+    // responses back; then it never reads.
+    let mut start = h2wire::PREFACE.to_vec();
+    start.extend(h2wire::frame(
+        h2wire::SETTINGS,
+        0,
+        0,
+        &[0, 4, 0x7f, 0xff, 0xff, 0xff],
+    ));
+    start.extend(h2wire::frame(
+        h2wire::WINDOW_UPDATE,
+        0,
+        0,
+        &(0x7fff_ffffu32 - 65_535).to_be_bytes(),
+    ));
+    for i in 0..STREAMS {
+        // 16 MiB: past cache.max_object_size, so each streams through without being stored.
+        let path = format!("/api/v1/_blob?size={}&n={i}", 16 * MIB);
+        start.extend(h2wire::get(2 * i + 1, "http", "gw", &path));
+    }
+    conn.write_all(&start).await.unwrap();
+    let admin = gw.gw.admin;
+    eventually(
+        Duration::from_secs(10),
+        "every stream in flight",
+        || async move {
+            metric_at(admin, "cloudcasa_gateway_requests_in_flight")
+                .await
+                .is_some_and(|n| n == u64::from(STREAMS))
+        },
+    )
+    .await;
+    // Until the queues are full and stay so.
+    let mut peak = 0;
+    for _ in 0..15 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        peak = peak.max(child_rss(pid).saturating_sub(before));
+    }
+    eprintln!(
+        "RSS growth with {STREAMS} stalled HTTP/2 streams on one connection: {} KiB",
+        peak / 1024
+    );
+    assert!(
+        peak <= WORST_CASE,
+        "one connection with {STREAMS} stalled streams grew RSS by {} MiB",
+        peak / MIB
+    );
+    // Still stalled (not failed) when measured.
+    assert_eq!(
+        metric_at(admin, "cloudcasa_gateway_requests_in_flight").await,
+        Some(u64::from(STREAMS))
+    );
+    drop(conn);
+}
+
+#[tokio::test]
 async fn a_broken_upstream_is_named_upstream_protocol() {
     let (mock, _secret, gw) = setup("").await;
     mock.state.route("/api/v1/many-headers", |_| {
