@@ -26,7 +26,8 @@ pub const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// `server.max_connections`. An idle HTTP/2 connection can hold about 75 KiB (an HTTP/1.1 one
 /// about 15 KiB), so 2048 of them take 150 MiB: with the shipped shared gateway's 192 MiB cache
 /// and 64 MiB fill budget that is 455 MiB under its 512 Mi limit (see the README's "Memory
-/// bounds").
+/// bounds", which also says what this does not cover: connections whose clients stop reading
+/// responses hold up to tens of MiB each).
 pub const MAX_CONNECTIONS: usize = 2048;
 
 /// `upstream.url`.
