@@ -165,21 +165,21 @@ async fn http1_closes_at_header_timeout_are_told_idle_or_slow() {
     let request = b"GET /api/v1/usergroups HTTP/1.1\r\nHost: gw\r\n\r\n";
     let mut idle = TcpStream::connect(gw.proxy).await.unwrap();
     let mut slow = TcpStream::connect(gw.proxy).await.unwrap();
+    // hyper starts the header timer as soon as a response is written: each close is timed
+    // from when its response was read (a little later), and seen no earlier than it happened.
+    let mut answered = Vec::new();
     for c in [&mut idle, &mut slow] {
         c.write_all(request).await.unwrap();
         let mut status = [0u8; 12];
         c.read_exact(&mut status).await.unwrap();
         assert_eq!(&status, b"HTTP/1.1 200");
+        answered.push(Instant::now());
     }
-    let idle_since = Instant::now();
     // Half of the next request's headers, then nothing.
     slow.write_all(b"GET /api/v1/usergroups HTTP/1.1\r\nHo")
         .await
         .unwrap();
-    let slow_since = Instant::now();
-    // Both timers run at once: each close is timed from its own start (seen no earlier than
-    // it happened).
-    for (c, since) in [(&mut idle, idle_since), (&mut slow, slow_since)] {
+    for (c, since) in [&mut idle, &mut slow].into_iter().zip(answered) {
         let closed = closed_within(c, Duration::from_secs(5)).await;
         assert!(closed.is_some(), "open past header_timeout");
         let took = since.elapsed();
