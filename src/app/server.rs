@@ -161,7 +161,7 @@ pub async fn serve<S>(
 const CONNECTION_BUFFER: usize = 64 * 1024;
 
 /// Streams one HTTP/2 client may have open at once: RFC 9113 asks for at least 100, nginx
-/// allows 128. Each can hold a response queued for the client (`CONNECTION_BUFFER`).
+/// allows 128. Each can hold a response queued for the client (`H2_SEND_BUFFER`).
 const H2_MAX_STREAMS: u32 = 100;
 /// Request body bytes a client may send on one stream before the gateway has read them: the
 /// protocol's own default (64 KiB), enough for API bodies at cluster round-trip times.
