@@ -475,54 +475,188 @@ async fn rotated_keys_file_and_certificate_are_picked_up() {
     .await;
 }
 
-#[tokio::test]
-async fn a_tls_client_that_negotiates_h2_and_sends_no_request_is_cut_off() {
+/// A TLS connection to the gateway offering `alpn`, trusting its server CA, with a client
+/// certificate from `ca` when `cert` is given.
+async fn tls_connect(
+    f: &Fixture,
+    alpn: &[u8],
+    ca: &TestCa,
+    cert: Option<ClientCert<'_>>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     use rustls_pki_types::pem::PemObject;
-    use tokio::io::AsyncReadExt;
-    let f = fixture("[server]\nheader_timeout = \"300ms\"").await;
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pki_types::CertificateDer::pem_slice_iter(f.server_ca.pem().as_bytes()) {
         roots.add(cert.unwrap()).unwrap();
     }
-    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let config = std::sync::Arc::new(config);
+    .with_root_certificates(roots);
+    let mut config = match cert {
+        Some(cert) => {
+            let (chain, key) = ca.client(cert);
+            builder.with_client_auth_cert(chain, key).unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![alpn.to_vec()];
+    let tcp = tokio::net::TcpStream::connect(f.gw.proxy).await?;
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect("127.0.0.1".try_into().unwrap(), tcp)
+        .await
+}
+
+/// Reads until the gateway closes the connection (a TLS stream cut without close_notify is
+/// closed too); how long that took, or `None` if it was still open after `limit`.
+async fn closed_within<S: tokio::io::AsyncRead + Unpin>(
+    s: &mut S,
+    limit: Duration,
+) -> Option<Duration> {
+    use tokio::io::AsyncReadExt;
+    let started = std::time::Instant::now();
+    let mut ignored = Vec::new();
+    tokio::time::timeout(limit, s.read_to_end(&mut ignored))
+        .await
+        .ok()
+        .map(|_| started.elapsed())
+}
+
+#[tokio::test]
+async fn a_tls_client_that_negotiates_h2_and_sends_no_request_is_cut_off() {
+    use tokio::io::AsyncWriteExt;
+    let f = fixture("[server]\nheader_timeout = \"300ms\"").await;
     // Silent after the handshake; and, once authenticated by nothing but TLS, a preface and
     // SETTINGS and then silence: both are closed within header_timeout (300 ms here).
-    let settings = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00";
-    let preface = [&b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..], &settings[..]].concat();
-    for sent in [&b""[..], &preface[..]] {
-        use tokio::io::AsyncWriteExt;
-        let tcp = tokio::net::TcpStream::connect(f.gw.proxy).await.unwrap();
-        let mut tls = tokio_rustls::TlsConnector::from(config.clone())
-            .connect("127.0.0.1".try_into().unwrap(), tcp)
-            .await
-            .unwrap();
+    for sent in [Vec::new(), h2wire::client_start()] {
+        let mut tls = tls_connect(&f, b"h2", &f.client_ca, None).await.unwrap();
         assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-        tls.write_all(sent).await.unwrap();
-        // Whatever the gateway wrote (its SETTINGS, a GOAWAY) is read and ignored here.
-        let mut ignored = Vec::new();
-        let started = std::time::Instant::now();
-        let closed =
-            tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut ignored)).await;
-        assert!(
-            closed.is_ok(),
-            "an h2 client that sent {} bytes kept its connection",
-            sent.len()
-        );
-        assert!(
-            started.elapsed() < Duration::from_secs(3),
-            "{:?}",
-            started.elapsed()
-        );
+        tls.write_all(&sent).await.unwrap();
+        // Whatever the gateway wrote (its SETTINGS) is read and ignored here.
+        let took = closed_within(&mut tls, Duration::from_secs(10)).await;
+        let took = took.unwrap_or_else(|| {
+            panic!(
+                "an h2 client that sent {} bytes kept its connection",
+                sent.len()
+            )
+        });
+        assert!(took < Duration::from_secs(3), "{took:?}");
     }
     assert_eq!(f.mock.state.count(), 0);
+    expect_metric(f.gw.admin, &closed_series("no_request"), 2).await;
+}
+
+#[tokio::test]
+async fn an_authenticated_tls_client_is_closed_when_idle_or_silent() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // HTTP/1.1 idles out after the smaller of header_timeout and idle_timeout (hyper's header
+    // timer runs between requests): 500 ms; HTTP/2 after idle_timeout: 800 ms. A close is never
+    // earlier (idleness is sampled, and counts from the last request).
+    let f = fixture("[server]\nheader_timeout = \"500ms\"\nidle_timeout = \"800ms\"").await;
+    let ops = || {
+        Some(ClientCert {
+            uri: Some(SPIFFE_OPS),
+            ..Default::default()
+        })
+    };
+    // HTTP/1.1 with a client certificate: one request, then silence.
+    let mut h1 = tls_connect(&f, b"http/1.1", &f.client_ca, ops())
+        .await
+        .unwrap();
+    h1.write_all(b"GET /api/v1/clusters HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut status = [0u8; 12];
+    h1.read_exact(&mut status).await.unwrap();
+    assert_eq!(&status, b"HTTP/1.1 200");
+    let took = closed_within(&mut h1, Duration::from_secs(5))
+        .await
+        .expect("an idle authenticated HTTP/1.1 connection stayed open");
+    assert!(took >= Duration::from_millis(450), "closed after {took:?}");
+
+    // HTTP/2 with a client certificate: one request, then no stream open: GOAWAY, then the
+    // end of the connection (the peer answers PINGs, as a live client does).
+    let mut h2 = tls_connect(&f, b"h2", &f.client_ca, ops()).await.unwrap();
+    let request = h2wire::get(1, "https", "127.0.0.1", "/api/v1/clusters");
+    h2.write_all(&[h2wire::client_start(), request].concat())
+        .await
+        .unwrap();
+    let seen = h2wire::exchange(&mut h2, true, Duration::from_secs(5)).await;
+    assert!(
+        seen.closed,
+        "an idle authenticated HTTP/2 connection stayed open"
+    );
+    let response = seen.first(h2wire::HEADERS).expect("a response");
+    // `:status: 200` is entry 8 of HPACK's static table: the client was let in.
+    assert_eq!(response.payload.first(), Some(&0x88), "{response:?}");
+    let answered = seen.stream_end(1).expect("the response ended");
+    let goaway = seen.first(h2wire::GOAWAY).expect("a GOAWAY before the end");
+    assert!(
+        goaway.at - answered >= Duration::from_millis(750),
+        "GOAWAY {:?} after the last response",
+        goaway.at - answered
+    );
+
+    // HTTP/2 with a client certificate and no request: cut off at header_timeout.
+    let mut silent = tls_connect(&f, b"h2", &f.client_ca, ops()).await.unwrap();
+    silent.write_all(&h2wire::client_start()).await.unwrap();
+    let seen = h2wire::exchange(&mut silent, true, Duration::from_secs(5)).await;
+    assert!(
+        seen.closed,
+        "an authenticated HTTP/2 client without a request kept its connection"
+    );
+
+    let records = f.gw.wait_audit(2).await;
+    assert!(
+        records.iter().all(|r| r["client"]["auth"] == "mtls"),
+        "{records:?}"
+    );
+    expect_metric(f.gw.admin, &closed_series("idle_timeout"), 2).await;
+    expect_metric(f.gw.admin, &closed_series("no_request"), 1).await;
+}
+
+#[tokio::test]
+async fn failed_and_stalled_tls_handshakes_are_closed_and_counted() {
+    use tokio::io::AsyncWriteExt;
+    let f = fixture("[server]\nheader_timeout = \"300ms\"").await;
+    // Clear text to the TLS listener.
+    raw_exchange(
+        f.gw.proxy,
+        b"GET /api/v1/clusters HTTP/1.1\r\nHost: gw\r\n\r\n",
+    )
+    .await;
+    // A client certificate from a CA the gateway does not trust: the handshake fails on the
+    // server's side (under TLS 1.3 the client may learn it only when it reads).
+    let stranger = TestCa::new("not the client CA");
+    if let Ok(mut tls) = tls_connect(
+        &f,
+        b"http/1.1",
+        &stranger,
+        Some(ClientCert {
+            uri: Some(SPIFFE_OPS),
+            ..Default::default()
+        }),
+    )
+    .await
+    {
+        let _ = tls.write_all(b"GET / HTTP/1.1\r\nHost: gw\r\n\r\n").await;
+        assert!(
+            closed_within(&mut tls, Duration::from_secs(5))
+                .await
+                .is_some()
+        );
+    }
+    // A TCP connection that never starts its handshake.
+    let mut silent = tokio::net::TcpStream::connect(f.gw.proxy).await.unwrap();
+    assert!(
+        closed_within(&mut silent, Duration::from_secs(5))
+            .await
+            .is_some()
+    );
+    assert_eq!(f.mock.state.count(), 0);
+    expect_metric(f.gw.admin, &closed_series("tls_handshake_failed"), 2).await;
+    expect_metric(f.gw.admin, &closed_series("tls_handshake_timeout"), 1).await;
 }
 
 #[tokio::test]

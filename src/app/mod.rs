@@ -607,6 +607,8 @@ impl Gateway {
             drain_timeout: server.drain_timeout,
             idle_timeout: server.idle_timeout,
             max_connections: server.max_connections,
+            h2_keepalive_interval: server.h2_keepalive_interval,
+            h2_keepalive_timeout: server.h2_keepalive_timeout,
         };
         let connections = &self.shared.observers.metrics.connections;
         let (stop_proxy, proxy_stopped) = watch::channel(false);

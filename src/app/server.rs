@@ -26,7 +26,7 @@ use tower::{Service, ServiceExt};
 use crate::context::{ClientAddr, PeerIdentity};
 use crate::http::body::Body;
 use crate::layers::identity::identity_from_certificate;
-use crate::observability::metrics::ListenerMetrics;
+use crate::observability::metrics::{CloseReason, ListenerMetrics};
 use crate::secrets::tls::ServerTls;
 
 /// How connections are served.
@@ -41,6 +41,10 @@ pub struct ServeOptions {
     pub idle_timeout: Duration,
     /// Connections open at once at most; past it new connections are closed at once.
     pub max_connections: usize,
+    /// HTTP/2: a PING after this long without frames from the client...
+    pub h2_keepalive_interval: Duration,
+    /// ...and the connection closes if the PING is not acknowledged within this.
+    pub h2_keepalive_timeout: Duration,
 }
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -84,8 +88,17 @@ pub async fn serve<S>(
     builder
         .http2()
         .timer(TokioTimer::new())
-        .keep_alive_interval(Some(KEEPALIVE_INTERVAL))
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT);
+        .keep_alive_interval(Some(options.h2_keepalive_interval))
+        .keep_alive_timeout(options.h2_keepalive_timeout)
+        // What one HTTP/2 connection can make the gateway hold, bounded: hyper's defaults (200
+        // streams, 1 MiB windows, 400 KiB queued per stream) let a client that never reads
+        // hold 73 MiB with 100 streams, these 20–31 MiB (measured; see the README's "Memory
+        // bounds").
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
+        .max_send_buf_size(H2_SEND_BUFFER)
+        .max_header_list_size(H2_MAX_HEADER_LIST);
     // One permit per open connection: all permits back means every connection has closed.
     let slots = Arc::new(Semaphore::new(options.max_connections));
     let mut accept_stop = stop.clone();
@@ -115,11 +128,15 @@ pub async fn serve<S>(
         let builder = builder.clone();
         let tls = tls.clone();
         let stop = stop.clone();
-        let open = metrics.open.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
-            open.inc();
-            serve_connection(stream, peer, service, builder, options, tls, stop).await;
-            open.dec();
+            metrics.open.inc();
+            if let Err(reason) =
+                serve_connection(stream, peer, service, builder, options, tls, stop).await
+            {
+                metrics.closed(reason);
+            }
+            metrics.open.dec();
             drop(slot);
         });
     }
@@ -143,11 +160,24 @@ pub async fn serve<S>(
 /// What one HTTP/1 connection buffers in each direction at most.
 const CONNECTION_BUFFER: usize = 64 * 1024;
 
-/// HTTP/2 keep-alive: a PING after this long without frames from the client...
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
-/// ...and the connection closes if its PONG does not come back within this.
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Streams one HTTP/2 client may have open at once: RFC 9113 asks for at least 100, nginx
+/// allows 128. Each can hold a response queued for the client (`H2_SEND_BUFFER`).
+const H2_MAX_STREAMS: u32 = 100;
+/// Request body bytes a client may send on one stream before the gateway has read them: the
+/// protocol's own default (64 KiB), enough for API bodies at cluster round-trip times.
+const H2_STREAM_WINDOW: u32 = 64 * 1024;
+/// ...and on all its streams together: what a client's uploads can make one connection hold.
+const H2_CONNECTION_WINDOW: u32 = 256 * 1024;
+/// Response bytes queued on one HTTP/2 stream for a client that is not reading: one full
+/// frame. The kernel's socket buffer does the bulk buffering; each queued chunk can pin a
+/// larger allocation (the upstream's read buffer), so this costs about three times its size:
+/// 64 KiB measured 39 MiB for 100 stalled streams, 16 KiB 23 MiB (single runs).
+const H2_SEND_BUFFER: usize = 16 * 1024;
+/// Decoded request headers of one HTTP/2 request (hyper's default, made explicit).
+const H2_MAX_HEADER_LIST: u32 = 16 * 1024;
 
+/// Serves one connection to its end; `Err` says why the gateway closed it itself (counted in
+/// `connections_closed_total`), `Ok` that the client closed it or a shutdown drained it.
 async fn serve_connection<S>(
     stream: TcpStream,
     peer: SocketAddr,
@@ -156,7 +186,8 @@ async fn serve_connection<S>(
     options: ServeOptions,
     tls: Option<Arc<ServerTls>>,
     stop: watch::Receiver<bool>,
-) where
+) -> Result<(), CloseReason>
+where
     S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
         + Clone
         + Send
@@ -167,12 +198,19 @@ async fn serve_connection<S>(
     // The connection's bytes, its protocol and, over mTLS, who the client is.
     let (io, protocol, identity): (Box<dyn Io>, Protocol, Option<PeerIdentity>) = match tls {
         None => {
-            let Some((protocol, prefix)) = read_preface(&stream, options.header_timeout).await
-            else {
-                tracing::debug!(%peer, "closing a connection that sent no request in time");
-                return;
+            let (protocol, prefix) = match read_preface(&stream, options.header_timeout).await {
+                Ok(read) => read,
+                Err(PrefaceError::TimedOut) => {
+                    tracing::debug!(%peer, "closing a connection that sent no request in time");
+                    return Err(CloseReason::HeaderTimeout);
+                }
+                Err(PrefaceError::Closed) => return Ok(()),
             };
-            (Box::new(Rewind::new(prefix, stream)), protocol, None)
+            (
+                Box::new(Watched::new(Rewind::new(prefix, stream), state.clone())),
+                protocol,
+                None,
+            )
         }
         Some(tls) => {
             let accepted =
@@ -181,11 +219,11 @@ async fn serve_connection<S>(
                 Ok(Ok(stream)) => stream,
                 Ok(Err(err)) => {
                     tracing::debug!(%peer, error = %err, "TLS handshake failed");
-                    return;
+                    return Err(CloseReason::TlsHandshakeFailed);
                 }
                 Err(_) => {
                     tracing::debug!(%peer, "TLS handshake not completed in time");
-                    return;
+                    return Err(CloseReason::TlsHandshakeTimeout);
                 }
             };
             let (_, session) = stream.get_ref();
@@ -199,7 +237,11 @@ async fn serve_connection<S>(
                 Some(b"h2") => Protocol::Http2,
                 _ => Protocol::Http1,
             };
-            (Box::new(stream), protocol, identity)
+            (
+                Box::new(Watched::new(stream, state.clone())),
+                protocol,
+                identity,
+            )
         }
     };
     let io = TokioIo::new(io);
@@ -210,14 +252,14 @@ async fn serve_connection<S>(
                 .http1_only()
                 .serve_connection(io, service)
                 .into_owned();
-            drive(conn, &state, protocol, options, stop, peer).await;
+            drive(conn, &state, protocol, options, stop, peer).await
         }
         Protocol::Http2 => {
             let conn = builder
                 .http2_only()
                 .serve_connection(io, service)
                 .into_owned();
-            drive(conn, &state, protocol, options, stop, peer).await;
+            drive(conn, &state, protocol, options, stop, peer).await
         }
     }
 }
@@ -235,7 +277,14 @@ pub struct ConnState {
     in_flight: AtomicUsize,
     requests: AtomicU64,
     completed: AtomicU64,
+    /// [`ConnState::activity`] when the client's bytes were last read ([`NEVER`] before any):
+    /// tells a client that sent nothing since its last request (idle) from one that stalled
+    /// halfway through the next one's headers.
+    read_at: AtomicU64,
 }
+
+/// [`ConnState::read_at`] before the first read.
+const NEVER: u64 = u64::MAX;
 
 impl ConnState {
     fn new() -> Self {
@@ -244,6 +293,7 @@ impl ConnState {
             in_flight: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
             completed: AtomicU64::new(0),
+            read_at: AtomicU64::new(NEVER),
         }
     }
 
@@ -256,6 +306,15 @@ impl ConnState {
     /// Changes whenever a request starts or ends.
     fn activity(&self) -> u64 {
         self.requests.load(Ordering::Relaxed) + self.completed.load(Ordering::Relaxed)
+    }
+
+    /// Whether the connection has served a request and has been silent since the last one
+    /// ended. (A pipelined request whose headers were read before the previous response ended
+    /// and then stalled passes for idle: a miscount, not a missed close.)
+    fn quiet_since_last_request(&self) -> bool {
+        self.requests.load(Ordering::Relaxed) > 0
+            && self.in_flight.load(Ordering::Relaxed) == 0
+            && self.read_at.load(Ordering::Relaxed) != self.activity()
     }
 }
 
@@ -308,10 +367,13 @@ impl http_body::Body for Guarded {
 /// Runs one connection to its end: closes it gracefully when shutdown begins or it has been
 /// idle for `server.idle_timeout` (HTTP/2: GOAWAY, and in-flight streams finish), and drops it
 /// outright if it is HTTP/2 and no request has arrived within `server.header_timeout` (hyper has
-/// no timer before an HTTP/2 client's first request).
+/// no timer before an HTTP/2 client's first request). Returns why the gateway closed it, when it
+/// did.
 ///
 /// Idleness is sampled, every quarter of `idle_timeout`: a connection is idle once no request
-/// started or ended, and none was in flight, for `idle_timeout` (give or take a quarter).
+/// started or ended, and none was in flight, for `idle_timeout` (give or take a quarter, never
+/// less). An HTTP/1 connection may close earlier, at `header_timeout`: hyper's header timer
+/// also runs while a keep-alive connection waits for its next request.
 async fn drive<C>(
     conn: C,
     state: &ConnState,
@@ -319,14 +381,16 @@ async fn drive<C>(
     options: ServeOptions,
     mut stop: watch::Receiver<bool>,
     peer: SocketAddr,
-) where
+) -> Result<(), CloseReason>
+where
     C: Future<Output = Result<(), crate::http::body::BoxError>> + GracefulShutdown,
 {
     tokio::pin!(conn);
     let mut first_request_by =
         (protocol == Protocol::Http2).then(|| state.opened + options.header_timeout);
     let sample = (options.idle_timeout / 4).max(Duration::from_millis(10));
-    let mut closing = false;
+    // Why the gateway began closing the connection, if it did.
+    let mut closing: Option<Result<(), CloseReason>> = None;
     let (mut seen, mut quiet_since) = (state.activity(), state.opened);
     let first = first_request_by.map_or(state.opened + sample, |by| by.min(state.opened + sample));
     let check = tokio::time::sleep_until(first);
@@ -334,14 +398,34 @@ async fn drive<C>(
     loop {
         tokio::select! {
             ended = &mut conn => {
-                if let Err(err) = ended {
-                    tracing::debug!(%peer, error = %err, "connection ended with an error");
+                if let Some(closed) = closing {
+                    return closed;
                 }
-                return;
+                return match ended {
+                    Err(err) => {
+                        tracing::debug!(%peer, error = %err, "connection ended with an error");
+                        // hyper's own timers: the header timer (HTTP/1), an unanswered
+                        // keep-alive PING (HTTP/2).
+                        let timed_out = err
+                            .downcast_ref::<hyper::Error>()
+                            .is_some_and(hyper::Error::is_timeout);
+                        match (timed_out, protocol) {
+                            (false, _) => Ok(()),
+                            // hyper's header timer also runs between requests: a keep-alive
+                            // connection silent since its last request is idle, not slow.
+                            (true, Protocol::Http1) if state.quiet_since_last_request() => {
+                                Err(CloseReason::IdleTimeout)
+                            }
+                            (true, Protocol::Http1) => Err(CloseReason::HeaderTimeout),
+                            (true, Protocol::Http2) => Err(CloseReason::KeepaliveTimeout),
+                        }
+                    }
+                    Ok(()) => Ok(()),
+                };
             }
-            _ = stopped(&mut stop), if !closing => {
+            _ = stopped(&mut stop), if closing.is_none() => {
                 conn.as_mut().graceful_shutdown();
-                closing = true;
+                closing = Some(Ok(()));
             }
             _ = &mut check => {
                 let now = tokio::time::Instant::now();
@@ -351,16 +435,16 @@ async fn drive<C>(
                         first_request_by = None;
                     } else if now >= by {
                         tracing::debug!(%peer, "closing an HTTP/2 connection that sent no request in time");
-                        return;
+                        return Err(CloseReason::NoRequest);
                     }
                 }
                 let activity = state.activity();
                 if activity != seen || state.in_flight.load(Ordering::Relaxed) > 0 {
                     (seen, quiet_since) = (activity, now);
-                } else if !closing && now.duration_since(quiet_since) >= options.idle_timeout {
+                } else if closing.is_none() && now.duration_since(quiet_since) >= options.idle_timeout {
                     tracing::debug!(%peer, "closing an idle connection");
                     conn.as_mut().graceful_shutdown();
-                    closing = true;
+                    closing = Some(Err(CloseReason::IdleTimeout));
                 }
                 let mut next = now + sample;
                 if let Some(by) = first_request_by {
@@ -439,32 +523,108 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|stopped| *stopped).await;
 }
 
+/// Why a connection's first bytes did not say its protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PrefaceError {
+    /// Not enough bytes within `server.header_timeout`.
+    TimedOut,
+    /// The client closed the connection (or it failed) first.
+    Closed,
+}
+
 /// Reads a connection's first bytes, within `timeout`, until it is clear whether they are the
 /// HTTP/2 preface (prior knowledge) or an HTTP/1 request; returns the protocol and the bytes
 /// read, which [`Rewind`] hands to hyper first. Reading (not peeking) matters: a peek does not
 /// clear the socket's readiness, so waiting for more bytes after a partial preface would spin.
-async fn read_preface(stream: &TcpStream, timeout: Duration) -> Option<(Protocol, Vec<u8>)> {
+async fn read_preface(
+    stream: &TcpStream,
+    timeout: Duration,
+) -> Result<(Protocol, Vec<u8>), PrefaceError> {
     let read = async {
         let mut buf = Vec::with_capacity(H2_PREFACE.len());
         loop {
-            stream.readable().await.ok()?;
+            stream.readable().await.map_err(|_| PrefaceError::Closed)?;
             let mut chunk = [0u8; H2_PREFACE.len()];
             let want = H2_PREFACE.len() - buf.len();
             match stream.try_read(&mut chunk[..want]) {
-                Ok(0) => return None,
+                Ok(0) => return Err(PrefaceError::Closed),
                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(_) => return None,
+                Err(_) => return Err(PrefaceError::Closed),
             }
             if buf[..] != H2_PREFACE[..buf.len()] {
-                return Some((Protocol::Http1, buf));
+                return Ok((Protocol::Http1, buf));
             }
             if buf.len() == H2_PREFACE.len() {
-                return Some((Protocol::Http2, buf));
+                return Ok((Protocol::Http2, buf));
             }
         }
     };
-    tokio::time::timeout(timeout, read).await.ok().flatten()
+    tokio::time::timeout(timeout, read)
+        .await
+        .unwrap_or(Err(PrefaceError::TimedOut))
+}
+
+/// A connection's byte stream that notes in its [`ConnState`] when the client's bytes were last
+/// read, so that a close by hyper's header timer can be told idle or slow.
+struct Watched<T> {
+    inner: T,
+    state: Arc<ConnState>,
+}
+
+impl<T> Watched<T> {
+    fn new(inner: T, state: Arc<ConnState>) -> Self {
+        Self { inner, state }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled
+            && buf.filled().len() > before
+        {
+            let activity = this.state.activity();
+            this.state.read_at.store(activity, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// A stream that yields `prefix` before reading from `inner`; writes go straight through.
@@ -557,10 +717,11 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         for (sent, expected) in [
-            (H2_PREFACE, Some(Protocol::Http2)),
-            (&b"GET / HTTP/1.1\r\n"[..], Some(Protocol::Http1)),
-            (&b"PRI * HTTP/1.1\r\n"[..], Some(Protocol::Http1)),
-            (&b""[..], None),
+            (H2_PREFACE, Ok(Protocol::Http2)),
+            (&b"GET / HTTP/1.1\r\n"[..], Ok(Protocol::Http1)),
+            (&b"PRI * HTTP/1.1\r\n"[..], Ok(Protocol::Http1)),
+            (&b""[..], Err(PrefaceError::Closed)),
+            (&H2_PREFACE[..16], Err(PrefaceError::Closed)),
         ] {
             let mut client = TcpStream::connect(addr).await.unwrap();
             let (server, _) = listener.accept().await.unwrap();
@@ -571,10 +732,20 @@ mod tests {
             }
             drop(client);
             let got = read_preface(&server, Duration::from_secs(2)).await;
-            assert_eq!(got.as_ref().map(|(p, _)| *p), expected, "{sent:?}");
-            if let Some((_, prefix)) = got {
+            assert_eq!(
+                got.as_ref().map(|(p, _)| *p).map_err(|e| *e),
+                expected,
+                "{sent:?}"
+            );
+            if let Ok((_, prefix)) = got {
                 assert!(sent.starts_with(&prefix) && !prefix.is_empty());
             }
         }
+        // A partial preface from a client that stays: cut off at the deadline.
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        client.write_all(&H2_PREFACE[..16]).await.unwrap();
+        let got = read_preface(&server, Duration::from_millis(100)).await;
+        assert_eq!(got, Err(PrefaceError::TimedOut));
     }
 }

@@ -395,6 +395,32 @@ mod tests {
     }
 
     #[test]
+    fn connection_timeouts_default_and_must_be_positive() {
+        let c = validate("[token]\nfile = \"/t\"\n").unwrap();
+        assert_eq!(c.server.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.server.h2_keepalive_interval, Duration::from_secs(20));
+        assert_eq!(c.server.h2_keepalive_timeout, Duration::from_secs(20));
+        let c = validate(
+            "[token]\nfile = \"/t\"\n[server]\nh2_keepalive_interval = \"5s\"\nh2_keepalive_timeout = \"250ms\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.server.h2_keepalive_interval, Duration::from_secs(5));
+        assert_eq!(c.server.h2_keepalive_timeout, Duration::from_millis(250));
+        let problems = validate(
+            "[token]\nfile = \"/t\"\n[server]\nidle_timeout = \"0s\"\nh2_keepalive_interval = \"0s\"\nh2_keepalive_timeout = \"0s\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            keys(&problems),
+            [
+                "server.idle_timeout",
+                "server.h2_keepalive_interval",
+                "server.h2_keepalive_timeout"
+            ]
+        );
+    }
+
+    #[test]
     fn token_source_is_required() {
         assert_eq!(keys(&validate("").unwrap_err()), ["token"]);
     }

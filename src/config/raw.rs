@@ -56,6 +56,10 @@ pub struct RawServer {
     pub shutdown_delay: Option<Duration>,
     #[serde(with = "humantime_serde")]
     pub body_timeout: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub h2_keepalive_interval: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub h2_keepalive_timeout: Option<Duration>,
     pub max_connections: Option<usize>,
     pub worker_threads: Option<usize>,
     pub allow_unauthenticated: Option<bool>,

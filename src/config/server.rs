@@ -26,6 +26,10 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// The longest gap between two reads of a request body; past it, 408.
     pub body_timeout: Duration,
+    /// An HTTP/2 peer that sent no frame for this long is sent a PING.
+    pub h2_keepalive_interval: Duration,
+    /// ...and its connection is closed if the PING is not acknowledged within this.
+    pub h2_keepalive_timeout: Duration,
     /// Client connections open at once at most.
     pub max_connections: usize,
     /// Tokio worker threads; `None` means one per core.
@@ -166,6 +170,18 @@ pub(super) fn server(
         r.body_timeout,
         defaults::BODY_TIMEOUT,
     );
+    let h2_keepalive_interval = positive(
+        p,
+        "server.h2_keepalive_interval",
+        r.h2_keepalive_interval,
+        defaults::H2_KEEPALIVE_INTERVAL,
+    );
+    let h2_keepalive_timeout = positive(
+        p,
+        "server.h2_keepalive_timeout",
+        r.h2_keepalive_timeout,
+        defaults::H2_KEEPALIVE_TIMEOUT,
+    );
     let max_connections = r.max_connections.unwrap_or(defaults::MAX_CONNECTIONS);
     if !(1..=MAX_MAX_CONNECTIONS).contains(&max_connections) {
         p.add(
@@ -207,6 +223,8 @@ pub(super) fn server(
         shutdown_delay: r.shutdown_delay.unwrap_or_default(),
         idle_timeout,
         body_timeout,
+        h2_keepalive_interval,
+        h2_keepalive_timeout,
         max_connections,
         worker_threads: r.worker_threads,
         tls,

@@ -129,6 +129,56 @@ struct ListenerLabel {
     listener: &'static str,
 }
 
+/// Why the gateway closed a client connection itself, as the `reason` label of
+/// `connections_closed_total`. Closes the client asked for (or a shutdown) are not counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// No complete request headers (or, before them, no protocol preface) within
+    /// `server.header_timeout`.
+    HeaderTimeout = 0,
+    /// An HTTP/2 connection made no request within `server.header_timeout` of its preface.
+    NoRequest = 1,
+    /// No request in flight for `server.idle_timeout` (HTTP/1.1: or `header_timeout`, whichever
+    /// is shorter, since hyper's header timer also runs between requests).
+    IdleTimeout = 2,
+    /// An HTTP/2 peer did not answer a keep-alive PING within `server.h2_keepalive_timeout`.
+    KeepaliveTimeout = 3,
+    /// The TLS handshake failed (no common protocol, an untrusted client certificate, junk).
+    TlsHandshakeFailed = 4,
+    /// The TLS handshake did not complete within `server.header_timeout`.
+    TlsHandshakeTimeout = 5,
+}
+
+impl CloseReason {
+    /// Every reason, in label-index order.
+    pub const ALL: [Self; 6] = [
+        Self::HeaderTimeout,
+        Self::NoRequest,
+        Self::IdleTimeout,
+        Self::KeepaliveTimeout,
+        Self::TlsHandshakeFailed,
+        Self::TlsHandshakeTimeout,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::HeaderTimeout => "header_timeout",
+            Self::NoRequest => "no_request",
+            Self::IdleTimeout => "idle_timeout",
+            Self::KeepaliveTimeout => "keepalive_timeout",
+            Self::TlsHandshakeFailed => "tls_handshake_failed",
+            Self::TlsHandshakeTimeout => "tls_handshake_timeout",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClosedLabels {
+    listener: &'static str,
+    reason: &'static str,
+}
+
 /// One listener's connection counts, handed to its accept loop.
 #[derive(Debug, Clone)]
 pub struct ListenerMetrics {
@@ -136,6 +186,16 @@ pub struct ListenerMetrics {
     pub open: Gauge,
     /// Connections closed at once because `server.max_connections` were open.
     pub refused: Counter,
+    /// Connections the gateway closed, by [`CloseReason`] index: resolved once per listener so
+    /// that counting a close hashes no labels.
+    closed: [Counter; CloseReason::ALL.len()],
+}
+
+impl ListenerMetrics {
+    /// The gateway closed a connection for `reason`.
+    pub fn closed(&self, reason: CloseReason) {
+        self.closed[reason as usize].inc();
+    }
 }
 
 /// Connection counts by listener.
@@ -143,15 +203,24 @@ pub struct ListenerMetrics {
 pub struct ConnectionMetrics {
     open: Family<ListenerLabel, Gauge>,
     refused: Family<ListenerLabel, Counter>,
+    closed: Family<ClosedLabels, Counter>,
 }
 
 impl ConnectionMetrics {
-    /// The handles for `listener` (`proxy` or `admin`).
+    /// The handles for `listener` (`proxy` or `admin`); creates every series it can count.
     pub fn listener(&self, listener: &'static str) -> ListenerMetrics {
         let label = ListenerLabel { listener };
         ListenerMetrics {
             open: self.open.get_or_create(&label).clone(),
             refused: self.refused.get_or_create(&label).clone(),
+            closed: CloseReason::ALL.map(|reason| {
+                self.closed
+                    .get_or_create(&ClosedLabels {
+                        listener,
+                        reason: reason.as_str(),
+                    })
+                    .clone()
+            }),
         }
     }
 }
@@ -305,6 +374,14 @@ impl Metrics {
             "Client connections closed at once because server.max_connections were open",
             connections.refused.clone(),
         );
+        registry.register(
+            name("connections_closed"),
+            "Client connections the gateway closed, by listener and reason (header_timeout, \
+             no_request, idle_timeout, keepalive_timeout, tls_handshake_failed, \
+             tls_handshake_timeout)",
+            connections.closed.clone(),
+        );
+        // Every series exists from the start, so that the first close is an increase.
         for listener in ["proxy", "admin"] {
             let _ = connections.listener(listener);
         }
@@ -921,7 +998,7 @@ impl Collector for TokenCollector {
 
 /// What the cache reports at scrape time: its size and the counters it keeps anyway.
 /// Implemented by the cache layer, so that metrics need not know the cache.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct CacheSnapshot {
     /// Entries stored.
     pub entries: u64,
@@ -943,6 +1020,9 @@ pub struct CacheSnapshot {
     pub evictions: u64,
     /// Paths invalidated by writes.
     pub invalidations: u64,
+    /// Responses to reads that were not stored, by reason (the `Cache-Status` `detail`, e.g.
+    /// `inflight-limit`, `too-large`); every reason is listed, counted or not.
+    pub not_stored: Vec<(&'static str, u64)>,
 }
 
 /// A source of [`CacheSnapshot`]s.
@@ -1019,6 +1099,17 @@ impl Collector for CacheCollector {
         for (name, help, value) in counters {
             encode_one(e, name, help, None, ConstCounter::new(value))?;
         }
+        let name = format!("{PREFIX}_cache_not_stored");
+        let mut m = encoder.encode_descriptor(
+            &name,
+            "Responses to reads not stored, by reason (as Cache-Status detail: inflight-limit, \
+             too-large, no-store, private, set-cookie, vary-star, status)",
+            None,
+            ConstCounter::new(0u64).metric_type(),
+        )?;
+        for (reason, value) in &s.not_stored {
+            ConstCounter::new(*value).encode(m.encode_family(&[("reason", *reason)])?)?;
+        }
         Ok(())
     }
 }
@@ -1064,6 +1155,22 @@ mod tests {
         );
         assert!(text.contains("cloudcasa_gateway_requests_in_flight 0"));
         assert!(text.contains("cloudcasa_gateway_audit_records_failed_total{reason=\"write\"} 2"));
+        // Every close reason of every listener is exposed from the start; a close counts in
+        // its own series.
+        m.connections
+            .listener("proxy")
+            .closed(CloseReason::NoRequest);
+        let text = m.encode();
+        for listener in ["proxy", "admin"] {
+            for reason in CloseReason::ALL {
+                let count = u8::from(listener == "proxy" && reason == CloseReason::NoRequest);
+                let line = format!(
+                    "cloudcasa_gateway_connections_closed_total{{listener=\"{listener}\",reason=\"{}\"}} {count}\n",
+                    reason.as_str()
+                );
+                assert!(text.contains(&line), "{line}{text}");
+            }
+        }
         assert!(text.ends_with("# EOF\n"));
     }
 

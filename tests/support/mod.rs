@@ -2,6 +2,7 @@
 //! Kubernetes-style Secret directory, and small HTTP helpers.
 #![allow(dead_code)]
 
+pub mod h2wire;
 pub mod kube;
 pub mod mock;
 pub mod otlp;
@@ -434,5 +435,36 @@ impl Drop for ChildGateway {
     fn drop(&mut self) {
         let _ = self.process.kill();
         let _ = self.process.wait();
+    }
+}
+
+/// The value of one series (`name{labels}` exactly as exposed) in the admin listener's
+/// `/metrics` at `admin`; `None` when the series is not there.
+pub async fn metric_at(admin: SocketAddr, series: &str) -> Option<u64> {
+    let text = get(&format!("http://{admin}/metrics"), &[]).await.text();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The `connections_closed_total` series of the proxy listener for `reason`.
+pub fn closed_series(reason: &str) -> String {
+    format!("cloudcasa_gateway_connections_closed_total{{listener=\"proxy\",reason=\"{reason}\"}}")
+}
+
+/// Waits (at most 5 s) until the series `series` at `admin` reads `expected`, and fails with
+/// the value it had otherwise: a close is counted just after the socket closes.
+pub async fn expect_metric(admin: SocketAddr, series: &str, expected: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let value = metric_at(admin, series).await;
+        if value == Some(expected) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{series} is {value:?}, not {expected}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

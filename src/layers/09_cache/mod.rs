@@ -103,6 +103,10 @@ impl CacheGauges for ResponseCache {
             collapsed: get(&s.collapsed),
             evictions: get(&s.evictions),
             invalidations: get(&s.invalidations),
+            not_stored: NotStorable::ALL
+                .iter()
+                .map(|r| (r.as_str(), s.not_stored_for(*r)))
+                .collect(),
         }
     }
 }
@@ -252,6 +256,9 @@ impl Service<Request<Body>> for Cache {
             let outcome = status.outcome();
             if let Some(cache) = &counted {
                 cache.store.stats.count(outcome);
+                if let Some(reason) = status.not_stored {
+                    cache.store.stats.not_stored(reason);
+                }
             }
             if let Some(ex) = exchange {
                 ex.set_cache(CacheReport {

@@ -148,6 +148,22 @@ pub enum NotStorable {
 }
 
 impl NotStorable {
+    /// Every reason, in counter-index order ([`NotStorable::index`]).
+    pub const ALL: [Self; 7] = [
+        Self::Status,
+        Self::NoStore,
+        Self::Private,
+        Self::VaryStar,
+        Self::SetCookie,
+        Self::TooLarge,
+        Self::InflightLimit,
+    ];
+
+    /// This reason's position in [`NotStorable::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// Label for logs, metrics and `Cache-Status` `detail`.
     pub fn as_str(self) -> &'static str {
         match self {

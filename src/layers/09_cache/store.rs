@@ -19,6 +19,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use tokio::sync::{RwLock, watch};
 
+use super::rules::NotStorable;
 use crate::context::CacheOutcome;
 use crate::secrets::token::Fingerprint;
 
@@ -215,12 +216,24 @@ pub struct CacheStats {
     pub evictions: AtomicU64,
     /// Paths invalidated by writes or by the admin endpoint.
     pub invalidations: AtomicU64,
+    /// Responses to reads not stored, per [`NotStorable`] (indexed by [`NotStorable::index`]).
+    not_stored: [AtomicU64; NotStorable::ALL.len()],
 }
 
 impl CacheStats {
     /// Counts one request's outcome.
     pub fn count(&self, outcome: CacheOutcome) {
         self.outcomes[outcome.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a response that was not stored for `reason`.
+    pub fn not_stored(&self, reason: NotStorable) {
+        self.not_stored[reason.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Responses not stored for `reason`.
+    pub fn not_stored_for(&self, reason: NotStorable) -> u64 {
+        self.not_stored[reason.index()].load(Ordering::Relaxed)
     }
 
     /// Requests that ended as `outcome`.
