@@ -93,6 +93,7 @@ fn help_and_version() {
         "--config",
         "--check",
         "--listen",
+        "--admin-listen",
         "--upstream",
         "--token-file",
     ] {
@@ -407,5 +408,52 @@ fn check_refuses_keys_files_with_shared_hashes() {
     assert!(
         out.contains("clients.api_keys.file") && out.contains("same key hash"),
         "{out}"
+    );
+}
+
+/// `--admin-listen` overrides `admin.listen`: the admin port is where the flag says, and nothing
+/// listens where the file says.
+#[tokio::test]
+async fn admin_listen_overrides_the_file() {
+    let mock = MockCloudCasa::start().await;
+    let secret = SecretDir::new("token-a");
+    let in_file = free_addr();
+    let child = ChildGateway::start(secret.dir.path().join("stderr.log"), &[], |proxy, admin| {
+        let config = write_file(
+            secret.dir.path(),
+            "gateway.toml",
+            &format!(
+                "[server]\nlisten = \"{proxy}\"\n[admin]\nlisten = \"{in_file}\"\n\
+                 [audit]\nenabled = false\n[upstream]\nurl = \"{}\"\n[token]\nfile = \"{}\"\n",
+                mock.url(),
+                secret.token_path().display()
+            ),
+        );
+        // ChildGateway waits for `admin` to accept: only the flag can put the port there.
+        vec![
+            "--config".into(),
+            config.into(),
+            "--admin-listen".into(),
+            admin.to_string().into(),
+        ]
+    })
+    .await;
+    let ready = format!("http://{}/readyz", child.admin);
+    eventually(
+        Duration::from_secs(10),
+        "ready on the flag's port",
+        || async { get(&ready, &[]).await.status == StatusCode::OK },
+    )
+    .await;
+    let metrics = get(&format!("http://{}/metrics", child.admin), &[]).await;
+    assert!(metrics.text().contains("cloudcasa_gateway_build_info"));
+    assert!(
+        std::net::TcpStream::connect(in_file).is_err(),
+        "the file's admin address is listening too"
+    );
+    assert!(
+        child.logs().contains(&format!("admin={}", child.admin)),
+        "{}",
+        child.logs()
     );
 }
