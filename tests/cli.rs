@@ -457,3 +457,27 @@ async fn admin_listen_overrides_the_file() {
         child.logs()
     );
 }
+
+/// The configurations in config/ (README "Running it" starts the binary with config/gateway.toml)
+/// pass `--check --config-only`: their values are valid, though the files they name live in a
+/// pod (or, for local.toml, are relative to the checkout).
+#[test]
+fn the_shipped_configurations_pass_check() {
+    for name in ["gateway.toml", "local.toml", "shared-gateway.toml"] {
+        let out = Command::new(BIN)
+            .arg("--config")
+            .arg(format!("{}/config/{name}", env!("CARGO_MANIFEST_DIR")))
+            .args(["--check", "--config-only"])
+            // As in a pod: shared-gateway.toml finds the API server through these.
+            .env("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+            .env("KUBERNETES_SERVICE_PORT", "443")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "config/{name}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
