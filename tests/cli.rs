@@ -93,6 +93,7 @@ fn help_and_version() {
         "--config",
         "--check",
         "--listen",
+        "--admin-listen",
         "--upstream",
         "--token-file",
     ] {
@@ -408,4 +409,75 @@ fn check_refuses_keys_files_with_shared_hashes() {
         out.contains("clients.api_keys.file") && out.contains("same key hash"),
         "{out}"
     );
+}
+
+/// `--admin-listen` overrides `admin.listen`: the admin port is where the flag says, and nothing
+/// listens where the file says.
+#[tokio::test]
+async fn admin_listen_overrides_the_file() {
+    let mock = MockCloudCasa::start().await;
+    let secret = SecretDir::new("token-a");
+    let in_file = free_addr();
+    let child = ChildGateway::start(secret.dir.path().join("stderr.log"), &[], |proxy, admin| {
+        let config = write_file(
+            secret.dir.path(),
+            "gateway.toml",
+            &format!(
+                "[server]\nlisten = \"{proxy}\"\n[admin]\nlisten = \"{in_file}\"\n\
+                 [audit]\nenabled = false\n[upstream]\nurl = \"{}\"\n[token]\nfile = \"{}\"\n",
+                mock.url(),
+                secret.token_path().display()
+            ),
+        );
+        // ChildGateway waits for `admin` to accept: only the flag can put the port there.
+        vec![
+            "--config".into(),
+            config.into(),
+            "--admin-listen".into(),
+            admin.to_string().into(),
+        ]
+    })
+    .await;
+    let ready = format!("http://{}/readyz", child.admin);
+    eventually(
+        Duration::from_secs(10),
+        "ready on the flag's port",
+        || async { get(&ready, &[]).await.status == StatusCode::OK },
+    )
+    .await;
+    let metrics = get(&format!("http://{}/metrics", child.admin), &[]).await;
+    assert!(metrics.text().contains("cloudcasa_gateway_build_info"));
+    assert!(
+        std::net::TcpStream::connect(in_file).is_err(),
+        "the file's admin address is listening too"
+    );
+    assert!(
+        child.logs().contains(&format!("admin={}", child.admin)),
+        "{}",
+        child.logs()
+    );
+}
+
+/// The configurations in config/ (README "Running it" starts the binary with config/gateway.toml)
+/// pass `--check --config-only`: their values are valid, though the files they name live in a
+/// pod (or, for local.toml, are relative to the checkout).
+#[test]
+fn the_shipped_configurations_pass_check() {
+    for name in ["gateway.toml", "local.toml", "shared-gateway.toml"] {
+        let out = Command::new(BIN)
+            .arg("--config")
+            .arg(format!("{}/config/{name}", env!("CARGO_MANIFEST_DIR")))
+            .args(["--check", "--config-only"])
+            // As in a pod: shared-gateway.toml finds the API server through these.
+            .env("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+            .env("KUBERNETES_SERVICE_PORT", "443")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "config/{name}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }

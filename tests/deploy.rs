@@ -7,19 +7,203 @@ use std::collections::BTreeSet;
 use http::StatusCode;
 use support::*;
 
-/// Every `cloudcasa_gateway_*` name in a text.
-fn names_in(text: &str) -> BTreeSet<String> {
+/// Every `cloudcasa_gateway_*` or `process_*` name anywhere in a text (descriptions and legends
+/// included), whether or not it is in a query.
+fn prefixed_names_in(text: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
-    let mut rest = text;
-    while let Some(at) = rest.find("cloudcasa_gateway_") {
-        let tail = &rest[at..];
-        let end = tail
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .unwrap_or(tail.len());
-        names.insert(tail[..end].to_string());
-        rest = &tail[end..];
+    for prefix in ["cloudcasa_gateway_", "process_"] {
+        let mut rest = text;
+        while let Some(at) = rest.find(prefix) {
+            let tail = &rest[at..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            let starts_a_word = rest[..at]
+                .chars()
+                .next_back()
+                .is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_'));
+            if starts_a_word {
+                names.insert(tail[..end].to_string());
+            }
+            rest = &tail[end..];
+        }
     }
     names
+}
+
+/// Words of PromQL that look like metric names but are not: aggregations (`sum by (le) (…)`
+/// puts a keyword, not a parenthesis, after `sum`), binary and set operators, modifiers.
+const PROMQL_WORDS: &[&str] = &[
+    "sum",
+    "min",
+    "max",
+    "avg",
+    "group",
+    "stddev",
+    "stdvar",
+    "count",
+    "count_values",
+    "bottomk",
+    "topk",
+    "quantile",
+    "limitk",
+    "limit_ratio",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "offset",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "atan2",
+    "inf",
+    "nan",
+    "start",
+    "end",
+];
+
+/// The metric names a PromQL expression selects: every identifier outside strings, label
+/// matchers (`{…}`), ranges (`[…]`) and label lists (`by (…)`, `on (…)`, …) that is neither a
+/// function call nor a PromQL word. A name used bare (`process_max_fds`) counts as much as one
+/// with matchers.
+fn promql_names(expr: &str) -> BTreeSet<String> {
+    let chars: Vec<char> = expr.chars().collect();
+    let mut names = BTreeSet::new();
+    let mut i = 0;
+    let mut previous_word = String::new();
+    let skip_to = |from: usize, close: char| {
+        chars[from..]
+            .iter()
+            .position(|&c| c == close)
+            .map_or(chars.len(), |p| from + p + 1)
+    };
+    while i < chars.len() {
+        let c = chars[i];
+        match c {
+            '"' | '\'' | '`' => i = skip_to(i + 1, c),
+            '{' => i = skip_to(i + 1, '}'),
+            '[' => i = skip_to(i + 1, ']'),
+            '(' if matches!(
+                previous_word.as_str(),
+                "by" | "without" | "on" | "ignoring" | "group_left" | "group_right"
+            ) =>
+            {
+                previous_word.clear();
+                i = skip_to(i + 1, ')');
+            }
+            c if c.is_ascii_digit() || c == '.' => {
+                // A number (1000, 0.99, 1e3): its letters are no name.
+                while i < chars.len() && (chars[i].is_ascii_alphanumeric() || chars[i] == '.') {
+                    i += 1;
+                }
+            }
+            c if c.is_ascii_alphabetic() || c == '_' || c == ':' => {
+                let start = i;
+                while i < chars.len()
+                    && (chars[i].is_ascii_alphanumeric() || "_:".contains(chars[i]))
+                {
+                    i += 1;
+                }
+                let word: String = chars[start..i].iter().collect();
+                let called = chars[i..].iter().find(|c| !c.is_whitespace()) == Some(&'(');
+                let keyword = PROMQL_WORDS.contains(&word.to_ascii_lowercase().as_str());
+                if !called && !keyword {
+                    names.insert(word.clone());
+                }
+                previous_word = word;
+            }
+            c => {
+                if !c.is_whitespace() {
+                    previous_word.clear();
+                }
+                i += 1;
+            }
+        }
+    }
+    names
+}
+
+/// The PromQL expressions of a dashboard (every `"expr"` string of its JSON) or a rules file
+/// (every `expr:` value of its YAML, on one line or as a `|` block).
+fn expressions_in(file: &str, text: &str) -> Vec<String> {
+    if file.ends_with(".json") {
+        fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
+            match v {
+                serde_json::Value::Object(map) => {
+                    for (k, v) in map {
+                        match v.as_str() {
+                            Some(expr) if k == "expr" => out.push(expr.to_string()),
+                            _ => walk(v, out),
+                        }
+                    }
+                }
+                serde_json::Value::Array(items) => items.iter().for_each(|v| walk(v, out)),
+                _ => {}
+            }
+        }
+        let mut out = Vec::new();
+        walk(&serde_json::from_str(text).unwrap(), &mut out);
+        return out;
+    }
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = Vec::new();
+    for (n, line) in lines.iter().enumerate() {
+        let Some(value) = line
+            .trim_start()
+            .trim_start_matches("- ")
+            .strip_prefix("expr:")
+        else {
+            continue;
+        };
+        let value = value.trim();
+        if !value.starts_with('|') && !value.starts_with('>') {
+            out.push(value.to_string());
+            continue;
+        }
+        let indent = line.len() - line.trim_start().len();
+        let block: Vec<&str> = lines[n + 1..]
+            .iter()
+            .take_while(|l| l.trim().is_empty() || l.len() - l.trim_start().len() > indent)
+            .copied()
+            .collect();
+        out.push(block.join("\n"));
+    }
+    out
+}
+
+/// Every metric name a dashboard or rules file uses: in its queries, and prefixed names
+/// anywhere else in it.
+fn names_in(file: &str, text: &str) -> BTreeSet<String> {
+    let mut names = prefixed_names_in(text);
+    for expr in expressions_in(file, text) {
+        names.extend(promql_names(&expr));
+    }
+    names
+}
+
+#[test]
+fn promql_names_finds_every_metric_and_nothing_else() {
+    let expr = "histogram_quantile(0.99, sum by (le, method) (rate(a_bucket{x=~\"b|c\"}[5m]))) \
+                / (process_open_fds{namespace=~\"$namespace\"} / process_max_fds) \
+                and on (namespace, instance) build_info > 1e3 or vector(1) unless max(up offset 5m)";
+    let names: Vec<String> = promql_names(expr).into_iter().collect();
+    assert_eq!(
+        names,
+        [
+            "a_bucket",
+            "build_info",
+            "process_max_fds",
+            "process_open_fds",
+            "up"
+        ]
+    );
+    let rules = "  - alert: A\n    expr: |\n      sum(x_total)\n        / y\n    for: 5m\n  - expr: z == 0\n";
+    let names: Vec<String> = names_in("r.yaml", rules).into_iter().collect();
+    assert_eq!(names, ["x_total", "y", "z"]);
 }
 
 #[tokio::test]
@@ -57,8 +241,11 @@ async fn dashboard_and_alerts_use_exported_metric_names() {
         "deploy/kubernetes/components/prometheus/prometheusrule.yaml",
     ] {
         let text = std::fs::read_to_string(format!("{root}/{file}")).unwrap();
-        let used = names_in(&text);
+        let used = names_in(file, &text);
         assert!(used.len() >= 5, "{file} uses only {used:?}");
+        // The process metrics the resource alerts and panels need are among them (a guard on
+        // the name extraction itself, which once saw only cloudcasa_gateway_*).
+        assert!(used.contains("process_open_fds"), "{file}: {used:?}");
         let missing: Vec<_> = used.difference(&exported).collect();
         assert!(
             missing.is_empty(),

@@ -271,3 +271,92 @@ async fn an_unreachable_collector_is_counted_and_logged_once() {
         "{text}"
     );
 }
+
+/// The binary run on a pseudo-terminal (util-linux `script`, as stdin, stdout and stderr) until
+/// it has logged that it listens, then stopped with SIGTERM; returns what it wrote there.
+async fn run_on_a_terminal(dir: &std::path::Path, color: &str) -> String {
+    let token = write_file(dir, "token", "token-a");
+    let config = write_file(
+        dir,
+        &format!("{color}.toml"),
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [audit]\nenabled = false\n[upstream]\nurl = \"http://127.0.0.1:9\"\n\
+             [token]\nfile = \"{}\"\n[log]\ncolor = \"{color}\"\n",
+            token.display()
+        ),
+    );
+    let typescript = dir.join(format!("{color}.typescript"));
+    let pid_file = dir.join(format!("{color}.pid"));
+    // The shell writes its pid and execs the gateway in its place: that pid is the gateway's.
+    let command = format!(
+        "echo $$ > '{}'; exec '{}' --config '{}'",
+        pid_file.display(),
+        env!("CARGO_BIN_EXE_cloudcasa-gateway"),
+        config.display()
+    );
+    let mut script = std::process::Command::new("script")
+        .args(["--quiet", "--flush", "--command", &command])
+        .arg(&typescript)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("script (util-linux, Debian's bsdutils) runs the gateway on a terminal");
+    let written = || std::fs::read_to_string(&typescript).unwrap_or_default();
+    eventually(Duration::from_secs(30), "the gateway to listen", || async {
+        written().contains("cloudcasa-gateway listening")
+    })
+    .await;
+    let pid = std::fs::read_to_string(&pid_file).unwrap();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", pid.trim()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while script.try_wait().unwrap().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the gateway did not stop within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    written()
+}
+
+/// `log.color`: "auto" colours on a terminal only (the file case is above), "never" not even
+/// there, "always" even into a file.
+#[tokio::test]
+async fn log_color_never_and_always_override_the_terminal_check() {
+    let dir = tempfile::tempdir().unwrap();
+    // The control: on this terminal, "auto" does colour, so "never" below is what stops it.
+    let auto = run_on_a_terminal(dir.path(), "auto").await;
+    assert!(
+        auto.contains("\u{1b}["),
+        "no colour on a terminal: {auto:?}"
+    );
+    let never = run_on_a_terminal(dir.path(), "never").await;
+    assert!(never.contains("cloudcasa-gateway listening"), "{never:?}");
+    assert!(!never.contains('\u{1b}'), "colour with never: {never:?}");
+
+    let token = write_file(dir.path(), "token", "token-a");
+    let log = dir.path().join("always.log");
+    let text = run_logging(
+        &format!(
+            "[upstream]\nurl = \"http://127.0.0.1:9\"\n[token]\nfile = \"{}\"\n[log]\ncolor = \"always\"",
+            token.display()
+        ),
+        &[],
+        &log,
+        |proxy, _| async move {
+            get(&format!("http://{proxy}/api/v1/x"), &[]).await;
+        },
+    )
+    .await;
+    assert!(text.contains("request failed"), "{text}");
+    assert!(
+        text.contains("\u{1b}["),
+        "no colour with always, in a file: {text:?}"
+    );
+}

@@ -661,3 +661,81 @@ async fn a_tls_upstream_is_reached_through_an_egress_proxy_with_credentials() {
     let message = reply.envelope_message(502);
     assert!(message.contains("proxy"), "{message}");
 }
+
+/// Without `upstream.proxy`, the binary takes its proxy from `HTTPS_PROXY` (as curl does), and
+/// `NO_PROXY` naming the upstream's host bypasses it. A child process, so the variables are its
+/// own and no other test sees them.
+#[tokio::test]
+async fn https_proxy_from_the_environment_and_no_proxy_bypassing_it() {
+    let mock = MockCloudCasa::start_tls().await;
+    let secret = SecretDir::new("token-a");
+    let dir = secret.dir.path();
+    let ca = write_file(dir, "ca.pem", mock.ca_pem.as_ref().unwrap());
+    let (proxy, heads, _) = connect_proxy(None).await;
+    let proxy_url = format!("http://{proxy}");
+    let start = |name: &'static str, no_proxy: &'static str| {
+        let config = dir.join(format!("{name}.toml"));
+        let (mock_url, ca, token) = (mock.url(), ca.clone(), secret.token_path());
+        let proxy_url = proxy_url.clone();
+        async move {
+            // Both spellings: the matcher reads either, and the test runner's own environment
+            // must not leak in.
+            let env = [
+                ("HTTPS_PROXY", proxy_url.as_str()),
+                ("https_proxy", proxy_url.as_str()),
+                ("NO_PROXY", no_proxy),
+                ("no_proxy", no_proxy),
+            ];
+            ChildGateway::start(dir.join(format!("{name}.log")), &env, |p, a| {
+                std::fs::write(
+                    &config,
+                    format!(
+                        "[server]\nlisten = \"{p}\"\n[admin]\nlisten = \"{a}\"\n[audit]\nenabled = false\n\
+                         [upstream]\nurl = \"{mock_url}\"\nca_file = \"{}\"\n[token]\nfile = \"{}\"\n",
+                        ca.display(),
+                        token.display()
+                    ),
+                )
+                .unwrap();
+                vec!["--config".into(), config.clone().into()]
+            })
+            .await
+        }
+    };
+
+    let through = start("through", "example.com").await;
+    let reply = get(&format!("http://{}/api/v1/clusters", through.proxy), &[]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let seen = heads.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(
+        seen[0].starts_with(&format!(
+            "CONNECT localhost:{} HTTP/1.1\r\n",
+            mock.addr.port()
+        )),
+        "{seen:?}"
+    );
+    assert!(
+        through
+            .logs()
+            .contains("the upstream is reached through a proxy"),
+        "{}",
+        through.logs()
+    );
+    drop(through);
+
+    let bypass = start("bypass", "example.com,localhost").await;
+    let reply = get(&format!("http://{}/api/v1/clusters", bypass.proxy), &[]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(
+        heads.lock().unwrap().len(),
+        1,
+        "NO_PROXY names the host: no tunnel"
+    );
+    assert_eq!(mock.state.requests_to("/api/v1/clusters").len(), 2);
+    assert!(
+        !bypass.logs().contains("through a proxy"),
+        "{}",
+        bypass.logs()
+    );
+}

@@ -1,6 +1,7 @@
 //! The README's quickstart, request by request: the same configuration file (config/local.toml),
 //! the same mock seeds, the same methods, headers and bodies as its curl commands, and the same
-//! rotation by rewriting a copy of the token file.
+//! rotation by rewriting a copy of the token file (tests/readme_quickstart.sh, from .ci/run,
+//! runs the shell blocks themselves); and the README's Development block is what CI runs.
 
 mod support;
 
@@ -93,4 +94,82 @@ async fn the_quickstart_works_as_written() {
         }
     })
     .await;
+}
+
+/// Shell lines with `\` continuations joined, comments and blank lines dropped, whitespace
+/// collapsed.
+fn commands(shell: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut pending = String::new();
+    for line in shell.lines() {
+        // A comment: `#` at the start or after two spaces (no command here has `  #` in quotes).
+        let line = match line.trim_start().starts_with('#') {
+            true => "",
+            false => line.split("  #").next().unwrap(),
+        };
+        let (line, continued) = match line.trim_end().strip_suffix('\\') {
+            Some(l) => (l, true),
+            None => (line, false),
+        };
+        pending.push(' ');
+        pending.push_str(line);
+        if !continued {
+            let command = pending.split_whitespace().collect::<Vec<_>>().join(" ");
+            if !command.is_empty() {
+                out.push(command);
+            }
+            pending.clear();
+        }
+    }
+    out
+}
+
+fn readme() -> String {
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap()
+}
+
+/// The first ```sh block after `marker`.
+fn block_after<'a>(text: &'a str, marker: &str) -> &'a str {
+    let at = text
+        .find(marker)
+        .unwrap_or_else(|| panic!("{marker} not in README.md"));
+    let start = at + text[at..].find("```sh\n").unwrap() + "```sh\n".len();
+    &text[start..start + text[start..].find("```").unwrap()]
+}
+
+/// The README's "Development" block is what `.ci/run` runs, command for command (pip flags
+/// included).
+#[test]
+fn the_development_block_is_what_ci_runs() {
+    let readme = readme();
+    let development = commands(block_after(&readme, "\n## Development\n"));
+    assert!(development.len() >= 8, "{development:?}");
+    let ci = commands(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/.ci/run")).unwrap(),
+    );
+    let missing: Vec<_> = development.iter().filter(|c| !ci.contains(c)).collect();
+    assert!(
+        missing.is_empty(),
+        "README commands .ci/run does not run as written: {missing:?}\n.ci/run: {ci:#?}"
+    );
+}
+
+/// tests/readme_quickstart.sh (run by .ci/run) finds every block it runs.
+#[test]
+fn the_blocks_ci_runs_are_marked() {
+    let readme = readme();
+    for name in ["demo", "terminal-1", "terminal-2", "terminal-3", "overlay"] {
+        let marker = format!("<!-- readme-run: {name} -->\n```sh\n");
+        assert!(readme.contains(&marker), "no {marker:?} in README.md");
+    }
+    let script = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/readme_quickstart.sh"
+    ))
+    .unwrap();
+    let ci = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/.ci/run")).unwrap();
+    assert!(ci.contains("\nbash tests/readme_quickstart.sh\n"));
+    for name in ["demo", "terminal-1", "terminal-2", "terminal-3", "overlay"] {
+        assert!(script.contains(name), "the script does not run {name}");
+    }
 }

@@ -203,3 +203,152 @@ async fn the_binary_reloads_on_sighup() {
     )
     .await;
 }
+
+/// A reload that changes `cache.stale_while_revalidate` alone applies it: responses stored after
+/// it get the window (served at once, revalidated in the background), not only the next restart.
+#[tokio::test]
+async fn a_reload_changing_only_stale_while_revalidate_applies_it() {
+    let mock = MockCloudCasa::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    write_file(dir, "token-a", "token-a");
+    let text = |cache: &str| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [upstream]\nurl = \"{}\"\n[audit]\nenabled = false\n[token]\nfile = \"{}\"\n{cache}",
+            mock.url(),
+            dir.join("token-a").display(),
+        )
+    };
+    // fresh_for is 0 and the mock sends no Cache-Control: every stored item is stale at once,
+    // so a second GET is either revalidated while the client waits, or (inside the window)
+    // served stale at once.
+    let path = write_file(dir, "gateway.toml", &text(""));
+    let config = Config::load(Some(&path), &Overrides::default()).unwrap();
+    let gateway = Gateway::bind(config).await.unwrap();
+    let proxy = gateway.proxy_addr();
+    let reloader = gateway.reloader();
+    let _running = tokio::spawn(gateway.run(std::future::pending()));
+    let second_get = |id: String| async move {
+        let url = format!("http://{proxy}/api/v1/usergroups/{id}");
+        let first = get(&url, &[]).await;
+        assert_eq!(first.status, StatusCode::OK, "{}", first.text());
+        let second = get(&url, &[]).await;
+        assert_eq!(second.status, StatusCode::OK, "{}", second.text());
+        second.header("cache-status").unwrap().to_string()
+    };
+
+    let (before, _) = item(&mock, "before");
+    let status = second_get(before).await;
+    assert!(status.contains("fwd=stale; fwd-status=304"), "{status}");
+
+    std::fs::write(&path, text("[cache]\nstale_while_revalidate = \"1h\"\n")).unwrap();
+    let report = reloader.reload_from(&path, &Overrides::default()).unwrap();
+    assert_eq!(report.applied, ["cache"], "{report:?}");
+    assert!(report.needs_restart.is_empty(), "{report:?}");
+
+    let (after, _) = item(&mock, "after");
+    let status = second_get(after).await;
+    assert!(
+        status.contains("fwd=stale; detail=stale-while-revalidate"),
+        "the reloaded window is not in force: {status}"
+    );
+}
+
+/// The binary's log level follows `log.level` on SIGHUP: a refused request's debug line appears
+/// after a reload to `debug` and is gone after one back to `info`; the reload metrics say when
+/// the last reload was applied.
+#[tokio::test]
+async fn sighup_changes_the_log_level_of_the_running_binary() {
+    let mock = MockCloudCasa::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let token = write_file(dir, "token", "token-a");
+    let path = dir.join("gateway.toml");
+    let text = |proxy: SocketAddr, admin: SocketAddr, level: &str| {
+        // Only /api/v1/** is allowed: /version is refused with 403, logged at debug.
+        format!(
+            "[server]\nlisten = \"{proxy}\"\n[admin]\nlisten = \"{admin}\"\n[audit]\nenabled = false\n\
+             [upstream]\nurl = \"{}\"\n[token]\nfile = \"{}\"\n[log]\nlevel = \"{level}\"\n\
+             [[policy]]\nclients = [\"local\"]\npaths = [\"/api/v1/**\"]\ncredential = \"default\"\n",
+            mock.url(),
+            token.display()
+        )
+    };
+    let child = ChildGateway::start(dir.join("stderr.log"), &[], |proxy, admin| {
+        std::fs::write(&path, text(proxy, admin, "info")).unwrap();
+        vec!["--config".into(), path.clone().into()]
+    })
+    .await;
+    let refuse = |id: &'static str| {
+        let url = format!("http://{}/version", child.proxy);
+        async move {
+            let reply = get(&url, &[("x-request-id", id)]).await;
+            assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
+        }
+    };
+    // The debug line is written before the response is sent: once the reply is here, the line
+    // is in the file or never will be.
+    let logged = |id: &str| {
+        child
+            .logs()
+            .lines()
+            .any(|l| l.contains("request refused") && l.contains(id))
+    };
+    let reload_to = |level: &str, reloads: usize| {
+        std::fs::write(&path, text(child.proxy, child.admin, level)).unwrap();
+        child.signal("HUP");
+        let logs = || child.logs();
+        async move {
+            eventually(Duration::from_secs(10), "the reload applied", || async {
+                logs().matches("configuration reloaded").count() == reloads
+            })
+            .await;
+        }
+    };
+    let epoch = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+    };
+
+    refuse("at-info").await;
+    assert!(!logged("at-info"), "{}", child.logs());
+
+    let before = epoch().floor();
+    reload_to("debug", 1).await;
+    refuse("at-debug").await;
+    assert!(
+        logged("at-debug"),
+        "no debug line at debug: {}",
+        child.logs()
+    );
+
+    reload_to("info", 2).await;
+    let after = epoch().ceil();
+    refuse("back-at-info").await;
+    assert!(!logged("back-at-info"), "{}", child.logs());
+
+    let metrics = get(&format!("http://{}/metrics", child.admin), &[])
+        .await
+        .text();
+    assert!(
+        metrics.contains("cloudcasa_gateway_config_reloads_total{result=\"success\"} 2"),
+        "{metrics}"
+    );
+    let last: f64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("cloudcasa_gateway_config_last_reload_success_timestamp_seconds ")
+        })
+        .unwrap_or_else(|| panic!("no last reload timestamp: {metrics}"))
+        .trim()
+        .parse()
+        .unwrap();
+    // Seconds since the epoch, taken between the first SIGHUP and the second reload's log line.
+    assert!(
+        before <= last && last <= after,
+        "{before} <= {last} <= {after}"
+    );
+}

@@ -819,3 +819,97 @@ async fn identities_of_different_kinds_never_collide() {
         ["cn:backup-bot", "dns:backup-bot", "apikey:backup-bot"]
     );
 }
+
+/// One sample of the exposition, by its full series name (`name{labels}`), or None.
+fn sample(exposition: &str, series: &str) -> Option<f64> {
+    exposition
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(|v| v.trim().parse().unwrap())
+}
+
+/// `tls_certificate_not_after_seconds{listener="proxy"}` is the serving certificate's notAfter,
+/// and follows the certificate when it is renewed.
+#[tokio::test]
+async fn the_certificate_expiry_metric_is_the_listeners_not_after() {
+    let f = fixture("").await;
+    let series = "cloudcasa_gateway_tls_certificate_not_after_seconds{listener=\"proxy\"}";
+    let scrape = || async { get(&f.gw.admin_url("/metrics"), &[]).await.text() };
+    // The fixture's certificate has rcgen's default validity end, 4096-01-01T00:00:00Z.
+    let metrics = scrape().await;
+    assert_eq!(
+        sample(&metrics, series),
+        Some(67_090_118_400.0),
+        "{metrics}"
+    );
+
+    let (cert, key) = f.server_ca.leaf_pem_until(&["127.0.0.1"], (2031, 5, 17));
+    write(f.dir.path(), "tls.key", &key);
+    write(f.dir.path(), "tls.crt", &cert);
+    // 2031-05-17T00:00:00Z.
+    eventually(
+        Duration::from_secs(10),
+        "the renewed certificate's notAfter",
+        || async { sample(&scrape().await, series) == Some(1_936_742_400.0) },
+    )
+    .await;
+}
+
+/// Real reviews against the fake API server are counted by result and timed; a review answered
+/// from the gateway's cache, and a token refused before any call, add no latency sample.
+#[tokio::test]
+async fn token_reviews_are_counted_and_timed_by_result() {
+    let f = fixture("").await;
+    let velero = sa_token("velero");
+    f.kube
+        .add(&velero, "velero", "server", &["cloudcasa-gateway"]);
+    for _ in 0..2 {
+        let ok = f.get("/api/v1/clusters", Some(&velero)).await;
+        assert_eq!(ok.status, StatusCode::OK, "{}", ok.text());
+    }
+    for name in ["stranger-1", "stranger-2"] {
+        f.get("/api/v1/clusters", Some(&sa_token(name)))
+            .await
+            .envelope_message(401);
+    }
+    f.get("/api/v1/clusters", Some("eyJnot.a.jwt"))
+        .await
+        .envelope_message(401);
+    assert_eq!(
+        f.kube.reviews(),
+        3,
+        "one for velero (then cached), one per stranger"
+    );
+
+    let metrics = get(&f.gw.admin_url("/metrics"), &[]).await.text();
+    let value = |series: &str| {
+        sample(&metrics, series).unwrap_or_else(|| panic!("no {series} in:\n{metrics}"))
+    };
+    let reviews = "cloudcasa_gateway_token_reviews_total";
+    assert_eq!(
+        value(&format!("{reviews}{{result=\"authenticated\"}}")),
+        1.0
+    );
+    assert_eq!(value(&format!("{reviews}{{result=\"refused\"}}")), 2.0);
+    assert_eq!(value(&format!("{reviews}{{result=\"error\"}}")), 0.0);
+    assert_eq!(value(&format!("{reviews}{{result=\"prechecked\"}}")), 1.0);
+    let duration = "cloudcasa_gateway_token_review_duration_seconds";
+    for (result, calls) in [("authenticated", 1.0), ("refused", 2.0)] {
+        let label = format!("{{result=\"{result}\"}}");
+        assert_eq!(
+            value(&format!("{duration}_count{label}")),
+            calls,
+            "{result}"
+        );
+        // A call over TLS to another task takes some time: the samples are real ones.
+        let sum = value(&format!("{duration}_sum{label}"));
+        assert!(sum > 0.0 && sum.is_finite(), "{result}: {sum}");
+        assert_eq!(
+            value(&format!(
+                "{duration}_bucket{{le=\"+Inf\",result=\"{result}\"}}"
+            )),
+            calls,
+            "{metrics}"
+        );
+    }
+}

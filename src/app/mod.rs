@@ -196,10 +196,13 @@ impl Reloader {
             inner.policy.store(Arc::new(policy));
             report.applied.push("policy");
         }
+        // Every setting ResponseCache::reconfigure swaps: one left out here would be recorded as
+        // running (below) without ever reaching the cache.
         let cache_in_place = |c: &crate::config::CacheConfig| {
             (
                 c.fresh_for,
                 c.stale_if_error,
+                c.stale_while_revalidate,
                 c.key_headers.clone(),
                 c.max_object_size,
             )
