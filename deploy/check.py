@@ -58,6 +58,7 @@ KUSTOMIZATIONS = [
     "kubernetes/gateway/base",
     "kubernetes/gateway/overlays/example",
     "kubernetes/gateway/overlays/monitored",
+    "kubernetes/gateway/overlays/fleet",
 ]
 KUBERNETES_VERSION = "1.33.0"
 CUSTOM_KINDS = {
@@ -755,6 +756,21 @@ def dashboard():
     print(f"ok: dashboard, {len(ids)} panels", flush=True)
 
 
+def fleet_config_follows_base():
+    """The fleet component's gateway.toml is the base's plus [fleet], nothing else."""
+    base = (DEPLOY / "kubernetes/gateway/base/gateway.toml").read_text()
+    fleet = (DEPLOY / "kubernetes/components/fleet-redis/gateway.toml").read_text()
+    if not fleet.startswith(base):
+        fail("components/fleet-redis/gateway.toml must start with gateway/base/gateway.toml "
+             "(copy the base again and keep the [fleet] section)")
+        return
+    added = tomllib.loads(fleet[len(base):])
+    if list(added) != ["fleet"]:
+        fail(f"components/fleet-redis/gateway.toml adds {list(added)} to the base; only [fleet]")
+        return
+    print("ok: the fleet component's gateway.toml is the base's plus [fleet]")
+
+
 def main():
     if len(sys.argv) != 2:
         sys.exit(__doc__)
@@ -764,7 +780,8 @@ def main():
     yamllint()
     directories = KUSTOMIZATIONS
     if not shutil.which("kubectl"):
-        directories = KUSTOMIZATIONS + ["kubernetes/components/cert-manager", "kubernetes/components/prometheus"]
+        directories = KUSTOMIZATIONS + ["kubernetes/components/cert-manager", "kubernetes/components/prometheus",
+                                        "kubernetes/components/fleet-redis"]
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
         readability_self_test()
@@ -774,6 +791,7 @@ def main():
             secret_files_readable(k, docs)
             shutdown_budget(k, docs)
         alerts_agree()
+        fleet_config_follows_base()
         dockerfile(binary, scratch)
         dashboard()
         secret_permissions_at_run_time(binary, scratch)

@@ -347,3 +347,93 @@ async fn interleaved_audit_trails_verify_chain_by_chain() {
     assert!(text.contains("(replica gw-a): 3 records"), "{text}");
     assert!(text.contains("(replica gw-b): 3 records"), "{text}");
 }
+
+#[tokio::test]
+async fn rediss_with_the_replicas_own_ca() {
+    let redis = RedisServer::start_tls().await;
+    let mock = MockCloudCasa::start().await;
+    let secret = SecretDir::new("token-a");
+    let replica = |name: &str| {
+        format!(
+            "[cache]\nfresh_for = \"60s\"\n[fleet]\nredis_url = \"{}\"\nca_file = \"{}\"\n\
+             replica = \"{name}\"\ntimeout = \"200ms\"\n",
+            redis.tls_url(),
+            redis.ca_file.as_ref().unwrap().display()
+        )
+    };
+    let a = TestGateway::for_mock(&mock, &secret, &replica("gw-a")).await;
+    let b = TestGateway::for_mock(&mock, &secret, &replica("gw-b")).await;
+    for gw in [&a, &b] {
+        wait_link(gw, 1.0).await;
+    }
+    let (id, _) = item(&mock, "over-tls");
+    let path = format!("/api/v1/usergroups/{id}");
+    assert_eq!(get(&a.url(&path), &[]).await.json()["name"], "over-tls");
+    let shared = get(&b.url(&path), &[]).await;
+    assert!(
+        shared
+            .header("cache-status")
+            .is_some_and(|s| s.contains("detail=shared")),
+        "{:?}",
+        shared.headers
+    );
+    assert_eq!(gets(&mock, &path), 1);
+}
+
+#[tokio::test]
+async fn a_rotated_password_file_is_used_for_the_next_connection() {
+    let redis = RedisServer::start_with_password("first-password").await;
+    let dir = tempfile::tempdir().unwrap();
+    let password = write_file(dir.path(), "password", "first-password\n");
+    let (mock, secret) = (MockCloudCasa::start().await, SecretDir::new("token-a"));
+    let gw = TestGateway::for_mock(
+        &mock,
+        &secret,
+        &format!(
+            "[fleet]\nredis_url = \"{}\"\npassword_file = \"{}\"\nreplica = \"gw-a\"\n",
+            redis.url_without_password(),
+            password.display()
+        ),
+    )
+    .await;
+    wait_link(&gw, 1.0).await;
+
+    // Rotate: Redis takes the new password, the Secret's file changes, old connections go.
+    let mut admin = redis.connection().await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("second-password")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    std::fs::write(&password, "second-password\n").unwrap();
+    for kind in ["normal", "pubsub"] {
+        let _: redis::Value = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg(kind)
+            .query_async(&mut admin)
+            .await
+            .unwrap_or(redis::Value::Nil);
+    }
+    // Only the new password can bring the link back.
+    eventually(
+        Duration::from_secs(10),
+        "the link is up with the new password",
+        || async {
+            metric(&gw, "cloudcasa_gateway_fleet_link_up").await == Some(1.0)
+                && metric(
+                    &gw,
+                    "cloudcasa_gateway_fleet_errors_total{op=\"subscribe\"}",
+                )
+                .await
+                .is_some_and(|n| n >= 1.0)
+        },
+    )
+    .await;
+    let reply = get(&gw.url("/api/v1/usergroups"), &[]).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let dump = redis.dump_with_password("second-password").await;
+    assert!(!dump.contains("password"), "{dump}");
+}

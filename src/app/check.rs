@@ -56,6 +56,21 @@ pub fn check_files(config: &Config) -> Result<(), ConfigError> {
             readable(&mut add, "server.tls.client_ca_file", ca);
         }
     }
+    // `[fleet]`: start-up reads these (a missing password or partition key would make the
+    // replica unable to join, or join a different partition space).
+    if let Some(fleet) = &config.fleet {
+        for (key, path) in [
+            ("fleet.password_file", &fleet.password_file),
+            ("fleet.partition_key_file", &fleet.partition_key_file),
+            ("fleet.ca_file", &fleet.ca_file),
+        ] {
+            if let Some(path) = path
+                && let Err(e) = std::fs::read(path)
+            {
+                add(key, format!("cannot read {}: {e}", path.display()));
+            }
+        }
+    }
     // Parsed, as start-up parses it.
     if let Some(ca) = &config.upstream.ca_file
         && let Err(e) = crate::http::pem::read_pem_roots(ca)

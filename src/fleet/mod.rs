@@ -151,7 +151,7 @@ struct Message {
     /// The whole partition.
     #[serde(default)]
     all: bool,
-    /// When it was published, ms since the epoch (for the propagation delay).
+    /// When it was published, µs since the epoch (for the propagation delay).
     at: u64,
 }
 
@@ -278,10 +278,10 @@ fn with_keys(
     invocation
 }
 
-fn now_ms() -> u64 {
+fn now_us() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
 impl Fleet {
@@ -296,6 +296,8 @@ impl Fleet {
         let mut suffix = [0u8; 4];
         getrandom::fill(&mut suffix).expect("the operating system's random source is unavailable");
         metrics.set_up(false);
+        // This replica, until a heartbeat counts the others (0 only without [fleet]).
+        metrics.set_replicas(1);
         Ok(Arc::new(Self {
             instance: format!("{}-{}", config.replica, hex::encode(suffix)),
             config,
@@ -481,7 +483,7 @@ impl Fleet {
             x: exact.to_vec(),
             s: roots.to_vec(),
             all: false,
-            at: now_ms(),
+            at: now_us(),
         };
         let keys = keys::versions_bumped(partition, exact, roots);
         if !self.publish(FleetOp::Invalidate, keys, &message).await {
@@ -594,7 +596,7 @@ impl Fleet {
         let Some(partition) = Fingerprint::from_hex(&message.p) else {
             return;
         };
-        let delay = Duration::from_millis(now_ms().saturating_sub(message.at));
+        let delay = Duration::from_micros(now_us().saturating_sub(message.at));
         self.metrics.received(delay);
         let Some(listener) = self.listener.get() else {
             return;
@@ -666,7 +668,7 @@ impl Fleet {
                 x: Vec::new(),
                 s: Vec::new(),
                 all: true,
-                at: now_ms(),
+                at: now_us(),
             };
             // Published with the link still marked down: `call` would skip it.
             let manager = self.connection.load().manager.clone();

@@ -1335,8 +1335,8 @@ pub struct FleetMetrics {
 }
 
 /// Propagation delays: a pub/sub hop is sub-millisecond on one network.
-const PROPAGATION_BUCKETS: [f64; 10] = [
-    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+const PROPAGATION_BUCKETS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 ];
 
 fn propagation_histogram() -> Histogram {
@@ -1364,7 +1364,7 @@ impl FleetMetrics {
         );
         registry.register(
             name("fleet_replicas"),
-            "Replicas alive at the last heartbeat",
+            "Replicas alive at the last heartbeat (0: no [fleet], 1 until the first heartbeat)",
             m.replicas.clone(),
         );
         registry.register(

@@ -9,6 +9,12 @@ use std::time::{Duration, Instant};
 
 pub struct RedisServer {
     pub addr: SocketAddr,
+    /// The TLS port, when started with [`RedisServer::start_tls`].
+    pub tls_addr: Option<SocketAddr>,
+    /// The CA that signed the TLS certificate (PEM file), for `fleet.ca_file`.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// `requirepass`, when set.
+    pub password: Option<String>,
     child: Option<Child>,
     dir: tempfile::TempDir,
 }
@@ -16,39 +22,102 @@ pub struct RedisServer {
 impl RedisServer {
     /// Starts one on a free port (a port taken between choosing and binding is retried).
     pub async fn start() -> Self {
+        Self::start_with(None, false).await
+    }
+
+    /// One that wants `password` (`requirepass`).
+    pub async fn start_with_password(password: &str) -> Self {
+        Self::start_with(Some(password.into()), false).await
+    }
+
+    /// One that also listens with TLS (a certificate for `localhost` from a test CA).
+    pub async fn start_tls() -> Self {
+        Self::start_with(None, true).await
+    }
+
+    async fn start_with(password: Option<String>, tls: bool) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_file = tls.then(|| {
+            let ca = super::tls::TestCa::new("redis test CA");
+            let (cert, key) = ca.leaf_pem(&["localhost"]);
+            std::fs::write(dir.path().join("redis.crt"), cert).unwrap();
+            std::fs::write(dir.path().join("redis.key"), key).unwrap();
+            let path = dir.path().join("ca.crt");
+            std::fs::write(&path, ca.pem()).unwrap();
+            path
+        });
         let mut server = Self {
             addr: super::free_addr(),
+            tls_addr: tls.then(super::free_addr),
+            ca_file,
+            password,
             child: None,
-            dir: tempfile::tempdir().unwrap(),
+            dir,
         };
         for _ in 0..10 {
             if server.spawn().await {
                 return server;
             }
             server.addr = super::free_addr();
+            server.tls_addr = server.tls_addr.map(|_| super::free_addr());
         }
         panic!("redis-server did not start on any of 10 free ports");
     }
 
+    /// `rediss://localhost:PORT/0` for the TLS port.
+    pub fn tls_url(&self) -> String {
+        let addr = self.tls_addr.expect("started with TLS");
+        format!("rediss://localhost:{}/0", addr.port())
+    }
+
     pub fn url(&self) -> String {
+        match &self.password {
+            Some(p) => format!("redis://:{p}@{}/0", self.addr),
+            None => format!("redis://{}/0", self.addr),
+        }
+    }
+
+    /// The URL without the password (the gateway reads it from `fleet.password_file`).
+    pub fn url_without_password(&self) -> String {
         format!("redis://{}/0", self.addr)
     }
 
     /// Starts the server on `self.addr`; `false` if it could not listen there.
     async fn spawn(&mut self) -> bool {
+        let mut args: Vec<String> = [
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &self.addr.port().to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            &self.dir.path().display().to_string(),
+        ]
+        .map(String::from)
+        .to_vec();
+        if let Some(p) = &self.password {
+            args.extend(["--requirepass".into(), p.clone()]);
+        }
+        if let Some(tls) = self.tls_addr {
+            let file = |name: &str| self.dir.path().join(name).display().to_string();
+            args.extend([
+                "--tls-port".into(),
+                tls.port().to_string(),
+                "--tls-cert-file".into(),
+                file("redis.crt"),
+                "--tls-key-file".into(),
+                file("redis.key"),
+                "--tls-ca-cert-file".into(),
+                file("ca.crt"),
+                "--tls-auth-clients".into(),
+                "no".into(),
+            ]);
+        }
         let child = Command::new("redis-server")
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                &self.addr.port().to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                &self.dir.path().display().to_string(),
-            ])
+            .args(&args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn();
@@ -79,14 +148,23 @@ impl RedisServer {
         let Ok(mut stream) = tokio::net::TcpStream::connect(self.addr).await else {
             return false;
         };
-        if stream.write_all(b"PING\r\n").await.is_err() {
+        let mut ask = Vec::new();
+        if let Some(p) = &self.password {
+            ask.extend_from_slice(format!("AUTH {p}\r\n").as_bytes());
+        }
+        ask.extend_from_slice(b"PING\r\n");
+        if stream.write_all(&ask).await.is_err() {
             return false;
         }
-        let mut answer = [0u8; 7];
+        let expected: &[u8] = match self.password {
+            Some(_) => b"+OK\r\n+PONG\r\n",
+            None => b"+PONG\r\n",
+        };
+        let mut answer = vec![0u8; expected.len()];
         matches!(
             tokio::time::timeout(Duration::from_secs(1), stream.read_exact(&mut answer)).await,
             Ok(Ok(_))
-        ) && &answer == b"+PONG\r\n"
+        ) && answer == expected
     }
 
     /// Kills it (as a crash would: SIGKILL).
@@ -113,7 +191,11 @@ impl RedisServer {
 
     /// A client connection, for looking at what is stored.
     pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.url())
+        Self::connect(&self.url()).await
+    }
+
+    async fn connect(url: &str) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(url)
             .unwrap()
             .get_multiplexed_async_connection()
             .await
@@ -122,7 +204,16 @@ impl RedisServer {
 
     /// Every key and every value (strings, hashes, sorted sets) as text.
     pub async fn dump(&self) -> String {
-        let mut c = self.connection().await;
+        Self::dump_from(self.connection().await).await
+    }
+
+    /// [`RedisServer::dump`] after the password changed to `password`.
+    pub async fn dump_with_password(&self, password: &str) -> String {
+        let url = format!("redis://:{password}@{}/0", self.addr);
+        Self::dump_from(Self::connect(&url).await).await
+    }
+
+    async fn dump_from(mut c: redis::aio::MultiplexedConnection) -> String {
         let keys: Vec<String> = redis::cmd("KEYS")
             .arg("*")
             .query_async(&mut c)
