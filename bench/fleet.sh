@@ -113,11 +113,25 @@ load() { # DURATION URL [SCRIPT] -> requests/s, p99 (ms), requests
 }
 
 export BENCH_ENTRIES=$ITEMS
+# mean ROUNDS URL_A SCRIPT_A URL_B SCRIPT_B -> "rpsA p99A rpsB p99B totalA": alternated A B A B.
+mean() {
+  local rounds=$1 ra pa rb pb ta sum_ra=0 sum_pa=0 sum_rb=0 sum_pb=0 sum_ta=0
+  for _ in $(seq 1 "$rounds"); do
+    read -r ra pa ta < <(load "$DURATION" "$2" "$3")
+    read -r rb pb _ < <(load "$DURATION" "$4" "$5")
+    sum_ra=$((sum_ra + ra)) sum_rb=$((sum_rb + rb)) sum_ta=$((sum_ta + ta))
+    sum_pa=$(python3 -c "print($sum_pa + $pa)") sum_pb=$(python3 -c "print($sum_pb + $pb)")
+  done
+  python3 -c "print(round($sum_ra / $rounds), '%.2f' % ($sum_pa / $rounds), round($sum_rb / $rounds), '%.2f' % ($sum_pb / $rounds), $sum_ta)"
+}
+ROUNDS=2
+((SMOKE)) && ROUNDS=1
+
 say "(1) fresh hits from memory"
 load 2 "http://127.0.0.1:$A/api/v1/fresh" >/dev/null
 load 2 "http://127.0.0.1:$ALONE/api/v1/fresh" >/dev/null
-read -r hit_fleet hit_fleet_p99 _ < <(load "$DURATION" "http://127.0.0.1:$A/api/v1/fresh")
-read -r hit_alone hit_alone_p99 _ < <(load "$DURATION" "http://127.0.0.1:$ALONE/api/v1/fresh")
+read -r hit_fleet hit_fleet_p99 hit_alone hit_alone_p99 _ < <(mean $ROUNDS \
+  "http://127.0.0.1:$A/api/v1/fresh" "" "http://127.0.0.1:$ALONE/api/v1/fresh" "")
 
 say "(2) hits from Redis: A fills $ITEMS items, B (64 KiB of memory) reads them"
 for _ in $(seq 1 30); do
@@ -126,9 +140,9 @@ for _ in $(seq 1 30); do
   ((stored >= ITEMS)) && break
 done
 lookups_before=$(metric 19181 'cloudcasa_gateway_fleet_shared_lookups_total{result="hit"}')
-read -r shared shared_p99 shared_total < <(load "$DURATION" "http://127.0.0.1:$B/" bench/distinct.lua)
+read -r shared shared_p99 miss_alone miss_alone_p99 shared_total < <(mean $ROUNDS \
+  "http://127.0.0.1:$B/" bench/distinct.lua "http://127.0.0.1:$ALONE/api/v1/uncached" "")
 lookups_after=$(metric 19181 'cloudcasa_gateway_fleet_shared_lookups_total{result="hit"}')
-read -r miss_alone miss_alone_p99 _ < <(load "$DURATION" "http://127.0.0.1:$ALONE/api/v1/uncached")
 
 say "(3) invalidation propagation: PATCHes through A, measured at B"
 load "$DURATION" "http://127.0.0.1:$A/api/v1/patch" bench/patch.lua >/dev/null
@@ -161,7 +175,7 @@ shared_hits = float(lk1) - float(lk0)
 served = float(shared_total)
 share = min(100, 100 * shared_hits / served) if served else 0
 print(f"### Fleet mode ({profile}, {cores} cores, redis-server {redis}, commit {commit})\n")
-print(f"wrk -t1 -c{conns}, {duration} s per measurement; each gateway with one worker thread on one core, "
+print(f"wrk -t1 -c{conns}, {duration} s per measurement, two rounds in alternation (means); each gateway with one worker thread on one core, "
       "wrk, the upstream and redis-server on the other.\n")
 print("| scenario | two replicas + Redis | one replica alone | ratio |")
 print("|---|---|---|---|")

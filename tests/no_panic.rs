@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cloudcasa_gateway::config::{Config, Overrides, TelemetryConfig};
 use cloudcasa_gateway::layers::cache::rules::{self, Directives};
+use cloudcasa_gateway::layers::cache::shared;
 use cloudcasa_gateway::layers::canonical::{MethodRules, canonical_path};
 use cloudcasa_gateway::layers::identity::{api_keys, kubernetes};
 use cloudcasa_gateway::layers::policy::{Rate, RuleSpec};
@@ -117,6 +118,27 @@ proptest! {
         let names = rules::vary_names(&h);
         let _ = rules::vary_values(&names, &h);
         let _ = rules::representation_key(&[header::ACCEPT, header::ACCEPT_ENCODING], &h);
+    }
+
+    #[test]
+    fn no_panic_shared_cache_entries(
+        raw in proptest::collection::vec(any::<u8>(), 0..512),
+        flip in any::<usize>(),
+        byte in any::<u8>(),
+        cut in any::<usize>(),
+    ) {
+        // What Redis returns was written by any replica, or by whoever else can write there:
+        // arbitrary bytes, and a valid entry with one byte changed or cut short, decode to an
+        // entry or to nothing, never a panic.
+        let _ = shared::decode(&bytes::Bytes::from(raw.clone()));
+        let mut prefixed = b"CCG1".to_vec();
+        prefixed.extend_from_slice(&raw);
+        let _ = shared::decode(&bytes::Bytes::from(prefixed.clone()));
+        if !prefixed.is_empty() {
+            let i = flip % prefixed.len();
+            prefixed[i] = byte;
+            let _ = shared::decode(&bytes::Bytes::from(prefixed[..cut % (prefixed.len() + 1)].to_vec()));
+        }
     }
 
     #[test]

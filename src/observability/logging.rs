@@ -19,10 +19,12 @@ use crate::config::{LogColor, LogFormat};
 /// each of those lines would cause another event (tens of megabytes a second).
 const QUIET_TARGETS: [&str; 4] = ["notify", "inotify", "mio", "polling"];
 
-/// The filter: `RUST_LOG` when set (and valid), else `level` (`log.level`), with
-/// [`QUIET_TARGETS`] held at `warn`.
+/// The filter: `RUST_LOG` when set (non-empty and valid), else `level` (`log.level`), with
+/// [`QUIET_TARGETS`] held at `warn`. An empty `RUST_LOG` (a manifest's `value: ""`) is unset: as
+/// a filter it would be valid and mean "errors only", silently overriding `log.level`.
 pub fn filter(rust_log: Option<&str>, level: &str) -> EnvFilter {
     let mut filter = rust_log
+        .filter(|v| !v.trim().is_empty())
         .and_then(|v| EnvFilter::try_new(v).ok())
         .or_else(|| EnvFilter::try_new(level).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
@@ -82,6 +84,22 @@ pub fn set_level(level: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_empty_rust_log_is_unset() {
+        assert_eq!(
+            filter(Some(""), "debug").to_string(),
+            filter(None, "debug").to_string()
+        );
+        assert_eq!(
+            filter(Some("  "), "debug").to_string(),
+            filter(None, "debug").to_string()
+        );
+        assert_ne!(
+            filter(Some("warn"), "debug").to_string(),
+            filter(None, "debug").to_string()
+        );
+    }
 
     #[test]
     fn the_watcher_stays_quiet_at_every_level() {
