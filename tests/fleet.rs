@@ -437,3 +437,60 @@ async fn a_rotated_password_file_is_used_for_the_next_connection() {
     let dump = redis.dump_with_password("second-password").await;
     assert!(!dump.contains("password"), "{dump}");
 }
+
+#[tokio::test]
+async fn the_binary_logs_each_link_transition_once_and_never_the_password() {
+    let mut redis = RedisServer::start_with_password("log-secret-password").await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = write_file(dir.path(), "token", "token-a");
+    let config = |proxy, admin| {
+        write_file(
+            dir.path(),
+            "gateway.toml",
+            &format!(
+                "[server]\nlisten = \"{proxy}\"\n[admin]\nlisten = \"{admin}\"\n[audit]\n\
+                 enabled = false\n[upstream]\nurl = \"http://127.0.0.1:9\"\n[token]\n\
+                 file = \"{}\"\n[fleet]\nredis_url = \"{}\"\nreplica = \"gw-log\"\n",
+                token.display(),
+                redis.url()
+            ),
+        )
+    };
+    let log = dir.path().join("gateway.log");
+    let child = ChildGateway::start(log.clone(), &[("RUST_LOG", "info")], |proxy, admin| {
+        vec!["--config".into(), config(proxy, admin).into()]
+    })
+    .await;
+    let up = |child: &ChildGateway| {
+        let url = format!("http://{}/metrics", child.admin);
+        async move {
+            let text = get(&url, &[]).await.text();
+            text.lines()
+                .find_map(|l| l.strip_prefix("cloudcasa_gateway_fleet_link_up "))
+                .map(str::to_string)
+        }
+    };
+    let wait_for = |value: &'static str| {
+        let child = &child;
+        async move {
+            eventually(
+                Duration::from_secs(10),
+                &format!("link_up {value}"),
+                || async { up(child).await.as_deref() == Some(value) },
+            )
+            .await
+        }
+    };
+    wait_for("1").await;
+    redis.kill();
+    wait_for("0").await;
+    // Probed every 500 ms while down: still one line.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    redis.restart().await;
+    wait_for("1").await;
+    let logs = child.logs();
+    assert_eq!(logs.matches("fleet link down").count(), 1, "{logs}");
+    assert_eq!(logs.matches("fleet link up").count(), 2, "{logs}");
+    assert!(!logs.contains("log-secret-password"), "{logs}");
+    assert!(logs.contains("redis://:***@127.0.0.1"), "{logs}");
+}
