@@ -8,7 +8,7 @@
 #
 # Environment: BENCH_DURATION (seconds per measurement, default 10), BENCH_CONNECTIONS
 # (default 64), BENCH_ROUNDS (default 2), BENCH_ENTRIES (memory run, default 100000; 0 skips
-# it), BENCH_SCENARIOS (default "abcdefg").
+# it), BENCH_SCENARIOS (default "abcdefghi").
 # Writes the table to stdout and to bench/results/latest.md (smoke: bench/results/smoke.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +19,7 @@ DURATION=${BENCH_DURATION:-10}
 CONNECTIONS=${BENCH_CONNECTIONS:-64}
 ROUNDS=${BENCH_ROUNDS:-2}
 ENTRIES=${BENCH_ENTRIES:-100000}
-SCENARIOS=${BENCH_SCENARIOS:-abcdefg}
+SCENARIOS=${BENCH_SCENARIOS:-abcdefghi}
 WARMUP=3
 PROFILE=release
 if ((SMOKE)); then
@@ -58,7 +58,7 @@ cleanup() {
 trap cleanup EXIT
 
 UPSTREAM=18090 GATEWAY=18080 GATEWAY_AUDIT=18082 NGINX=18081 CEILING=18083 MEMORY=18084
-BARE_PROXY=18085
+BARE_PROXY=18085 NGINX_LOG=18086
 
 echo -n "bench-token" >"$WORK/token"
 gateway_config() { # PORT ADMIN_PORT AUDIT(on|off) CACHE_SIZE
@@ -95,17 +95,18 @@ gateway_config $GATEWAY_AUDIT 19082 on 512MiB >"$WORK/gateway-audit.toml"
 RUST_LOG=warn start gateway taskset -c "$SERVER_CORE" "$BIN/cloudcasa-gateway" --config "$WORK/gateway.toml"
 RUST_LOG=warn start gateway-audit taskset -c "$SERVER_CORE" "$BIN/cloudcasa-gateway" --config "$WORK/gateway-audit.toml"
 mkdir -p "$WORK/nginx-cache"
-sed "s#@DIR@#$WORK#g; s#@PORT@#$NGINX#; s#@UPSTREAM@#$UPSTREAM#" bench/nginx.conf >"$WORK/nginx.conf"
+sed "s#@DIR@#$WORK#g; s#@PORT@#$NGINX#; s#@LOGPORT@#$NGINX_LOG#; s#@UPSTREAM@#$UPSTREAM#" bench/nginx.conf >"$WORK/nginx.conf"
 start nginx taskset -c "$SERVER_CORE" nginx -c "$WORK/nginx.conf" -e "$WORK/nginx-error.log"
 start ceiling taskset -c "$SERVER_CORE" "$BIN/examples/bench_servers" ceiling "127.0.0.1:$CEILING" 1
 start bare-proxy taskset -c "$SERVER_CORE" "$BIN/examples/bench_servers" proxy "127.0.0.1:$BARE_PROXY" 1 \
   "127.0.0.1:$UPSTREAM"
-for p in $UPSTREAM $GATEWAY $GATEWAY_AUDIT $NGINX $CEILING $BARE_PROXY; do wait_port $p; done
+for p in $UPSTREAM $GATEWAY $GATEWAY_AUDIT $NGINX $NGINX_LOG $CEILING $BARE_PROXY; do wait_port $p; done
 
 port_of() {
   case $1 in
     gateway) echo $GATEWAY ;; gateway-audit) echo $GATEWAY_AUDIT ;;
-    nginx) echo $NGINX ;; ceiling) echo $CEILING ;; bare-proxy) echo $BARE_PROXY ;;
+    nginx) echo $NGINX ;; nginx-log) echo $NGINX_LOG ;; ceiling) echo $CEILING ;;
+    bare-proxy) echo $BARE_PROXY ;;
   esac
 }
 
@@ -140,6 +141,10 @@ scenario d /api/v1/uncached "$CONNECTIONS" "" gateway nginx bare-proxy
 scenario e /api/v1/patch "$CONNECTIONS" bench/patch.lua gateway nginx bare-proxy
 scenario f /api/v1/fresh 256 "" gateway nginx ceiling
 scenario g /api/v1/fresh "$CONNECTIONS" "" gateway-audit gateway
+# (h), (i): the same work on both sides: the gateway with its audit file, nginx with a JSON
+# access log (buffered); nginx without one and the bare proxy beside them.
+scenario h /api/v1/fresh "$CONNECTIONS" "" gateway-audit nginx-log nginx
+scenario i /api/v1/patch "$CONNECTIONS" bench/patch.lua gateway-audit nginx-log bare-proxy
 
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$(cat "$WORK/$1.pid")/status"; }
 {
