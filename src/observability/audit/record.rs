@@ -3,7 +3,7 @@
 //! Only facts about the request are recorded, never credentials or bodies: there is no field an
 //! `Authorization` header could reach.
 
-use serde::Serialize;
+use serde::{Serialize, Serializer};
 
 use crate::context::Exchange;
 use crate::http::resource::Resource;
@@ -19,19 +19,32 @@ pub struct Client<'a> {
     pub auth: Option<&'static str>,
 }
 
+/// ASCII bytes (a timestamp, hex digits) serialized as a JSON string.
+fn ascii<S: Serializer, const N: usize>(bytes: &[u8; N], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(std::str::from_utf8(bytes).unwrap_or_default())
+}
+
 /// One line of the audit trail, without the chain members (`prev`, `hash`), which the writer adds.
+///
+/// Written by [`Record::to_open_json`], a writer for this one schema (the member names are
+/// constants, numbers go through itoa and zmij, strings are escaped only when they hold a byte
+/// that needs it), whose bytes are exactly serde_json's for the same record (the `Serialize`
+/// derive is the reference: `tests/no_panic.rs` compares the two on random records).
 #[derive(Debug, Clone, Serialize)]
 pub struct Record<'a> {
     /// RFC 3339 UTC with milliseconds: when the request was received.
-    pub ts: String,
+    #[serde(serialize_with = "ascii")]
+    pub ts: [u8; 24],
     /// `intent` (before a write is forwarded, in fail-closed mode) or `outcome`.
     pub phase: &'static str,
     /// The request id (`X-Request-Id`).
     pub request_id: &'a str,
     /// 32 hex digits.
-    pub trace_id: String,
+    #[serde(serialize_with = "ascii")]
+    pub trace_id: [u8; 32],
     /// 16 hex digits: the gateway's server span.
-    pub span_id: String,
+    #[serde(serialize_with = "ascii")]
+    pub span_id: [u8; 16],
     /// Who asked.
     pub client: Client<'a>,
     /// The policy rule that allowed the request.
@@ -88,11 +101,136 @@ impl OpenRecord {
 impl Record<'_> {
     /// The record as an [`OpenRecord`], ready for the chain members.
     pub fn to_open_json(&self) -> OpenRecord {
-        let mut out = Vec::with_capacity(640);
-        serde_json::to_writer(&mut out, self).expect("a record always serializes");
-        debug_assert_eq!(out.last(), Some(&b'}'));
-        out.pop();
-        OpenRecord(out)
+        let mut o = Json(Vec::with_capacity(640));
+        o.raw(b"{\"ts\":");
+        o.str(std::str::from_utf8(&self.ts).unwrap_or_default());
+        o.raw(b",\"phase\":");
+        o.str(self.phase);
+        o.raw(b",\"request_id\":");
+        o.str(self.request_id);
+        o.raw(b",\"trace_id\":");
+        o.str(std::str::from_utf8(&self.trace_id).unwrap_or_default());
+        o.raw(b",\"span_id\":");
+        o.str(std::str::from_utf8(&self.span_id).unwrap_or_default());
+        o.raw(b",\"client\":{\"addr\":");
+        o.opt_str(self.client.addr);
+        o.raw(b",\"id\":");
+        o.opt_str(self.client.id);
+        o.raw(b",\"auth\":");
+        o.opt_str(self.client.auth);
+        o.raw(b"},\"rule\":");
+        o.opt_str(self.rule);
+        o.raw(b",\"credential\":");
+        o.opt_str(self.credential);
+        o.raw(b",\"method\":");
+        o.str(self.method);
+        o.raw(b",\"wire_method\":");
+        o.opt_str(self.wire_method);
+        o.raw(b",\"path\":");
+        o.str(self.path);
+        o.raw(b",\"query\":");
+        o.opt_str(self.query);
+        o.raw(b",\"resource\":");
+        match &self.resource {
+            Some(r) => {
+                o.raw(b"{\"collection\":");
+                o.str(r.collection);
+                o.raw(b",\"id\":");
+                o.opt_str(r.id);
+                o.raw(b"}");
+            }
+            None => o.raw(b"null"),
+        }
+        o.raw(b",\"status\":");
+        o.opt_int(self.status.map(u64::from));
+        o.raw(b",\"upstream_status\":");
+        o.opt_int(self.upstream_status.map(u64::from));
+        o.raw(b",\"cache\":");
+        o.opt_str(self.cache);
+        o.raw(b",\"if_match\":");
+        o.opt_str(self.if_match);
+        o.raw(b",\"etag\":");
+        o.opt_str(self.etag.as_deref());
+        o.raw(b",\"bytes_in\":");
+        o.opt_int(self.bytes_in);
+        o.raw(b",\"bytes_out\":");
+        o.opt_int(self.bytes_out);
+        o.raw(b",\"duration_ms\":");
+        o.opt_float(self.duration_ms);
+        o.raw(b",\"upstream_ms\":");
+        o.opt_float(self.upstream_ms);
+        o.raw(b",\"error\":");
+        o.opt_str(self.error);
+        o.raw(b",\"complete\":");
+        match self.complete {
+            Some(true) => o.raw(b"true"),
+            Some(false) => o.raw(b"false"),
+            None => o.raw(b"null"),
+        }
+        OpenRecord(o.0)
+    }
+}
+
+/// The JSON writer for [`Record`]: serde_json's output, byte for byte, for the few types a
+/// record holds.
+struct Json(Vec<u8>);
+
+impl Json {
+    fn raw(&mut self, bytes: &[u8]) {
+        self.0.extend_from_slice(bytes);
+    }
+
+    /// A JSON string, escaped as serde_json escapes: `"`, `\\` and the control characters,
+    /// with the short forms for `\b \t \n \f \r` and `\u00xx` (lowercase) for the rest;
+    /// everything else (DEL, non-ASCII) as it is. Most values need no escape: one scan, one copy.
+    fn str(&mut self, text: &str) {
+        let bytes = text.as_bytes();
+        self.0.push(b'"');
+        if !bytes.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\') {
+            self.0.extend_from_slice(bytes);
+        } else {
+            for &b in bytes {
+                match b {
+                    b'"' => self.0.extend_from_slice(b"\\\""),
+                    b'\\' => self.0.extend_from_slice(b"\\\\"),
+                    0x08 => self.0.extend_from_slice(b"\\b"),
+                    b'\t' => self.0.extend_from_slice(b"\\t"),
+                    b'\n' => self.0.extend_from_slice(b"\\n"),
+                    0x0c => self.0.extend_from_slice(b"\\f"),
+                    b'\r' => self.0.extend_from_slice(b"\\r"),
+                    0x00..=0x1f => {
+                        const HEX: &[u8; 16] = b"0123456789abcdef";
+                        self.0.extend_from_slice(b"\\u00");
+                        self.0.push(HEX[usize::from(b >> 4)]);
+                        self.0.push(HEX[usize::from(b & 0xf)]);
+                    }
+                    _ => self.0.push(b),
+                }
+            }
+        }
+        self.0.push(b'"');
+    }
+
+    fn opt_str(&mut self, text: Option<&str>) {
+        match text {
+            Some(t) => self.str(t),
+            None => self.raw(b"null"),
+        }
+    }
+
+    fn opt_int(&mut self, n: Option<u64>) {
+        match n {
+            Some(n) => self.raw(itoa::Buffer::new().format(n).as_bytes()),
+            None => self.raw(b"null"),
+        }
+    }
+
+    /// As serde_json: zmij's shortest form for a finite number, `null` otherwise.
+    fn opt_float(&mut self, x: Option<f64>) {
+        match x {
+            Some(x) if x.is_finite() => self.raw(zmij::Buffer::new().format_finite(x).as_bytes()),
+            _ => self.raw(b"null"),
+        }
     }
 }
 
@@ -103,12 +241,12 @@ impl<'a> Record<'a> {
         let span = opentelemetry::trace::TraceContextExt::span(&ex.trace);
         let sc = span.span_context();
         Record {
-            ts: humantime::format_rfc3339_millis(ex.received_at).to_string(),
+            ts: rfc3339_millis(ex.received_at),
             phase,
             request_id: ex.request_id.to_str().unwrap_or_default(),
-            // The same lowercase hex as their Display, without the formatter.
-            trace_id: hex::encode(sc.trace_id().to_bytes()),
-            span_id: hex::encode(sc.span_id().to_bytes()),
+            // The same lowercase hex as their Display, without the formatter or an allocation.
+            trace_id: hex_id(sc.trace_id().to_bytes()),
+            span_id: hex_id(sc.span_id().to_bytes()),
             client: Client {
                 addr: ex.client_addr.as_ref().map(|a| &*a.text),
                 id: ex.client().map(|c| c.id.as_ref()),
@@ -136,6 +274,25 @@ impl<'a> Record<'a> {
     }
 }
 
+/// `bytes` as lowercase hex, in place (`N` is twice `bytes`' length).
+fn hex_id<const M: usize, const N: usize>(bytes: [u8; M]) -> [u8; N] {
+    let mut out = [0u8; N];
+    hex::encode_to_slice(bytes, &mut out).expect("N is twice M");
+    out
+}
+
+/// RFC 3339 UTC with milliseconds (`2026-12-02T10:22:31.123Z`, 24 bytes), as humantime writes
+/// it, into a buffer of the record's own.
+pub fn rfc3339_millis(t: std::time::SystemTime) -> [u8; 24] {
+    use std::io::Write;
+    let mut out = [0u8; 24];
+    let mut w = &mut out[..];
+    // humantime writes exactly 24 bytes for years 0000–9999; a clock outside them (and there
+    // is no other) leaves the buffer as far as it got, still ASCII.
+    let _ = write!(w, "{}", humantime::format_rfc3339_millis(t));
+    out
+}
+
 /// The fail-closed intent record for a request, open for the chain members.
 pub fn intent(ex: &Exchange) -> OpenRecord {
     Record::of(ex, "intent").to_open_json()
@@ -157,6 +314,94 @@ pub fn millis(d: std::time::Duration) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use proptest::prelude::*;
+
+    fn text() -> impl Strategy<Value = String> {
+        // Control characters, quotes, backslashes, DEL, non-ASCII: everything escaping decides.
+        prop_oneof![
+            "[ -~]{0,20}",
+            "[\\x00-\\x1f\"\\\\\\x7f é€😀a-z]{0,20}",
+            any::<String>(),
+        ]
+    }
+
+    fn float() -> impl Strategy<Value = f64> {
+        prop_oneof![
+            0.0..1e6f64,
+            any::<f64>().prop_filter("finite", |x| x.is_finite()),
+            Just(0.001),
+            Just(1e21),
+            Just(f64::MIN_POSITIVE),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn the_record_writer_writes_serde_jsons_bytes(
+            strings in proptest::collection::vec(text(), 13),
+            options in proptest::collection::vec(any::<bool>(), 16),
+            ints in proptest::collection::vec(any::<u64>(), 4),
+            floats in proptest::collection::vec(float(), 2),
+            ts in any::<u32>(),
+        ) {
+            let s = |i: usize| strings[i].as_str();
+            let o = |i: usize, v: &'static str| options[i].then_some(v);
+            let record = Record {
+                ts: rfc3339_millis(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::from(ts) * 997),
+                ),
+                phase: o(0, "outcome").unwrap_or("intent"),
+                request_id: s(0),
+                trace_id: hex_id([7u8; 16]),
+                span_id: hex_id([9u8; 8]),
+                client: Client {
+                    addr: options[1].then(|| s(1)),
+                    id: options[2].then(|| s(2)),
+                    auth: o(3, "api_key"),
+                },
+                rule: options[4].then(|| s(3)),
+                credential: options[5].then(|| s(4)),
+                method: s(5),
+                wire_method: options[6].then(|| s(6)),
+                path: s(7),
+                query: options[7].then(|| s(8)),
+                resource: options[8].then(|| Resource {
+                    collection: s(9),
+                    id: options[9].then(|| s(10)),
+                }),
+                status: options[10].then_some(ints[0] as u16),
+                upstream_status: options[11].then_some(ints[1] as u16),
+                cache: o(12, "hit"),
+                if_match: options[13].then(|| s(11)),
+                etag: options[14].then(|| s(12).to_string()),
+                bytes_in: options[15].then_some(ints[2]),
+                bytes_out: Some(ints[3]),
+                duration_ms: Some(floats[0]),
+                upstream_ms: options[0].then_some(floats[1]),
+                error: o(1, "upstream_timeout"),
+                complete: options[2].then_some(options[3]),
+            };
+            let mut reference = serde_json::to_vec(&record).unwrap();
+            prop_assert_eq!(reference.pop(), Some(b'}'));
+            let written = record.to_open_json();
+            prop_assert_eq!(
+                String::from_utf8_lossy(written.as_bytes()),
+                String::from_utf8_lossy(&reference)
+            );
+        }
+    }
+
+    #[test]
+    fn timestamps_are_humantimes() {
+        for ms in [0u64, 1, 999, 1_764_669_751_123, 253_402_300_799_999] {
+            let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+            assert_eq!(
+                std::str::from_utf8(&rfc3339_millis(t)).unwrap(),
+                humantime::format_rfc3339_millis(t).to_string()
+            );
+        }
+    }
 
     #[test]
     fn etags_lose_their_quotes() {
