@@ -876,3 +876,58 @@ async fn a_client_max_stale_accepts_a_stale_response_unless_it_forbids_it() {
     assert!(strict.header("cache-status").unwrap().contains("fwd=stale"));
     assert_eq!(mock.state.count(), before + 1);
 }
+
+#[tokio::test]
+async fn a_range_asked_for_identity_is_answered_from_the_uncoded_whole_stored_for_gzip() {
+    // As Node's fetch and browsers do: the whole with `Accept-Encoding: gzip, deflate`, then a
+    // range with `identity`. The stored body is not content-coded, so it answers the range.
+    let (mock, _secret, gw) = setup("").await;
+    for (path, coding) in [("/api/v1/plain", None), ("/api/v1/zipped", Some("gzip"))] {
+        mock.state.route(path, move |_| {
+            let mut response = http::Response::builder()
+                .header("cache-control", "max-age=3600")
+                .header("etag", "\"e1\"");
+            if let Some(coding) = coding {
+                response = response.header("content-encoding", coding);
+            }
+            response.body(Bytes::from_static(b"01234567890")).unwrap()
+        });
+    }
+    let whole = get(
+        &gw.url("/api/v1/plain"),
+        &[("accept-encoding", "gzip, deflate")],
+    )
+    .await;
+    assert_eq!(whole.status, StatusCode::OK);
+    let part = get(
+        &gw.url("/api/v1/plain"),
+        &[("accept-encoding", "identity"), ("range", "bytes=0-1")],
+    )
+    .await;
+    assert_eq!(part.status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(part.body, Bytes::from_static(b"01"));
+    assert!(part.header("cache-status").unwrap().contains("; hit"));
+    assert_eq!(mock.state.requests_to("/api/v1/plain").len(), 1);
+    // A client that refuses identity, or a stored body that is gzip: the range goes upstream.
+    get(
+        &gw.url("/api/v1/plain"),
+        &[
+            ("accept-encoding", "identity;q=0, br"),
+            ("range", "bytes=0-1"),
+        ],
+    )
+    .await;
+    assert_eq!(mock.state.requests_to("/api/v1/plain").len(), 2);
+    get(&gw.url("/api/v1/zipped"), &[("accept-encoding", "gzip")]).await;
+    let zipped = get(
+        &gw.url("/api/v1/zipped"),
+        &[("accept-encoding", "identity"), ("range", "bytes=0-1")],
+    )
+    .await;
+    assert!(
+        zipped.header("cache-status").unwrap().contains("fwd="),
+        "{:?}",
+        zipped.headers
+    );
+    assert_eq!(mock.state.requests_to("/api/v1/zipped").len(), 2);
+}

@@ -43,6 +43,9 @@ use rules::{Directives, NotStorable};
 use status::{CacheStatus, Forward};
 use store::{CacheKey, FlightOutcome, Joined, PathKey, Store, Stored, VariantKey};
 
+/// The most stored variants of one path [`ResponseCache::identity_variant`] looks through.
+const IDENTITY_SCAN_LIMIT: usize = 64;
+
 /// Client conditionals the cache answers itself; they are never sent upstream for cacheable
 /// reads (the cache wants a full response to store).
 const CLIENT_CONDITIONALS: [HeaderName; 5] = [
@@ -369,7 +372,11 @@ impl ResponseCache {
             // request goes upstream as it came, `Range` and `If-Range` together, and its answer
             // is not stored: only a complete 200 is.
             let now = self.clock.now();
-            if let Some(s) = self.store.get(&key).await.filter(|s| {
+            let found = match self.store.get(&key).await {
+                Some(s) => Some(s),
+                None => self.identity_variant(&key, &config.key_headers).await,
+            };
+            if let Some(s) = found.filter(|s| {
                 !fleet_down
                     && s.matches_vary(req.headers())
                     && rules::fresh_enough(s.age(now), s.lifetime, &request_cc, s.forbids_stale)
@@ -722,6 +729,52 @@ impl ResponseCache {
             });
         }
         (status, Ok(serve(&fresh, &client, false, now).map(hold)))
+    }
+
+    /// For a `Range` request that found nothing under its own key: a stored response of the
+    /// same path and query whose key differs only in `Accept-Encoding` and that is not
+    /// content-coded, when the request accepts the identity coding. Clients (Node's fetch,
+    /// browsers) ask for ranges with `Accept-Encoding: identity` after fetching the whole with
+    /// `gzip, deflate`; an uncoded body is what they asked for, whatever the other key said.
+    /// The candidate still passes the caller's Vary and freshness checks, never leaves the
+    /// credential partition, and a path with more than [`IDENTITY_SCAN_LIMIT`] stored variants
+    /// is not scanned (a miss goes upstream, as before).
+    async fn identity_variant(&self, key: &CacheKey, names: &[HeaderName]) -> Option<Arc<Stored>> {
+        let ae = names.iter().position(|n| n == header::ACCEPT_ENCODING)?;
+        let parts = |r: &[u8]| {
+            r.split(|b| *b == b'\n')
+                .map(<[u8]>::to_vec)
+                .collect::<Vec<_>>()
+        };
+        let mine = parts(&key.variant.representation);
+        if !rules::accepts_identity(mine.get(ae)?) {
+            return None;
+        }
+        for variant in self
+            .store
+            .variants_of(&key.path, &key.variant.query, IDENTITY_SCAN_LIMIT)
+        {
+            let theirs = parts(&variant.representation);
+            let same_but_coding = theirs.len() == mine.len()
+                && theirs
+                    .iter()
+                    .zip(&mine)
+                    .enumerate()
+                    .all(|(i, (a, b))| i == ae || a == b);
+            if !same_but_coding || variant == key.variant {
+                continue;
+            }
+            let candidate = CacheKey {
+                path: key.path.clone(),
+                variant,
+            };
+            if let Some(s) = self.store.get(&candidate).await
+                && !s.headers.contains_key(header::CONTENT_ENCODING)
+            {
+                return Some(s);
+            }
+        }
+        None
     }
 
     /// Looks for `fill`'s key in the fleet's shared tier after a miss in memory. A fresh entry

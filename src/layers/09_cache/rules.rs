@@ -269,6 +269,35 @@ pub fn representation_key(names: &[HeaderName], request: &HeaderMap) -> Box<[u8]
     key.into_boxed_slice()
 }
 
+/// Whether a request's `Accept-Encoding` (as `representation_key` normalized it: lower case,
+/// no whitespace, repeated lines joined with `,`) accepts the identity coding (RFC 9110
+/// §12.5.3): an empty one does; otherwise unless `identity;q=0`, or `*;q=0` without an
+/// `identity` of its own, says no.
+pub fn accepts_identity(accept_encoding: &[u8]) -> bool {
+    let zero = |params: &[u8]| {
+        params.split(|b| *b == b';').any(|p| {
+            p.strip_prefix(b"q=")
+                .and_then(|q| std::str::from_utf8(q).ok())
+                .and_then(|q| q.parse::<f64>().ok())
+                .is_some_and(|q| q == 0.0)
+        })
+    };
+    let mut identity = None;
+    let mut star = None;
+    for item in accept_encoding.split(|b| *b == b',') {
+        let (coding, params) = match item.iter().position(|b| *b == b';') {
+            Some(i) => (&item[..i], &item[i..]),
+            None => (item, &item[item.len()..]),
+        };
+        match coding {
+            b"identity" => identity = Some(!zero(params)),
+            b"*" => star = Some(!zero(params)),
+            _ => {}
+        }
+    }
+    identity.or(star).unwrap_or(true)
+}
+
 /// What the upstream is sent when a request has no `Accept`.
 pub const DEFAULT_ACCEPT: &[u8] = b"application/json";
 
@@ -474,6 +503,29 @@ mod tests {
     use super::*;
     use crate::http::headers::test_map as headers;
     use http::StatusCode;
+
+    #[test]
+    fn identity_is_accepted_unless_refused() {
+        for yes in [
+            &b""[..],
+            b"identity",
+            b"gzip,deflate",
+            b"gzip;q=0",
+            b"*;q=0,identity",
+            b"identity;q=0.5",
+            b"*",
+        ] {
+            assert!(accepts_identity(yes), "{}", String::from_utf8_lossy(yes));
+        }
+        for no in [
+            &b"identity;q=0"[..],
+            b"gzip,*;q=0",
+            b"identity;q=0.0,gzip",
+            b"*;q=0",
+        ] {
+            assert!(!accepts_identity(no), "{}", String::from_utf8_lossy(no));
+        }
+    }
 
     #[test]
     fn parses_directives() {

@@ -451,6 +451,26 @@ impl Store {
         true
     }
 
+    /// The stored variants of `path` with `query`, if it has at most `limit` variants in all
+    /// (none otherwise: the caller's scan stays bounded whatever a client stored).
+    pub fn variants_of(&self, path: &PathKey, query: &str, limit: usize) -> Vec<VariantKey> {
+        let index = self.index.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(variants) = index
+            .get(&(path.partition, Box::<str>::from(bucket(&path.path))))
+            .and_then(|paths| paths.get(&path.path))
+        else {
+            return Vec::new();
+        };
+        if variants.len() > limit {
+            return Vec::new();
+        }
+        variants
+            .keys()
+            .filter(|v| &*v.query == query)
+            .cloned()
+            .collect()
+    }
+
     /// Takes out of the index, in `partition`, every variant of the paths `covers` accepts in
     /// bucket `which` (`None`: in every bucket of the partition); returns their keys.
     fn take_indexed(
