@@ -174,7 +174,9 @@ where
 #[derive(Debug)]
 struct Answered {
     status: StatusCode,
-    etag: Option<String>,
+    /// The response's ETag, kept as the header value (a reference count, no copy): it is
+    /// unquoted only when an audit record needs it.
+    etag: Option<HeaderValue>,
     error: Option<&'static str>,
     /// A body that is empty by definition (HEAD, 204, 304) is complete when dropped.
     bodiless: bool,
@@ -185,11 +187,7 @@ impl Answered {
         let status = response.status();
         Self {
             status,
-            etag: response
-                .headers()
-                .get(header::ETAG)
-                .and_then(|v| v.to_str().ok())
-                .map(record::unquote_etag),
+            etag: response.headers().get(header::ETAG).cloned(),
             error: response.extensions().get::<GatewayMade>().map(|g| g.kind),
             bodiless: head
                 || status == StatusCode::NO_CONTENT
@@ -308,7 +306,12 @@ impl Completion {
             r.status = Some(status.as_u16());
             r.upstream_status = upstream.status.map(|s| s.as_u16());
             r.cache = Some(cache_label);
-            r.etag = self.response.as_ref().and_then(|r| r.etag.clone());
+            r.etag = self
+                .response
+                .as_ref()
+                .and_then(|r| r.etag.as_ref())
+                .and_then(|v| v.to_str().ok())
+                .map(record::unquote_etag);
             r.bytes_in = Some(ex.bytes_in());
             r.bytes_out = Some(self.bytes_out);
             r.duration_ms = Some(record::millis(duration));

@@ -307,15 +307,57 @@ fn hex_id<const M: usize, const N: usize>(bytes: [u8; M]) -> [u8; N] {
 }
 
 /// RFC 3339 UTC with milliseconds (`2026-12-02T10:22:31.123Z`, 24 bytes), as humantime writes
-/// it, into a buffer of the record's own.
+/// it, into a buffer of the record's own: the civil date from the day count (Howard Hinnant's
+/// `civil_from_days`) and the digits written in place, which is a tenth of humantime's
+/// formatter's work. Years past 9999 (no clock has them) go through humantime.
 pub fn rfc3339_millis(t: std::time::SystemTime) -> [u8; 24] {
-    use std::io::Write;
+    let since = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let days = i64::try_from(secs / 86_400).unwrap_or(i64::MAX / 2);
+    let (year, month, day) = civil_from_days(days);
     let mut out = [0u8; 24];
-    let mut w = &mut out[..];
-    // humantime writes exactly 24 bytes for years 0000–9999; a clock outside them (and there
-    // is no other) leaves the buffer as far as it got, still ASCII.
-    let _ = write!(w, "{}", humantime::format_rfc3339_millis(t));
+    if !(0..=9999).contains(&year) {
+        use std::io::Write;
+        let _ = write!(&mut out[..], "{}", humantime::format_rfc3339_millis(t));
+        return out;
+    }
+    let rem = secs % 86_400;
+    let put = |out: &mut [u8; 24], at: usize, value: u64, digits: usize| {
+        let mut v = value;
+        for i in (0..digits).rev() {
+            out[at + i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(&mut out, 0, year as u64, 4);
+    out[4] = b'-';
+    put(&mut out, 5, u64::from(month), 2);
+    out[7] = b'-';
+    put(&mut out, 8, u64::from(day), 2);
+    out[10] = b'T';
+    put(&mut out, 11, rem / 3600, 2);
+    out[13] = b':';
+    put(&mut out, 14, rem / 60 % 60, 2);
+    out[16] = b':';
+    put(&mut out, 17, rem % 60, 2);
+    out[19] = b'.';
+    put(&mut out, 20, u64::from(since.subsec_millis()), 3);
+    out[23] = b'Z';
     out
+}
+
+/// The proleptic Gregorian (year, month, day) of a day count since 1970-01-01.
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
 }
 
 /// The fail-closed intent record for a request, open for the chain members.
@@ -439,9 +481,30 @@ mod tests {
         }
     }
 
+    proptest! {
+        #[test]
+        fn timestamps_are_humantimes_everywhere(ms in 0u64..253_402_300_800_000) {
+            let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+            let ours = rfc3339_millis(t);
+            prop_assert_eq!(
+                std::str::from_utf8(&ours).unwrap(),
+                humantime::format_rfc3339_millis(t).to_string()
+            );
+        }
+    }
+
     #[test]
     fn timestamps_are_humantimes() {
-        for ms in [0u64, 1, 999, 1_764_669_751_123, 253_402_300_799_999] {
+        // Epoch, leap days, centuries, the last millisecond of 9999.
+        for ms in [
+            0u64,
+            1,
+            999,
+            951_782_400_000,
+            4_107_542_400_000,
+            1_764_669_751_123,
+            253_402_300_799_999,
+        ] {
             let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
             assert_eq!(
                 std::str::from_utf8(&rfc3339_millis(t)).unwrap(),
