@@ -1415,6 +1415,16 @@ impl FleetMetrics {
         for mode in ["fleet", "local"] {
             let _ = m.rate.get_or_create(&ModeLabel { mode });
         }
+        // Series the dashboard selects exist from the start.
+        for result in ["hit", "miss"] {
+            let _ = m.lookups.get_or_create(&ResultLabel { result });
+        }
+        for result in ["stored", "invalidated"] {
+            let _ = m.stores.get_or_create(&ResultLabel { result });
+        }
+        let _ = m.delay.get_or_create(&DirectionLabel {
+            direction: "received",
+        });
         m
     }
 
