@@ -494,3 +494,36 @@ async fn the_binary_logs_each_link_transition_once_and_never_the_password() {
     assert!(!logs.contains("log-secret-password"), "{logs}");
     assert!(logs.contains("redis://:***@127.0.0.1"), "{logs}");
 }
+
+#[tokio::test]
+async fn misses_create_nothing_in_redis_and_deep_paths_stay_local() {
+    let redis = RedisServer::start().await;
+    let (mock, _secret, a, b) = replicas(&redis, "[cache]\nfresh_for = \"60s\"").await;
+    let before = redis.dump().await;
+    // A miss the upstream answers 404: no version, no entry.
+    assert_eq!(
+        get(&a.url("/api/v1/usergroups/nope"), &[]).await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(redis.dump().await, before, "a miss wrote to Redis");
+    // A path deeper than the shared tier takes is kept in each replica's memory only.
+    let deep = format!("/api/v1/deep{}", "/x".repeat(20));
+    mock.state.route(&deep, |_| {
+        http::Response::builder()
+            .header("cache-control", "max-age=3600")
+            .body(bytes::Bytes::from_static(b"{}"))
+            .unwrap()
+    });
+    get(&a.url(&deep), &[]).await;
+    get(&b.url(&deep), &[]).await;
+    assert_eq!(
+        gets(&mock, &deep),
+        2,
+        "each replica fetched the deep path itself"
+    );
+    assert_eq!(
+        redis.dump().await,
+        before,
+        "nothing of the deep path went to Redis"
+    );
+}

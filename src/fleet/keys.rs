@@ -28,16 +28,34 @@ fn trimmed(path: &str) -> &str {
     path.trim_end_matches('/')
 }
 
+/// The longest path, in bytes, whose responses are shared through Redis.
+pub const MAX_SHARED_PATH: usize = 1024;
+/// The deepest path, in segments, whose responses are shared (a path depends on one version
+/// per ancestor: this bounds the keys one lookup reads).
+pub const MAX_SHARED_DEPTH: usize = 16;
+
+/// Whether responses of `path` may go through the shared tier: a client chooses paths, and
+/// each segment is a key a lookup reads, so long and deep ones stay in the replica's memory.
+pub fn shareable(path: &str) -> bool {
+    path.len() <= MAX_SHARED_PATH && path.bytes().filter(|b| *b == b'/').count() <= MAX_SHARED_DEPTH
+}
+
+/// A scope's name in a key: the path hashed (128 bits), so a key's length does not grow with
+/// the path a client sent.
+fn scope(path: &str) -> String {
+    hex::encode(&Sha256::digest(trimmed(path).as_bytes())[..16])
+}
+
 /// The version keys a stored response of `path` depends on: the partition's generation, the
 /// path exactly, and the path and each ancestor as a subtree root, down to the root. A write
 /// that invalidates any of these scopes bumps one of them.
 pub fn versions_of(partition: &Fingerprint, path: &str) -> Vec<String> {
     let prefix = partition_prefix(partition);
     let path = trimmed(path);
-    let mut keys = vec![format!("{prefix}g"), format!("{prefix}x:{path}")];
+    let mut keys = vec![format!("{prefix}g"), format!("{prefix}x:{}", scope(path))];
     let mut at = path;
     loop {
-        keys.push(format!("{prefix}s:{at}"));
+        keys.push(format!("{prefix}s:{}", scope(at)));
         match at.rfind('/') {
             Some(i) => at = &at[..i],
             None => break,
@@ -51,8 +69,8 @@ pub fn versions_bumped(partition: &Fingerprint, exact: &[String], roots: &[Strin
     let prefix = partition_prefix(partition);
     exact
         .iter()
-        .map(|p| format!("{prefix}x:{}", trimmed(p)))
-        .chain(roots.iter().map(|r| format!("{prefix}s:{}", trimmed(r))))
+        .map(|p| format!("{prefix}x:{}", scope(p)))
+        .chain(roots.iter().map(|r| format!("{prefix}s:{}", scope(r))))
         .collect()
 }
 
@@ -104,18 +122,29 @@ mod tests {
         let pre = partition_prefix(&p);
         let keys = versions_of(&p, "/api/v1/usergroups/10/");
         let short: Vec<_> = keys.iter().map(|k| k.strip_prefix(&pre).unwrap()).collect();
-        assert_eq!(
-            short,
-            [
-                "g",
-                "x:/api/v1/usergroups/10",
-                "s:/api/v1/usergroups/10",
-                "s:/api/v1/usergroups",
-                "s:/api/v1",
-                "s:/api",
-                "s:",
-            ]
+        let expected: Vec<String> = vec![
+            "g".to_string(),
+            format!("x:{}", scope("/api/v1/usergroups/10")),
+            format!("s:{}", scope("/api/v1/usergroups/10")),
+            format!("s:{}", scope("/api/v1/usergroups")),
+            format!("s:{}", scope("/api/v1")),
+            format!("s:{}", scope("/api")),
+            format!("s:{}", scope("")),
+        ];
+        assert_eq!(short, expected);
+        // A key's length does not depend on the path's.
+        let long = format!("/api/v1/{}", "x".repeat(900));
+        assert!(
+            versions_of(&p, &long)
+                .iter()
+                .all(|k| k.len() <= pre.len() + 34)
         );
+        assert!(shareable("/api/v1/usergroups/10"));
+        assert!(!shareable(&format!(
+            "/api/v1/{}",
+            "x".repeat(MAX_SHARED_PATH)
+        )));
+        assert!(!shareable(&"/a".repeat(MAX_SHARED_DEPTH + 1)));
         // What a PATCH of that item bumps is among them: the collection's subtree, and its
         // parent exactly.
         let bumped = versions_bumped(&p, &["/api/v1".into()], &["/api/v1/usergroups".into()]);
@@ -124,7 +153,7 @@ mod tests {
         // The root `/` is the empty scope.
         assert_eq!(
             versions_bumped(&p, &[], &["/".into()]),
-            [format!("{pre}s:")]
+            [format!("{pre}s:{}", scope(""))]
         );
         // Every key of a partition shares one hash tag (one Redis Cluster slot).
         for k in keys.iter().chain(&bumped) {

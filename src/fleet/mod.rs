@@ -47,6 +47,10 @@ pub const PROBE_INTERVAL: Duration = Duration::from_millis(500);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a replica's heartbeat counts it as alive.
 const HEARTBEAT_WINDOW: Duration = Duration::from_secs(15);
+/// How long the subscription may stay silent (it hears this replica's own heartbeat every
+/// [`PROBE_INTERVAL`]) before it is taken for dead: a node gone without a FIN or RST leaves a
+/// socket that says nothing, and a replica deaf to invalidations must not count as up.
+const SUBSCRIPTION_SILENCE: Duration = Duration::from_secs(3);
 /// How long a version is kept after its last bump: longer than any entry lives
 /// ([`MAX_ENTRY_TTL`]), so a version never restarts from zero under an entry that read it.
 const VERSION_TTL: Duration = Duration::from_secs(2 * 24 * 3600);
@@ -140,7 +144,8 @@ pub enum Admission {
 struct Message {
     /// The publishing instance (its own messages are skipped).
     from: String,
-    /// The partition, [`Fingerprint::to_hex`].
+    /// The partition, [`Fingerprint::to_hex`] (empty in a heartbeat).
+    #[serde(default)]
     p: String,
     /// Paths invalidated exactly.
     #[serde(default)]
@@ -153,6 +158,9 @@ struct Message {
     all: bool,
     /// When it was published, µs since the epoch (for the propagation delay).
     at: u64,
+    /// A replica's heartbeat, published so that it hears itself (a silent subscription is dead).
+    #[serde(default)]
+    hb: bool,
 }
 
 /// The connection: a client (for the subscription) and its reconnecting manager (for calls).
@@ -195,6 +203,18 @@ pub struct Fleet {
     password: Mutex<Option<String>>,
     up: AtomicBool,
     subscribed: AtomicBool,
+    /// Bumped each time a subscription is established.
+    subscriptions: AtomicU64,
+    /// `subscriptions` when the link last went down: if it moved by the time the link comes
+    /// back, messages published in between may have been missed.
+    subscription_at_down: AtomicU64,
+    /// When the subscription last delivered anything (ms since the epoch).
+    last_heard: AtomicU64,
+    /// Tells the subscriber to drop its subscription and make a new one.
+    resubscribe: Notify,
+    /// Redis's `run_id`, as the last probe read it: part of every entry's token, so entries
+    /// of a Redis that restarted or failed over (whose data may have rolled back) never match.
+    run_id: ArcSwap<String>,
     /// Bumped whenever the link goes down.
     link_generation: AtomicU64,
     /// Replicas alive at the last heartbeat (at least 1).
@@ -266,6 +286,13 @@ fn connect(config: &FleetConfig, password: Option<&str>) -> Result<Connection, F
     Ok(Connection { client, manager })
 }
 
+/// The `run_id` line of `INFO server`.
+fn run_id_of(info: &str) -> Option<String> {
+    info.lines()
+        .find_map(|l| l.strip_prefix("run_id:"))
+        .map(|id| id.trim().to_string())
+}
+
 /// An invocation of `script` on `keys`, in order.
 fn with_keys(
     script: &'static redis::Script,
@@ -305,6 +332,11 @@ impl Fleet {
             password: Mutex::new(password),
             up: AtomicBool::new(false),
             subscribed: AtomicBool::new(false),
+            subscriptions: AtomicU64::new(0),
+            subscription_at_down: AtomicU64::new(0),
+            last_heard: AtomicU64::new(0),
+            resubscribe: Notify::new(),
+            run_id: ArcSwap::from_pointee(String::new()),
             link_generation: AtomicU64::new(0),
             replicas: AtomicU64::new(1),
             dirty: Mutex::default(),
@@ -381,6 +413,10 @@ impl Fleet {
 
     fn mark_down(&self, op: FleetOp, why: &str) {
         if self.up.swap(false, Ordering::AcqRel) {
+            self.subscription_at_down.store(
+                self.subscriptions.load(Ordering::Acquire),
+                Ordering::Release,
+            );
             self.link_generation.fetch_add(1, Ordering::AcqRel);
             self.metrics.set_up(false);
             tracing::warn!(
@@ -402,14 +438,18 @@ impl Fleet {
         path: &str,
         variant: &[u8],
     ) -> Option<Lookup> {
+        if !keys::shareable(path) {
+            return None;
+        }
         let link = self.link_generation.load(Ordering::Acquire);
+        let run_id = self.run_id.load_full();
         let keys = keys::entry_and_versions(partition, path, variant);
         // `{token}` or `{token, data}`: a Lua table of one or two values.
         let found: Option<Vec<redis::Value>> = self
             .call(FleetOp::Lookup, move |mut c| {
                 Box::pin(async move {
                     with_keys(&scripts::LOOKUP, keys)
-                        .arg(VERSION_TTL.as_millis() as u64)
+                        .arg(run_id.as_str())
                         .invoke_async(&mut c)
                         .await
                 })
@@ -447,9 +487,10 @@ impl Fleet {
         data: Vec<u8>,
         ttl: Duration,
     ) -> Option<bool> {
-        if versions.link != self.link_generation.load(Ordering::Acquire) {
+        if versions.link != self.link_generation.load(Ordering::Acquire) || !keys::shareable(path) {
             return Some(false);
         }
+        let run_id = self.run_id.load_full();
         let keys = keys::entry_and_versions(partition, path, variant);
         let ttl_ms = u64::try_from(ttl.min(MAX_ENTRY_TTL).as_millis())
             .unwrap_or(1)
@@ -462,6 +503,7 @@ impl Fleet {
                         .arg(data)
                         .arg(ttl_ms)
                         .arg(VERSION_TTL.as_millis() as u64)
+                        .arg(run_id.as_str())
                         .invoke_async(&mut c)
                         .await
                 })
@@ -484,13 +526,23 @@ impl Fleet {
             s: roots.to_vec(),
             all: false,
             at: now_us(),
+            hb: false,
         };
         let keys = keys::versions_bumped(partition, exact, roots);
-        if !self.publish(FleetOp::Invalidate, keys, &message).await {
-            self.dirty
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(*partition);
+        loop {
+            if self
+                .publish(FleetOp::Invalidate, keys.clone(), &message)
+                .await
+            {
+                return;
+            }
+            // Recorded under the lock `recover` sets the link up under: either recovery sees
+            // this partition, or this sees the link up and publishes again.
+            let mut dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+            if !self.is_up() {
+                dirty.insert(*partition);
+                return;
+            }
         }
     }
 
@@ -560,17 +612,27 @@ impl Fleet {
             .await;
             match pubsub {
                 Ok(Ok(pubsub)) => {
+                    self.last_heard.store(now_us() / 1000, Ordering::Release);
+                    self.subscriptions.fetch_add(1, Ordering::AcqRel);
                     self.subscribed.store(true, Ordering::Release);
                     self.wake.notify_one();
                     let mut messages = pubsub.into_on_message();
-                    while let Some(message) = messages.next().await {
-                        if let Ok(payload) = message.get_payload::<Vec<u8>>() {
-                            self.received(&payload).await;
+                    loop {
+                        tokio::select! {
+                            message = messages.next() => match message {
+                                Some(message) => {
+                                    if let Ok(payload) = message.get_payload::<Vec<u8>>() {
+                                        self.received(&payload).await;
+                                    }
+                                }
+                                None => break,
+                            },
+                            () = self.resubscribe.notified() => break,
                         }
                     }
                     self.subscribed.store(false, Ordering::Release);
                     self.metrics.error(FleetOp::Subscribe.as_str());
-                    self.mark_down(FleetOp::Subscribe, "the subscription ended");
+                    self.mark_down(FleetOp::Subscribe, "the subscription ended or fell silent");
                 }
                 Ok(Err(e)) => {
                     self.subscribed.store(false, Ordering::Release);
@@ -590,7 +652,8 @@ impl Fleet {
             tracing::warn!("ignored a fleet message that is not an invalidation");
             return;
         };
-        if message.from == self.instance {
+        self.last_heard.store(now_us() / 1000, Ordering::Release);
+        if message.from == self.instance || message.hb {
             return;
         }
         let Some(partition) = Fingerprint::from_hex(&message.p) else {
@@ -617,21 +680,49 @@ impl Fleet {
             self.reload_password();
             let manager = self.connection.load().manager.clone();
             let instance = self.instance.clone();
+            let heartbeat = serde_json::to_string(&Message {
+                from: self.instance.clone(),
+                p: String::new(),
+                x: Vec::new(),
+                s: Vec::new(),
+                all: false,
+                at: now_us(),
+                hb: true,
+            })
+            .expect("a message serializes");
             let probe = tokio::time::timeout(CONNECT_TIMEOUT, async move {
                 let mut c = manager;
-                scripts::HEARTBEAT
+                let alive = scripts::HEARTBEAT
                     .key(keys::REPLICAS)
                     .arg(instance)
                     .arg(HEARTBEAT_WINDOW.as_millis() as u64)
+                    .arg(keys::CHANNEL)
+                    .arg(heartbeat)
                     .invoke_async::<u64>(&mut c)
-                    .await
+                    .await?;
+                let info: String = redis::cmd("INFO").arg("server").query_async(&mut c).await?;
+                Ok::<_, redis::RedisError>((alive, run_id_of(&info)))
             })
             .await;
             match probe {
-                Ok(Ok(alive)) => {
+                Ok(Ok((alive, run_id))) => {
                     self.replicas.store(alive.max(1), Ordering::Relaxed);
                     self.metrics.set_replicas(alive.max(1));
-                    if !self.is_up() && self.subscribed.load(Ordering::Acquire) {
+                    if let Some(run_id) = run_id
+                        && *self.run_id.load_full() != run_id
+                    {
+                        self.run_id.store(Arc::new(run_id));
+                    }
+                    let silent_ms =
+                        (now_us() / 1000).saturating_sub(self.last_heard.load(Ordering::Acquire));
+                    if self.subscribed.load(Ordering::Acquire)
+                        && silent_ms > SUBSCRIPTION_SILENCE.as_millis() as u64
+                    {
+                        // Not even its own heartbeat came back: the subscription is dead.
+                        self.resubscribe.notify_one();
+                        self.metrics.error(FleetOp::Subscribe.as_str());
+                        self.mark_down(FleetOp::Subscribe, "the subscription fell silent");
+                    } else if !self.is_up() && self.subscribed.load(Ordering::Acquire) {
                         self.recover().await;
                     }
                 }
@@ -653,7 +744,8 @@ impl Fleet {
     }
 
     /// The link is back: void what this replica wrote while it was down, forget what memory
-    /// holds, then serve from the fleet again.
+    /// holds if invalidations may have been missed (the subscription was re-established), then
+    /// serve from the fleet again.
     async fn recover(&self) {
         let dirty: Vec<Fingerprint> = self
             .dirty
@@ -662,30 +754,7 @@ impl Fleet {
             .drain()
             .collect();
         for partition in &dirty {
-            let message = Message {
-                from: self.instance.clone(),
-                p: partition.to_hex(),
-                x: Vec::new(),
-                s: Vec::new(),
-                all: true,
-                at: now_us(),
-            };
-            // Published with the link still marked down: `call` would skip it.
-            let manager = self.connection.load().manager.clone();
-            let text = serde_json::to_string(&message).expect("a message serializes");
-            let key = keys::generation(partition);
-            let sent = tokio::time::timeout(self.config.timeout.max(CONNECT_TIMEOUT), async {
-                let mut c = manager;
-                scripts::INVALIDATE
-                    .key(key)
-                    .arg(keys::CHANNEL)
-                    .arg(text)
-                    .arg(VERSION_TTL.as_millis() as u64)
-                    .invoke_async::<i64>(&mut c)
-                    .await
-            })
-            .await;
-            if !matches!(sent, Ok(Ok(_))) {
+            if !self.void_partition(partition).await {
                 // Still not reachable: try again at the next probe.
                 self.dirty
                     .lock()
@@ -694,21 +763,74 @@ impl Fleet {
                 return;
             }
         }
-        if let Some(listener) = self.listener.get() {
+        let missed = self.subscriptions.load(Ordering::Acquire)
+            != self.subscription_at_down.load(Ordering::Acquire);
+        if missed && let Some(listener) = self.listener.get() {
             listener.resync().await;
         }
-        self.up.store(true, Ordering::Release);
+        // Up under the lock writes record their partitions under (see `invalidate`): a write
+        // that failed while down either is among these, or sees the link up and publishes.
+        let late: Vec<Fingerprint> = {
+            let mut dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+            self.up.store(true, Ordering::Release);
+            dirty.drain().collect()
+        };
+        for partition in &late {
+            if !self.void_partition(partition).await {
+                self.failed(
+                    FleetOp::Invalidate,
+                    "could not void a partition written while down",
+                );
+                self.dirty
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(*partition);
+            }
+        }
+        if !self.is_up() {
+            return;
+        }
         self.metrics.set_up(true);
         tracing::info!(
             redis = %redacted_url(&self.config.redis_url),
             instance = %self.instance,
-            partitions_voided = dirty.len(),
+            partitions_voided = dirty.len() + late.len(),
+            memory_emptied = missed,
             "fleet link up: shared cache, invalidations and fleet-wide rate limits in force"
         );
     }
 
-    /// Re-reads `fleet.password_file`; on a change, connects with the new password (the link
-    /// goes down until the new connection answers).
+    /// Gives `partition` a new generation (every shared entry of it is void) and tells every
+    /// replica to forget it, even while the link is marked down. Returns whether Redis took it.
+    async fn void_partition(&self, partition: &Fingerprint) -> bool {
+        let message = Message {
+            from: self.instance.clone(),
+            p: partition.to_hex(),
+            x: Vec::new(),
+            s: Vec::new(),
+            all: true,
+            at: now_us(),
+            hb: false,
+        };
+        let manager = self.connection.load().manager.clone();
+        let text = serde_json::to_string(&message).expect("a message serializes");
+        let key = keys::generation(partition);
+        let sent = tokio::time::timeout(self.config.timeout.max(CONNECT_TIMEOUT), async {
+            let mut c = manager;
+            scripts::INVALIDATE
+                .key(key)
+                .arg(keys::CHANNEL)
+                .arg(text)
+                .arg(VERSION_TTL.as_millis() as u64)
+                .invoke_async::<i64>(&mut c)
+                .await
+        })
+        .await;
+        matches!(sent, Ok(Ok(_)))
+    }
+
+    /// Re-reads `fleet.password_file`; on a change, connects with the new password (the next
+    /// calls and subscription use it; the link stays as it is until a call fails).
     fn reload_password(&self) {
         let Some(path) = &self.config.password_file else {
             return;

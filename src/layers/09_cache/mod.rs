@@ -330,13 +330,14 @@ impl ResponseCache {
             roots.dedup();
             exact.sort();
             exact.dedup();
-            self.store
-                .invalidate(partition, &exact, roots.clone())
-                .await;
-            // Every other replica, before the client hears the write succeeded.
+            // Redis and every other replica first, then this replica's memory: the other way
+            // round, a read here in between could find the pre-write entry still in Redis and
+            // keep it in memory under a ticket taken after the local invalidation. Both happen
+            // before the client hears the write succeeded.
             if let Some(fleet) = self.fleet() {
                 fleet.invalidate(&partition, &exact, &roots).await;
             }
+            self.store.invalidate(partition, &exact, roots).await;
         }
         Ok(response)
     }
