@@ -527,3 +527,56 @@ async fn misses_create_nothing_in_redis_and_deep_paths_stay_local() {
         "nothing of the deep path went to Redis"
     );
 }
+
+#[tokio::test]
+async fn a_subscription_gone_silent_is_replaced_and_the_replica_hears_writes_again() {
+    // B reaches Redis through a proxy that can make B's subscription go silent without closing
+    // it (a node gone without FIN or RST): B must notice, take its link down, subscribe anew,
+    // forget what it held, and hear the next write.
+    use support::redis_server::SilencingProxy;
+    let redis = RedisServer::start().await;
+    let proxy = SilencingProxy::start(redis.addr).await;
+    let mock = MockCloudCasa::start().await;
+    let secret = SecretDir::new("token-a");
+    let replica = |name: &str, addr: std::net::SocketAddr| {
+        format!(
+            "[cache]\nfresh_for = \"60s\"\n[fleet]\nredis_url = \"redis://{addr}/0\"\n\
+             replica = \"{name}\"\ntimeout = \"200ms\"\n"
+        )
+    };
+    let a = TestGateway::for_mock(&mock, &secret, &replica("gw-a", redis.addr)).await;
+    let b = TestGateway::for_mock(&mock, &secret, &replica("gw-b", proxy.addr)).await;
+    for gw in [&a, &b] {
+        wait_link(gw, 1.0).await;
+    }
+    let (id, etag) = item(&mock, "before");
+    let path = format!("/api/v1/usergroups/{id}");
+    assert_eq!(get(&b.url(&path), &[]).await.json()["name"], "before");
+
+    proxy.silence_open_subscriptions();
+    // Within the silence limit (3 s) and a probe, B counts its subscription dead.
+    eventually(
+        Duration::from_secs(10),
+        "B's silent subscription noticed",
+        || async {
+            metric(&b, "cloudcasa_gateway_fleet_errors_total{op=\"subscribe\"}")
+                .await
+                .is_some_and(|n| n >= 1.0)
+        },
+    )
+    .await;
+    wait_link(&b, 1.0).await;
+    // A write through A now reaches B through its new subscription.
+    let patched = send(
+        Method::PATCH,
+        &a.url(&path),
+        &[("if-match", &format!("\"{etag}\""))],
+        r#"{"name":"after"}"#,
+    )
+    .await;
+    assert_eq!(patched.status, StatusCode::OK);
+    eventually(Duration::from_secs(2), "B sees the write", || async {
+        get(&b.url(&path), &[]).await.json()["name"] == "after"
+    })
+    .await;
+}

@@ -262,3 +262,89 @@ impl Drop for RedisServer {
         self.kill();
     }
 }
+
+/// A TCP proxy in front of a Redis that can make the subscriptions open at one moment go
+/// silent without closing them, as a node that vanishes (no FIN, no RST) leaves them.
+pub struct SilencingProxy {
+    pub addr: SocketAddr,
+    silence: std::sync::Arc<std::sync::Mutex<Vec<std::sync::Arc<std::sync::atomic::AtomicBool>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SilencingProxy {
+    pub async fn start(target: SocketAddr) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let silence: Arc<Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
+        let flags = silence.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    continue;
+                };
+                let Ok(server) = tokio::net::TcpStream::connect(target).await else {
+                    continue;
+                };
+                // Set for connections that subscribed, once silenced.
+                let subscribed = Arc::new(AtomicBool::new(false));
+                let silenced = Arc::new(AtomicBool::new(false));
+                flags.lock().unwrap().push(silenced.clone());
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let sub = subscribed.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    while let Ok(n) = cr.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        if buf[..n]
+                            .windows(9)
+                            .any(|w| w.eq_ignore_ascii_case(b"SUBSCRIBE"))
+                        {
+                            sub.store(true, Ordering::SeqCst);
+                        }
+                        if sw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    while let Ok(n) = sr.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        if subscribed.load(Ordering::SeqCst) && silenced.load(Ordering::SeqCst) {
+                            continue; // swallowed: the socket stays open and says nothing
+                        }
+                        if cw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            silence,
+            task,
+        }
+    }
+
+    /// Silences the subscriptions open now (later ones pass).
+    pub fn silence_open_subscriptions(&self) {
+        for flag in self.silence.lock().unwrap().iter() {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for SilencingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
