@@ -580,3 +580,43 @@ async fn a_subscription_gone_silent_is_replaced_and_the_replica_hears_writes_aga
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_redis_that_comes_back_from_an_older_snapshot_serves_nothing_of_it() {
+    // Redis saves a snapshot holding an item's entry, a write through A moves the item on, and
+    // Redis restarts from the snapshot (as after a crash, or a failover to a lagging replica):
+    // the old entry and old versions are back, but no replica may take them for current.
+    let mut redis = RedisServer::start().await;
+    let (mock, _secret, a, b) = replicas(&redis, "[cache]\nfresh_for = \"60s\"").await;
+    let (id, etag) = item(&mock, "before");
+    let path = format!("/api/v1/usergroups/{id}");
+    assert_eq!(get(&a.url(&path), &[]).await.json()["name"], "before");
+    let mut admin = redis.connection().await;
+    let _: () = redis::cmd("SAVE").query_async(&mut admin).await.unwrap();
+    let patched = send(
+        Method::PATCH,
+        &a.url(&path),
+        &[("if-match", &format!("\"{etag}\""))],
+        r#"{"name":"after"}"#,
+    )
+    .await;
+    assert_eq!(patched.status, StatusCode::OK);
+    redis.restart().await;
+    let dump = redis.dump().await;
+    assert!(
+        dump.contains(":e:"),
+        "the snapshot brought the old entry back: {dump}"
+    );
+    // Both lost their subscription to the restart, and are back.
+    for gw in [&a, &b] {
+        eventually(Duration::from_secs(10), "the restart noticed", || async {
+            metric(gw, "cloudcasa_gateway_fleet_errors_total{op=\"subscribe\"}")
+                .await
+                .is_some_and(|n| n >= 1.0)
+        })
+        .await;
+        wait_link(gw, 1.0).await;
+    }
+    assert_eq!(get(&b.url(&path), &[]).await.json()["name"], "after");
+    assert_eq!(get(&a.url(&path), &[]).await.json()["name"], "after");
+}
