@@ -621,7 +621,7 @@ impl ResponseCache {
             status.stored = self.offer_to_fleet(&key, shared, &updated, now).await
                 && self.store.insert(&key, updated.clone(), ticket).await;
             if let Some(guard) = guard {
-                guard.finish(FlightOutcome::Stored(updated.clone()));
+                guard.finish(shared_with_waiters(status.stored, &updated));
             }
             status.ttl = Some(updated.ttl(now));
             return (status, Ok(serve(&updated, &client, false, now)));
@@ -722,12 +722,7 @@ impl ResponseCache {
         status.stored = self.offer_to_fleet(&key, shared, &fresh, now).await
             && self.store.insert(&key, fresh.clone(), ticket).await;
         if let Some(guard) = guard {
-            guard.finish(match status.stored {
-                true => FlightOutcome::Stored(fresh.clone()),
-                // A write covered the path while this fill was under way: the waiters ask on
-                // their own rather than take what may predate it.
-                false => FlightOutcome::Uncacheable,
-            });
+            guard.finish(shared_with_waiters(status.stored, &fresh));
         }
         (status, Ok(serve(&fresh, &client, false, now).map(hold)))
     }
@@ -859,6 +854,16 @@ impl ResponseCache {
         let mut status = CacheStatus::hit(stale.ttl(now));
         status.stale_if_error = true;
         (status, Ok(serve(stale, client, false, now)))
+    }
+}
+
+/// What a fill hands the requests waiting on it: what it stored, or, when it was refused (a
+/// write covered the path while the fill was under way, here or on another replica), nothing:
+/// the waiters ask on their own rather than take what may predate the write.
+fn shared_with_waiters(stored: bool, response: &Arc<Stored>) -> FlightOutcome {
+    match stored {
+        true => FlightOutcome::Stored(response.clone()),
+        false => FlightOutcome::Uncacheable,
     }
 }
 
