@@ -198,6 +198,14 @@ pub(super) fn policy(
     for (i, r) in rules.into_iter().enumerate() {
         let key = |field: &str| format!("policy[{i}].{field}");
         let name = r.name.unwrap_or_else(|| format!("policy[{i}]"));
+        // A rule's name identifies it in audit records, spans and, in a fleet, its rate budget
+        // in Redis: two rules of one name would share one budget there but not in one replica.
+        if out.iter().any(|o: &RuleSpec| o.name == name) {
+            p.add(
+                &key("name"),
+                format!("{name:?} names an earlier rule too; rule names must be unique"),
+            );
+        }
         let credential = match r.credential {
             Some(c) if credentials.iter().any(|k| k.name == c) => c,
             Some(c) => {
@@ -389,5 +397,30 @@ mod tests {
         for bad in ["0/s", "50", "50/d", "x/s", "2000000000/s", "4294967295/s"] {
             assert!(Rate::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn rule_names_are_unique() {
+        use crate::config::{Config, Overrides};
+        let problems = |rules: &str| {
+            let text = format!("[token]\nfile = \"/t\"\n{rules}");
+            match Config::from_raw(Config::parse(&text).unwrap(), &Overrides::default()) {
+                Ok(_) => Vec::new(),
+                Err(p) => p.into_iter().map(|p| p.key).collect(),
+            }
+        };
+        let rule = |name: &str| {
+            format!("[[policy]]\n{name}clients = [\"local\"]\ncredential = \"default\"\n")
+        };
+        assert!(problems(&(rule("name = \"a\"\n") + &rule("name = \"b\"\n"))).is_empty());
+        assert_eq!(
+            problems(&(rule("name = \"a\"\n") + &rule("name = \"a\"\n"))),
+            ["policy[1].name"]
+        );
+        // An explicit name cannot take an unnamed rule's default one.
+        assert_eq!(
+            problems(&(rule("") + &rule("name = \"policy[0]\"\n"))),
+            ["policy[1].name"]
+        );
     }
 }

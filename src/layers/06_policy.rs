@@ -119,17 +119,18 @@ impl CompiledPolicy {
         client: &ClientIdentity,
         method: &Method,
         path: &str,
-    ) -> Result<(&Rule, Decision), (Refusal, GatewayError)> {
-        let Some(rule) = self
+    ) -> Result<usize, (Refusal, GatewayError)> {
+        let Some(index) = self
             .rules
             .iter()
-            .find(|r| r.spec.matches(&client.id, method, path))
+            .position(|r| r.spec.matches(&client.id, method, path))
         else {
             return Err((
                 Refusal::Forbidden,
                 GatewayError::Forbidden(format!("client '{}' may not {method} {path}", client.id)),
             ));
         };
+        let rule = &self.rules[index];
         if self.fleet.is_none()
             && let Some(limiter) = &rule.limiter
             && let Err(not_until) = limiter.check_key(&client.id)
@@ -141,7 +142,7 @@ impl CompiledPolicy {
                 },
             ));
         }
-        Ok((rule, rule.decision.clone()))
+        Ok(index)
     }
 
     /// Drops idle rate-limit state (called periodically).
@@ -226,9 +227,10 @@ where
                 }
                 Either::Left(std::future::ready(Err(e)))
             }
-            Ok((rule, decision)) => {
+            Ok(index) => {
+                let rule = &policy.rules[index];
                 if let Some(ex) = Exchange::of(&req) {
-                    ex.set_decision(decision);
+                    ex.set_decision(rule.decision.clone());
                 }
                 req.extensions_mut()
                     .insert(SelectedCredential(rule.credential.clone()));
@@ -238,11 +240,6 @@ where
                 // A fleet-wide budget: Redis decides, then the request goes on.
                 let fleet = fleet.clone();
                 let policy = Arc::clone(&policy);
-                let index = policy
-                    .rules
-                    .iter()
-                    .position(|r| std::ptr::eq(r, rule))
-                    .expect("the rule is the policy's");
                 let inner = self.inner.clone();
                 let mut inner = std::mem::replace(&mut self.inner, inner);
                 Either::Right(Either::Right(Box::pin(async move {
