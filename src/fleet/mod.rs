@@ -467,8 +467,7 @@ impl Fleet {
                 return None;
             }
         };
-        self.metrics
-            .lookup(if data.is_some() { "hit" } else { "miss" });
+        self.metrics.lookup(data.is_some());
         Some(Lookup {
             data: data.map(Bytes::from),
             versions: Versions { token, link },
@@ -510,8 +509,7 @@ impl Fleet {
             })
             .await;
         let stored = stored? == 1;
-        self.metrics
-            .stored(if stored { "stored" } else { "invalidated" });
+        self.metrics.stored(stored);
         Some(stored)
     }
 
@@ -562,7 +560,7 @@ impl Fleet {
             })
             .await;
         if published.is_some() {
-            self.metrics.invalidation("sent");
+            self.metrics.invalidation_sent();
         }
         published.is_some()
     }
@@ -585,15 +583,15 @@ impl Fleet {
             .await;
         match decided {
             Some((1, _)) => {
-                self.metrics.rate("fleet");
+                self.metrics.rate(true);
                 Admission::Admitted
             }
             Some((_, wait_us)) => {
-                self.metrics.rate("fleet");
+                self.metrics.rate(true);
                 Admission::Refused(Duration::from_micros(wait_us.max(0) as u64))
             }
             None => {
-                self.metrics.rate("local");
+                self.metrics.rate(false);
                 Admission::Unknown
             }
         }

@@ -1327,11 +1327,22 @@ pub struct FleetMetrics {
     up: Gauge,
     replicas: Gauge,
     errors: Family<OpLabel, Counter>,
-    lookups: Family<ResultLabel, Counter>,
-    stores: Family<ResultLabel, Counter>,
-    invalidations: Family<DirectionLabel, Counter>,
-    delay: Family<DirectionLabel, Histogram, fn() -> Histogram>,
-    rate: Family<ModeLabel, Counter>,
+    /// The series counted per request (lookups, stores, rate decisions, invalidations), resolved
+    /// once: a family lookup hashes the labels and takes a lock on every call.
+    series: Arc<FleetSeries>,
+}
+
+#[derive(Debug)]
+struct FleetSeries {
+    lookup_hit: Counter,
+    lookup_miss: Counter,
+    stored: Counter,
+    invalidated: Counter,
+    sent: Counter,
+    received: Counter,
+    delay: Histogram,
+    rate_fleet: Counter,
+    rate_local: Counter,
 }
 
 /// Propagation delays: a pub/sub hop is sub-millisecond on one network.
@@ -1345,15 +1356,47 @@ fn propagation_histogram() -> Histogram {
 
 impl FleetMetrics {
     fn register(registry: &mut Registry) -> Self {
+        let lookups = Family::<ResultLabel, Counter>::default();
+        let stores = Family::<ResultLabel, Counter>::default();
+        let invalidations = Family::<DirectionLabel, Counter>::default();
+        let delay = Family::<DirectionLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+            propagation_histogram,
+        );
+        let rate = Family::<ModeLabel, Counter>::default();
+        // Every series exists from the start (dashboards and alerts find them). Each handle is
+        // taken inside a closure or block of its own: a family's read guard lives to the end of
+        // the expression that took it, and a second `get_or_create` on that family in the same
+        // struct literal would wait for it forever.
+        let result = |f: &Family<ResultLabel, Counter>, result| {
+            f.get_or_create(&ResultLabel { result }).clone()
+        };
+        let direction = |f: &Family<DirectionLabel, Counter>, direction| {
+            f.get_or_create(&DirectionLabel { direction }).clone()
+        };
+        let mode = |mode| rate.get_or_create(&ModeLabel { mode }).clone();
+        let delay_received = {
+            delay
+                .get_or_create(&DirectionLabel {
+                    direction: "received",
+                })
+                .clone()
+        };
+        let series = FleetSeries {
+            lookup_hit: result(&lookups, "hit"),
+            lookup_miss: result(&lookups, "miss"),
+            stored: result(&stores, "stored"),
+            invalidated: result(&stores, "invalidated"),
+            sent: direction(&invalidations, "sent"),
+            received: direction(&invalidations, "received"),
+            delay: delay_received,
+            rate_fleet: mode("fleet"),
+            rate_local: mode("local"),
+        };
         let m = Self {
             up: Gauge::default(),
             replicas: Gauge::default(),
             errors: Family::default(),
-            lookups: Family::default(),
-            stores: Family::default(),
-            invalidations: Family::default(),
-            delay: Family::new_with_constructor(propagation_histogram),
-            rate: Family::default(),
+            series: Arc::new(series),
         };
         let name = |n: &str| format!("{PREFIX}_{n}");
         registry.register(
@@ -1375,29 +1418,29 @@ impl FleetMetrics {
         registry.register(
             name("fleet_shared_lookups"),
             "Lookups in the shared (Redis) tier after a memory miss, by result (hit, miss)",
-            m.lookups.clone(),
+            lookups,
         );
         registry.register(
             name("fleet_shared_stores"),
             "Fills offered to the shared tier, by result (stored; invalidated: a write covered \
              the path while the fill was under way, so it was not stored)",
-            m.stores.clone(),
+            stores,
         );
         registry.register(
             name("fleet_invalidations"),
             "Invalidations published (sent) and applied from other replicas (received)",
-            m.invalidations.clone(),
+            invalidations,
         );
         registry.register(
             name("fleet_invalidation_delay_seconds"),
             "From a write's invalidation being published to another replica applying it",
-            m.delay.clone(),
+            delay,
         );
         registry.register(
             name("fleet_rate_decisions"),
             "Rate decisions by where they were made (fleet: Redis; local: the per-replica \
              share while Redis is unreachable)",
-            m.rate.clone(),
+            rate,
         );
         for op in [
             "lookup",
@@ -1409,22 +1452,6 @@ impl FleetMetrics {
         ] {
             let _ = m.errors.get_or_create(&OpLabel { op });
         }
-        for direction in ["sent", "received"] {
-            let _ = m.invalidations.get_or_create(&DirectionLabel { direction });
-        }
-        for mode in ["fleet", "local"] {
-            let _ = m.rate.get_or_create(&ModeLabel { mode });
-        }
-        // Series the dashboard selects exist from the start.
-        for result in ["hit", "miss"] {
-            let _ = m.lookups.get_or_create(&ResultLabel { result });
-        }
-        for result in ["stored", "invalidated"] {
-            let _ = m.stores.get_or_create(&ResultLabel { result });
-        }
-        let _ = m.delay.get_or_create(&DirectionLabel {
-            direction: "received",
-        });
         m
     }
 
@@ -1443,36 +1470,38 @@ impl FleetMetrics {
         self.errors.get_or_create(&OpLabel { op }).inc();
     }
 
-    /// A shared-tier lookup ended with `result`.
-    pub fn lookup(&self, result: &'static str) {
-        self.lookups.get_or_create(&ResultLabel { result }).inc();
+    /// A shared-tier lookup found an entry (or not).
+    pub fn lookup(&self, hit: bool) {
+        match hit {
+            true => self.series.lookup_hit.inc(),
+            false => self.series.lookup_miss.inc(),
+        };
     }
 
-    /// A fill was offered to the shared tier.
-    pub fn stored(&self, result: &'static str) {
-        self.stores.get_or_create(&ResultLabel { result }).inc();
+    /// A fill was offered to the shared tier: stored, or refused because a write covered it.
+    pub fn stored(&self, stored: bool) {
+        match stored {
+            true => self.series.stored.inc(),
+            false => self.series.invalidated.inc(),
+        };
     }
 
     /// An invalidation was published.
-    pub fn invalidation(&self, direction: &'static str) {
-        self.invalidations
-            .get_or_create(&DirectionLabel { direction })
-            .inc();
+    pub fn invalidation_sent(&self) {
+        self.series.sent.inc();
     }
 
     /// Another replica's invalidation arrived `delay` after it was published.
     pub fn received(&self, delay: Duration) {
-        let label = DirectionLabel {
-            direction: "received",
-        };
-        self.invalidations.get_or_create(&label).inc();
-        self.delay
-            .get_or_create(&label)
-            .observe(delay.as_secs_f64());
+        self.series.received.inc();
+        self.series.delay.observe(delay.as_secs_f64());
     }
 
-    /// A rate decision was made in `mode`.
-    pub fn rate(&self, mode: &'static str) {
-        self.rate.get_or_create(&ModeLabel { mode }).inc();
+    /// A rate decision was made by Redis (or, when it could not, by this replica's share).
+    pub fn rate(&self, by_fleet: bool) {
+        match by_fleet {
+            true => self.series.rate_fleet.inc(),
+            false => self.series.rate_local.inc(),
+        };
     }
 }
