@@ -202,6 +202,16 @@ impl RedisServer {
             .unwrap()
     }
 
+    /// Every key.
+    pub async fn keys(&self) -> Vec<String> {
+        let mut c = self.connection().await;
+        redis::cmd("KEYS")
+            .arg("*")
+            .query_async(&mut c)
+            .await
+            .unwrap()
+    }
+
     /// Every key and every value (strings, hashes, sorted sets) as text.
     pub async fn dump(&self) -> String {
         Self::dump_from(self.connection().await).await
