@@ -44,6 +44,7 @@ trap cleanup EXIT
 
 UPSTREAM=17090 GATEWAY=17080 ADMIN=17081
 echo -n "bench-token" >"$WORK/token"
+mkdir -p "$WORK/audit" # apart from the watched token directory, as in bench/run.sh
 cat >"$WORK/gateway.toml" <<EOF
 [server]
 listen = "127.0.0.1:$GATEWAY"
@@ -56,7 +57,7 @@ url = "http://127.0.0.1:$UPSTREAM"
 file = "$WORK/token"
 [audit]
 enabled = false
-path = "$WORK/audit.jsonl"
+path = "$WORK/audit/audit.jsonl"
 EOF
 sed 's/^enabled = false/enabled = true/' "$WORK/gateway.toml" >"$WORK/gateway-audit.toml"
 

@@ -61,6 +61,9 @@ UPSTREAM=18090 GATEWAY=18080 GATEWAY_AUDIT=18082 NGINX=18081 CEILING=18083 MEMOR
 BARE_PROXY=18085 NGINX_LOG=18086
 
 echo -n "bench-token" >"$WORK/token"
+# The audit files live apart from the token: the gateway watches the token's directory, and an
+# audit file written there would wake its watcher on every batch (as it would in production).
+mkdir -p "$WORK/audit"
 gateway_config() { # PORT ADMIN_PORT AUDIT(on|off) CACHE_SIZE
   cat <<EOF
 [server]
@@ -76,7 +79,7 @@ file = "$WORK/token"
 max_size = "$4"
 [audit]
 enabled = $([[ $3 == on ]] && echo true || echo false)
-path = "$WORK/audit-$1.jsonl"
+path = "$WORK/audit/audit-$1.jsonl"
 EOF
 }
 

@@ -318,7 +318,7 @@ impl Completion {
             r.upstream_ms = upstream.elapsed.map(record::millis);
             r.error = error;
             r.complete = Some(complete);
-            audit.record(r.to_open_json(), || ex.log_ids());
+            audit.record(&r, || ex.log_ids());
         }
     }
 }

@@ -166,7 +166,12 @@ impl Slot {
 /// eviction listener), but only if the index still names that very entry: a variant evicted and
 /// stored again must stay indexed, whatever order the notifications come in.
 type PathIndex = Mutex<Buckets>;
-type Buckets = HashMap<(Fingerprint, Box<str>), HashMap<Box<str>, HashMap<VariantKey, u64>>>;
+type Buckets = Map<(Fingerprint, Box<str>), Map<Box<str>, Map<VariantKey, u64>>>;
+
+/// The store's own maps (the path index, the invalidation epochs, the fills in flight), keyed
+/// by paths clients choose and visited on every write and fill: hashed with foldhash, seeded per
+/// process, like the store's moka cache (SipHash was about 700 instructions per write).
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Takes `key` out of the index, if the index still names entry `id` there (`None`: any).
 fn unindex(index: &mut Buckets, key: &CacheKey, id: Option<u64>) {
@@ -268,7 +273,7 @@ pub struct Epochs {
     floor: u64,
     /// Per partition, per scope path (without its trailing `/`): when it was last invalidated
     /// exactly, and as a subtree root.
-    by_scope: HashMap<Fingerprint, HashMap<Box<str>, ScopeEpochs>>,
+    by_scope: Map<Fingerprint, Map<Box<str>, ScopeEpochs>>,
     scopes: usize,
 }
 
@@ -712,7 +717,7 @@ pub struct Flight {
 /// The collapsing lock: concurrent requests for one key share one upstream fetch.
 #[derive(Default)]
 pub struct Flights {
-    in_progress: Mutex<HashMap<CacheKey, Arc<Flight>>>,
+    in_progress: Mutex<Map<CacheKey, Arc<Flight>>>,
 }
 
 /// What a request gets from [`Flights::join`].

@@ -70,7 +70,7 @@ pub struct Record<'a> {
     /// The client's `If-Match`, as sent.
     pub if_match: Option<&'a str>,
     /// The response's `ETag` value, unquoted.
-    pub etag: Option<String>,
+    pub etag: Option<std::borrow::Cow<'a, str>>,
     /// Request body bytes read from the client.
     pub bytes_in: Option<u64>,
     /// Response body bytes sent to the client.
@@ -101,17 +101,25 @@ impl OpenRecord {
 impl Record<'_> {
     /// The record as an [`OpenRecord`], ready for the chain members.
     pub fn to_open_json(&self) -> OpenRecord {
-        let mut o = Json(Vec::with_capacity(640));
+        let mut out = Vec::with_capacity(640);
+        self.write_open_json(&mut out);
+        OpenRecord(out)
+    }
+
+    /// Appends the record's open JSON (as [`Record::to_open_json`]'s bytes) to `out`: the audit
+    /// writer's staging buffer, so that a record costs no allocation of its own.
+    pub fn write_open_json(&self, out: &mut Vec<u8>) {
+        let mut o = Json(std::mem::take(out));
         o.raw(b"{\"ts\":");
-        o.str(std::str::from_utf8(&self.ts).unwrap_or_default());
+        o.ascii(&self.ts);
         o.raw(b",\"phase\":");
         o.str(self.phase);
         o.raw(b",\"request_id\":");
         o.str(self.request_id);
         o.raw(b",\"trace_id\":");
-        o.str(std::str::from_utf8(&self.trace_id).unwrap_or_default());
+        o.ascii(&self.trace_id);
         o.raw(b",\"span_id\":");
-        o.str(std::str::from_utf8(&self.span_id).unwrap_or_default());
+        o.ascii(&self.span_id);
         o.raw(b",\"client\":{\"addr\":");
         o.opt_str(self.client.addr);
         o.raw(b",\"id\":");
@@ -167,7 +175,7 @@ impl Record<'_> {
             Some(false) => o.raw(b"false"),
             None => o.raw(b"null"),
         }
-        OpenRecord(o.0)
+        *out = o.0;
     }
 }
 
@@ -209,7 +217,11 @@ impl Json {
     /// with the short forms for `\b \t \n \f \r` and `\u00xx` (lowercase) for the rest;
     /// everything else (DEL, non-ASCII) as it is. Most values need no escape: one scan, one copy.
     fn str(&mut self, text: &str) {
-        let bytes = text.as_bytes();
+        self.bytes(text.as_bytes());
+    }
+
+    /// `str` on UTF-8 bytes.
+    fn bytes(&mut self, bytes: &[u8]) {
         self.0.push(b'"');
         if !needs_escape(bytes) {
             self.0.extend_from_slice(bytes);
@@ -234,6 +246,13 @@ impl Json {
             }
         }
         self.0.push(b'"');
+    }
+
+    /// A string the record built itself from ASCII (the timestamp, hex ids): as `str`, without
+    /// the UTF-8 check.
+    fn ascii<const N: usize>(&mut self, bytes: &[u8; N]) {
+        debug_assert!(bytes.is_ascii());
+        self.bytes(bytes);
     }
 
     fn opt_str(&mut self, text: Option<&str>) {
@@ -365,11 +384,11 @@ pub fn intent(ex: &Exchange) -> OpenRecord {
     Record::of(ex, "intent").to_open_json()
 }
 
-/// An ETag's value without its quotes (a weak one keeps its `W/`).
-pub fn unquote_etag(value: &str) -> String {
+/// An ETag's value without its quotes (a weak one keeps its `W/`); borrowed unless weak.
+pub fn unquote_etag(value: &str) -> std::borrow::Cow<'_, str> {
     match value.strip_prefix("W/") {
-        Some(rest) => format!("W/{}", rest.trim_matches('"')),
-        None => value.trim_matches('"').to_string(),
+        Some(rest) => format!("W/{}", rest.trim_matches('"')).into(),
+        None => value.trim_matches('"').into(),
     }
 }
 
@@ -441,7 +460,7 @@ mod tests {
                 upstream_status: options[11].then_some(ints[1] as u16),
                 cache: o(12, "hit"),
                 if_match: options[13].then(|| s(11)),
-                etag: options[14].then(|| s(12).to_string()),
+                etag: options[14].then(|| s(12).into()),
                 bytes_in: options[15].then_some(ints[2]),
                 bytes_out: Some(ints[3]),
                 duration_ms: Some(floats[0]),
