@@ -93,6 +93,11 @@ impl AuditMetrics {
     pub fn failed(&self, reason: &'static str, n: u64) {
         self.failed.get_or_create(&ReasonLabel { reason }).inc_by(n);
     }
+
+    /// Records counted as lost for `reason` so far.
+    pub fn failed_so_far(&self, reason: &'static str) -> u64 {
+        self.failed.get_or_create(&ReasonLabel { reason }).get()
+    }
 }
 
 /// What an upstream call was for, as the `call` label of `upstream_duration_seconds`.

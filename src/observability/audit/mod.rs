@@ -19,6 +19,7 @@ use std::cell::RefCell;
 use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -46,6 +47,12 @@ const GATHER: Duration = Duration::from_millis(10);
 const INTENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A staging buffer that grew past this in a burst is given back to the allocator once written.
 const KEEP_CAPACITY: usize = 4 * 1024 * 1024;
+/// The most the writer seals before it writes: a backlog goes out in pieces, so one failed
+/// write loses at most this much, and an intent's fsync does not wait for a whole backlog.
+const WRITE_CHUNK: usize = 4 * 1024 * 1024;
+/// A thread's serializing buffer that grew past this (a record with a very long target) is
+/// given back.
+const SCRATCH_KEEP: usize = 64 * 1024;
 
 /// The audit sink could not be opened at start-up.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +104,9 @@ struct Queue {
 struct Shared {
     queue: Mutex<Queue>,
     wake: Condvar,
+    /// Records the writer has taken and not yet accounted for (written, or counted as failed):
+    /// what a writer that dies mid-batch must still count as lost.
+    in_flight: AtomicUsize,
 }
 
 impl Shared {
@@ -116,12 +126,32 @@ impl Drop for Handles {
     }
 }
 
-/// Marks the queue stopped when the writer thread ends, even by a panic.
-struct Stopped(Arc<Shared>);
+/// Marks the queue stopped when the writer thread ends. If it ends by a panic, what it had taken
+/// and what is still queued are counted as lost and logged, and every waiter is answered (an
+/// intent with an error, a flush with `None`) instead of waiting for ever.
+struct Stopped {
+    shared: Arc<Shared>,
+    metrics: AuditMetrics,
+}
 
 impl Drop for Stopped {
     fn drop(&mut self) {
-        self.0.lock().stopped = true;
+        let (left, queued) = {
+            let mut q = self.shared.lock();
+            q.stopped = true;
+            (
+                std::mem::take(&mut q.staged),
+                std::mem::take(&mut q.records),
+            )
+        };
+        let lost = queued + self.shared.in_flight.swap(0, Ordering::Relaxed);
+        self.metrics.queued.dec_by(queued as i64);
+        if lost > 0 {
+            self.metrics.failed("write", lost as u64);
+            tracing::error!(records = lost, "audit writer stopped: records lost");
+        }
+        // Dropping the jobs closes their channels: intents and flushes learn it now.
+        drop(left);
     }
 }
 
@@ -189,19 +219,20 @@ impl AuditLog {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
+            in_flight: AtomicUsize::new(0),
         });
         let tag = ChainTag::new(replica, &chain.unwrap_or_else(ChainTag::new_chain_id));
         tracing::info!(head = %head, chain = tag.chain(), replica, sink = ?config.sink, "audit trail open");
         let writer = Writer {
+            shared: shared.clone(),
             sink,
             head,
             tag,
             metrics: metrics.clone(),
         };
-        let for_writer = shared.clone();
         std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || writer.run(for_writer))
+            .spawn(move || writer.run())
             .map_err(|source| AuditOpenError {
                 path: "(writer thread)".into(),
                 source,
@@ -250,11 +281,19 @@ impl AuditLog {
     /// Queues a finished record without waiting. A full queue loses it (counted, and logged
     /// with the request's ids from `ids`).
     pub fn record(&self, record: &Record<'_>, ids: impl FnOnce() -> LogIds) {
-        let pushed = SCRATCH.with_borrow_mut(|scratch| {
+        let push = |scratch: &mut Vec<u8>| {
             scratch.clear();
             record.write_open_json(scratch);
-            self.push(Some(scratch), |end| Job::Record { end }, false)
-        });
+            let pushed = self.push(Some(scratch), |end| Job::Record { end }, false);
+            if scratch.capacity() > SCRATCH_KEEP {
+                *scratch = Vec::with_capacity(1024);
+            }
+            pushed
+        };
+        // A thread's own buffer, or a fresh one while its thread-locals are being torn down.
+        let pushed = SCRATCH
+            .try_with(|scratch| push(&mut scratch.borrow_mut()))
+            .unwrap_or_else(|_| push(&mut Vec::new()));
         let why = match pushed {
             Ok(()) => {
                 self.metrics.queued.inc();
@@ -414,6 +453,7 @@ impl Sink {
 }
 
 struct Writer {
+    shared: Arc<Shared>,
     sink: Sink,
     head: ChainHash,
     /// The replica and chain every record names.
@@ -422,8 +462,12 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(mut self, shared: Arc<Shared>) {
-        let _stopped = Stopped(shared.clone());
+    fn run(mut self) {
+        let shared = self.shared.clone();
+        let _stopped = Stopped {
+            shared: shared.clone(),
+            metrics: self.metrics.clone(),
+        };
         let mut taken = Staged::default();
         let mut buf = Vec::with_capacity(256 * 1024);
         loop {
@@ -451,6 +495,7 @@ impl Writer {
             std::mem::swap(&mut q.staged, &mut taken);
             let records = std::mem::take(&mut q.records);
             q.urgent = false;
+            shared.in_flight.store(records, Ordering::Relaxed);
             drop(q);
             self.metrics.queued.dec_by(records as i64);
             self.process(&mut taken, &mut buf);
@@ -492,8 +537,18 @@ impl Writer {
                     start = self.head;
                     self.sink.reopen();
                     tracing::info!(head = %self.head, "audit chain head at reopen");
+                    continue;
                 }
-                Job::Flush(done) => flushes.push(done),
+                Job::Flush(done) => {
+                    flushes.push(done);
+                    continue;
+                }
+            }
+            if buf.len() >= WRITE_CHUNK {
+                self.write(buf, start, outcomes, &mut intents);
+                buf.clear();
+                outcomes = 0;
+                start = self.head;
             }
         }
         self.write(buf, start, outcomes, &mut intents);
@@ -515,6 +570,10 @@ impl Writer {
             return;
         }
         let n_intents = intents.len() as u64;
+        // Accounted for below, whichever way the write goes.
+        self.shared
+            .in_flight
+            .fetch_sub((outcomes + n_intents) as usize, Ordering::Relaxed);
         match self.sink.write(buf, n_intents > 0) {
             Ok(()) => {
                 self.metrics.written("outcome", outcomes);
@@ -606,6 +665,7 @@ mod tests {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
+            in_flight: AtomicUsize::new(0),
         });
         AuditLog {
             _handles: Arc::new(Handles(shared.clone())),
@@ -647,6 +707,20 @@ mod tests {
                 .collect();
             assert_eq!(order, (0..500).collect::<Vec<_>>());
         }
+    }
+
+    #[tokio::test]
+    async fn a_backlog_larger_than_a_write_goes_out_in_pieces_on_one_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, path) = open(&dir);
+        let long = "/x".repeat(32 * 1024); // 64 KiB a record: 200 of them span several writes
+        for i in 0..200 {
+            log.record(&record(&format!("{long}/{i}")), || unreachable!());
+        }
+        log.flush().await.expect("the writer answers");
+        let verified = chain::verify_files(&[&path]).expect("one unbroken chain");
+        assert_eq!(verified.records, 200);
+        assert!(std::fs::metadata(&path).unwrap().len() > 2 * WRITE_CHUNK as u64);
     }
 
     #[tokio::test]
@@ -698,6 +772,51 @@ mod tests {
         assert!(q.staged.bytes.len() <= QUEUE_BYTES);
         assert_eq!(q.records, 63, "64 MiB holds 63 records of just over 1 MiB");
         assert_eq!(lost, 37);
+    }
+
+    #[tokio::test]
+    async fn a_writer_that_dies_counts_what_it_held_and_answers_every_waiter() {
+        let log = stalled();
+        for i in 0..3 {
+            log.record(&record(&format!("/{i}")), || unreachable!());
+        }
+        let intent = {
+            let log = log.clone();
+            tokio::spawn(async move { log.intent(record("/w").to_open_json()).await })
+        };
+        let flush = {
+            let log = log.clone();
+            tokio::spawn(async move { log.flush().await })
+        };
+        for _ in 0..500 {
+            if log.shared.lock().staged.jobs.len() == 5 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(log.shared.lock().staged.jobs.len(), 5);
+        // As if the writer had taken a batch of 7 and died (a panic) before writing it.
+        log.shared.in_flight.store(7, Ordering::Relaxed);
+        drop(Stopped {
+            shared: log.shared.clone(),
+            metrics: log.metrics.clone(),
+        });
+        let refused = intent.await.unwrap().expect_err("the intent is refused");
+        assert!(refused.contains("stopped"), "{refused}");
+        assert_eq!(flush.await.unwrap(), None, "the flush is answered");
+        assert_eq!(
+            log.metrics.failed_so_far("write"),
+            11,
+            "3 records and 1 intent queued, 7 taken"
+        );
+        assert_eq!(log.metrics.queued.get(), 0);
+        // Nothing more is queued once the writer is gone.
+        let mut lost = 0;
+        log.record(&record("/after"), || {
+            lost += 1;
+            no_ids()
+        });
+        assert_eq!(lost, 1);
     }
 
     #[tokio::test]
