@@ -662,8 +662,10 @@ impl Gateway {
         forget.abort();
         if let Some(audit) = &self.shared.observers.audit {
             match audit.flush().await {
-                Some(head) => tracing::info!(head = %head, "audit trail flushed"),
-                None => tracing::error!("audit trail could not be flushed at shutdown"),
+                Ok(head) => tracing::info!(head = %head, "audit trail flushed"),
+                Err(why) => tracing::error!(
+                    "audit trail could not be flushed at shutdown ({why}): records still queued are lost"
+                ),
             }
         }
         let telemetry = self.shared.observers.telemetry.clone();

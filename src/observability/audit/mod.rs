@@ -45,6 +45,9 @@ const QUEUE_BYTES: usize = 64 * 1024 * 1024;
 const GATHER: Duration = Duration::from_millis(10);
 /// How long a write waits for its intent record to be durable before it is refused.
 const INTENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a flush (at shutdown) waits for the sink: a hung sink (a stdout pipe nobody reads, a
+/// stuck network file system) must not hang the process.
+pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 /// A staging buffer that grew past this in a burst is given back to the allocator once written.
 const KEEP_CAPACITY: usize = 4 * 1024 * 1024;
 /// The most the writer seals before it writes: a backlog goes out in pieces, so one failed
@@ -352,12 +355,19 @@ impl AuditLog {
         }
     }
 
-    /// Waits until everything queued so far is written; returns the chain head.
-    pub async fn flush(&self) -> Option<ChainHash> {
+    /// Waits until everything queued so far is written (at most [`FLUSH_TIMEOUT`]); returns the
+    /// chain head, or why not.
+    pub async fn flush(&self) -> Result<ChainHash, &'static str> {
         let (done, flushed) = oneshot::channel();
+        const STOPPED: &str = "the audit writer has stopped";
         // A flush is never refused for a full queue (it adds no record).
-        self.push(None, |_| Job::Flush(done), true).ok()?;
-        flushed.await.ok()
+        self.push(None, |_| Job::Flush(done), true)
+            .map_err(|_| STOPPED)?;
+        match tokio::time::timeout(FLUSH_TIMEOUT, flushed).await {
+            Ok(Ok(head)) => Ok(head),
+            Ok(Err(_)) => Err(STOPPED),
+            Err(_) => Err("the audit sink did not finish writing in time"),
+        }
     }
 
     /// Whether writes wait for a durable intent record.
@@ -437,10 +447,12 @@ impl Sink {
     }
 
     fn reopen(&mut self) {
-        if let Sink::File { path, file, .. } = self {
+        if let Sink::File { path, file, torn } = self {
             match open_append(path) {
                 Ok(f) => {
                     *file = f;
+                    // The old file's torn last line is the old file's: a new file starts clean.
+                    *torn = ends_without_newline(path);
                     tracing::info!(file = %path.display(), "audit file reopened");
                 }
                 Err(e) => tracing::error!(
@@ -803,7 +815,11 @@ mod tests {
         });
         let refused = intent.await.unwrap().expect_err("the intent is refused");
         assert!(refused.contains("stopped"), "{refused}");
-        assert_eq!(flush.await.unwrap(), None, "the flush is answered");
+        assert_eq!(
+            flush.await.unwrap(),
+            Err("the audit writer has stopped"),
+            "the flush is answered"
+        );
         assert_eq!(
             log.metrics.failed_so_far("write"),
             11,
@@ -817,6 +833,39 @@ mod tests {
             no_ids()
         });
         assert_eq!(lost, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flush_gives_up_on_a_sink_that_never_finishes() {
+        let log = stalled();
+        log.record(&record("/stuck"), || unreachable!());
+        let started = tokio::time::Instant::now();
+        assert_eq!(
+            log.flush().await,
+            Err("the audit sink did not finish writing in time")
+        );
+        assert_eq!(started.elapsed(), FLUSH_TIMEOUT);
+    }
+
+    #[test]
+    fn a_reopened_file_does_not_inherit_the_old_files_torn_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        std::fs::write(&path, b"{\"torn").unwrap();
+        let mut sink = Sink::File {
+            path: path.clone(),
+            file: open_append(&path).unwrap(),
+            torn: ends_without_newline(&path),
+        };
+        std::fs::rename(&path, dir.path().join("audit.jsonl.1")).unwrap();
+        sink.reopen();
+        sink.write(b"{}\n", false).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"{}\n");
+        // The old file, still torn, was left as it was.
+        assert_eq!(
+            std::fs::read(dir.path().join("audit.jsonl.1")).unwrap(),
+            b"{\"torn"
+        );
     }
 
     #[tokio::test]
