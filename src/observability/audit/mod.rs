@@ -94,13 +94,21 @@ struct Queue {
     records: usize,
     /// Something in `staged` must not wait for the gathering delay (an intent, a flush, a reopen).
     urgent: bool,
-    /// The writer is waiting for the condition variable: with nothing to do (`idle`), or
-    /// gathering.
-    waiting: bool,
-    idle: bool,
+    /// What the writer is doing, so that a producer wakes it only when it waits.
+    writer: WriterIs,
     /// Every handle is gone (the writer writes what is left and stops), or the writer stopped.
     closed: bool,
     stopped: bool,
+}
+
+/// What the writer is doing: a record wakes an idle writer; only an urgent job cuts a
+/// gathering short; a busy writer sees what was queued when it next looks.
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+enum WriterIs {
+    #[default]
+    Busy,
+    Idle,
+    Gathering,
 }
 
 /// The queue between requests and the writer.
@@ -182,10 +190,30 @@ impl std::fmt::Debug for AuditLog {
 }
 
 /// Why a job was not queued.
+#[derive(Debug, Clone, Copy)]
 enum Refused {
     Full,
     Stopped,
 }
+
+impl Refused {
+    /// The `reason` of `audit_records_failed_total` for a record refused so.
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Full => "queue_full",
+            Self::Stopped => "write",
+        }
+    }
+
+    fn message(self) -> &'static str {
+        match self {
+            Self::Full => "the audit writer's queue is full",
+            Self::Stopped => STOPPED,
+        }
+    }
+}
+
+const STOPPED: &str = "the audit writer has stopped";
 
 impl AuditLog {
     /// Opens the sink, finds the chain head in an existing file, and starts the writer thread.
@@ -248,32 +276,43 @@ impl AuditLog {
         })
     }
 
-    /// Queues `job`, whose record bytes (if any) `write` appends; wakes the writer when it
-    /// waits for work, or, for an urgent job, when it is gathering.
+    /// Queues `job`, after the record bytes it carries (if any); wakes the writer when it
+    /// waits for work, or, for an urgent job, when it is gathering. A refused record is counted.
     fn push(
         &self,
         record: Option<&[u8]>,
         job: impl FnOnce(usize) -> Job,
         urgent: bool,
     ) -> Result<(), Refused> {
+        let refused = |why: Refused| {
+            if record.is_some() {
+                self.metrics.failed(why.as_str(), 1);
+            }
+            Err(why)
+        };
         let mut q = self.shared.lock();
         if q.stopped || q.closed {
-            return Err(Refused::Stopped);
+            return refused(Refused::Stopped);
         }
         if let Some(bytes) = record {
             if q.records >= QUEUE_CAPACITY || q.staged.bytes.len() + bytes.len() > QUEUE_BYTES {
-                return Err(Refused::Full);
+                return refused(Refused::Full);
             }
             q.staged.bytes.extend_from_slice(bytes);
             q.records += 1;
+            self.metrics.queued.inc();
         }
         let end = q.staged.bytes.len();
         q.staged.jobs.push(job(end));
         q.urgent |= urgent;
-        let wake = q.waiting && (q.idle || urgent);
-        if wake {
-            q.idle = false;
-        }
+        let wake = match q.writer {
+            WriterIs::Idle => {
+                q.writer = WriterIs::Busy;
+                true
+            }
+            WriterIs::Gathering => urgent,
+            WriterIs::Busy => false,
+        };
         drop(q);
         if wake {
             self.shared.wake.notify_one();
@@ -297,50 +336,29 @@ impl AuditLog {
         let pushed = SCRATCH
             .try_with(|scratch| push(&mut scratch.borrow_mut()))
             .unwrap_or_else(|_| push(&mut Vec::new()));
-        let why = match pushed {
-            Ok(()) => {
-                self.metrics.queued.inc();
-                return;
-            }
-            Err(Refused::Full) => {
-                self.metrics.failed("queue_full", 1);
-                "the writer's queue is full"
-            }
-            Err(Refused::Stopped) => {
-                self.metrics.failed("write", 1);
-                "the writer has stopped"
-            }
-        };
-        let ids = ids();
-        tracing::error!(
-            request_id = ids.request_id(),
-            trace_id = %ids.trace_id,
-            "audit record lost: {why}"
-        );
+        if let Err(why) = pushed {
+            let ids = ids();
+            tracing::error!(
+                request_id = ids.request_id(),
+                trace_id = %ids.trace_id,
+                "audit record lost: {}",
+                why.message()
+            );
+        }
     }
 
     /// Writes an intent record durably (write and fsync) and waits for it.
     pub async fn intent(&self, open_json: OpenRecord) -> Result<(), String> {
         let (done, written) = oneshot::channel();
-        match self.push(
+        self.push(
             Some(open_json.as_bytes()),
             |end| Job::Intent { end, done },
             true,
-        ) {
-            Ok(()) => {}
-            Err(Refused::Full) => {
-                self.metrics.failed("queue_full", 1);
-                return Err("the audit writer's queue is full".into());
-            }
-            Err(Refused::Stopped) => {
-                self.metrics.failed("write", 1);
-                return Err("the audit writer has stopped".into());
-            }
-        }
-        self.metrics.queued.inc();
+        )
+        .map_err(|why| why.message().to_string())?;
         match tokio::time::timeout(INTENT_TIMEOUT, written).await {
             Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err("the audit writer has stopped".into()),
+            Ok(Err(_)) => Err(STOPPED.into()),
             Err(_) => Err(format!(
                 "the audit sink did not confirm within {}s",
                 INTENT_TIMEOUT.as_secs()
@@ -359,10 +377,9 @@ impl AuditLog {
     /// chain head, or why not.
     pub async fn flush(&self) -> Result<ChainHash, &'static str> {
         let (done, flushed) = oneshot::channel();
-        const STOPPED: &str = "the audit writer has stopped";
         // A flush is never refused for a full queue (it adds no record).
         self.push(None, |_| Job::Flush(done), true)
-            .map_err(|_| STOPPED)?;
+            .map_err(Refused::message)?;
         match tokio::time::timeout(FLUSH_TIMEOUT, flushed).await {
             Ok(Ok(head)) => Ok(head),
             Ok(Err(_)) => Err(STOPPED),
@@ -464,6 +481,13 @@ impl Sink {
     }
 }
 
+/// Sealed records not yet written: where the chain stood before them, and who waits on them.
+struct Piece {
+    start: ChainHash,
+    outcomes: u64,
+    intents: Vec<oneshot::Sender<Result<(), String>>>,
+}
+
 struct Writer {
     shared: Arc<Shared>,
     sink: Sink,
@@ -486,21 +510,18 @@ impl Writer {
             let mut q = shared.lock();
             // Wait for work; then, unless something is urgent, let records gather.
             while q.staged.jobs.is_empty() && !q.closed {
-                q.waiting = true;
-                q.idle = true;
+                q.writer = WriterIs::Idle;
                 q = shared.wake.wait(q).unwrap_or_else(|e| e.into_inner());
             }
             if !q.urgent && !q.closed {
-                q.waiting = true;
-                q.idle = false;
+                q.writer = WriterIs::Gathering;
                 q = shared
                     .wake
                     .wait_timeout_while(q, GATHER, |q| !q.urgent && !q.closed)
                     .unwrap_or_else(|e| e.into_inner())
                     .0;
             }
-            q.waiting = false;
-            q.idle = false;
+            q.writer = WriterIs::Busy;
             if q.staged.jobs.is_empty() && q.closed {
                 break;
             }
@@ -524,29 +545,26 @@ impl Writer {
 
     fn process(&mut self, staged: &mut Staged, buf: &mut Vec<u8>) {
         buf.clear();
-        let mut start = self.head;
+        let mut piece = Piece {
+            start: self.head,
+            outcomes: 0,
+            intents: Vec::new(),
+        };
         let mut at = 0;
-        let (mut outcomes, mut intents, mut flushes) = (0u64, Vec::new(), Vec::new());
+        let mut flushes = Vec::new();
         for job in staged.jobs.drain(..) {
-            match job {
+            let end = match job {
                 Job::Record { end } => {
-                    let open = &staged.bytes[at..end];
-                    at = end;
-                    self.head = chain::seal(open, &self.tag, self.head, buf);
-                    outcomes += 1;
+                    piece.outcomes += 1;
+                    end
                 }
                 Job::Intent { end, done } => {
-                    let open = &staged.bytes[at..end];
-                    at = end;
-                    self.head = chain::seal(open, &self.tag, self.head, buf);
-                    intents.push(done);
+                    piece.intents.push(done);
+                    end
                 }
                 Job::Reopen => {
                     // Records before the reopen go to the old file.
-                    self.write(buf, start, outcomes, &mut intents);
-                    buf.clear();
-                    outcomes = 0;
-                    start = self.head;
+                    self.write(buf, &mut piece);
                     self.sink.reopen();
                     tracing::info!(head = %self.head, "audit chain head at reopen");
                     continue;
@@ -555,33 +573,28 @@ impl Writer {
                     flushes.push(done);
                     continue;
                 }
-            }
+            };
+            self.head = chain::seal(&staged.bytes[at..end], &self.tag, self.head, buf);
+            at = end;
             if buf.len() >= WRITE_CHUNK {
-                self.write(buf, start, outcomes, &mut intents);
-                buf.clear();
-                outcomes = 0;
-                start = self.head;
+                self.write(buf, &mut piece);
             }
         }
-        self.write(buf, start, outcomes, &mut intents);
+        self.write(buf, &mut piece);
         for done in flushes {
             let _ = done.send(self.head);
         }
     }
 
-    /// Writes `buf` (`outcomes` outcome records and one record per intent); on failure the chain
-    /// head goes back to `start`, as the records are not in the file.
-    fn write(
-        &mut self,
-        buf: &[u8],
-        start: ChainHash,
-        outcomes: u64,
-        intents: &mut Vec<oneshot::Sender<Result<(), String>>>,
-    ) {
+    /// Writes `buf`, the sealed records of `piece`, and starts the next piece at the chain
+    /// head; on failure the head goes back to the piece's start, as its records are not in the
+    /// file.
+    fn write(&mut self, buf: &mut Vec<u8>, piece: &mut Piece) {
         if buf.is_empty() {
             return;
         }
-        let n_intents = intents.len() as u64;
+        let (outcomes, n_intents) = (piece.outcomes, piece.intents.len() as u64);
+        let intents = &mut piece.intents;
         // Accounted for below, whichever way the write goes.
         self.shared
             .in_flight
@@ -595,7 +608,7 @@ impl Writer {
                 }
             }
             Err(e) => {
-                self.head = start;
+                self.head = piece.start;
                 let lost = outcomes + n_intents;
                 self.metrics.failed("write", lost);
                 tracing::error!(error = %e, records = lost, "audit write failed: records lost");
@@ -604,6 +617,9 @@ impl Writer {
                 }
             }
         }
+        buf.clear();
+        piece.outcomes = 0;
+        piece.start = self.head;
     }
 }
 

@@ -109,7 +109,7 @@ impl Record<'_> {
     /// Appends the record's open JSON (as [`Record::to_open_json`]'s bytes) to `out`: the audit
     /// writer's staging buffer, so that a record costs no allocation of its own.
     pub fn write_open_json(&self, out: &mut Vec<u8>) {
-        let mut o = Json(std::mem::take(out));
+        let mut o = Json(out);
         o.raw(b"{\"ts\":");
         o.ascii(&self.ts);
         o.raw(b",\"phase\":");
@@ -175,7 +175,6 @@ impl Record<'_> {
             Some(false) => o.raw(b"false"),
             None => o.raw(b"null"),
         }
-        *out = o.0;
     }
 }
 
@@ -206,9 +205,9 @@ fn needs_escape(bytes: &[u8]) -> bool {
 
 /// The JSON writer for [`Record`]: serde_json's output, byte for byte, for the few types a
 /// record holds.
-struct Json(Vec<u8>);
+struct Json<'a>(&'a mut Vec<u8>);
 
-impl Json {
+impl Json<'_> {
     fn raw(&mut self, bytes: &[u8]) {
         self.0.extend_from_slice(bytes);
     }
