@@ -88,13 +88,7 @@ async fn replicas_share_fills_and_see_each_others_writes() {
     assert_eq!(listing.json()["_items"][0]["name"], "before");
 
     // A write through A reaches B's memory (fresh for another minute) within a pub/sub hop.
-    let patched = send(
-        Method::PATCH,
-        &a.url(&path),
-        &[("if-match", &format!("\"{etag}\""))],
-        r#"{"name":"after"}"#,
-    )
-    .await;
+    let patched = rename(&a.url(&path), &etag, "after").await;
     assert_eq!(patched.status, StatusCode::OK, "{}", patched.text());
     eventually(Duration::from_secs(2), "B sees the write", || async {
         get(&b.url(&path), &[]).await.json()["name"] == "after"
@@ -142,13 +136,7 @@ async fn a_fill_racing_a_write_on_another_replica_is_not_shared() {
         || std::future::ready(gets(&mock, &path) == 1),
     )
     .await;
-    let patched = send(
-        Method::PATCH,
-        &a.url(&path),
-        &[("if-match", &format!("\"{etag}\""))],
-        r#"{"name":"after"}"#,
-    )
-    .await;
+    let patched = rename(&a.url(&path), &etag, "after").await;
     assert_eq!(patched.status, StatusCode::OK);
     release.notify_one();
     // B's client asked before the write finished: it may get the old state...
@@ -236,13 +224,7 @@ rate = "1000/m"
         wait_link(gw, 0.0).await;
     }
     // Writes and reads still succeed; the write cannot reach B, so B revalidates what it holds.
-    let patched = send(
-        Method::PATCH,
-        &a.url(&path),
-        &[("if-match", &format!("\"{etag}\""))],
-        r#"{"name":"after"}"#,
-    )
-    .await;
+    let patched = rename(&a.url(&path), &etag, "after").await;
     assert_eq!(patched.status, StatusCode::OK, "{}", patched.text());
     let degraded = get(&b.url(&path), &[]).await;
     assert_eq!(degraded.status, StatusCode::OK);
@@ -569,13 +551,7 @@ async fn a_subscription_gone_silent_is_replaced_and_the_replica_hears_writes_aga
     .await;
     wait_link(&b, 1.0).await;
     // A write through A now reaches B through its new subscription.
-    let patched = send(
-        Method::PATCH,
-        &a.url(&path),
-        &[("if-match", &format!("\"{etag}\""))],
-        r#"{"name":"after"}"#,
-    )
-    .await;
+    let patched = rename(&a.url(&path), &etag, "after").await;
     assert_eq!(patched.status, StatusCode::OK);
     eventually(Duration::from_secs(2), "B sees the write", || async {
         get(&b.url(&path), &[]).await.json()["name"] == "after"
@@ -595,13 +571,7 @@ async fn a_redis_that_comes_back_from_an_older_snapshot_serves_nothing_of_it() {
     assert_eq!(get(&a.url(&path), &[]).await.json()["name"], "before");
     let mut admin = redis.connection().await;
     let _: () = redis::cmd("SAVE").query_async(&mut admin).await.unwrap();
-    let patched = send(
-        Method::PATCH,
-        &a.url(&path),
-        &[("if-match", &format!("\"{etag}\""))],
-        r#"{"name":"after"}"#,
-    )
-    .await;
+    let patched = rename(&a.url(&path), &etag, "after").await;
     assert_eq!(patched.status, StatusCode::OK);
     redis.restart().await;
     let dump = redis.dump().await;

@@ -253,6 +253,18 @@ pub async fn get(url: &str, headers: &[(&str, &str)]) -> Reply {
     send(Method::GET, url, headers, Bytes::new()).await
 }
 
+/// PATCHes an item's name with `If-Match: "etag"`, as a CloudCasa client edits it.
+pub async fn rename(url: &str, etag: &str, name: &str) -> Reply {
+    let body = serde_json::json!({ "name": name }).to_string();
+    send(
+        Method::PATCH,
+        url,
+        &[("if-match", &format!("\"{etag}\""))],
+        body,
+    )
+    .await
+}
+
 /// Writes raw bytes to `addr` and reads until the server closes the connection.
 pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
     let mut stream = TcpStream::connect(addr).await.unwrap();
