@@ -65,12 +65,20 @@ pub fn versions_of(partition: &Fingerprint, path: &str) -> Vec<String> {
 }
 
 /// The version keys a write bumps: each exact path and each subtree root.
-pub fn versions_bumped(partition: &Fingerprint, exact: &[String], roots: &[String]) -> Vec<String> {
+pub fn versions_bumped(
+    partition: &Fingerprint,
+    exact: &[impl AsRef<str>],
+    roots: &[impl AsRef<str>],
+) -> Vec<String> {
     let prefix = partition_prefix(partition);
     exact
         .iter()
-        .map(|p| format!("{prefix}x:{}", scope(p)))
-        .chain(roots.iter().map(|r| format!("{prefix}s:{}", scope(r))))
+        .map(|p| format!("{prefix}x:{}", scope(p.as_ref())))
+        .chain(
+            roots
+                .iter()
+                .map(|r| format!("{prefix}s:{}", scope(r.as_ref()))),
+        )
         .collect()
 }
 
@@ -147,12 +155,12 @@ mod tests {
         assert!(!shareable(&"/a".repeat(MAX_SHARED_DEPTH + 1)));
         // What a PATCH of that item bumps is among them: the collection's subtree, and its
         // parent exactly.
-        let bumped = versions_bumped(&p, &["/api/v1".into()], &["/api/v1/usergroups".into()]);
+        let bumped = versions_bumped(&p, &["/api/v1"], &["/api/v1/usergroups"]);
         assert!(keys.contains(&bumped[1]));
         assert!(versions_of(&p, "/api/v1").contains(&bumped[0]));
         // The root `/` is the empty scope.
         assert_eq!(
-            versions_bumped(&p, &[], &["/".into()]),
+            versions_bumped(&p, &[""; 0], &["/"]),
             [format!("{pre}s:{}", scope(""))]
         );
         // Every key of a partition shares one hash tag (one Redis Cluster slot).

@@ -516,12 +516,17 @@ impl Fleet {
     /// Publishes a write's invalidation to every replica and voids the shared entries it
     /// covers. While the link is down, the partition is remembered instead: when it comes
     /// back, the whole partition gets a new generation.
-    pub async fn invalidate(&self, partition: &Fingerprint, exact: &[String], roots: &[String]) {
+    pub async fn invalidate(
+        &self,
+        partition: &Fingerprint,
+        exact: &[impl AsRef<str>],
+        roots: &[impl AsRef<str>],
+    ) {
         let message = Message {
             from: self.instance.clone(),
             p: partition.to_hex(),
-            x: exact.to_vec(),
-            s: roots.to_vec(),
+            x: exact.iter().map(|p| p.as_ref().to_owned()).collect(),
+            s: roots.iter().map(|r| r.as_ref().to_owned()).collect(),
             all: false,
             at: now_us(),
             hb: false,

@@ -314,21 +314,16 @@ impl ResponseCache {
         if let Some(partition) = partition
             && (response.status().is_success() || response.status().is_redirection())
         {
-            let mut targets = vec![target];
-            for h in [header::LOCATION, header::CONTENT_LOCATION] {
-                if let Some(path) = response.headers().get(&h).and_then(location_path) {
-                    targets.push(path);
-                }
-            }
-            let (mut exact, mut roots) = (Vec::new(), Vec::new());
-            for t in &targets {
-                let (root, parent) = invalidation_scope(t);
-                roots.push(root);
-                exact.push(parent);
-            }
-            roots.sort();
+            let locations = [header::LOCATION, header::CONTENT_LOCATION]
+                .map(|h| response.headers().get(&h).and_then(location_path));
+            // Scopes borrow from the paths: a write allocates no string per scope.
+            let targets = std::iter::once(target.as_str())
+                .chain(locations.iter().flatten().map(String::as_str));
+            let (mut roots, mut exact): (Vec<&str>, Vec<&str>) =
+                targets.map(invalidation_scope).unzip();
+            roots.sort_unstable();
             roots.dedup();
-            exact.sort();
+            exact.sort_unstable();
             exact.dedup();
             // Redis and every other replica first, then this replica's memory: the other way
             // round, a read here in between could find the pre-write entry still in Redis and
@@ -337,7 +332,7 @@ impl ResponseCache {
             if let Some(fleet) = self.fleet() {
                 fleet.invalidate(&partition, &exact, &roots).await;
             }
-            self.store.invalidate(partition, &exact, roots).await;
+            self.store.invalidate(partition, &exact, &roots).await;
         }
         Ok(response)
     }
@@ -889,7 +884,7 @@ impl fleet::Listener for FleetListener {
         let cache = self.0.clone();
         Box::pin(async move {
             if let Some(cache) = cache.upgrade() {
-                cache.store.invalidate(partition, &exact, roots).await;
+                cache.store.invalidate(partition, &exact, &roots).await;
             }
         })
     }
@@ -929,18 +924,14 @@ fn collapse_key_headers(names: &[HeaderName], headers: &mut HeaderMap) {
 /// What a write to `path` invalidates: the subtree of the collection it names
 /// (`/api/v1/usergroups/ID/...` and `/api/v1/usergroups` → `/api/v1/usergroups`), or, outside
 /// `/api/v1/<collection>`, the path's own subtree; and, exactly, the parent of that root.
-fn invalidation_scope(path: &str) -> (String, String) {
+fn invalidation_scope(path: &str) -> (&str, &str) {
     let root = match crate::http::resource::Resource::parse(path) {
-        Some(r) => format!("/api/v1/{}", r.collection),
-        None => path.trim_end_matches('/').to_string(),
+        // `/api/v1/<collection>`, a prefix of the path itself.
+        Some(r) => &path[.."/api/v1/".len() + r.collection.len()],
+        None => path.trim_end_matches('/'),
     };
-    let root = if root.is_empty() {
-        "/".to_string()
-    } else {
-        root
-    };
-    let parent = parent(&root).to_string();
-    (root, parent)
+    let root = if root.is_empty() { "/" } else { root };
+    (root, parent(root))
 }
 
 /// The collection a resource belongs to: `/api/v1/usergroups/ID` → `/api/v1/usergroups`.
@@ -1445,17 +1436,17 @@ mod tests {
 
     #[test]
     fn writes_invalidate_the_collections_subtree() {
-        let scope = |p| invalidation_scope(p);
+        let scope = invalidation_scope;
         assert_eq!(
             scope("/api/v1/usergroups/624e/"),
-            ("/api/v1/usergroups".into(), "/api/v1".into())
+            ("/api/v1/usergroups", "/api/v1")
         );
         assert_eq!(
             scope("/api/v1/usergroups"),
-            ("/api/v1/usergroups".into(), "/api/v1".into())
+            ("/api/v1/usergroups", "/api/v1")
         );
-        assert_eq!(scope("/other/x/"), ("/other/x".into(), "/other".into()));
-        assert_eq!(scope("/"), ("/".into(), "/".into()));
+        assert_eq!(scope("/other/x/"), ("/other/x", "/other"));
+        assert_eq!(scope("/"), ("/", "/"));
     }
 
     #[test]

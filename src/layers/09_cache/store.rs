@@ -166,7 +166,10 @@ impl Slot {
 /// eviction listener), but only if the index still names that very entry: a variant evicted and
 /// stored again must stay indexed, whatever order the notifications come in.
 type PathIndex = Mutex<Buckets>;
-type Buckets = Map<(Fingerprint, Box<str>), Map<Box<str>, Map<VariantKey, u64>>>;
+/// Partition, then bucket, then path: nested so that a lookup borrows the bucket and path
+/// (`&str`) instead of building an owned key for each.
+type Buckets = Map<Fingerprint, Map<Box<str>, Paths>>;
+type Paths = Map<Box<str>, Map<VariantKey, u64>>;
 
 /// The store's own maps (the path index, the invalidation epochs, the fills in flight), keyed
 /// by paths clients choose and visited on every write and fill: hashed with foldhash, seeded per
@@ -175,8 +178,11 @@ type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Takes `key` out of the index, if the index still names entry `id` there (`None`: any).
 fn unindex(index: &mut Buckets, key: &CacheKey, id: Option<u64>) {
-    let b = (key.path.partition, Box::<str>::from(bucket(&key.path.path)));
-    let Some(paths) = index.get_mut(&b) else {
+    let b = bucket(&key.path.path);
+    let Some(buckets) = index.get_mut(&key.path.partition) else {
+        return;
+    };
+    let Some(paths) = buckets.get_mut(b) else {
         return;
     };
     if let Some(variants) = paths.get_mut(&key.path.path) {
@@ -188,7 +194,10 @@ fn unindex(index: &mut Buckets, key: &CacheKey, id: Option<u64>) {
         }
     }
     if paths.is_empty() {
-        index.remove(&b);
+        buckets.remove(b);
+        if buckets.is_empty() {
+            index.remove(&key.path.partition);
+        }
     }
 }
 
@@ -249,12 +258,12 @@ impl CacheStats {
 
 /// What an invalidation covered, for [`Epochs`]: a path exactly, or a subtree (a root and
 /// everything below it by whole segments; `""` is the partition's root `/`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Scope {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope<'a> {
     /// One path, with every query variant.
-    Exact(Box<str>),
+    Exact(&'a str),
     /// A root and every path below it.
-    Subtree(Box<str>),
+    Subtree(&'a str),
 }
 
 /// When each invalidated scope was last invalidated, on one monotonic clock of invalidations.
@@ -288,7 +297,7 @@ impl Epochs {
     const LIMIT: usize = 16 * 1024;
 
     /// Records an invalidation of `scopes` in `partition` now.
-    fn bump(&mut self, partition: Fingerprint, scopes: &[Scope]) {
+    fn bump(&mut self, partition: Fingerprint, scopes: &[Scope<'_>]) {
         self.clock += 1;
         let now = self.clock;
         let map = self.by_scope.entry(partition).or_default();
@@ -445,12 +454,18 @@ impl Store {
         }
         {
             let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
-            index
-                .entry((key.path.partition, bucket(&key.path.path).into()))
-                .or_default()
-                .entry(key.path.path.clone())
-                .or_default()
-                .insert(key.variant.clone(), slot.id);
+            let buckets = index.entry(key.path.partition).or_default();
+            // Owned keys only for a bucket or path not indexed yet.
+            let b = bucket(&key.path.path);
+            let paths = match buckets.get_mut(b) {
+                Some(paths) => paths,
+                None => buckets.entry(b.into()).or_default(),
+            };
+            let variants = match paths.get_mut(&key.path.path) {
+                Some(variants) => variants,
+                None => paths.entry(key.path.path.clone()).or_default(),
+            };
+            variants.insert(key.variant.clone(), slot.id);
         }
         self.cache.insert(key.clone(), slot).await;
         true
@@ -461,7 +476,8 @@ impl Store {
     pub fn variants_of(&self, path: &PathKey, query: &str, limit: usize) -> Vec<VariantKey> {
         let index = self.index.lock().unwrap_or_else(|e| e.into_inner());
         let Some(variants) = index
-            .get(&(path.partition, Box::<str>::from(bucket(&path.path))))
+            .get(&path.partition)
+            .and_then(|buckets| buckets.get(bucket(&path.path)))
             .and_then(|paths| paths.get(&path.path))
         else {
             return Vec::new();
@@ -485,19 +501,11 @@ impl Store {
         covers: impl Fn(&str) -> bool,
     ) -> Vec<CacheKey> {
         let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
-        let buckets: Vec<(Fingerprint, Box<str>)> = match which {
-            Some(b) => vec![(partition, b.into())],
-            None => index
-                .keys()
-                .filter(|(p, _)| *p == partition)
-                .cloned()
-                .collect(),
-        };
         let mut doomed = Vec::new();
-        for b in buckets {
-            let Some(paths) = index.get_mut(&b) else {
-                continue;
-            };
+        let Some(buckets) = index.get_mut(&partition) else {
+            return doomed;
+        };
+        let mut take = |paths: &mut Paths| {
             paths.retain(|path, variants| {
                 let gone = covers(path);
                 if gone {
@@ -511,20 +519,31 @@ impl Store {
                 }
                 !gone
             });
-            if paths.is_empty() {
-                index.remove(&b);
+        };
+        match which {
+            Some(b) => {
+                if let Some(paths) = buckets.get_mut(b) {
+                    take(paths);
+                    if paths.is_empty() {
+                        buckets.remove(b);
+                    }
+                }
             }
+            None => {
+                buckets.values_mut().for_each(&mut take);
+                buckets.retain(|_, paths| !paths.is_empty());
+            }
+        }
+        if buckets.is_empty() {
+            index.remove(&partition);
         }
         doomed
     }
 
     /// Removes one stored variant (the upstream said it is gone).
     pub async fn remove(&self, key: &CacheKey) {
-        let scopes = Some((
-            key.path.partition,
-            vec![Scope::Exact(key.path.path.clone())],
-        ));
-        self.invalidate_with(scopes, || async {
+        let scopes = [Scope::Exact(&key.path.path)];
+        self.invalidate_with(Some((key.path.partition, &scopes)), || async {
             unindex(
                 &mut self.index.lock().unwrap_or_else(|e| e.into_inner()),
                 key,
@@ -539,20 +558,25 @@ impl Store {
     /// subtree of each of `roots` (the root itself, with or without a trailing slash, and every
     /// path below it, segment by segment: `/a/b` covers `/a/b/c`, not `/a/bc`). Effective at
     /// once: no later lookup returns what was removed.
-    pub async fn invalidate(&self, partition: Fingerprint, exact: &[String], roots: Vec<String>) {
-        let scopes = exact
+    pub async fn invalidate(
+        &self,
+        partition: Fingerprint,
+        exact: &[impl AsRef<str>],
+        roots: &[impl AsRef<str>],
+    ) {
+        let scopes: Vec<Scope<'_>> = exact
             .iter()
-            .map(|p| Scope::Exact(p.as_str().into()))
-            .chain(roots.iter().map(|r| Scope::Subtree(r.as_str().into())))
+            .map(|p| Scope::Exact(p.as_ref()))
+            .chain(roots.iter().map(|r| Scope::Subtree(r.as_ref())))
             .collect();
-        self.invalidate_with(Some((partition, scopes)), || async {
+        self.invalidate_with(Some((partition, &scopes)), || async {
             // The variants of the exact paths and of the roots' subtrees, taken out of the index
             // under its lock; then removed from moka.
             let mut doomed = Vec::new();
-            for path in exact {
+            for path in exact.iter().map(AsRef::as_ref) {
                 doomed.extend(self.take_indexed(partition, Some(bucket(path)), |p| p == path));
             }
-            for root in &roots {
+            for root in roots.iter().map(AsRef::as_ref) {
                 // The root `/` covers every bucket of the partition; any other root, its own.
                 let which = Some(bucket(root)).filter(|b| !b.is_empty());
                 doomed.extend(self.take_indexed(partition, which, |p| in_subtree(p, root)));
@@ -640,7 +664,7 @@ impl Store {
     /// a partition (`None`: of everything, for the admin purges).
     async fn invalidate_with<F, Fut>(
         &self,
-        scopes: Option<(Fingerprint, Vec<Scope>)>,
+        scopes: Option<(Fingerprint, &[Scope<'_>])>,
         invalidate: F,
     ) where
         F: FnOnce() -> Fut,
@@ -650,7 +674,7 @@ impl Store {
         {
             let mut epochs = self.epochs.lock().unwrap_or_else(|e| e.into_inner());
             match scopes {
-                Some((partition, scopes)) => epochs.bump(partition, &scopes),
+                Some((partition, scopes)) => epochs.bump(partition, scopes),
                 None => epochs.bump_all(),
             }
         }
@@ -848,7 +872,7 @@ mod tests {
         let k = key("/api/v1/x", "");
         let epoch = store.ticket();
         store
-            .invalidate(k.path.partition, &["/api/v1/x".into()], Vec::new())
+            .invalidate(k.path.partition, &["/api/v1/x"], &[""; 0])
             .await;
         assert!(!store.insert(&k, stored("old"), epoch).await);
         assert!(store.get(&k).await.is_none());
@@ -879,7 +903,7 @@ mod tests {
 
         let ticket = store.ticket();
         store
-            .invalidate(partition, &[], vec!["/api/v1/clusters".into()])
+            .invalidate(partition, &[""; 0], &["/api/v1/clusters"])
             .await;
         assert!(!store.insert(&clusters, stored("old"), ticket).await);
         assert!(
@@ -892,7 +916,7 @@ mod tests {
         );
 
         let ticket = store.ticket();
-        store.invalidate(partition, &[], vec!["/".into()]).await;
+        store.invalidate(partition, &[""; 0], &["/"]).await;
         assert!(
             !store.insert(&jobs, stored("j2"), ticket).await,
             "/ covers the partition"
@@ -943,7 +967,7 @@ mod tests {
         }
         assert_eq!(store.size().await.0, 20_000);
         store
-            .invalidate(partition, &[], vec!["/api/v1/jobs".into()])
+            .invalidate(partition, &[""; 0], &["/api/v1/jobs"])
             .await;
         assert_eq!(store.size().await.0, 0);
         assert!(store.get(&page(19_999)).await.is_none());
@@ -967,9 +991,7 @@ mod tests {
             },
         };
         let ticket = store.ticket();
-        store
-            .invalidate(partition, &["/test".into()], vec!["/test/a".into()])
-            .await;
+        store.invalidate(partition, &["/test"], &["/test/a"]).await;
         assert!(store.insert(&at("/test/b"), stored("b"), ticket).await);
         assert!(
             store.insert(&at("/test/ab"), stored("ab"), ticket).await,
@@ -996,7 +1018,7 @@ mod tests {
         };
         let before = epochs.clock;
         for i in 0..=Epochs::LIMIT {
-            epochs.bump(partition, &[Scope::Subtree(format!("/c{i}").into())]);
+            epochs.bump(partition, &[Scope::Subtree(&format!("/c{i}"))]);
         }
         assert!(epochs.scopes <= Epochs::LIMIT);
         assert!(epochs.invalidated_since(&key, before));
@@ -1052,12 +1074,57 @@ mod tests {
             assert!(store.insert(k, stored("x"), store.ticket()).await);
         }
         store
-            .invalidate(item.path.partition, &[], vec!["/api/v1/usergroups".into()])
+            .invalidate(item.path.partition, &[""; 0], &["/api/v1/usergroups"])
             .await;
         assert!(store.get(&item).await.is_none());
         assert!(store.get(&alias).await.is_none());
         assert!(store.get(&neighbour).await.is_some());
         assert!(store.get(&other_tenant).await.is_some());
+    }
+
+    /// The index is nested (partition, bucket, path): what empties at one level leaves the one
+    /// above, so invalidated and removed entries leave nothing behind, and one partition's
+    /// invalidation leaves another's entries indexed.
+    #[tokio::test]
+    async fn the_index_keeps_no_empty_buckets_or_partitions() {
+        let store = Store::new(1 << 20);
+        let a = key("/api/v1/a/1", "");
+        let in_a = |path: &str| CacheKey {
+            path: PathKey {
+                partition: a.path.partition,
+                path: path.into(),
+            },
+            variant: a.variant.clone(),
+        };
+        let (a2, a3) = (in_a("/api/v1/b/1"), in_a("/other/x"));
+        let b = key("/api/v1/a/1", "");
+        for k in [&a, &a2, &a3, &b] {
+            assert!(store.insert(k, stored("x"), store.ticket()).await);
+        }
+        let buckets = |p: &Fingerprint| {
+            let index = store.index.lock().unwrap();
+            let mut names: Vec<String> = index
+                .get(p)
+                .map(|b| b.keys().map(|k| k.to_string()).collect())
+                .unwrap_or_default();
+            names.sort();
+            names
+        };
+        assert_eq!(
+            buckets(&a.path.partition),
+            ["/api/v1/a", "/api/v1/b", "/other"]
+        );
+        store
+            .invalidate(a.path.partition, &["/api/v1"], &["/api/v1/b"])
+            .await;
+        assert_eq!(buckets(&a.path.partition), ["/api/v1/a", "/other"]);
+        store.invalidate(a.path.partition, &[""; 0], &["/"]).await;
+        assert!(store.index.lock().unwrap().get(&a.path.partition).is_none());
+        assert!(store.get(&a).await.is_none() && store.get(&a3).await.is_none());
+        assert_eq!(buckets(&b.path.partition), ["/api/v1/a"]);
+        assert!(store.get(&b).await.is_some());
+        store.remove(&b).await;
+        assert!(store.index.lock().unwrap().is_empty());
     }
 
     #[tokio::test]
@@ -1072,9 +1139,7 @@ mod tests {
         assert!(store.insert(&b, stored("2"), store.ticket()).await);
         assert_eq!(store.get(&a).await.unwrap().body, "1");
         assert_eq!(store.get(&b).await.unwrap().body, "2");
-        store
-            .invalidate(a.path.partition, &["/c".into()], Vec::new())
-            .await;
+        store.invalidate(a.path.partition, &["/c"], &[""; 0]).await;
         assert!(store.get(&a).await.is_none() && store.get(&b).await.is_none());
     }
 
