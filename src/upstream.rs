@@ -256,18 +256,19 @@ impl Upstream {
             )));
         }
         let up = &*self.inner;
-        let pq: PathAndQuery = if up.prefix.is_empty() {
-            PathAndQuery::from_maybe_shared(bytes::Bytes::copy_from_slice(pq.as_bytes()))
-        } else {
-            format!("{}{}", up.prefix, pq).parse()
-        }
-        .map_err(|e| GatewayError::BadRequest(format!("request target: {e}")))?;
-        Uri::builder()
-            .scheme(up.scheme.clone())
-            .authority(up.authority.clone())
-            .path_and_query(pq)
-            .build()
-            .map_err(|e| GatewayError::BadRequest(format!("request target: {e}")))
+        let pq: PathAndQuery = match original.path_and_query() {
+            // The client's own, already parsed and checked: a reference count, no copy.
+            Some(pq) if up.prefix.is_empty() => pq.clone(),
+            _ if up.prefix.is_empty() => PathAndQuery::from_static("/"),
+            _ => format!("{}{}", up.prefix, pq)
+                .parse()
+                .map_err(|e| GatewayError::BadRequest(format!("request target: {e}")))?,
+        };
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(up.scheme.clone());
+        parts.authority = Some(up.authority.clone());
+        parts.path_and_query = Some(pq);
+        Uri::from_parts(parts).map_err(|e| GatewayError::BadRequest(format!("request target: {e}")))
     }
 }
 
