@@ -395,9 +395,34 @@ where
     let first = first_request_by.map_or(state.opened + sample, |by| by.min(state.opened + sample));
     let check = tokio::time::sleep_until(first);
     tokio::pin!(check);
+    let stop = stopped(&mut stop);
+    tokio::pin!(stop);
+    let side = SideWaker::new();
     loop {
-        tokio::select! {
-            ended = &mut conn => {
+        let event = std::future::poll_fn(|cx| {
+            side.register(cx);
+            if let Poll::Ready(ended) = conn.as_mut().poll(cx) {
+                return Poll::Ready(Event::Ended(ended));
+            }
+            // The stop signal and the idle timer are polled only when they woke the task, not
+            // on each of the connection's own wake-ups (several per request).
+            if side.due() {
+                let mut cx = side.context();
+                if closing.is_none() && stop.as_mut().poll(&mut cx).is_ready() {
+                    return Poll::Ready(Event::Stop);
+                }
+                if check.as_mut().poll(&mut cx).is_ready() {
+                    return Poll::Ready(Event::Check);
+                }
+            }
+            Poll::Pending
+        })
+        .await;
+        // Whatever happened, the side futures are polled on the next turn (a reset timer must
+        // be polled to be armed again).
+        side.mark_due();
+        match event {
+            Event::Ended(ended) => {
                 if let Some(closed) = closing {
                     return closed;
                 }
@@ -423,11 +448,11 @@ where
                     Ok(()) => Ok(()),
                 };
             }
-            _ = stopped(&mut stop), if closing.is_none() => {
+            Event::Stop => {
                 conn.as_mut().graceful_shutdown();
                 closing = Some(Ok(()));
             }
-            _ = &mut check => {
+            Event::Check => {
                 let now = tokio::time::Instant::now();
                 let started_any = state.requests.load(Ordering::Relaxed) > 0;
                 if let Some(by) = first_request_by {
@@ -441,7 +466,9 @@ where
                 let activity = state.activity();
                 if activity != seen || state.in_flight.load(Ordering::Relaxed) > 0 {
                     (seen, quiet_since) = (activity, now);
-                } else if closing.is_none() && now.duration_since(quiet_since) >= options.idle_timeout {
+                } else if closing.is_none()
+                    && now.duration_since(quiet_since) >= options.idle_timeout
+                {
                     tracing::debug!(%peer, "closing an idle connection");
                     conn.as_mut().graceful_shutdown();
                     closing = Some(Err(CloseReason::IdleTimeout));
@@ -453,6 +480,70 @@ where
                 check.as_mut().reset(next);
             }
         }
+    }
+}
+
+/// What woke [`drive`].
+enum Event {
+    Ended(Result<(), crate::http::body::BoxError>),
+    Stop,
+    Check,
+}
+
+/// A waker for the futures a connection's driver polls beside the connection itself (its stop
+/// signal, its idle timer): waking it marks them due and wakes the driver's task, so that the
+/// connection's own wake-ups (reads, writes, the upstream's answer: several per request) do
+/// not poll them too. `tokio::select!` polls every branch on every wake-up, which cost about a
+/// thousand instructions per request.
+struct SideWaker {
+    shared: Arc<Side>,
+    waker: std::task::Waker,
+}
+
+struct Side {
+    due: std::sync::atomic::AtomicBool,
+    task: futures_util::task::AtomicWaker,
+}
+
+impl std::task::Wake for Side {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.due.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl SideWaker {
+    /// Due at first, so the side futures are polled (and armed) on the first turn.
+    fn new() -> Self {
+        let shared = Arc::new(Side {
+            due: std::sync::atomic::AtomicBool::new(true),
+            task: futures_util::task::AtomicWaker::new(),
+        });
+        let waker = std::task::Waker::from(shared.clone());
+        Self { shared, waker }
+    }
+
+    /// Remembers the task to wake (each turn: a task's waker may change).
+    fn register(&self, cx: &Context<'_>) {
+        self.shared.task.register(cx.waker());
+    }
+
+    /// Whether the side futures woke since they were last polled; clears the mark.
+    fn due(&self) -> bool {
+        self.shared.due.swap(false, Ordering::AcqRel)
+    }
+
+    /// Marks the side futures due.
+    fn mark_due(&self) {
+        self.shared.due.store(true, Ordering::Release);
+    }
+
+    /// The context to poll the side futures with.
+    fn context(&self) -> Context<'_> {
+        Context::from_waker(&self.waker)
     }
 }
 
@@ -683,6 +774,37 @@ write_through!(Rewind);
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The side futures are polled on their own wake-ups (and at first), never on the task's.
+    #[tokio::test(start_paused = true)]
+    async fn a_side_waker_marks_only_its_own_wake_ups() {
+        struct Count(AtomicUsize);
+        impl std::task::Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let task = std::task::Waker::from(count.clone());
+        let side = SideWaker::new();
+        side.register(&Context::from_waker(&task));
+        assert!(side.due(), "due at first, to arm the side futures");
+        assert!(!side.due(), "the mark is cleared when read");
+        task.wake_by_ref();
+        assert!(
+            !side.due(),
+            "the connection's own wake-up is not the side futures'"
+        );
+        // A timer polled with the side context wakes the task through it.
+        let sleep = tokio::time::sleep(Duration::from_secs(1));
+        tokio::pin!(sleep);
+        assert!(sleep.as_mut().poll(&mut side.context()).is_pending());
+        assert!(!side.due());
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(side.due(), "the timer marked the side futures due");
+        assert_eq!(count.0.load(Ordering::Relaxed), 2, "and woke the task");
+        assert!(sleep.as_mut().poll(&mut side.context()).is_ready());
+    }
 
     #[tokio::test]
     async fn rewind_replays_the_prefix_then_reads_on() {
