@@ -19,6 +19,8 @@ async fn injects_the_token_and_strips_the_clients_credential() {
         &gw.url("/api/v1/usergroups"),
         &[
             ("authorization", "Bearer client-supplied-secret"),
+            // A second line: the token replaces every one.
+            ("authorization", "Basic Y2xpZW50OnNlY3JldA=="),
             ("proxy-authorization", "Basic eA=="),
         ],
     )

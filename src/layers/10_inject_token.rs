@@ -47,19 +47,20 @@ where
     }
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
-        // The client's own credential is consumed here whatever happens next.
-        req.headers_mut().remove(header::AUTHORIZATION);
         let source = req
             .extensions()
             .get::<SelectedCredential>()
             .map(|c| c.0.clone());
         let Some(token) = SelectedCredential::token_for(&req) else {
+            // Not forwarded; the client's own credential goes no further either.
+            req.headers_mut().remove(header::AUTHORIZATION);
             let credential =
                 source.map_or_else(|| "(none)".to_string(), |s| s.credential().to_string());
             return Either::Left(std::future::ready(Err(GatewayError::NoToken {
                 credential,
             })));
         };
+        // The client's own credential is replaced: `insert` drops every value the header had.
         req.headers_mut()
             .insert(header::AUTHORIZATION, token.authorization().clone());
         Either::Right(InjectFuture {

@@ -183,9 +183,12 @@ impl Telemetry {
             span.set_attributes(attributes);
         }
         let cx = parent.with_span(span);
-        headers.remove(&TRACEPARENT);
+        // The client's trace context never reaches the upstream as it was sent: `traceparent`
+        // is replaced (`insert` drops every value), or removed when there is none to write.
         headers.remove(&TRACESTATE);
-        write_traceparent(&cx, headers);
+        if !write_traceparent(&cx, headers) {
+            headers.remove(&TRACEPARENT);
+        }
         cx
     }
 
@@ -201,13 +204,14 @@ static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 /// Writes the W3C `traceparent` for the span in `cx` (and `tracestate`, when it has one) into
-/// `headers`: what the SDK's `TraceContextPropagator` writes, hex-encoded into a fixed buffer
+/// `headers`, replacing any there; false when `cx` has no valid span context to write. The
+/// bytes are what the SDK's `TraceContextPropagator` writes, hex-encoded into a fixed buffer
 /// instead of through `format!`, because every upstream call does it.
-fn write_traceparent(cx: &Context, headers: &mut HeaderMap) {
+fn write_traceparent(cx: &Context, headers: &mut HeaderMap) -> bool {
     let span = cx.span();
     let sc = span.span_context();
     if !sc.is_valid() {
-        return;
+        return false;
     }
     // version "00", trace id, span id, flags (only "sampled" is defined)
     let mut value = *b"00-00000000000000000000000000000000-0000000000000000-00";
@@ -228,6 +232,7 @@ fn write_traceparent(cx: &Context, headers: &mut HeaderMap) {
     {
         headers.insert(TRACESTATE.clone(), state);
     }
+    true
 }
 
 /// A span name from a method, without allocating for the standard ones.
@@ -387,6 +392,39 @@ mod tests {
             format!("00-4bf92f3577b34da6a3ce929d0e0e4736-{child}-01")
         );
         assert_eq!(out["tracestate"], "vendor=x");
+    }
+
+    /// What the client sent as trace context never reaches the upstream as sent: repeated
+    /// `traceparent` lines become the one the gateway writes, and a `tracestate` that came
+    /// with no valid parent is dropped.
+    #[test]
+    fn the_clients_trace_headers_are_replaced_not_added_to() {
+        let t = telemetry();
+        let mut incoming = HeaderMap::new();
+        incoming.append("traceparent", "00-zz-yy-01".parse().unwrap());
+        incoming.append(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+                .parse()
+                .unwrap(),
+        );
+        incoming.insert("tracestate", "vendor=forged".parse().unwrap());
+        let cx = server(&t, &incoming);
+        let mut out = incoming.clone();
+        let client = t.client_span(
+            &cx,
+            &Method::PATCH,
+            &"https://api.x/a".parse().unwrap(),
+            &mut out,
+        );
+        let sc = client.span().span_context().clone();
+        let sent: Vec<_> = out.get_all("traceparent").iter().collect();
+        assert_eq!(
+            sent,
+            [&format!("00-{}-{}-00", sc.trace_id(), sc.span_id())],
+            "exactly one traceparent, the gateway's"
+        );
+        assert!(out.get("tracestate").is_none(), "{out:?}");
     }
 
     #[test]
