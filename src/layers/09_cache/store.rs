@@ -577,8 +577,7 @@ impl Store {
                 doomed.extend(self.take_indexed(partition, Some(bucket(path)), |p| p == path));
             }
             for root in roots.iter().map(AsRef::as_ref) {
-                // The root `/` covers every bucket of the partition; any other root, its own.
-                let which = Some(bucket(root)).filter(|b| !b.is_empty());
+                let which = Some(bucket(root)).filter(|_| !spans_buckets(root));
                 doomed.extend(self.take_indexed(partition, which, |p| in_subtree(p, root)));
             }
             for key in doomed {
@@ -709,6 +708,13 @@ fn distinct_paths(keys: &[Arc<CacheKey>]) -> usize {
         .map(|k| &k.path)
         .collect::<std::collections::HashSet<_>>()
         .len()
+}
+
+/// Whether the subtree of `root` spans more than its own bucket: `/`, and the ancestors of the
+/// API's collections (`/api`, `/api/v1`), whose subtrees hold every collection's bucket. Any
+/// other root's subtree lies in the root's bucket (see [`bucket`]).
+fn spans_buckets(root: &str) -> bool {
+    matches!(root.trim_end_matches('/'), "" | "/api" | "/api/v1")
 }
 
 /// Whether `path` is `root` or below it, by whole segments.
@@ -1125,6 +1131,45 @@ mod tests {
         assert!(store.get(&b).await.is_some());
         store.remove(&b).await;
         assert!(store.index.lock().unwrap().is_empty());
+    }
+
+    /// A root above the collections (`/api/v1`, `/api`, `/`) reaches into every collection's
+    /// bucket; a root below one stays in its bucket.
+    #[tokio::test]
+    async fn a_root_above_the_collections_invalidates_all_of_them() {
+        for root in ["/api/v1", "/api/v1/", "/api", "/"] {
+            let store = Store::new(1 << 20);
+            let a = key("/api/v1/clusters/1", "");
+            let b = CacheKey {
+                path: PathKey {
+                    partition: a.path.partition,
+                    path: "/api/v1/usergroups".into(),
+                },
+                variant: a.variant.clone(),
+            };
+            let outside = CacheKey {
+                path: PathKey {
+                    partition: a.path.partition,
+                    path: "/other/x".into(),
+                },
+                variant: a.variant.clone(),
+            };
+            for k in [&a, &b, &outside] {
+                assert!(store.insert(k, stored("x"), store.ticket()).await);
+            }
+            store.invalidate(a.path.partition, &[""; 0], &[root]).await;
+            assert!(store.get(&a).await.is_none(), "{root}: clusters kept");
+            assert!(store.get(&b).await.is_none(), "{root}: usergroups kept");
+            assert_eq!(store.get(&outside).await.is_none(), root == "/", "{root}");
+        }
+        for (root, bucket_of_root) in [
+            ("/api/v1/clusters", "/api/v1/clusters"),
+            ("/api/x", "/api"),
+            ("/other/x", "/other"),
+        ] {
+            assert!(!spans_buckets(root));
+            assert_eq!(bucket(root), bucket_of_root);
+        }
     }
 
     #[tokio::test]
