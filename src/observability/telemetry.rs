@@ -1,9 +1,11 @@
 //! OpenTelemetry traces: the tracer, W3C trace-context propagation, and the two spans the gateway
 //! makes (a server span per request, a client span per upstream call).
 //!
-//! The tracer always exists, because audit records carry a trace id and span id whether or not
-//! spans are exported; export (OTLP over HTTP/protobuf, batched on the SDK's own thread) is added
-//! only when `telemetry.otlp_endpoint` or `OTEL_EXPORTER_OTLP_ENDPOINT` is set. A slow or failing
+//! Every request gets a span context (trace id, span id), because audit records and the
+//! upstream's `traceparent` carry them whether or not spans are exported; export (OTLP over
+//! HTTP/protobuf, batched on the SDK's own thread) is added only when `telemetry.otlp_endpoint`
+//! or `OTEL_EXPORTER_OTLP_ENDPOINT` is set, and without it the spans are not recorded at all:
+//! their contexts are made without the SDK's span machinery. A slow or failing
 //! collector costs dropped spans, never request latency: the batch queue is bounded and spans are
 //! handed over without waiting.
 
@@ -15,13 +17,16 @@ use std::time::Duration;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, Version};
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{
-    Span as _, SpanKind, Status, TraceContextExt, TraceFlags, Tracer as _, TracerProvider as _,
+    Span as _, SpanContext, SpanKind, Status, TraceContextExt, TraceFlags, TraceState, Tracer as _,
+    TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_http::HeaderExtractor;
 use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
+use opentelemetry_sdk::trace::{
+    IdGenerator, RandomIdGenerator, Sampler, SdkTracer, SdkTracerProvider,
+};
 
 use crate::config::TelemetryConfig;
 
@@ -38,6 +43,9 @@ pub struct Telemetry {
     provider: SdkTracerProvider,
     tracer: SdkTracer,
     propagator: TraceContextPropagator,
+    /// Spans leave the process (an OTLP endpoint is set). Without export, spans are never
+    /// recorded and are made without the SDK (see [`unrecorded_child`]).
+    exporting: bool,
 }
 
 /// The environment variable that turns on OTLP export without a config entry.
@@ -93,8 +101,9 @@ impl Telemetry {
             });
         }
         if !exporting {
-            // Nothing leaves the process: record only what a caller's sampled trace asks for
-            // (still propagated upstream), and give every other request ids but no span data.
+            // Nothing leaves the process: nothing is recorded. The request path does not use the
+            // tracer then (`unrecorded_child` gives its spans the ids and flags this sampler
+            // would); the sampler keeps any other span unrecorded too.
             builder = builder.with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOff)));
         }
         let provider = builder.build();
@@ -104,6 +113,7 @@ impl Telemetry {
             tracer,
             propagator: TraceContextPropagator::new(),
             failures,
+            exporting,
         })
     }
 
@@ -121,8 +131,10 @@ impl Telemetry {
         } else {
             Context::current()
         };
-        // Attributes only for spans that are recorded: without export, a request that carries no
-        // sampled trace context costs a span context (the ids) and nothing else.
+        if !self.exporting {
+            return unrecorded_child(&parent);
+        }
+        // Attributes only for spans that are recorded.
         let mut span = self
             .tracer
             .span_builder(request.route)
@@ -162,6 +174,21 @@ impl Telemetry {
         url: &Uri,
         headers: &mut HeaderMap,
     ) -> Context {
+        let cx = if self.exporting {
+            self.recorded_client_span(parent, method, url)
+        } else {
+            unrecorded_child(parent)
+        };
+        // The client's trace context never reaches the upstream as it was sent: `traceparent`
+        // is replaced (`insert` drops every value), or removed when there is none to write.
+        headers.remove(&TRACESTATE);
+        if !write_traceparent(&cx, headers) {
+            headers.remove(&TRACEPARENT);
+        }
+        cx
+    }
+
+    fn recorded_client_span(&self, parent: &Context, method: &Method, url: &Uri) -> Context {
         let mut span = self
             .tracer
             .span_builder(method_name(method))
@@ -182,14 +209,7 @@ impl Telemetry {
             attributes.push(KeyValue::new("server.port", i64::from(port)));
             span.set_attributes(attributes);
         }
-        let cx = parent.with_span(span);
-        // The client's trace context never reaches the upstream as it was sent: `traceparent`
-        // is replaced (`insert` drops every value), or removed when there is none to write.
-        headers.remove(&TRACESTATE);
-        if !write_traceparent(&cx, headers) {
-            headers.remove(&TRACEPARENT);
-        }
-        cx
+        parent.with_span(span)
     }
 
     /// Flushes queued spans and stops the exporter (at shutdown; blocks up to `timeout`).
@@ -198,6 +218,40 @@ impl Telemetry {
             tracing::warn!(error = %e, "telemetry: spans may have been lost at shutdown");
         }
     }
+}
+
+/// A child of `parent` that is not recorded, for when no span leaves the process: the span
+/// context the SDK gives a child under the sampler it uses then (`ParentBased(AlwaysOff)`: the
+/// parent's trace id, sampled flag and trace state; a new trace, not sampled, without a valid
+/// parent) and a new span id, without building the SDK's span, which no processor would see.
+/// Ids come from the SDK's own generator.
+fn unrecorded_child(parent: &Context) -> Context {
+    let ids = RandomIdGenerator::default();
+    let span = parent.span();
+    let p = span.span_context();
+    let context = if p.is_valid() {
+        let flags = if p.is_sampled() {
+            TraceFlags::SAMPLED
+        } else {
+            TraceFlags::default()
+        };
+        SpanContext::new(
+            p.trace_id(),
+            ids.new_span_id(),
+            flags,
+            false,
+            p.trace_state().clone(),
+        )
+    } else {
+        SpanContext::new(
+            ids.new_trace_id(),
+            ids.new_span_id(),
+            TraceFlags::default(),
+            false,
+            TraceState::NONE,
+        )
+    };
+    parent.with_remote_span_context(context)
 }
 
 static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
@@ -425,6 +479,48 @@ mod tests {
             "exactly one traceparent, the gateway's"
         );
         assert!(out.get("tracestate").is_none(), "{out:?}");
+    }
+
+    /// Without export, a span's context is what the SDK would give it under the sampler it uses
+    /// then: for no parent, an unsampled parent and a sampled parent with a trace state, the
+    /// same trace id (or a new valid one), sampled flag and trace state, a new span id, and
+    /// nothing recorded.
+    #[test]
+    fn unrecorded_spans_get_the_context_the_sdk_would_give_them() {
+        let sdk = SdkTracerProvider::builder()
+            .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOff)))
+            .build()
+            .tracer("t");
+        let remote = |flags: TraceFlags, state: &str| {
+            Context::new().with_remote_span_context(SpanContext::new(
+                opentelemetry::trace::TraceId::from(0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736),
+                opentelemetry::trace::SpanId::from(0x00f0_67aa_0ba9_02b7),
+                flags,
+                true,
+                state.parse().unwrap(),
+            ))
+        };
+        for parent in [
+            Context::new(),
+            remote(TraceFlags::default(), ""),
+            remote(TraceFlags::SAMPLED, "vendor=x"),
+        ] {
+            let ours = unrecorded_child(&parent);
+            let theirs = parent.with_span(sdk.start_with_context("s", &parent));
+            let (o, t) = (ours.span(), theirs.span());
+            let (o, t) = (o.span_context(), t.span_context());
+            assert!(o.is_valid());
+            let p = parent.span().span_context().clone();
+            if p.is_valid() {
+                assert_eq!(o.trace_id(), t.trace_id());
+                assert_ne!(o.span_id(), p.span_id());
+            } else {
+                assert_ne!(o.trace_id(), t.trace_id(), "a new trace each time");
+            }
+            assert_eq!(o.trace_flags(), t.trace_flags());
+            assert_eq!(o.trace_state().header(), t.trace_state().header());
+            assert!(!ours.span().is_recording());
+        }
     }
 
     #[test]
