@@ -36,17 +36,6 @@ impl ClientAddr {
     }
 }
 
-/// The request's id (`X-Request-Id`), in request extensions.
-#[derive(Debug, Clone)]
-pub struct RequestId(pub HeaderValue);
-
-impl RequestId {
-    /// The id as text (always ASCII).
-    pub fn as_str(&self) -> &str {
-        self.0.to_str().unwrap_or_default()
-    }
-}
-
 /// How a client proved who it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum AuthMethod {

@@ -360,6 +360,19 @@ async fn request_ids_are_kept_when_sane_and_made_otherwise() {
         Some(made.as_str())
     );
 
+    // Two ids, each sane: neither can be the one the records name, so the gateway makes one,
+    // and the upstream sees exactly that one.
+    let two = get(
+        &gw.url("/api/v1/clusters"),
+        &[("x-request-id", "first-1"), ("x-request-id", "second-2")],
+    )
+    .await;
+    let made_for_two = two.header("x-request-id").unwrap().to_string();
+    assert_eq!(made_for_two.len(), 36, "a UUID: {made_for_two}");
+    let seen = mock.state.last();
+    let upstream_ids: Vec<_> = seen.headers.get_all("x-request-id").iter().collect();
+    assert_eq!(upstream_ids, [made_for_two.as_str()]);
+
     let none = get(&gw.url("/api/v1/clusters"), &[]).await;
     assert_ne!(none.header("x-request-id"), Some(made.as_str()));
     // Gateway-made errors carry one too.

@@ -19,6 +19,10 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 /// The `Cache-Status` header (RFC 9211).
 pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
+/// The request id's header: the request id layer settles it on the request (and the response),
+/// and the observe layer takes it from there.
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
 /// Whether `name` is hop-by-hop by definition (not counting what `Connection` names).
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(name)

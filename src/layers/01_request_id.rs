@@ -1,20 +1,18 @@
 //! `X-Request-Id`: keep a sane one from the client, make one otherwise, and send it both ways.
 //!
-//! The id goes into the request extensions as [`RequestId`] for the layers below (audit, logs)
-//! and is copied onto the response whatever produced it.
+//! The id is left on the request's `X-Request-Id` header, one value, for the layers below (the
+//! observe layer puts it on the exchange, for audit records and logs), and is copied onto the
+//! response whatever produced it.
 
 use std::task::{Context, Poll};
 
-use http::{HeaderName, HeaderValue, Request, Response};
+use http::{HeaderValue, Request, Response};
 use std::future::Future;
 use std::pin::Pin;
 use std::task::ready;
 use tower::{Layer, Service};
 
-use crate::context::RequestId;
-
-/// The header carrying the id.
-pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub use crate::http::headers::X_REQUEST_ID;
 
 /// An id is kept when it is 1 to 128 characters of letters, digits and `-_.:+/=`; anything else
 /// (control characters, spaces, quotes) could corrupt logs downstream, so it is replaced.
@@ -62,15 +60,17 @@ where
     }
 
     fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
-        let id = match req.headers().get(&X_REQUEST_ID) {
-            Some(v) if is_sane(v) => v.clone(),
+        let mut values = req.headers().get_all(&X_REQUEST_ID).iter();
+        let id = match (values.next(), values.next()) {
+            (Some(v), None) if is_sane(v) => v.clone(),
+            // Missing, not sane, or more than one: one the gateway makes (`insert` replaces
+            // every value), so the header holds exactly the id the records name.
             _ => {
                 let id = generate();
                 req.headers_mut().insert(X_REQUEST_ID.clone(), id.clone());
                 id
             }
         };
-        req.extensions_mut().insert(RequestId(id.clone()));
         RequestIdFuture {
             inner: self.inner.call(req),
             id: Some(id),

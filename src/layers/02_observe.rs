@@ -18,9 +18,9 @@ use opentelemetry::KeyValue;
 use opentelemetry::trace::TraceContextExt;
 use tower::{Layer, Service};
 
-use crate::context::{CacheOutcome, ClientAddr, Exchange, GatewayMade, RequestId};
+use crate::context::{CacheOutcome, ClientAddr, Exchange, GatewayMade};
 use crate::http::body::{self, Body, Tap, TapHook};
-use crate::http::headers::CACHE_STATUS;
+use crate::http::headers::{CACHE_STATUS, X_REQUEST_ID};
 use crate::http::resource;
 use crate::observability::audit::AuditLog;
 use crate::observability::audit::record::{self, Record};
@@ -106,9 +106,10 @@ where
             client_addr: client_addr.as_ref().map(|a| a.addr),
         });
         let exchange = Arc::new(Exchange::new(
-            req.extensions()
-                .get::<RequestId>()
-                .map(|id| id.0.clone())
+            // As the request id layer settled it (see `request_id`).
+            req.headers()
+                .get(&X_REQUEST_ID)
+                .cloned()
                 .unwrap_or_else(|| HeaderValue::from_static("-")),
             req.method().clone(),
             req.uri().clone(),
