@@ -12,7 +12,7 @@ use std::pin::Pin;
 use std::task::ready;
 use tower::{Layer, Service};
 
-pub use crate::http::headers::X_REQUEST_ID;
+use crate::http::headers::X_REQUEST_ID;
 
 /// An id is kept when it is 1 to 128 characters of letters, digits and `-_.:+/=`; anything else
 /// (control characters, spaces, quotes) could corrupt logs downstream, so it is replaced.

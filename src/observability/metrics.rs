@@ -763,11 +763,6 @@ pub fn standard_method(method: &Method) -> Option<&'static str> {
     (m.index() < MethodLabel::COUNT - 1).then_some(m.as_str())
 }
 
-/// `2xx`, `4xx`, ...
-pub fn status_class(status: StatusCode) -> &'static str {
-    StatusClass::of(status).as_str()
-}
-
 fn encode_one(
     encoder: &mut DescriptorEncoder,
     name: &str,
@@ -1253,7 +1248,10 @@ mod tests {
         assert_eq!(standard_method(&Method::TRACE), None);
         for code in [100, 204, 304, 412, 503, 599] {
             let status = StatusCode::from_u16(code).unwrap();
-            assert_eq!(status_class(status), format!("{}xx", code / 100));
+            assert_eq!(
+                StatusClass::of(status).as_str(),
+                format!("{}xx", code / 100)
+            );
         }
     }
 

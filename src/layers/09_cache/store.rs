@@ -213,6 +213,16 @@ fn bucket(path: &str) -> &str {
     }
 }
 
+/// The one bucket every path in the subtree of `root` is in: `root`'s own, except for `/` and
+/// the ancestors of the API's collections (`/api`, `/api/v1`), whose subtrees span every
+/// collection's bucket (`None`: look in all of them).
+fn subtree_bucket(root: &str) -> Option<&str> {
+    match root.trim_end_matches('/') {
+        "" | "/api" | "/api/v1" => None,
+        _ => Some(bucket(root)),
+    }
+}
+
 static NEXT_ENTRY_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Counters, exported by the admin endpoint and metrics.
@@ -577,7 +587,7 @@ impl Store {
                 doomed.extend(self.take_indexed(partition, Some(bucket(path)), |p| p == path));
             }
             for root in roots.iter().map(AsRef::as_ref) {
-                let which = Some(bucket(root)).filter(|_| !spans_buckets(root));
+                let which = subtree_bucket(root);
                 doomed.extend(self.take_indexed(partition, which, |p| in_subtree(p, root)));
             }
             for key in doomed {
@@ -708,13 +718,6 @@ fn distinct_paths(keys: &[Arc<CacheKey>]) -> usize {
         .map(|k| &k.path)
         .collect::<std::collections::HashSet<_>>()
         .len()
-}
-
-/// Whether the subtree of `root` spans more than its own bucket: `/`, and the ancestors of the
-/// API's collections (`/api`, `/api/v1`), whose subtrees hold every collection's bucket. Any
-/// other root's subtree lies in the root's bucket (see [`bucket`]).
-fn spans_buckets(root: &str) -> bool {
-    matches!(root.trim_end_matches('/'), "" | "/api" | "/api/v1")
 }
 
 /// Whether `path` is `root` or below it, by whole segments.
@@ -1167,8 +1170,26 @@ mod tests {
             ("/api/x", "/api"),
             ("/other/x", "/other"),
         ] {
-            assert!(!spans_buckets(root));
+            assert_eq!(subtree_bucket(root), Some(bucket_of_root));
             assert_eq!(bucket(root), bucket_of_root);
+        }
+        // Whatever the root, every path of its subtree is in the bucket it names.
+        let paths = [
+            "/",
+            "/api",
+            "/api/v1",
+            "/api/v1/clusters",
+            "/api/v1/clusters/1/x",
+            "/api/x/y",
+            "/other",
+            "/other/x/y",
+        ];
+        for root in paths {
+            for path in paths.iter().filter(|p| in_subtree(p, root)) {
+                if let Some(b) = subtree_bucket(root) {
+                    assert_eq!(bucket(path), b, "{path} under {root}");
+                }
+            }
         }
     }
 
