@@ -402,6 +402,14 @@ mod tests {
         .unwrap()
     }
 
+    /// A caller's sampled trace context.
+    const CALLER: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    /// The client span `t` starts under `cx` for an upstream call, writing into `headers`.
+    fn upstream(t: &Telemetry, cx: &Context, method: &Method, headers: &mut HeaderMap) -> Context {
+        t.client_span(cx, method, &"https://api.x/a".parse().unwrap(), headers)
+    }
+
     fn server(t: &Telemetry, headers: &HeaderMap) -> Context {
         t.server_span(ServerRequest {
             uri: &"/api/v1/clusters".parse().unwrap(),
@@ -417,12 +425,7 @@ mod tests {
     fn continues_the_callers_trace_and_propagates_a_child() {
         let t = telemetry();
         let mut incoming = HeaderMap::new();
-        incoming.insert(
-            "traceparent",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-                .parse()
-                .unwrap(),
-        );
+        incoming.insert("traceparent", CALLER.parse().unwrap());
         incoming.insert("tracestate", "vendor=x".parse().unwrap());
         let cx = server(&t, &incoming);
         let sc = cx.span().span_context().clone();
@@ -433,12 +436,7 @@ mod tests {
         assert_ne!(sc.span_id().to_string(), "00f067aa0ba902b7");
 
         let mut out = incoming.clone();
-        let client = t.client_span(
-            &cx,
-            &Method::GET,
-            &"https://api.x/a".parse().unwrap(),
-            &mut out,
-        );
+        let client = upstream(&t, &cx, &Method::GET, &mut out);
         let child = client.span().span_context().span_id().to_string();
         let sent = out["traceparent"].to_str().unwrap();
         assert_eq!(
@@ -456,21 +454,11 @@ mod tests {
         let t = telemetry();
         let mut incoming = HeaderMap::new();
         incoming.append("traceparent", "00-zz-yy-01".parse().unwrap());
-        incoming.append(
-            "traceparent",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-                .parse()
-                .unwrap(),
-        );
+        incoming.append("traceparent", CALLER.parse().unwrap());
         incoming.insert("tracestate", "vendor=forged".parse().unwrap());
         let cx = server(&t, &incoming);
         let mut out = incoming.clone();
-        let client = t.client_span(
-            &cx,
-            &Method::PATCH,
-            &"https://api.x/a".parse().unwrap(),
-            &mut out,
-        );
+        let client = upstream(&t, &cx, &Method::PATCH, &mut out);
         let sc = client.span().span_context().clone();
         let sent: Vec<_> = out.get_all("traceparent").iter().collect();
         assert_eq!(

@@ -875,6 +875,17 @@ mod tests {
         }
     }
 
+    /// `path` in `of`'s partition, with `of`'s variant.
+    fn sibling(of: &CacheKey, path: &str) -> CacheKey {
+        CacheKey {
+            path: PathKey {
+                partition: of.path.partition,
+                path: path.into(),
+            },
+            variant: of.variant.clone(),
+        }
+    }
+
     #[tokio::test]
     async fn a_fill_started_before_an_invalidation_is_not_stored() {
         let store = Store::new(1 << 20);
@@ -1064,20 +1075,8 @@ mod tests {
     async fn subtree_invalidation_is_immediate_and_stays_in_its_partition() {
         let store = Store::new(1 << 20);
         let item = key("/api/v1/usergroups/1", "");
-        let alias = CacheKey {
-            path: PathKey {
-                partition: item.path.partition,
-                path: "/api/v1/usergroups/alpha/".into(),
-            },
-            variant: item.variant.clone(),
-        };
-        let neighbour = CacheKey {
-            path: PathKey {
-                partition: item.path.partition,
-                path: "/api/v1/usergroupsets".into(),
-            },
-            variant: item.variant.clone(),
-        };
+        let alias = sibling(&item, "/api/v1/usergroups/alpha/");
+        let neighbour = sibling(&item, "/api/v1/usergroupsets");
         let other_tenant = key("/api/v1/usergroups/1", "");
         for k in [&item, &alias, &neighbour, &other_tenant] {
             assert!(store.insert(k, stored("x"), store.ticket()).await);
@@ -1098,14 +1097,7 @@ mod tests {
     async fn the_index_keeps_no_empty_buckets_or_partitions() {
         let store = Store::new(1 << 20);
         let a = key("/api/v1/a/1", "");
-        let in_a = |path: &str| CacheKey {
-            path: PathKey {
-                partition: a.path.partition,
-                path: path.into(),
-            },
-            variant: a.variant.clone(),
-        };
-        let (a2, a3) = (in_a("/api/v1/b/1"), in_a("/other/x"));
+        let (a2, a3) = (sibling(&a, "/api/v1/b/1"), sibling(&a, "/other/x"));
         let b = key("/api/v1/a/1", "");
         for k in [&a, &a2, &a3, &b] {
             assert!(store.insert(k, stored("x"), store.ticket()).await);
@@ -1143,20 +1135,8 @@ mod tests {
         for root in ["/api/v1", "/api/v1/", "/api", "/"] {
             let store = Store::new(1 << 20);
             let a = key("/api/v1/clusters/1", "");
-            let b = CacheKey {
-                path: PathKey {
-                    partition: a.path.partition,
-                    path: "/api/v1/usergroups".into(),
-                },
-                variant: a.variant.clone(),
-            };
-            let outside = CacheKey {
-                path: PathKey {
-                    partition: a.path.partition,
-                    path: "/other/x".into(),
-                },
-                variant: a.variant.clone(),
-            };
+            let b = sibling(&a, "/api/v1/usergroups");
+            let outside = sibling(&a, "/other/x");
             for k in [&a, &b, &outside] {
                 assert!(store.insert(k, stored("x"), store.ticket()).await);
             }
