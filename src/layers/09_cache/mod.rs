@@ -304,8 +304,7 @@ impl ResponseCache {
         req: Request<Body>,
     ) -> Result<Response<Body>, GatewayError> {
         let partition = SelectedCredential::token_for(&req).map(|t| t.fingerprint());
-        // A clone of the URI is a reference count; the path is read from it after the call.
-        let target = req.uri().clone();
+        let target = req.uri().path().to_string();
         let response = inner.call(req).await?;
         // RFC 9111 §4.4: a non-error response to an unsafe method invalidates the target and
         // Location/Content-Location, with every query variant. Here, for an API resource, the
@@ -318,7 +317,7 @@ impl ResponseCache {
             let locations = [header::LOCATION, header::CONTENT_LOCATION]
                 .map(|h| response.headers().get(&h).and_then(location_path));
             // Scopes borrow from the paths: a write allocates no string per scope.
-            let targets = std::iter::once(target.path())
+            let targets = std::iter::once(target.as_str())
                 .chain(locations.iter().flatten().map(String::as_str));
             let (mut roots, mut exact): (Vec<&str>, Vec<&str>) =
                 targets.map(invalidation_scope).unzip();
