@@ -58,23 +58,8 @@ start() { # NAME COMMAND...
 UPSTREAM=18190 REDIS=18379 A=18180 B=18181 ALONE=18182
 echo -n "bench-token" >"$WORK/token"
 config() { # PORT ADMIN_PORT FLEET(yes|no) CACHE_SIZE
-  cat <<EOF
-[server]
-listen = "127.0.0.1:$1"
-worker_threads = 1
-[admin]
-listen = "127.0.0.1:$2"
-[upstream]
-url = "http://127.0.0.1:$UPSTREAM"
-[token]
-file = "$WORK/token"
-[cache]
-max_size = "$4"
-max_object_size = "16KiB"
-max_inflight = "1MiB"
-[audit]
-enabled = false
-EOF
+  gateway_toml "$1" "$2" "$UPSTREAM" "$WORK/token" false "$WORK/audit-$1.jsonl" "$4"
+  printf 'max_object_size = "16KiB"\nmax_inflight = "1MiB"\n'
   if [[ $3 == yes ]]; then
     printf '[fleet]\nredis_url = "redis://127.0.0.1:%s/0"\nreplica = "r%s"\n' "$REDIS" "$1"
   fi

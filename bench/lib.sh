@@ -1,4 +1,4 @@
-# Shared by bench/run.sh and bench/instructions.sh (sourced, not run).
+# Shared by the benchmark scripts (sourced, not run).
 
 say() { printf '==> %s\n' "$*" >&2; }
 
@@ -25,4 +25,26 @@ need() {
   [[ $(id -u) -ne 0 ]] && sudo=sudo
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+# gateway_toml PORT ADMIN_PORT UPSTREAM_PORT TOKEN_FILE AUDIT(true|false) AUDIT_PATH CACHE_SIZE:
+# a benchmark gateway's configuration (one worker thread). [cache] comes last, so that a caller
+# can append more of its keys.
+gateway_toml() {
+  cat <<EOF
+[server]
+listen = "127.0.0.1:$1"
+worker_threads = 1
+[admin]
+listen = "127.0.0.1:$2"
+[upstream]
+url = "http://127.0.0.1:$3"
+[token]
+file = "$4"
+[audit]
+enabled = $5
+path = "$6"
+[cache]
+max_size = "$7"
+EOF
 }

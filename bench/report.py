@@ -46,7 +46,8 @@ def parse(path):
 def main():
     d = Path(sys.argv[1])
     runs = defaultdict(list)
-    for f in sorted(d.glob("*.wrk")):
+    # By scenario, server and round number (as a number: round 10 after round 9).
+    for f in sorted(d.glob("*.wrk"), key=lambda f: (f.stem.rsplit(".", 1)[0], int(f.stem.rsplit(".", 1)[1]))):
         scenario, server, _round = f.stem.split(".")
         r = parse(f)
         if r is None:

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The benchmark: cloudcasa-gateway against nginx (the equivalent caching proxy, bench/nginx.conf)
 # and a bare hyper server (the ceiling for a cache hit), on one machine, in one run, measured in
-# alternation (A B A B) with the same connections, duration and payload.
+# alternation (A B, B A, A B, ...) with the same connections, duration and payload.
 #
-#   bench/run.sh            full run (about 7 minutes after the release build)
+#   bench/run.sh            full run (about 15 minutes after the release build)
 #   bench/run.sh --smoke    a few seconds per scenario, debug build: checks the script works
 #
 # Environment: BENCH_DURATION (seconds per measurement, default 10), BENCH_CONNECTIONS
-# (default 64), BENCH_ROUNDS (default 2), BENCH_ENTRIES (memory run, default 100000; 0 skips
-# it), BENCH_SCENARIOS (default "abcdefghi").
+# (default 64), BENCH_ROUNDS (default 2), BENCH_AUDIT_ROUNDS (rounds of the audit scenarios g, h
+# and i, default 6), BENCH_ENTRIES (memory run, default 100000; 0 skips it), BENCH_SCENARIOS
+# (default "abcdefghi").
 # Writes the table to stdout and to bench/results/latest.md (smoke: bench/results/smoke.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,12 +19,15 @@ SMOKE=0
 DURATION=${BENCH_DURATION:-10}
 CONNECTIONS=${BENCH_CONNECTIONS:-64}
 ROUNDS=${BENCH_ROUNDS:-2}
+# The audit scenarios get more rounds: (g)'s target is a ratio within 10% of 1, and one 10 s
+# measurement on a shared VM moves by up to 15%; their rounds' spread is printed beside the means.
+AUDIT_ROUNDS=${BENCH_AUDIT_ROUNDS:-6}
 ENTRIES=${BENCH_ENTRIES:-100000}
 SCENARIOS=${BENCH_SCENARIOS:-abcdefghi}
 WARMUP=3
 PROFILE=release
 if ((SMOKE)); then
-  DURATION=1 ROUNDS=1 ENTRIES=2000 WARMUP=1 PROFILE=debug
+  DURATION=1 ROUNDS=1 AUDIT_ROUNDS=2 ENTRIES=2000 WARMUP=1 PROFILE=debug
 fi
 
 # shellcheck source=bench/lib.sh
@@ -65,22 +69,8 @@ echo -n "bench-token" >"$WORK/token"
 # audit file written there would wake its watcher on every batch (as it would in production).
 mkdir -p "$WORK/audit"
 gateway_config() { # PORT ADMIN_PORT AUDIT(on|off) CACHE_SIZE
-  cat <<EOF
-[server]
-listen = "127.0.0.1:$1"
-worker_threads = 1
-[admin]
-listen = "127.0.0.1:$2"
-[upstream]
-url = "http://127.0.0.1:$UPSTREAM"
-[token]
-file = "$WORK/token"
-[cache]
-max_size = "$4"
-[audit]
-enabled = $([[ $3 == on ]] && echo true || echo false)
-path = "$WORK/audit/audit-$1.jsonl"
-EOF
+  gateway_toml "$1" "$2" "$UPSTREAM" "$WORK/token" "$([[ $3 == on ]] && echo true || echo false)" \
+    "$WORK/audit/audit-$1.jsonl" "$4"
 }
 
 start() { # NAME COMMAND...
@@ -119,17 +109,62 @@ load() { # DURATION CONNECTIONS URL [SCRIPT] -> wrk output
   taskset -c "$LOAD_CORE" wrk "${args[@]}" "$3"
 }
 
+# The files that grow during a measurement are rotated before each one, as logrotate would: the
+# file is removed and the server told to reopen it (the gateway on SIGHUP, nginx on SIGUSR1).
+# Without it, the audit file reached gigabytes over the rounds, and on these VMs memory new to the
+# guest costs far more than memory it had used before. The guest keeps 1 GiB of freed pages and
+# hands the rest back to the host, which faults each page in again on its next use. Writing 1 GiB
+# to tmpfs took 1.1 s while the guest's freed pages lasted and then 4.2 s for every further GiB.
+# So a server writing its log paid about 4 µs per KiB once the file passed about 1 GiB. That
+# charged (g) most, because the gateway without its audit writes nothing. Rotated each round,
+# a file stays a few hundred MiB, and its pages are reused from the previous round's.
+rotate() { # SERVER: removes its log file and waits for the server to open a new one
+  local file pid signal
+  case $1 in
+    gateway-audit) file=$WORK/audit/audit-$GATEWAY_AUDIT.jsonl signal=HUP pid=$(cat "$WORK/gateway-audit.pid") ;;
+    nginx-log) file=$WORK/nginx-access.json signal=USR1 pid=$(cat "$WORK/nginx.pid") ;;
+    *) return 0 ;;
+  esac
+  rm -f "$file"
+  kill "-$signal" "$pid"
+  # The new file appears when the gateway's writer (or nginx's master) has opened it; nginx's
+  # worker reopens after its master, so it is also waited for to let go of the removed file.
+  for _ in $(seq 1 100); do
+    [[ -e $file ]] && ! holds_removed "$pid" "$file" && return 0
+    sleep 0.05
+  done
+  say "$1 did not reopen $file within 5 s"
+  exit 1
+}
+holds_removed() { # PID FILE: the process or one of its children still has FILE open, removed
+  local p fd
+  for p in "$1" $(pgrep -P "$1" || true); do
+    for fd in /proc/"$p"/fd/*; do
+      [[ $(readlink "$fd" 2>/dev/null) == "$2 (deleted)" ]] && return 0
+    done
+  done
+  return 1
+}
+
 # scenario path connections script servers...
+# Rounds alternate the order (A B, B A, A B, ...), so that a drift in the machine's speed over a
+# scenario does not favour the server measured first.
 scenario() {
-  local name=$1 path=$2 conns=$3 script=$4
+  local name=$1 path=$2 conns=$3 script=$4 rounds=$ROUNDS
   shift 4
   [[ $SCENARIOS == *"$name"* ]] || return 0
-  say "scenario ($name) $path, $conns connections: ${*}"
+  [[ ghi == *"$name"* ]] && rounds=$AUDIT_ROUNDS
+  say "scenario ($name) $path, $conns connections, $rounds rounds: ${*}"
   for server in "$@"; do
     load "$WARMUP" "$conns" "http://127.0.0.1:$(port_of "$server")$path" "$script" >/dev/null
   done
-  for round in $(seq 1 "$ROUNDS"); do
-    for server in "$@"; do
+  local servers=("$@") reversed=() i
+  for ((i = $# - 1; i >= 0; i--)); do reversed+=("${servers[i]}"); done
+  for round in $(seq 1 "$rounds"); do
+    local order=("${servers[@]}")
+    ((round % 2)) || order=("${reversed[@]}")
+    for server in "${order[@]}"; do
+      rotate "$server"
       load "$DURATION" "$conns" "http://127.0.0.1:$(port_of "$server")$path" "$script" \
         >"$RAW/$name.$server.$round.wrk"
     done
@@ -185,7 +220,7 @@ fi
   echo "**Machine:** $(nproc) cores ($(lscpu | sed -n 's/^Model name:\s*//p' | head -1)), $(uname -sr);"
   echo "servers pinned to core $SERVER_CORE, wrk and the upstream to core $LOAD_CORE; gateway with 1 worker thread, nginx $(nginx -v 2>&1 | sed 's#.*/##') with 1 worker;"
   echo "ceiling: a bare hyper server answering from memory (a, b, f); bare-proxy: a bare hyper proxy, hyper-util's pooled client and the token header and nothing else (d, e; no target, it shows what hyper itself costs);"
-  echo "wrk -t1 -c$CONNECTIONS (f: -c256), ${DURATION}s per measurement after ${WARMUP}s warm-up, $ROUNDS rounds in alternation; means of the rounds."
+  echo "wrk -t1 -c$CONNECTIONS (f: -c256), ${DURATION}s per measurement after ${WARMUP}s warm-up, $ROUNDS rounds (g, h, i: $AUDIT_ROUNDS) in alternation, the order reversed every other round; means of the rounds; the audit files and nginx's access log rotated before each measurement."
   echo "Run: $(date -u +%Y-%m-%dT%H:%MZ), profile $PROFILE, commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- src bench Cargo.toml 2>/dev/null || echo " with uncommitted changes")."
 } >"$RAW/0-machine.txt"
 
