@@ -12,7 +12,7 @@
 # Environment: AUDIT_CPU_ROUNDS (default 6), AUDIT_CPU_DURATION (seconds, default 10),
 # AUDIT_CPU_DIR (where the audit file goes, default a new directory under /tmp),
 # AUDIT_CPU_KEEP=1 keeps one growing audit file instead of rotating it before each round
-# (bench/run.sh rotates; see the comment at its rotate()).
+# (bench/run.sh rotates too; see the comment above its rotate()).
 set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
@@ -27,11 +27,7 @@ if [[ ${1:-} == --smoke ]]; then
   ROUNDS=1 DURATION=1 PROFILE=debug
 fi
 need wrk=wrk taskset=util-linux
-if [[ $PROFILE == release ]]; then
-  cargo build --release --locked --bin cloudcasa-gateway --example bench_servers >&2
-else
-  cargo build --locked --bin cloudcasa-gateway --example bench_servers >&2
-fi
+build "$PROFILE"
 BIN=target/$PROFILE
 LOAD_CORE=$(($(nproc) > 1 ? 1 : 0))
 
@@ -40,8 +36,7 @@ AUDIT_DIR=${AUDIT_CPU_DIR:-$WORK/audit}
 mkdir -p "$AUDIT_DIR"
 PIDS=()
 cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
+  stop_started
   rm -rf "$WORK"
   rm -f "$AUDIT_DIR"/audit-cpu-*.jsonl
 }
@@ -49,12 +44,7 @@ trap cleanup EXIT
 
 # Ports of their own: bench/run.sh uses 18080-18090, bench/fleet.sh and bench/soak.sh 18180-18190.
 UPSTREAM=18290 OFF=18280 ON=18282 OFF_ADMIN=19280 ON_ADMIN=19282
-for p in $UPSTREAM $OFF $ON $OFF_ADMIN $ON_ADMIN; do
-  if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-    say "port $p is in use (another run still going?)"
-    exit 1
-  fi
-done
+ports_free $UPSTREAM $OFF $ON $OFF_ADMIN $ON_ADMIN
 AUDIT_FILE=$AUDIT_DIR/audit-cpu-$ON.jsonl
 rm -f "$AUDIT_FILE"
 echo -n "bench-token" >"$WORK/token"
@@ -89,16 +79,6 @@ writer_ticks() { # PID: the audit writer thread's ticks, 0 when it has none
   done
   echo 0
 }
-rotate() {
-  rm -f "$AUDIT_FILE"
-  kill -HUP "$ON_PID"
-  for _ in $(seq 1 100); do
-    [[ -e $AUDIT_FILE ]] && return 0
-    sleep 0.05
-  done
-  say "the gateway did not reopen $AUDIT_FILE within 5 s"
-  exit 1
-}
 measure() { # PORT PID -> "req/s requests cpu_ticks writer_ticks"
   local c0 w0 out rps requests
   c0=$(ticks "$2")
@@ -118,7 +98,7 @@ measure() { # PORT PID -> "req/s requests cpu_ticks writer_ticks"
 : >"$WORK/rounds"
 say "$ROUNDS rounds of ${DURATION}s, audit off and on in alternation (the order reversed every other round)"
 for round in $(seq 1 "$ROUNDS"); do
-  ((KEEP)) || rotate
+  ((KEEP)) || reopen_log "$AUDIT_FILE" "$ON_PID" HUP
   if ((round % 2)); then
     off=$(measure $OFF $OFF_PID)
     on=$(measure $ON $ON_PID)

@@ -28,12 +28,7 @@ PROFILE=release
 source bench/lib.sh
 need wrk=wrk taskset=util-linux curl=curl redis-server=redis-server
 
-say "building ($PROFILE)"
-if [[ $PROFILE == release ]]; then
-  cargo build --release --locked --bin cloudcasa-gateway --example bench_servers >&2
-else
-  cargo build --locked --bin cloudcasa-gateway --example bench_servers >&2
-fi
+build "$PROFILE"
 BIN=target/$PROFILE
 
 CORES=$(nproc)
@@ -43,8 +38,7 @@ LOAD_CORE=$((CORES > 1 ? 1 : 0))
 WORK=$(mktemp -d /tmp/cloudcasa-fleet.XXXXXX)
 PIDS=()
 cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
+  stop_started
   rm -rf "$WORK"
 }
 trap cleanup EXIT

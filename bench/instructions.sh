@@ -29,8 +29,7 @@ source bench/lib.sh
 
 need valgrind=valgrind callgrind_annotate=valgrind wrk=wrk curl=curl
 
-say "building (release)"
-cargo build --release --locked --bin cloudcasa-gateway --example bench_servers >&2
+build release
 BIN=target/release
 
 WORK=$(mktemp -d /tmp/cloudcasa-instr.XXXXXX)

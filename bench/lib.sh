@@ -27,6 +27,55 @@ need() {
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 }
 
+# build PROFILE(release|debug): the gateway and the benchmark's servers.
+build() {
+  say "building ($1)"
+  local flags=(--locked --bin cloudcasa-gateway --example bench_servers)
+  [[ $1 == release ]] && flags+=(--release)
+  cargo build "${flags[@]}" >&2
+}
+
+# ports_free PORT...: exits when one of them is in use (another run of a script still going).
+ports_free() {
+  local p
+  for p in "$@"; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+      say "port $p is in use (another run still going?)"
+      exit 1
+    fi
+  done
+}
+
+# stop_started: kills the processes in PIDS and waits for them (a script's EXIT trap).
+stop_started() {
+  local p
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+
+# reopen_log FILE PID SIGNAL: removes a server's log file, as logrotate would, signals the server
+# to reopen it (the gateway: HUP, nginx: USR1), and waits until the new file exists and neither
+# the process nor its children (nginx's worker reopens after its master) hold the removed one.
+reopen_log() {
+  rm -f "$1"
+  kill "-$3" "$2"
+  for _ in $(seq 1 100); do
+    [[ -e $1 ]] && ! holds_removed "$2" "$1" && return 0
+    sleep 0.05
+  done
+  say "$1 was not reopened within 5 s"
+  exit 1
+}
+holds_removed() { # PID FILE
+  local p fd
+  for p in "$1" $(pgrep -P "$1" || true); do
+    for fd in /proc/"$p"/fd/*; do
+      [[ $(readlink "$fd" 2>/dev/null) == "$2 (deleted)" ]] && return 0
+    done
+  done
+  return 1
+}
+
 # gateway_toml PORT ADMIN_PORT UPSTREAM_PORT TOKEN_FILE AUDIT(true|false) AUDIT_PATH CACHE_SIZE:
 # a benchmark gateway's configuration (one worker thread). [cache] comes last, so that a caller
 # can append more of its keys.

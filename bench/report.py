@@ -46,9 +46,9 @@ def parse(path):
 def main():
     d = Path(sys.argv[1])
     runs = defaultdict(list)
+    files = [(f, *f.stem.split(".")) for f in d.glob("*.wrk")]
     # By scenario, server and round number (as a number: round 10 after round 9).
-    for f in sorted(d.glob("*.wrk"), key=lambda f: (f.stem.rsplit(".", 1)[0], int(f.stem.rsplit(".", 1)[1]))):
-        scenario, server, _round = f.stem.split(".")
+    for f, scenario, server, _round in sorted(files, key=lambda x: (x[1], x[2], int(x[3]))):
         r = parse(f)
         if r is None:
             print(f"warning: could not parse {f.name}", file=sys.stderr)

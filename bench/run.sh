@@ -36,12 +36,7 @@ source bench/lib.sh
 # --- what the benchmark needs --------------------------------------------------------------
 need wrk=wrk nginx=nginx-light taskset=util-linux curl=curl
 
-say "building ($PROFILE)"
-if [[ $PROFILE == release ]]; then
-  cargo build --release --locked --bin cloudcasa-gateway --example bench_servers >&2
-else
-  cargo build --locked --bin cloudcasa-gateway --example bench_servers >&2
-fi
+build "$PROFILE"
 BIN=target/$PROFILE
 
 # --- cores: servers on one, the load generator (and the upstream) on the other ---------------
@@ -55,8 +50,7 @@ RAW=$WORK/raw
 mkdir -p "$RAW"
 PIDS=()
 cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
+  stop_started
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -118,32 +112,11 @@ load() { # DURATION CONNECTIONS URL [SCRIPT] -> wrk output
 # So a server writing its log paid about 4 µs per KiB once the file passed about 1 GiB. That
 # charged (g) most, because the gateway without its audit writes nothing. Rotated each round,
 # a file stays a few hundred MiB, and its pages are reused from the previous round's.
-rotate() { # SERVER: removes its log file and waits for the server to open a new one
-  local file pid signal
+rotate() { # SERVER: its log file removed and reopened (bench/lib.sh reopen_log); others have none
   case $1 in
-    gateway-audit) file=$WORK/audit/audit-$GATEWAY_AUDIT.jsonl signal=HUP pid=$(cat "$WORK/gateway-audit.pid") ;;
-    nginx-log) file=$WORK/nginx-access.json signal=USR1 pid=$(cat "$WORK/nginx.pid") ;;
-    *) return 0 ;;
+    gateway-audit) reopen_log "$WORK/audit/audit-$GATEWAY_AUDIT.jsonl" "$(cat "$WORK/gateway-audit.pid")" HUP ;;
+    nginx-log) reopen_log "$WORK/nginx-access.json" "$(cat "$WORK/nginx.pid")" USR1 ;;
   esac
-  rm -f "$file"
-  kill "-$signal" "$pid"
-  # The new file appears when the gateway's writer (or nginx's master) has opened it; nginx's
-  # worker reopens after its master, so it is also waited for to let go of the removed file.
-  for _ in $(seq 1 100); do
-    [[ -e $file ]] && ! holds_removed "$pid" "$file" && return 0
-    sleep 0.05
-  done
-  say "$1 did not reopen $file within 5 s"
-  exit 1
-}
-holds_removed() { # PID FILE: the process or one of its children still has FILE open, removed
-  local p fd
-  for p in "$1" $(pgrep -P "$1" || true); do
-    for fd in /proc/"$p"/fd/*; do
-      [[ $(readlink "$fd" 2>/dev/null) == "$2 (deleted)" ]] && return 0
-    done
-  done
-  return 1
 }
 
 # scenario path connections script servers...

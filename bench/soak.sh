@@ -52,8 +52,7 @@ need wrk=wrk taskset=util-linux curl=curl gnuplot=gnuplot-nox getconf=libc-bin
 if [[ ${SOAK_SKIP_BUILD:-0} == 1 ]]; then
   say "SOAK_SKIP_BUILD=1: using the release binaries as they are"
 else
-  say "building (release)"
-  cargo build --release --locked --bin cloudcasa-gateway --example bench_servers >&2
+  build release
 fi
 BIN=target/release
 for f in "$BIN/cloudcasa-gateway" "$BIN/examples/bench_servers"; do
@@ -72,12 +71,7 @@ LOAD_CORE=$((CORES > 1 ? 1 : 0))
 
 # Ports of their own: bench/run.sh uses 18080-18085, 18090 and 19080-19084.
 UPSTREAM=18190 GATEWAY=18180 ADMIN=18181
-for p in $UPSTREAM $GATEWAY $ADMIN; do
-  if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-    say "port $p is in use (another soak still running?)"
-    exit 1
-  fi
-done
+ports_free $UPSTREAM $GATEWAY $ADMIN
 
 WORK=$(mktemp -d /tmp/cloudcasa-soak.XXXXXX)
 PIDS=()
