@@ -45,7 +45,7 @@ impl ChainHash {
     /// Lowercase hex, without allocating (this runs once per audit record).
     pub fn hex_bytes(self) -> [u8; 64] {
         let mut out = [0u8; 64];
-        hex::encode_to_slice(self.0, &mut out).expect("64 bytes hold 32 in hex");
+        const_hex::encode_to_slice(self.0, &mut out).expect("64 bytes hold 32 in hex");
         out
     }
 }

@@ -187,20 +187,21 @@ fn needs_escape(bytes: &[u8]) -> bool {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;
     let has_zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGH != 0;
-    let mut chunks = bytes.chunks_exact(8);
-    for chunk in &mut chunks {
-        let x = u64::from_le_bytes(chunk.try_into().expect("eight bytes"));
-        if has_zero(x ^ (ONES * u64::from(b'"')))
+    let word_needs = |x: u64| {
+        has_zero(x ^ (ONES * u64::from(b'"')))
             || has_zero(x ^ (ONES * u64::from(b'\\')))
             || x.wrapping_sub(ONES * 0x20) & !x & HIGH != 0
-        {
-            return true;
-        }
+    };
+    let mut chunks = bytes.chunks_exact(8);
+    if chunks.any(|chunk| word_needs(u64::from_le_bytes(chunk.try_into().expect("8")))) {
+        return true;
     }
-    chunks
-        .remainder()
-        .iter()
-        .any(|&b| b < 0x20 || b == b'"' || b == b'\\')
+    // The last one to seven bytes as one more word, padded with spaces (which need no escape),
+    // instead of a loop over each byte.
+    let rest = chunks.remainder();
+    let mut tail = [b' '; 8];
+    tail[..rest.len()].copy_from_slice(rest);
+    word_needs(u64::from_le_bytes(tail))
 }
 
 /// The JSON writer for [`Record`]: serde_json's output, byte for byte, for the few types a
@@ -247,11 +248,17 @@ impl Json<'_> {
         self.0.push(b'"');
     }
 
-    /// A string the record built itself from ASCII (the timestamp, hex ids): as `str`, without
-    /// the UTF-8 check.
+    /// A string the record built itself (the timestamp's digits and `-:.TZ`, hex ids): written
+    /// as it is, without the escape scan, since none of those bytes needs escaping.
     fn ascii<const N: usize>(&mut self, bytes: &[u8; N]) {
-        debug_assert!(bytes.is_ascii());
-        self.bytes(bytes);
+        debug_assert!(
+            bytes
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || b"-:.".contains(b))
+        );
+        self.0.push(b'"');
+        self.0.extend_from_slice(bytes);
+        self.0.push(b'"');
     }
 
     fn opt_str(&mut self, text: Option<&str>) {
@@ -320,25 +327,24 @@ impl<'a> Record<'a> {
 /// `bytes` as lowercase hex, in place (`N` is twice `bytes`' length).
 fn hex_id<const M: usize, const N: usize>(bytes: [u8; M]) -> [u8; N] {
     let mut out = [0u8; N];
-    hex::encode_to_slice(bytes, &mut out).expect("N is twice M");
+    const_hex::encode_to_slice(bytes, &mut out).expect("N is twice M");
     out
 }
 
 /// RFC 3339 UTC with milliseconds (`2026-12-02T10:22:31.123Z`, 24 bytes), as humantime writes
 /// it, into a buffer of the record's own: the civil date from the day count (Howard Hinnant's
 /// `civil_from_days`) and the digits written in place, which is a tenth of humantime's
-/// formatter's work. Years past 9999 (no clock has them) go through humantime.
+/// formatter's work. A time past year 9999, which humantime cannot write, saturates at its last
+/// millisecond, so the field stays a valid timestamp.
 pub fn rfc3339_millis(t: std::time::SystemTime) -> [u8; 24] {
     let since = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
     let days = i64::try_from(secs / 86_400).unwrap_or(i64::MAX / 2);
     let (year, month, day) = civil_from_days(days);
-    let mut out = [0u8; 24];
-    if !(0..=9999).contains(&year) {
-        use std::io::Write;
-        let _ = write!(&mut out[..], "{}", humantime::format_rfc3339_millis(t));
-        return out;
+    if year > 9999 {
+        return *b"9999-12-31T23:59:59.999Z";
     }
+    let mut out = [0u8; 24];
     let rem = secs % 86_400;
     let put = |out: &mut [u8; 24], at: usize, value: u64, digits: usize| {
         let mut v = value;
@@ -429,6 +435,8 @@ mod tests {
             ints in proptest::collection::vec(any::<u64>(), 4),
             floats in proptest::collection::vec(float(), 2),
             ts in any::<u32>(),
+            trace in any::<[u8; 16]>(),
+            span in any::<[u8; 8]>(),
         ) {
             let s = |i: usize| strings[i].as_str();
             let o = |i: usize, v: &'static str| options[i].then_some(v);
@@ -438,8 +446,8 @@ mod tests {
                 ),
                 phase: o(0, "outcome").unwrap_or("intent"),
                 request_id: s(0),
-                trace_id: hex_id([7u8; 16]),
-                span_id: hex_id([9u8; 8]),
+                trace_id: hex_id(trace),
+                span_id: hex_id(span),
                 client: Client {
                     addr: options[1].then(|| s(1)),
                     id: options[2].then(|| s(2)),
@@ -483,6 +491,12 @@ mod tests {
             let simple = bytes.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\');
             prop_assert_eq!(needs_escape(&bytes), simple);
         }
+    }
+
+    #[test]
+    fn a_time_past_year_9999_saturates() {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(253_402_300_800 + 86_400);
+        assert_eq!(&rfc3339_millis(t), b"9999-12-31T23:59:59.999Z");
     }
 
     #[test]
