@@ -271,7 +271,7 @@ fn write_traceparent(cx: &Context, headers: &mut HeaderMap) -> bool {
     let mut value = *b"00-00000000000000000000000000000000-0000000000000000-00";
     let flags = [sc.trace_flags().to_u8() & TraceFlags::SAMPLED.to_u8()];
     let hex_into = |out: &mut [u8], bytes: &[u8]| {
-        hex::encode_to_slice(bytes, out).expect("the buffer holds two digits per byte");
+        const_hex::encode_to_slice(bytes, out).expect("the buffer holds two digits per byte");
     };
     hex_into(&mut value[3..35], &sc.trace_id().to_bytes());
     hex_into(&mut value[36..52], &sc.span_id().to_bytes());

@@ -331,6 +331,9 @@ fn hex_id<const M: usize, const N: usize>(bytes: [u8; M]) -> [u8; N] {
     out
 }
 
+/// 10000-01-01T00:00:00Z in seconds since the epoch: the first second RFC 3339 cannot write.
+const YEAR_10000: u64 = 253_402_300_800;
+
 /// RFC 3339 UTC with milliseconds (`2026-12-02T10:22:31.123Z`, 24 bytes), as humantime writes
 /// it, into a buffer of the record's own: the civil date from the day count (Howard Hinnant's
 /// `civil_from_days`) and the digits written in place, which is a tenth of humantime's
@@ -339,11 +342,11 @@ fn hex_id<const M: usize, const N: usize>(bytes: [u8; M]) -> [u8; N] {
 pub fn rfc3339_millis(t: std::time::SystemTime) -> [u8; 24] {
     let since = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
-    let days = i64::try_from(secs / 86_400).unwrap_or(i64::MAX / 2);
-    let (year, month, day) = civil_from_days(days);
-    if year > 9999 {
+    if secs >= YEAR_10000 {
         return *b"9999-12-31T23:59:59.999Z";
     }
+    // Below YEAR_10000 the day count is under 2.93 million: the cast cannot wrap.
+    let (year, month, day) = civil_from_days((secs / 86_400) as i64);
     let mut out = [0u8; 24];
     let rem = secs % 86_400;
     let put = |out: &mut [u8; 24], at: usize, value: u64, digits: usize| {
@@ -497,6 +500,15 @@ mod tests {
     fn a_time_past_year_9999_saturates() {
         let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(253_402_300_800 + 86_400);
         assert_eq!(&rfc3339_millis(t), b"9999-12-31T23:59:59.999Z");
+        // At the edge: the last second of 9999 is written as it is, the next one saturates,
+        // and so does a time far beyond (no overflow on the way).
+        let at = |secs| std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+        assert_eq!(
+            &rfc3339_millis(at(YEAR_10000 - 1)),
+            b"9999-12-31T23:59:59.000Z"
+        );
+        assert_eq!(&rfc3339_millis(at(YEAR_10000)), b"9999-12-31T23:59:59.999Z");
+        assert_eq!(&rfc3339_millis(at(1 << 62)), b"9999-12-31T23:59:59.999Z");
     }
 
     #[test]
