@@ -50,6 +50,8 @@ start() { # NAME COMMAND...
 }
 
 UPSTREAM=18190 REDIS=18379 A=18180 B=18181 ALONE=18182
+# bench/soak.sh uses some of the same ports: one of them at a time.
+ports_free $UPSTREAM $REDIS $A $B $ALONE 19180 19181 19182
 echo -n "bench-token" >"$WORK/token"
 config() { # PORT ADMIN_PORT FLEET(yes|no) CACHE_SIZE
   gateway_toml "$1" "$2" "$UPSTREAM" "$WORK/token" false "$WORK/audit-$1.jsonl" "$4"

@@ -2,11 +2,14 @@
 
 say() { printf '==> %s\n' "$*" >&2; }
 
+# listening PORT: whether something accepts connections on 127.0.0.1:PORT.
+listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
 # wait_port PORT [SECONDS]: until something listens on 127.0.0.1:PORT (default 10 s).
 wait_port() {
   local tries=$((${2:-10} * 20))
   for _ in $(seq 1 "$tries"); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    listening "$1" && return 0
     sleep 0.05
   done
   say "nothing listening on $1"
@@ -39,7 +42,7 @@ build() {
 ports_free() {
   local p
   for p in "$@"; do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+    if listening "$p"; then
       say "port $p is in use (another run still going?)"
       exit 1
     fi

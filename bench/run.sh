@@ -57,6 +57,8 @@ trap cleanup EXIT
 
 UPSTREAM=18090 GATEWAY=18080 GATEWAY_AUDIT=18082 NGINX=18081 CEILING=18083 MEMORY=18084
 BARE_PROXY=18085 NGINX_LOG=18086
+ports_free $UPSTREAM $GATEWAY $GATEWAY_AUDIT $NGINX $CEILING $MEMORY $BARE_PROXY $NGINX_LOG \
+  19080 19082 19084
 
 echo -n "bench-token" >"$WORK/token"
 # The audit files live apart from the token: the gateway watches the token's directory, and an

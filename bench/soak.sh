@@ -69,7 +69,8 @@ SERVER_CORE=0
 LOAD_CORE=$((CORES > 1 ? 1 : 0))
 ((CORES > 1)) || say "warning: one core only; the gateway and the load share it"
 
-# Ports of their own: bench/run.sh uses 18080-18085, 18090 and 19080-19084.
+# bench/run.sh uses 18080-18086, 18090 and 19080-19084; bench/fleet.sh uses these ports too,
+# so the two run one at a time (both check).
 UPSTREAM=18190 GATEWAY=18180 ADMIN=18181
 ports_free $UPSTREAM $GATEWAY $ADMIN
 
