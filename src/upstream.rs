@@ -23,13 +23,14 @@ use hyper_util::client::legacy::connect::proxy::Tunnel;
 use hyper_util::rt::TokioIo;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::RootCertStore;
+use tokio::sync::Semaphore;
 use tower::Service;
 
 use crate::config::UpstreamConfig;
 use crate::context::Exchange;
 use crate::http::body::{
     self, Body, BodyTimedOut, BodyTooLarge, BoxError, ClientBodyError, Collected, PrefixedBody,
-    Tap, collect_limited,
+    Reservation, Tap, collect_limited,
 };
 use crate::http::error::{GatewayError, find_cause};
 use crate::http::headers::strip_hop_by_hop;
@@ -161,6 +162,12 @@ struct UpstreamInner {
     timeout: Duration,
     /// The upstream's last response was HTTP/1.0: chunked request bodies must be sent whole.
     http10: AtomicBool,
+    /// `upstream.max_buffered_bodies`, in KiB permits: what the request bodies read whole
+    /// before sending hold, all together. Without it, every stream of every connection could
+    /// hold a body (100 streams of 1 MiB on one HTTP/2 connection).
+    buffered: Arc<Semaphore>,
+    /// The same, in bytes.
+    buffered_bytes: u64,
     /// Where calls are reported: a client span each, and the upstream metrics.
     observers: Option<(Telemetry, Arc<Metrics>)>,
 }
@@ -174,6 +181,13 @@ impl Upstream {
         metrics: Arc<Metrics>,
     ) -> Result<Self, UpstreamSetupError> {
         Self::build(config, Some((telemetry, metrics)))
+    }
+
+    /// What [`Upstream::new`] builds from files (the CA bundle, the proxy's credentials) and
+    /// the environment (the proxy variables), without connecting: `--check` runs it, so that
+    /// nothing it accepts fails at start.
+    pub fn check(config: &UpstreamConfig) -> Result<(), UpstreamSetupError> {
+        Self::build(config, None).map(drop)
     }
 
     fn build(
@@ -195,12 +209,15 @@ impl Upstream {
         let route = match choose_proxy(config)? {
             None => Route::Direct(http),
             Some((proxy, auth, from)) => {
-                // Never the credentials: the proxy's scheme, host and port only.
-                tracing::info!(
-                    proxy = %format_args!("http://{}", proxy.authority().map_or("", |a| a.as_str()).rsplit('@').next().unwrap_or("")),
-                    from,
-                    "the upstream is reached through a proxy (CONNECT)"
-                );
+                // Never the credentials: the proxy's scheme, host and port only. (Not for
+                // `--check`, which builds this without observers.)
+                if observers.is_some() {
+                    tracing::info!(
+                        proxy = %format_args!("http://{}", proxy.authority().map_or("", |a| a.as_str()).rsplit('@').next().unwrap_or("")),
+                        from,
+                        "the upstream is reached through a proxy (CONNECT)"
+                    );
+                }
                 let tunnel = Tunnel::new(proxy, http);
                 Route::Tunnel(match auth {
                     Some(auth) => tunnel.with_auth(auth),
@@ -242,6 +259,12 @@ impl Upstream {
                 writes: client(false),
                 timeout: config.timeout,
                 http10: AtomicBool::new(false),
+                buffered: Arc::new(Semaphore::new(
+                    usize::try_from(config.max_buffered_bodies / 1024)
+                        .unwrap_or(usize::MAX)
+                        .clamp(1, Semaphore::MAX_PERMITS),
+                )),
+                buffered_bytes: config.max_buffered_bodies,
                 observers,
             }),
         })
@@ -320,7 +343,8 @@ impl Service<Request<Body>> for Upstream {
         let up = self.inner.clone();
         let timeout = up.timeout;
         async move {
-            let req = buffer_body(req, up.http10.load(Ordering::Relaxed)).await?;
+            let http10 = up.http10.load(Ordering::Relaxed);
+            let req = buffer_body(req, http10, &up.buffered, up.buffered_bytes).await?;
             let client = if retry_safe { &up.reads } else { &up.writes };
             let sent = client.request(req);
             let result = match tokio::time::timeout(timeout, sent).await {
@@ -484,7 +508,17 @@ const BUFFER_CHUNKED_UP_TO: u64 = 1024 * 1024;
 /// [`BUFFER_CHUNKED_UP_TO`], or in `server.max_body_size` (enforced as the body streams) when
 /// the upstream answered HTTP/1.0 last time: an HTTP/1.0 server (Werkzeug's, under Eve) reads
 /// nothing of a chunked body. Larger bodies stream.
-async fn buffer_body(req: Request<Body>, http10: bool) -> Result<Request<Body>, GatewayError> {
+///
+/// What is read whole counts against `budget` (`upstream.max_buffered_bodies`, `budget_bytes`
+/// in all) until it is sent. Past what is free a body streams instead, which any upstream
+/// reads, except a chunked body for an HTTP/1.0 upstream: that one is refused, with 503 and
+/// `Retry-After` while others hold the budget, or 413 when it is larger than the whole budget.
+async fn buffer_body(
+    req: Request<Body>,
+    http10: bool,
+    budget: &Arc<Semaphore>,
+    budget_bytes: u64,
+) -> Result<Request<Body>, GatewayError> {
     let limit = match req.body().size_hint().exact() {
         Some(n) if n > 0 && n <= BUFFER_BODIES_UP_TO => n,
         Some(_) => return Ok(req),
@@ -492,18 +526,43 @@ async fn buffer_body(req: Request<Body>, http10: bool) -> Result<Request<Body>, 
         None if http10 => u64::MAX,
         None => BUFFER_CHUNKED_UP_TO,
     };
+    let known = limit <= BUFFER_BODIES_UP_TO;
+    let mut held = Reservation::default();
+    // A known length is read into one allocation of that size: reserved up front.
+    if known && !held.grow(budget, limit) {
+        return Ok(req);
+    }
+    let mut over_budget = false;
+    let admit = |len: usize| {
+        let admitted = known || held.grow(budget, len as u64);
+        over_budget |= !admitted;
+        admitted
+    };
     let (mut parts, body) = req.into_parts();
-    match collect_limited(body, limit, |_| true).await {
+    let collected = collect_limited(body, limit, admit).await;
+    match collected {
         Ok(Collected::Complete(bytes)) => {
             parts.headers.remove(header::TRANSFER_ENCODING);
             parts
                 .headers
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-            Ok(Request::from_parts(parts, body::full(bytes)))
+            Ok(Request::from_parts(parts, held.hold(body::full(bytes))))
+        }
+        // Larger than the whole budget: it would never fit, so no retry can help.
+        Ok(Collected::TooLarge(prefix, _)) if http10 && over_budget => {
+            let read: u64 = prefix.iter().map(|c| c.len() as u64).sum();
+            Err(match read > budget_bytes {
+                true => GatewayError::PayloadTooLarge {
+                    limit: budget_bytes,
+                },
+                false => GatewayError::BodiesBuffered {
+                    retry_after: Duration::from_secs(1),
+                },
+            })
         }
         Ok(Collected::TooLarge(prefix, rest)) => Ok(Request::from_parts(
             parts,
-            body::boxed(PrefixedBody { prefix, rest }),
+            held.hold(body::boxed(PrefixedBody { prefix, rest })),
         )),
         Err(e) => Err(client_body_error(e)),
     }
@@ -597,6 +656,7 @@ mod tests {
             pool_idle_timeout: Duration::from_secs(1),
             proxy: None,
             proxy_credentials_file: None,
+            max_buffered_bodies: 1024 * 1024,
         };
         Upstream::build(&config, None).unwrap()
     }

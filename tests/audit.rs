@@ -481,3 +481,60 @@ async fn a_client_that_goes_away_is_recorded() {
     assert_eq!(r["error"], "client_closed", "{r}");
     assert!(r["bytes_out"].as_u64().unwrap() < 32 * 1024 * 1024, "{r}");
 }
+
+#[tokio::test]
+async fn a_request_cut_off_at_the_drain_timeout_is_recorded_before_the_last_flush() {
+    cut_off_at_the_drain_timeout(false).await;
+}
+
+#[tokio::test]
+async fn an_http2_stream_cut_off_at_the_drain_timeout_is_recorded_before_the_last_flush() {
+    // HTTP/2 streams are tasks of their own, apart from their connection's.
+    cut_off_at_the_drain_timeout(true).await;
+}
+
+async fn cut_off_at_the_drain_timeout(http2: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let mock = MockCloudCasa::start().await;
+    let secret = SecretDir::new("token-a");
+    let mut gw = TestGateway::for_mock(
+        &mock,
+        &secret,
+        &format!(
+            "[server]\ndrain_timeout = \"200ms\"\n[audit]\npath = \"{}\"",
+            audit.display()
+        ),
+    )
+    .await;
+    // The upstream never answers while the gateway drains.
+    let release = mock.state.hold_next(None);
+    let url = gw.url("/api/v1/clusters");
+    let request_id = "cut-off-at-the-drain-timeout";
+    let in_flight = tokio::spawn(async move {
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .http2_only(http2)
+                .build_http::<http_body_util::Full<Bytes>>();
+        let request = http::Request::get(url)
+            .header("x-request-id", request_id)
+            .body(Default::default())
+            .unwrap();
+        let _ = client.request(request).await;
+    });
+    mock.state.wait_for(1).await;
+    tokio::time::timeout(std::time::Duration::from_secs(10), gw.begin_shutdown())
+        .await
+        .expect("the gateway stops after its drain timeout")
+        .unwrap();
+    // Stopped: the trail was flushed last, so the cut-off request is in it.
+    let records = read_records(&audit);
+    let record = records
+        .iter()
+        .find(|r| r["request_id"] == request_id)
+        .unwrap_or_else(|| panic!("no record of the cut-off request: {records:?}"));
+    assert_eq!(record["status"], 499, "{record}");
+    assert_eq!(record["complete"], false, "{record}");
+    release.notify_one();
+    in_flight.abort();
+}

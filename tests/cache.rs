@@ -8,6 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Method, StatusCode};
 use serde_json::json;
+use support::mock::Fault;
 use support::*;
 
 async fn cache_report(gw: &TestGateway) -> serde_json::Value {
@@ -930,4 +931,197 @@ async fn a_range_asked_for_identity_is_answered_from_the_uncoded_whole_stored_fo
         zipped.headers
     );
     assert_eq!(mock.state.requests_to("/api/v1/zipped").len(), 2);
+}
+
+/// A gateway in front of `mock` whose upstream calls time out after `timeout`, caching for an
+/// hour, with `[server]` settings `server`.
+async fn impatient_gateway(
+    mock: &MockCloudCasa,
+    secret: &SecretDir,
+    timeout: &str,
+    server: &str,
+) -> TestGateway {
+    TestGateway::start(&format!(
+        "[upstream]\nurl = \"{}\"\ntimeout = \"{timeout}\"\n[token]\nfile = \"{}\"\n\
+         [server]\n{server}\n[cache]\nfresh_for = \"1h\"\n",
+        mock.url(),
+        secret.token_path().display()
+    ))
+    .await
+}
+
+#[tokio::test]
+async fn a_write_whose_client_went_away_still_invalidates() {
+    let mock = MockCloudCasa::start().await;
+    let secret = SecretDir::new("token-a");
+    let gw = impatient_gateway(&mock, &secret, "30s", "").await;
+    let (id, etag) = item(&mock, "old");
+    let path = format!("/api/v1/usergroups/{id}");
+    assert_eq!(get(&gw.url(&path), &[]).await.json()["name"], "old");
+    assert!(
+        get(&gw.url(&path), &[])
+            .await
+            .header("cache-status")
+            .unwrap()
+            .contains("hit"),
+        "stored for an hour"
+    );
+    // The upstream executes the PATCH at once and holds its answer; the client goes away
+    // before it comes. The write happened, so the old document must not be served again.
+    let release = mock.state.hold_next_answer(Method::PATCH);
+    let body = r#"{"name":"new"}"#;
+    let mut client = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    let request = format!(
+        "PATCH {path} HTTP/1.1\r\nhost: x\r\nif-match: \"{etag}\"\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut client, request.as_bytes())
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(5),
+        "the PATCH at the upstream",
+        || async {
+            mock.state
+                .requests()
+                .iter()
+                .any(|r| r.method == Method::PATCH)
+        },
+    )
+    .await;
+    drop(client);
+    // The answer is still held: only the client's going away can have invalidated.
+    eventually(
+        Duration::from_secs(5),
+        "the new name, not the stored one",
+        || async { get(&gw.url(&path), &[]).await.json()["name"] == "new" },
+    )
+    .await;
+    release.notify_one();
+}
+
+#[tokio::test]
+async fn a_write_that_times_out_invalidates_now_and_after_a_late_commit() {
+    let mock = MockCloudCasa::start().await;
+    let secret = SecretDir::new("token-a");
+    let gw = impatient_gateway(&mock, &secret, "1s", "").await;
+    let (id, etag) = item(&mock, "old");
+    let path = format!("/api/v1/usergroups/{id}");
+    assert_eq!(get(&gw.url(&path), &[]).await.json()["name"], "old");
+
+    // Executed, answered too late: 504 to the client, and the stored document is gone.
+    let release = mock.state.hold_next_answer(Method::PATCH);
+    let reply = rename(&gw.url(&path), &etag, "new").await;
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
+    let after = get(&gw.url(&path), &[]).await;
+    assert_eq!(after.json()["name"], "new");
+    release.notify_one();
+
+    // Not yet executed when the gateway gave up, executed later (here: straight at the
+    // upstream, as a slow upstream would): the read in between stores the old document, which
+    // the second invalidation, one upstream timeout after the first, takes out.
+    let etag = after.json()["_etag"].as_str().unwrap().to_string();
+    let release = mock.state.hold_next(Some(StatusCode::SERVICE_UNAVAILABLE));
+    let reply = rename(&gw.url(&path), &etag, "newer").await;
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
+    release.notify_one();
+    assert_eq!(get(&gw.url(&path), &[]).await.json()["name"], "new");
+    let late = send(
+        Method::PATCH,
+        &format!("{}{path}", mock.url()),
+        &[
+            ("authorization", "Bearer token-a"),
+            ("if-match", &format!("\"{etag}\"")),
+        ],
+        r#"{"name":"newer"}"#,
+    )
+    .await;
+    assert_eq!(late.status, StatusCode::OK);
+    eventually(
+        Duration::from_secs(5),
+        "the late write, after the second invalidation",
+        || async { get(&gw.url(&path), &[]).await.json()["name"] == "newer" },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_fill_whose_upstream_stalls_mid_body_ends_and_frees_its_key() {
+    // An upstream that sends headers and 3 of 10 bytes, then nothing, on every connection.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = connections.clone();
+    let server = tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut buf = [0u8; 4096];
+            let _ = tokio::io::AsyncReadExt::read(&mut socket, &mut buf).await;
+            let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                        cache-control: max-age=60\r\ncontent-length: 10\r\n\r\n{\"a";
+            tokio::io::AsyncWriteExt::write_all(&mut socket, head.as_bytes())
+                .await
+                .unwrap();
+            held.push(socket);
+        }
+    });
+    let secret = SecretDir::new("token-a");
+    let gw = TestGateway::start(&format!(
+        "[upstream]\nurl = \"http://{upstream}\"\ntimeout = \"1s\"\n[token]\nfile = \"{}\"\n",
+        secret.token_path().display()
+    ))
+    .await;
+    let url = gw.url("/api/v1/usergroups/x");
+    let started = tokio::time::Instant::now();
+    let first = tokio::time::timeout(Duration::from_secs(10), get(&url, &[]))
+        .await
+        .expect("an answer, not a hang");
+    assert_eq!(first.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    // The key is free again: the next request goes upstream itself at once, rather than
+    // waiting on a fill that never ends.
+    let second = tokio::time::timeout(Duration::from_secs(10), get(&url, &[]))
+        .await
+        .expect("an answer, not a hang");
+    assert_eq!(second.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 2);
+    server.abort();
+}
+
+#[tokio::test]
+async fn a_5xx_write_invalidates_and_one_refused_before_sending_does_not() {
+    let mock = MockCloudCasa::start().await;
+    let secret = SecretDir::new("token-a");
+    let gw = impatient_gateway(&mock, &secret, "30s", "max_body_size = \"1KiB\"").await;
+    let (id, etag) = item(&mock, "g");
+    let path = format!("/api/v1/usergroups/{id}");
+    let status = |r: &Reply| r.header("cache-status").unwrap().to_string();
+    get(&gw.url(&path), &[]).await;
+    assert!(status(&get(&gw.url(&path), &[]).await).contains("hit"));
+
+    // Too large to send: refused before the upstream saw anything, so nothing to invalidate.
+    let refused = send(
+        Method::PATCH,
+        &gw.url(&path),
+        &[("if-match", &format!("\"{etag}\""))],
+        "x".repeat(2048),
+    )
+    .await;
+    assert_eq!(refused.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(status(&get(&gw.url(&path), &[]).await).contains("hit"));
+
+    // A 5xx may follow a partial execution: the stored document goes.
+    mock.state
+        .set_fault(Fault::Status(StatusCode::INTERNAL_SERVER_ERROR), Some(1));
+    let failed = rename(&gw.url(&path), &etag, "x").await;
+    assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR);
+    let after = get(&gw.url(&path), &[]).await;
+    assert!(!status(&after).contains("hit"), "{}", status(&after));
 }

@@ -249,6 +249,13 @@ fn check_validates_credentials_and_policy() {
             "policy[0].paths",
         ),
         (
+            // Paths are matched without their trailing slash: this pattern could never match.
+            format!(
+                "{base}[[policy]]\nclients = [\"apikey:a\"]\npaths = [\"/api/v1/clusters/\"]\ncredential = \"team-a\"\n"
+            ),
+            "policy[0].paths",
+        ),
+        (
             format!(
                 "{base}[[policy]]\nclients = [\"apikey:a\"]\nrate = \"fast\"\ncredential = \"team-a\"\n"
             ),
@@ -480,4 +487,77 @@ fn the_shipped_configurations_pass_check() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+#[test]
+fn check_parses_what_start_up_parses_and_refuses_durations_that_overflow() {
+    // Each of these passed --check once (the files exist) and then failed at start, or, for
+    // the durations, panicked on every connection or request.
+    let dir = tempfile::tempdir().unwrap();
+    let junk = write_file(dir.path(), "junk.pem", "not pem\n");
+    let ca = tls::TestCa::new("check");
+    let (cert, key) = ca.leaf_pem(&["localhost"]);
+    let cert = write_file(dir.path(), "tls.crt", &cert);
+    let key = write_file(dir.path(), "tls.key", &key);
+    let no_colon = write_file(dir.path(), "proxy", "just-a-user\n");
+    let base = "[token]\nfile = \"TOKEN_PATH\"\n";
+    let tls = |cert: &std::path::Path, key: &std::path::Path| {
+        format!(
+            "{base}[server.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            cert.display(),
+            key.display()
+        )
+    };
+    let cases = [
+        (tls(&junk, &key), "server.tls.cert_file"),
+        (tls(&cert, &junk), "server.tls.key_file"),
+        (
+            format!(
+                "{base}[upstream]\nproxy = \"http://127.0.0.1:3128\"\nproxy_credentials_file = \"{}\"\n",
+                no_colon.display()
+            ),
+            "upstream.proxy_credentials_file",
+        ),
+        (
+            format!(
+                "{base}[clients.kubernetes]\napi_server = \"https://127.0.0.1:6443\"\n\
+                 token_file = \"TOKEN_PATH\"\nca_file = \"{}\"\n",
+                junk.display()
+            ),
+            "clients.kubernetes.ca_file",
+        ),
+        (
+            // A directory where the audit file should be.
+            format!("{base}[audit]\npath = \"{}\"\n", dir.path().display()),
+            "audit.path",
+        ),
+        (
+            format!("{base}[server]\nheader_timeout = \"11years\"\n"),
+            "server.header_timeout",
+        ),
+        (
+            format!("{base}[upstream]\ntimeout = \"11years\"\n"),
+            "upstream.timeout",
+        ),
+        (
+            format!("{base}[cache]\nfresh_for = \"11years\"\n"),
+            "cache.fresh_for",
+        ),
+        (
+            format!("{base}[cache]\nstale_while_revalidate = \"11years\"\n"),
+            "cache.stale_while_revalidate",
+        ),
+    ];
+    for (config, key) in cases {
+        let (ok, out) = check(&config, Some("t"));
+        assert!(!ok, "accepted: {config}");
+        assert!(out.contains(&format!("{key}:")), "expected {key} in: {out}");
+    }
+    let (ok, out) = check(&tls(&cert, &key), Some("t"));
+    assert!(ok, "{out}");
+    let (ok, out) = check(
+        &format!("{base}[cache]\nfresh_for = \"9years\"\n"),
+        Some("t"),
+    );
+    assert!(ok, "{out}");
 }

@@ -585,3 +585,94 @@ async fn a_broken_upstream_is_named_upstream_protocol() {
     let records = gw.wait_audit(1).await;
     assert_eq!(records[0]["error"], "upstream_protocol");
 }
+
+/// A chunked POST of `size` bytes to the usergroups collection, written raw; `close` asks
+/// the gateway to close the connection after answering.
+fn chunked_post(size: usize, finished: bool, close: bool) -> Vec<u8> {
+    let mut request = format!(
+        "POST /api/v1/usergroups HTTP/1.1\r\nHost: gw\r\n{}\
+         Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
+        if close { "Connection: close\r\n" } else { "" }
+    )
+    .into_bytes();
+    let body = vec![b'x'; size];
+    for chunk in body.chunks(16 * 1024) {
+        request.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        request.extend_from_slice(chunk);
+        request.extend_from_slice(b"\r\n");
+    }
+    if finished {
+        request.extend_from_slice(b"0\r\n\r\n");
+    }
+    request
+}
+
+#[tokio::test]
+async fn request_bodies_read_whole_share_one_budget() {
+    // 1 MiB for all the bodies read whole before sending. A client that sends 1000 KiB of a
+    // chunked body and stalls holds most of it; the next chunked body does not fit, so it
+    // streams (chunked, as it came) instead of adding to what the gateway holds.
+    let mock = MockCloudCasa::start().await;
+    let secret = SecretDir::new("token-a");
+    let gw = TestGateway::start(&format!(
+        "[upstream]\nurl = \"{}\"\nmax_buffered_bodies = \"1MiB\"\n[token]\nfile = \"{}\"\n\
+         [server]\nbody_timeout = \"30s\"\n",
+        mock.url(),
+        secret.token_path().display()
+    ))
+    .await;
+    let sent_whole = |r: &support::mock::Recorded| {
+        r.header("content-length").is_some() && r.header("transfer-encoding").is_none()
+    };
+    raw_exchange(gw.proxy, &chunked_post(100 * 1024, true, true)).await;
+    assert_eq!(mock.state.count(), 1);
+    assert!(
+        sent_whole(&mock.state.last()),
+        "with the budget free, read whole"
+    );
+
+    let mut staller = TcpStream::connect(gw.proxy).await.unwrap();
+    staller
+        .write_all(&chunked_post(1000 * 1024, false, false))
+        .await
+        .unwrap();
+    // (Nothing reaches the upstream while the gateway reads it; give it the time to.)
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(mock.state.count(), 1);
+    raw_exchange(gw.proxy, &chunked_post(100 * 1024, true, true)).await;
+    assert_eq!(mock.state.count(), 2);
+    let streamed = mock.state.last();
+    assert_eq!(streamed.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(streamed.body_len, 100 * 1024);
+
+    // An HTTP/1.0 upstream reads nothing of a chunked body, so such a body cannot stream: 503,
+    // retry in a second, and nothing forwarded.
+    mock.state.set_http10(true);
+    assert_eq!(
+        get(&gw.url("/api/v1/usergroups"), &[]).await.status,
+        StatusCode::OK
+    );
+    let before = mock.state.count();
+    let refused = raw_exchange(gw.proxy, &chunked_post(100 * 1024, true, true)).await;
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(refused.contains("retry-after: 1"), "{refused}");
+    assert!(
+        refused.contains("upstream.max_buffered_bodies"),
+        "{refused}"
+    );
+    assert_eq!(mock.state.count(), before);
+    let metrics = get(&gw.admin_url("/metrics"), &[]).await.text();
+    assert!(
+        metrics.contains("cloudcasa_gateway_gateway_errors_total{kind=\"bodies_buffered\"} 1"),
+        "{metrics}"
+    );
+
+    // The staller goes away: its share comes back, and bodies are read whole again.
+    drop(staller);
+    eventually(Duration::from_secs(5), "the budget back", || async {
+        let reply = raw_exchange(gw.proxy, &chunked_post(10 * 1024, true, true)).await;
+        !reply.starts_with("HTTP/1.1 503")
+    })
+    .await;
+    assert!(sent_whole(&mock.state.last()));
+}

@@ -7,17 +7,45 @@ use std::path::Path;
 
 use crate::config::{AuditSink, Config, ConfigError, ConfigProblem, TokenOrigin};
 use crate::layers::identity::api_keys;
+use crate::layers::identity::kubernetes::TokenReviewer;
+use crate::secrets::tls::ServerTls;
+use crate::upstream::Upstream;
 
-/// The extra checks of `--check`: files named in the configuration must be readable now.
-/// (At run time a missing token file is tolerated: the Secret may appear later.)
-pub fn check_files(config: &Config) -> Result<(), ConfigError> {
-    let mut p: Vec<ConfigProblem> = Vec::new();
-    let mut add = |key: &str, message: String| {
-        p.push(ConfigProblem {
+/// Problems found, each under its key.
+#[derive(Default)]
+struct Found(Vec<ConfigProblem>);
+
+impl Found {
+    fn add(&mut self, key: &str, message: String) {
+        self.0.push(ConfigProblem {
             key: key.to_string(),
             message,
-        })
-    };
+        });
+    }
+
+    /// `path` must exist and be readable as metadata (the file's contents are checked where
+    /// start-up parses them).
+    fn readable(&mut self, key: &str, path: &Path) {
+        if let Err(e) = std::fs::metadata(path) {
+            self.add(key, format!("cannot read {}: {e}", path.display()));
+        }
+    }
+
+    /// An error from building what start-up builds; its text names the key first ("key: why").
+    fn built(&mut self, error: &dyn std::fmt::Display) {
+        let text = error.to_string();
+        match text.split_once(": ") {
+            Some((key, why)) => self.add(key, why.to_string()),
+            None => self.add("(start-up)", text),
+        }
+    }
+}
+
+/// The extra checks of `--check`: files named in the configuration must be readable now and
+/// hold what start-up loads from them. (At run time a missing token file is tolerated: the
+/// Secret may appear later.)
+pub fn check_files(config: &Config) -> Result<(), ConfigError> {
+    let mut p = Found::default();
     for (i, c) in config.credentials.iter().enumerate() {
         let key = |field: &str| match c.name.as_str() {
             "default" => format!("token.{field}"),
@@ -26,17 +54,17 @@ pub fn check_files(config: &Config) -> Result<(), ConfigError> {
         match &c.origin {
             TokenOrigin::File(path) => match std::fs::read_to_string(path) {
                 Ok(t) if t.trim().is_empty() => {
-                    add(&key("file"), format!("{} is empty", path.display()))
+                    p.add(&key("file"), format!("{} is empty", path.display()))
                 }
                 Ok(_) => {}
-                Err(e) => add(&key("file"), format!("cannot read {}: {e}", path.display())),
+                Err(e) => p.add(&key("file"), format!("cannot read {}: {e}", path.display())),
             },
             TokenOrigin::Env(name) => {
                 if std::env::var(name)
                     .map(|v| v.trim().is_empty())
                     .unwrap_or(true)
                 {
-                    add(
+                    p.add(
                         &key("env"),
                         format!("environment variable {name} is not set or empty"),
                     );
@@ -44,16 +72,19 @@ pub fn check_files(config: &Config) -> Result<(), ConfigError> {
             }
         }
     }
-    let readable = |add: &mut dyn FnMut(&str, String), key: &str, path: &Path| {
-        if let Err(e) = std::fs::metadata(path) {
-            add(key, format!("cannot read {}: {e}", path.display()));
-        }
-    };
     if let Some(tls) = &config.server.tls {
-        readable(&mut add, "server.tls.cert_file", &tls.cert_file);
-        readable(&mut add, "server.tls.key_file", &tls.key_file);
+        let before = p.0.len();
+        p.readable("server.tls.cert_file", &tls.cert_file);
+        p.readable("server.tls.key_file", &tls.key_file);
         if let Some(ca) = &tls.client_ca_file {
-            readable(&mut add, "server.tls.client_ca_file", ca);
+            p.readable("server.tls.client_ca_file", ca);
+        }
+        // Parsed and matched as start-up does (a certificate, a key that is the certificate's,
+        // a usable CA bundle), once every file is there.
+        if p.0.len() == before
+            && let Err(e) = ServerTls::load(tls)
+        {
+            p.built(&e);
         }
     }
     // `[fleet]`: start-up reads these (a missing password or partition key would make the
@@ -67,55 +98,88 @@ pub fn check_files(config: &Config) -> Result<(), ConfigError> {
             if let Some(path) = path
                 && let Err(e) = std::fs::read(path)
             {
-                add(key, format!("cannot read {}: {e}", path.display()));
+                p.add(key, format!("cannot read {}: {e}", path.display()));
             }
         }
     }
-    // Parsed, as start-up parses it.
-    if let Some(ca) = &config.upstream.ca_file
-        && let Err(e) = crate::http::pem::read_pem_roots(ca)
-    {
-        add("upstream.ca_file", e.to_string());
-    }
-    if let Some(f) = &config.upstream.proxy_credentials_file {
-        readable(&mut add, "upstream.proxy_credentials_file", f);
+    // The upstream's client as start-up builds it: the CA bundle parsed, the proxy's
+    // credentials read and checked, the proxy variables read.
+    if let Err(e) = Upstream::check(&config.upstream) {
+        p.built(&e);
     }
     if let Some(k) = &config.clients.kubernetes {
-        readable(&mut add, "clients.kubernetes.token_file", &k.token_file);
-        readable(&mut add, "clients.kubernetes.ca_file", &k.ca_file);
+        p.readable("clients.kubernetes.token_file", &k.token_file);
+        if let Err(e) = TokenReviewer::check(k) {
+            p.built(&e);
+        }
     }
     if let Some(keys) = &config.clients.api_keys {
         // Parsed, as start-up parses it: nothing --check accepts may fail at start.
         match std::fs::read_to_string(keys) {
-            Err(e) => add(
+            Err(e) => p.add(
                 "clients.api_keys.file",
                 format!("cannot read {}: {e}", keys.display()),
             ),
             Ok(text) => {
                 if let Err(e) = api_keys::parse(&text) {
-                    add("clients.api_keys.file", format!("{}: {e}", keys.display()));
+                    p.add("clients.api_keys.file", format!("{}: {e}", keys.display()));
                 }
             }
         }
     }
-    if let (true, AuditSink::File(path)) = (config.audit.enabled, &config.audit.sink) {
-        let dir = path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        if !dir.is_dir() {
-            add(
-                "audit.path",
-                format!("directory {} does not exist", dir.display()),
-            );
-        }
+    if let (true, AuditSink::File(path)) = (config.audit.enabled, &config.audit.sink)
+        && let Err(why) = audit_file_writable(path)
+    {
+        p.add("audit.path", why);
     }
-    if p.is_empty() {
+    if p.0.is_empty() {
         Ok(())
     } else {
         Err(ConfigError {
             origin: "the files named in the configuration".into(),
-            problems: p,
+            problems: p.0,
         })
+    }
+}
+
+/// Whether the audit trail can be opened as start-up opens it (for appending, creating it if
+/// need be) and its chain head read, without changing anything: an existing file is opened
+/// for appending and read; otherwise a file is created in its directory and removed again.
+fn audit_file_writable(path: &Path) -> Result<(), String> {
+    if path.exists() {
+        if !path.is_file() {
+            // A directory, or a pipe (opening one for reading would wait for a writer).
+            return Err(format!("{} is not a regular file", path.display()));
+        }
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map_err(|e| format!("cannot open {} for appending: {e}", path.display()))?;
+        return crate::observability::audit::chain::read_head(path)
+            .map(drop)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()));
+    }
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        return Err(format!("directory {} does not exist", dir.display()));
+    }
+    let probe = dir.join(format!(".cloudcasa-gateway-check-{}", std::process::id()));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) => Err(format!(
+            "cannot create {} in {}: {e}",
+            path.display(),
+            dir.display()
+        )),
     }
 }

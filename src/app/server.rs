@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -72,7 +72,8 @@ pub async fn serve<S>(
         + 'static,
     S::Future: Send + 'static,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let streams = Streams::default();
+    let mut builder = auto::Builder::new(streams.clone());
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -101,8 +102,13 @@ pub async fn serve<S>(
         .max_header_list_size(H2_MAX_HEADER_LIST);
     // One permit per open connection: all permits back means every connection has closed.
     let slots = Arc::new(Semaphore::new(options.max_connections));
+    // The connections' tasks, so that those still open at the drain timeout are closed (and
+    // their requests accounted for, audit records included) before `serve` returns.
+    let mut connections = tokio::task::JoinSet::new();
     let mut accept_stop = stop.clone();
     loop {
+        // Finished connections are reaped as new ones come: the set holds the open ones.
+        while connections.try_join_next().is_some() {}
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
@@ -129,7 +135,7 @@ pub async fn serve<S>(
         let tls = tls.clone();
         let stop = stop.clone();
         let metrics = metrics.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             metrics.open.inc();
             if let Err(reason) =
                 serve_connection(stream, peer, service, builder, options, tls, stop).await
@@ -152,8 +158,45 @@ pub async fn serve<S>(
     {
         tracing::warn!(
             listener = name,
+            connections = options.max_connections - slots.available_permits(),
             "drain timeout reached; closing the remaining connections"
         );
+    }
+    // Closes what is left and waits until it is gone, HTTP/2 streams (tasks of their own)
+    // included: an unfinished request's outcome (499 in its audit record) is recorded now,
+    // before the audit trail's last flush, rather than lost when the runtime is dropped.
+    connections.shutdown().await;
+    streams.shutdown().await;
+}
+
+/// hyper's executor for HTTP/2 streams, each a task of its own: the tasks are kept, so that
+/// those still running when the drain ends are closed before `serve` returns.
+#[derive(Clone, Default)]
+pub struct Streams(Arc<std::sync::Mutex<tokio::task::JoinSet<()>>>);
+
+impl Streams {
+    fn lock(&self) -> std::sync::MutexGuard<'_, tokio::task::JoinSet<()>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn shutdown(&self) {
+        let mut tasks = std::mem::take(&mut *self.lock());
+        tasks.shutdown().await;
+    }
+}
+
+impl<F> hyper::rt::Executor<F> for Streams
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, stream: F) {
+        let mut tasks = self.lock();
+        // Finished streams are reaped as new ones start: the set holds the running ones.
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn(async move {
+            stream.await;
+        });
     }
 }
 
@@ -182,7 +225,7 @@ async fn serve_connection<S>(
     stream: TcpStream,
     peer: SocketAddr,
     service: S,
-    builder: auto::Builder<TokioExecutor>,
+    builder: auto::Builder<Streams>,
     options: ServeOptions,
     tls: Option<Arc<ServerTls>>,
     stop: watch::Receiver<bool>,

@@ -43,6 +43,8 @@ pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 pub const CACHE_MAX_SIZE: u64 = 256 * 1024 * 1024;
 /// `cache.max_object_size`: 8 MiB.
 pub const CACHE_MAX_OBJECT_SIZE: u64 = 8 * 1024 * 1024;
+/// `upstream.max_buffered_bodies`: 32 MiB.
+pub const MAX_BUFFERED_BODIES: u64 = 32 * 1024 * 1024;
 /// `cache.max_inflight`: 64 MiB.
 pub const CACHE_MAX_INFLIGHT: u64 = 64 * 1024 * 1024;
 /// `cache.key_headers`: the headers Eve (and most APIs) content-negotiate on.

@@ -117,6 +117,22 @@ impl RuleSpec {
                     if !path.starts_with('/') {
                         return Err(("paths", format!("{path:?} must start with /")));
                     }
+                    // Paths are matched as the upstream routes them, without a trailing slash
+                    // (`http::resource::routed`): such a pattern would never match.
+                    if path.len() > 1 && path.ends_with('/') {
+                        return Err((
+                            "paths",
+                            format!(
+                                "{path:?} ends in /, which never matches: paths are matched \
+                                 without their trailing slash, as the upstream routes them \
+                                 (write {:?})",
+                                match path.trim_end_matches('/') {
+                                    "" => "/",
+                                    trimmed => trimmed,
+                                }
+                            ),
+                        ));
+                    }
                     let glob = GlobBuilder::new(path)
                         .literal_separator(true)
                         .build()
@@ -305,6 +321,19 @@ mod tests {
             &Method::GET,
             "/other"
         ));
+
+        let (key, message) = RuleSpec::new(
+            "r".into(),
+            vec!["*".into()],
+            None,
+            Some(vec!["/api/v1/clusters/".into()]),
+            "c".into(),
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(key, "paths");
+        assert!(message.contains("write \"/api/v1/clusters\""), "{message}");
+        assert!(rule(&["*"], None, Some(&["/"])).matches("x", &Method::GET, "/"));
 
         let one_segment = rule(&["*"], None, Some(&["/api/v1/clusters/*"]));
         let kinds = rule(&["apikey:backup-bot", "cn:backup-*"], None, None);

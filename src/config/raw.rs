@@ -9,6 +9,29 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use serde::Deserialize;
 
+/// Durations as humantime text (`30s`, `5m`, `1h 30m`), at most [`duration::MAX`].
+pub mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserializer, de::Error};
+
+    /// Ten years. No setting means more, and a clock reading plus a duration near
+    /// `u64::MAX` seconds overflows: a panic on every connection (a header timeout) or every
+    /// request (the upstream timeout), for a file `--check` had accepted.
+    pub const MAX: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let value: Option<Duration> = humantime_serde::deserialize(d)?;
+        match value {
+            Some(v) if v > MAX => Err(D::Error::custom(format!(
+                "{} is longer than the longest duration accepted, 10 years",
+                humantime::format_duration(v)
+            ))),
+            v => Ok(v),
+        }
+    }
+}
+
 /// The whole file.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -37,7 +60,7 @@ pub struct RawFleet {
     pub replica: Option<String>,
     pub shared_cache: Option<bool>,
     pub max_shared_object_size: Option<ByteSize>,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub timeout: Option<Duration>,
 }
 
@@ -46,19 +69,19 @@ pub struct RawFleet {
 pub struct RawServer {
     pub listen: Option<String>,
     pub max_body_size: Option<ByteSize>,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub header_timeout: Option<Duration>,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub drain_timeout: Option<Duration>,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub idle_timeout: Option<Duration>,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub shutdown_delay: Option<Duration>,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub body_timeout: Option<Duration>,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub h2_keepalive_interval: Option<Duration>,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub h2_keepalive_timeout: Option<Duration>,
     pub max_connections: Option<usize>,
     pub worker_threads: Option<usize>,
@@ -86,15 +109,16 @@ pub struct RawAdmin {
 #[serde(deny_unknown_fields, default)]
 pub struct RawUpstream {
     pub url: Option<String>,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub connect_timeout: Option<Duration>,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub timeout: Option<Duration>,
     pub ca_file: Option<PathBuf>,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub pool_idle_timeout: Option<Duration>,
     pub proxy: Option<String>,
     pub proxy_credentials_file: Option<PathBuf>,
+    pub max_buffered_bodies: Option<ByteSize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -111,11 +135,11 @@ pub struct RawCache {
     pub max_size: Option<ByteSize>,
     pub max_object_size: Option<ByteSize>,
     pub max_inflight: Option<ByteSize>,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub fresh_for: Option<Duration>,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub stale_if_error: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "duration")]
     pub stale_while_revalidate: Option<Duration>,
     pub key_headers: Option<Vec<String>>,
 }
@@ -165,9 +189,9 @@ pub struct RawKubernetes {
     pub api_server: Option<String>,
     pub token_file: Option<PathBuf>,
     pub ca_file: Option<PathBuf>,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub cache_ttl: Option<Duration>,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub timeout: Option<Duration>,
     pub max_concurrent_reviews: Option<u32>,
     pub review_rate: Option<String>,

@@ -29,7 +29,13 @@ pub struct UpstreamConfig {
     pub proxy: Option<Uri>,
     /// `user:password` for the proxy's Basic authentication.
     pub proxy_credentials_file: Option<PathBuf>,
+    /// What the request bodies read whole before they are sent may hold, all together.
+    pub max_buffered_bodies: u64,
 }
+
+/// The largest body read whole before sending (a chunked one, `upstream::BUFFER_CHUNKED_UP_TO`):
+/// `upstream.max_buffered_bodies` must hold at least one.
+pub const MIN_BUFFERED_BODIES: u64 = 1024 * 1024;
 
 /// Validates `[upstream]` (with `--upstream` applied); `None` when the URL is unusable.
 pub(super) fn upstream(
@@ -78,6 +84,16 @@ pub(super) fn upstream(
     if r.proxy_credentials_file.is_some() && proxy.is_none() {
         p.add("upstream.proxy_credentials_file", "needs upstream.proxy");
     }
+    let max_buffered_bodies = r
+        .max_buffered_bodies
+        .map_or(defaults::MAX_BUFFERED_BODIES, |b| b.as_u64());
+    if max_buffered_bodies < MIN_BUFFERED_BODIES {
+        p.add(
+            "upstream.max_buffered_bodies",
+            "must be at least 1MiB: a chunked request body up to 1 MiB is read whole before it \
+             is sent",
+        );
+    }
     Some(UpstreamConfig {
         url: url?,
         connect_timeout,
@@ -86,6 +102,7 @@ pub(super) fn upstream(
         pool_idle_timeout,
         proxy,
         proxy_credentials_file: r.proxy_credentials_file,
+        max_buffered_bodies,
     })
 }
 

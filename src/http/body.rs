@@ -52,9 +52,10 @@ pub struct BodyTooLarge {
 #[error("{0}")]
 pub struct ClientBodyError(#[source] pub BoxError);
 
-/// A client's request body stalled: no bytes for `server.body_timeout`.
+/// A body stalled: no bytes for its gap (a client's request body: `server.body_timeout`; an
+/// upstream's response body while the cache reads it: `upstream.timeout`).
 #[derive(Debug, thiserror::Error)]
-#[error("no request body bytes for {}", humantime::format_duration(*.timeout))]
+#[error("no body bytes for {}", humantime::format_duration(*.timeout))]
 pub struct BodyTimedOut {
     /// The configured gap.
     pub timeout: std::time::Duration,
@@ -153,6 +154,44 @@ where
 /// Whether `err` is, or is caused by, a `T`.
 fn find_in<T: std::error::Error + 'static>(err: &BoxError) -> bool {
     crate::http::error::find_cause::<T>(err.as_ref()).is_some()
+}
+
+/// Bytes held against a memory budget of KiB permits (`cache.max_inflight`,
+/// `upstream.max_buffered_bodies`). Permits are taken as the bytes cross each KiB, so a body
+/// read in small frames is not counted a KiB per frame.
+#[derive(Debug, Default)]
+pub struct Reservation {
+    bytes: u64,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Reservation {
+    /// Reserves `len` more bytes of `budget`; `false`, with nothing more taken, when the budget
+    /// has not that much left.
+    pub fn grow(&mut self, budget: &std::sync::Arc<tokio::sync::Semaphore>, len: u64) -> bool {
+        let kib = |bytes: u64| u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
+        let total = self.bytes.saturating_add(len);
+        let more = kib(total) - kib(self.bytes);
+        if more > 0 {
+            match budget.clone().try_acquire_many_owned(more) {
+                Ok(permit) => match &mut self.permit {
+                    Some(held) => held.merge(permit),
+                    None => self.permit = Some(permit),
+                },
+                Err(_) => return false,
+            }
+        }
+        self.bytes = total;
+        true
+    }
+
+    /// `body`, holding what is reserved until it ends or is dropped.
+    pub fn hold(self, body: Body) -> Body {
+        match self.permit {
+            Some(permit) => boxed(Tap::new(body, Hold(permit))),
+            None => body,
+        }
+    }
 }
 
 /// Holds something (a memory reservation) for as long as the body it taps is alive.

@@ -38,7 +38,8 @@ pub enum GatewayError {
     /// message): the upstream is reachable but broken.
     #[error("CloudCasa upstream sent a malformed response: {0}")]
     UpstreamProtocol(#[source] BoxError),
-    /// The request body exceeds `server.max_body_size`.
+    /// The request body exceeds `server.max_body_size` (or, chunked for an HTTP/1.0 upstream,
+    /// which needs it whole, `upstream.max_buffered_bodies`).
     #[error("request body exceeds the limit of {limit} bytes")]
     PayloadTooLarge {
         /// The configured limit in bytes.
@@ -83,6 +84,16 @@ pub enum GatewayError {
         /// When a request would be allowed again.
         retry_after: Duration,
     },
+    /// The request bodies read whole before sending fill `upstream.max_buffered_bodies`, and
+    /// this one cannot stream (a chunked body for an HTTP/1.0 upstream).
+    #[error(
+        "the gateway holds as many request bodies as it may (upstream.max_buffered_bodies); retry in {}s",
+        retry_after_secs(*retry_after)
+    )]
+    BodiesBuffered {
+        /// When to try again.
+        retry_after: Duration,
+    },
     /// A bug: a handler panicked. The panic payload is logged, not returned.
     #[error("internal gateway error")]
     Internal,
@@ -106,7 +117,9 @@ impl GatewayError {
             Self::UnsupportedMethod(_) => StatusCode::NOT_IMPLEMENTED,
             Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::UpstreamProtocol(_) => StatusCode::BAD_GATEWAY,
-            Self::IdentityThrottled { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::IdentityThrottled { .. } | Self::BodiesBuffered { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::NoToken { .. } | Self::AuditUnavailable(_) | Self::IdentityUnavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -131,6 +144,7 @@ impl GatewayError {
             Self::BodyTimeout(_) => "body_timeout",
             Self::UpstreamProtocol(_) => "upstream_protocol",
             Self::IdentityThrottled { .. } => "identity_throttled",
+            Self::BodiesBuffered { .. } => "bodies_buffered",
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::NoToken { .. } => "no_token",
             Self::UpstreamUnreachable(_) => "upstream_unreachable",
@@ -170,7 +184,9 @@ impl GatewayError {
                     HeaderValue::from_static("Bearer realm=\"cloudcasa-gateway\""),
                 );
             }
-            Self::RateLimited { retry_after } | Self::IdentityThrottled { retry_after } => {
+            Self::RateLimited { retry_after }
+            | Self::IdentityThrottled { retry_after }
+            | Self::BodiesBuffered { retry_after } => {
                 headers.insert(
                     header::RETRY_AFTER,
                     HeaderValue::from(retry_after_secs(retry_after)),

@@ -23,6 +23,17 @@ impl<'a> Resource<'a> {
     }
 }
 
+/// The path as Eve routes it: without its trailing slash (the root excepted). Werkzeug's rules
+/// answer `/api/v1/usergroups/` as the collection and `/api/v1/usergroups/ID/` as the item, so
+/// a decision on the path (policy's globs) is made on this form, or a rule written for items
+/// (`/api/v1/usergroups/*`) would let `DELETE /api/v1/usergroups/` empty the collection.
+pub fn routed(path: &str) -> &str {
+    match path.strip_suffix('/') {
+        Some(routed) if !routed.is_empty() => routed,
+        _ => path,
+    }
+}
+
 /// The route template for span names: low-cardinality by construction.
 pub fn route(path: &str) -> &'static str {
     match Resource::parse(path) {
@@ -38,6 +49,14 @@ pub fn route(path: &str) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_path_is_routed_without_its_trailing_slash() {
+        assert_eq!(routed("/api/v1/usergroups/"), "/api/v1/usergroups");
+        assert_eq!(routed("/api/v1/usergroups/x/"), "/api/v1/usergroups/x");
+        assert_eq!(routed("/api/v1/usergroups"), "/api/v1/usergroups");
+        assert_eq!(routed("/"), "/");
+    }
 
     #[test]
     fn resources_and_routes() {

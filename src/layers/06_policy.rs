@@ -1,7 +1,8 @@
 //! Policy: which client may call what, with which CloudCasa credential, how often.
 //!
 //! Rules are tried in order; the first whose clients, methods and paths all match decides. No
-//! match is 403. A rule's rate is a budget per client (each client id matching the rule gets its
+//! match is 403. Paths are matched as the upstream routes them, without a trailing slash
+//! ([`routed`]): `/api/v1/usergroups/` is the collection to Eve, so it is to policy. A rule's rate is a budget per client (each client id matching the rule gets its
 //! own), enforced with GCRA (governor); over it, 429 with `Retry-After`. The chosen credential goes
 //! into the request as [`SelectedCredential`], which the cache partitions by and token injection
 //! uses, so two clients mapped to different tenants never share cached data.
@@ -29,6 +30,7 @@ use crate::context::{ClientIdentity, Decision, Exchange, Refusal};
 use crate::fleet::{Admission, Fleet};
 use crate::http::body::Body;
 use crate::http::error::GatewayError;
+use crate::http::resource::routed;
 use crate::secrets::credential::SelectedCredential;
 use crate::secrets::token::TokenSource;
 
@@ -113,7 +115,7 @@ impl CompiledPolicy {
         }
     }
 
-    /// Decides for one request.
+    /// Decides for one request, on its path as the upstream routes it ([`routed`]).
     fn decide(
         &self,
         client: &ClientIdentity,
@@ -123,7 +125,7 @@ impl CompiledPolicy {
         let Some(index) = self
             .rules
             .iter()
-            .position(|r| r.spec.matches(&client.id, method, path))
+            .position(|r| r.spec.matches(&client.id, method, routed(path)))
         else {
             return Err((
                 Refusal::Forbidden,

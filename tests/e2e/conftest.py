@@ -310,7 +310,7 @@ path = {toml_str(self.audit)}
         if flavour == 'shared':
             keys_file = tmp / 'api-keys.toml'
             lines = []
-            for key_id in ('reader', 'writer'):
+            for key_id in ('reader', 'writer', 'items'):
                 key = secrets.token_hex(24)
                 self.keys[key_id] = key
                 LEAKS.secrets.append((f'API key {key_id}', key))
@@ -333,6 +333,13 @@ credential = "default"
 [[policy]]
 name = "writer"
 clients = ["apikey:writer"]
+credential = "default"
+
+[[policy]]
+name = "items"
+clients = ["apikey:items"]
+methods = ["GET", "PATCH", "DELETE"]
+paths = ["/api/v1/usergroups/*"]
 credential = "default"
 '''
         self.config.write_text(config)

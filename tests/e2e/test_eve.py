@@ -453,6 +453,22 @@ def test_shared_writer_can_write(shared):
     assert record['client']['id'] == 'apikey:writer' and record['rule'] == 'writer', record
 
 
+def test_shared_item_rule_does_not_reach_the_collection_by_a_trailing_slash(shared):
+    # Eve answers DELETE /api/v1/usergroups/ as a DELETE of the whole collection: a rule for
+    # items (/api/v1/usergroups/*) must not match it, while an item with a slash is the item.
+    gw, eve = shared, shared.eve
+    first, second = eve.create(unique('item')), eve.create(unique('item'))
+    r = gw.request('DELETE', COLL + '/', key='items')
+    assert_envelope(r, 403)
+    assert sorted(eve.names()) == sorted([first['name'], second['name']])
+    r = gw.request('GET', COLL + '/', key='items')
+    assert_envelope(r, 403)
+    item = f'{COLL}/{first["_id"]}/'
+    r = gw.request('DELETE', item, [('If-Match', etag_of(first))], key='items')
+    assert r.status == 204, r
+    assert eve.names() == [second['name']]
+
+
 def test_shared_needs_a_key(shared):
     gw, eve = shared, shared.eve
     eve.create(unique('nokey'))

@@ -129,13 +129,33 @@ pub enum ReviewerSetupError {
 }
 
 impl TokenReviewer {
-    /// Builds the client: trusts only the cluster's CA, authenticates with the gateway's own
-    /// ServiceAccount token (re-read as it rotates).
-    pub fn new(config: &KubernetesConfig) -> Result<Self, ReviewerSetupError> {
+    /// What [`TokenReviewer::new`] builds from files and text, without starting anything:
+    /// `--check` runs it, so that nothing it accepts fails at start.
+    pub fn check(config: &KubernetesConfig) -> Result<(), ReviewerSetupError> {
+        Self::tls_and_url(config).map(drop)
+    }
+
+    /// The client's TLS configuration (trusting only the cluster's CA) and the TokenReview URL.
+    fn tls_and_url(
+        config: &KubernetesConfig,
+    ) -> Result<(rustls::ClientConfig, http::Uri), ReviewerSetupError> {
         let mut roots = rustls::RootCertStore::empty();
         crate::http::pem::add_pem_roots(&mut roots, &config.ca_file)
             .map_err(ReviewerSetupError::CaFile)?;
         let tls = crate::http::pem::client_config(roots)?;
+        let base = config.api_server.to_string();
+        let url = format!(
+            "{}/apis/authentication.k8s.io/v1/tokenreviews",
+            base.trim_end_matches('/')
+        )
+        .parse()?;
+        Ok((tls, url))
+    }
+
+    /// Builds the client: trusts only the cluster's CA, authenticates with the gateway's own
+    /// ServiceAccount token (re-read as it rotates).
+    pub fn new(config: &KubernetesConfig) -> Result<Self, ReviewerSetupError> {
+        let (tls, url) = Self::tls_and_url(config)?;
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(config.timeout));
@@ -150,12 +170,6 @@ impl TokenReviewer {
             FingerprintKey::random(),
         ));
         own_token.spawn_watcher();
-        let base = config.api_server.to_string();
-        let url = format!(
-            "{}/apis/authentication.k8s.io/v1/tokenreviews",
-            base.trim_end_matches('/')
-        )
-        .parse()?;
         Ok(Self {
             url,
             audience: config.audience.clone(),

@@ -15,6 +15,7 @@ pub mod shared;
 pub mod status;
 pub mod store;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
@@ -26,7 +27,7 @@ use futures_util::future::BoxFuture;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body::Body as _;
 use sha2::{Digest, Sha256};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tower::util::BoxCloneService;
 use tower::{Layer, Service};
 
@@ -34,11 +35,14 @@ use crate::config::CacheConfig;
 use crate::context::CacheOutcome;
 use crate::context::{CacheReport, Exchange, WireMethod};
 use crate::fleet::{self, Fleet};
-use crate::http::body::{self, Body, Collected, Hold, PrefixedBody, Tap, collect_limited};
-use crate::http::error::GatewayError;
+use crate::http::body::{
+    self, Body, BodyTimedOut, Collected, Deadline, PrefixedBody, Reservation, collect_limited,
+};
+use crate::http::error::{GatewayError, find_cause};
 use crate::http::is_read;
 use crate::observability::metrics::{CacheGauges, CacheSnapshot};
 use crate::secrets::credential::{PinnedToken, SelectedCredential};
+use crate::secrets::token::Fingerprint;
 use rules::{Directives, NotStorable};
 use status::{CacheStatus, Forward};
 use store::{CacheKey, FlightOutcome, Joined, PathKey, Store, Stored, VariantKey};
@@ -87,7 +91,14 @@ pub struct ResponseCache {
     wait_limit: Duration,
     /// The fleet's shared tier and invalidations (`[fleet]`), once joined.
     fleet: std::sync::OnceLock<Arc<Fleet>>,
+    /// Late invalidations pending (`schedule_late`): when each is due, by partition and
+    /// invalidation root.
+    late: std::sync::Mutex<HashMap<(Fingerprint, Box<str>), tokio::time::Instant>>,
 }
+
+/// The most late invalidations pending for distinct roots; past it, a failed write's is
+/// merged into its partition's root (`/`), which covers everything in the partition.
+const LATE_PENDING_MAX: usize = 4096;
 
 impl CacheGauges for ResponseCache {
     fn snapshot(&self) -> CacheSnapshot {
@@ -134,6 +145,7 @@ impl ResponseCache {
             config: ArcSwap::from_pointee(config),
             wait_limit: upstream_timeout,
             fleet: std::sync::OnceLock::new(),
+            late: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -294,47 +306,179 @@ struct Fill {
     from_shared: bool,
 }
 
+/// A forwarded write whose outcome has not been invalidated for yet. Dropped unsettled (the
+/// client went away while the upstream had the write), it invalidates the target as for a
+/// write whose answer never came: now, and once more after `upstream.timeout`.
+struct Unsettled {
+    /// `None` once settled.
+    cache: Option<Arc<ResponseCache>>,
+    partition: Fingerprint,
+    target: String,
+}
+
+impl Unsettled {
+    fn settle(mut self) {
+        self.cache = None;
+    }
+}
+
+impl Drop for Unsettled {
+    fn drop(&mut self) {
+        let Some(cache) = self.cache.take() else {
+            return;
+        };
+        let (partition, target) = (self.partition, std::mem::take(&mut self.target));
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    cache
+                        .invalidate(&partition, [target.as_str()].into_iter())
+                        .await;
+                    cache.schedule_late(partition, &target);
+                });
+            }
+            // Only at exit, when the runtime (and this replica's memory) is going away.
+            Err(_) => tracing::warn!(
+                path = %target,
+                "a write's outcome was not known at exit: other replicas may keep its old entries"
+            ),
+        }
+    }
+}
+
 /// What to answer a read with, decided after the upstream was asked.
 type Answer = (CacheStatus, Result<Response<Body>, GatewayError>);
 
 impl ResponseCache {
     async fn write(
-        &self,
+        self: &Arc<Self>,
         mut inner: Inner,
-        req: Request<Body>,
+        mut req: Request<Body>,
     ) -> Result<Response<Body>, GatewayError> {
-        let partition = SelectedCredential::token_for(&req).map(|t| t.fingerprint());
+        let Some(token) = SelectedCredential::token_for(&req) else {
+            // No token loaded for the credential: nothing to invalidate in, and token injection
+            // answers 503 (it looks again, so a token that appears in between is used, for a
+            // partition that holds nothing yet).
+            return inner.call(req).await;
+        };
+        // The write goes out with the token whose partition it invalidates, even if the token
+        // rotates in between.
+        let partition = token.fingerprint();
+        req.extensions_mut().insert(PinnedToken(token));
         let target = req.uri().path().to_string();
-        let response = inner.call(req).await?;
-        // RFC 9111 §4.4: a non-error response to an unsafe method invalidates the target and
-        // Location/Content-Location, with every query variant. Here, for an API resource, the
-        // whole collection it belongs to: Eve serves one document under several paths (its id,
-        // its name through `additional_lookup`, either with a trailing slash), and a write to
-        // the collection (POST, DELETE) changes every item's listing.
-        if let Some(partition) = partition
-            && (response.status().is_success() || response.status().is_redirection())
-        {
-            let locations = [header::LOCATION, header::CONTENT_LOCATION]
-                .map(|h| response.headers().get(&h).and_then(location_path));
-            // Scopes borrow from the paths: a write allocates no string per scope.
-            let targets = std::iter::once(target.as_str())
-                .chain(locations.iter().flatten().map(String::as_str));
-            let (mut roots, mut exact): (Vec<&str>, Vec<&str>) =
-                targets.map(invalidation_scope).unzip();
-            roots.sort_unstable();
-            roots.dedup();
-            exact.sort_unstable();
-            exact.dedup();
-            // Redis and every other replica first, then this replica's memory: the other way
-            // round, a read here in between could find the pre-write entry still in Redis and
-            // keep it in memory under a ticket taken after the local invalidation. Both happen
-            // before the client hears the write succeeded.
-            if let Some(fleet) = self.fleet() {
-                fleet.invalidate(&partition, &exact, &roots).await;
+        // From here on the upstream may execute the write, whatever the client hears: if this
+        // future is dropped before the outcome is known and invalidated for (the client went
+        // away), the guard invalidates as for a write whose answer never came.
+        let unsettled = Unsettled {
+            cache: Some(Arc::clone(self)),
+            partition,
+            target,
+        };
+        let response = inner.call(req).await;
+        let target = unsettled.target.as_str();
+        match response.as_ref().map(Response::status) {
+            // RFC 9111 §4.4: a non-error response to an unsafe method invalidates the target
+            // and Location/Content-Location, with every query variant. Here, for an API
+            // resource, the whole collection it belongs to: Eve serves one document under
+            // several paths (its id, its name through `additional_lookup`, either with a
+            // trailing slash), and a write to the collection (POST, DELETE) changes every
+            // item's listing.
+            Ok(status) if status.is_success() || status.is_redirection() => {
+                let headers = response.as_ref().map(Response::headers).ok();
+                let locations = [header::LOCATION, header::CONTENT_LOCATION]
+                    .map(|h| headers.and_then(|hs| hs.get(&h)).and_then(location_path));
+                let targets =
+                    std::iter::once(target).chain(locations.iter().flatten().map(String::as_str));
+                self.invalidate(&partition, targets).await;
             }
-            self.store.invalidate(partition, &exact, &roots).await;
+            // Refused (412, 428, 404, ...): nothing was executed.
+            Ok(status) if status.is_client_error() || status.is_informational() => {}
+            // A 5xx may come after the upstream executed part of the write.
+            Ok(_) => self.invalidate(&partition, [target].into_iter()).await,
+            // No answer (a timeout, a connection lost mid-request): the upstream may have
+            // executed the write, or may still; invalidated now and once more later.
+            Err(e) if e.is_upstream_failure() => {
+                self.invalidate(&partition, [target].into_iter()).await;
+                self.schedule_late(partition, target);
+            }
+            // Refused before it was sent (the client's body broke off, was too large, or
+            // stalled; the body budget): nothing was executed.
+            Err(_) => {}
         }
-        Ok(response)
+        unsettled.settle();
+        response
+    }
+
+    /// Invalidates what a write to `targets` may have changed (see `write`), in Redis and every
+    /// other replica first, then in this replica's memory: the other way round, a read here in
+    /// between could find the pre-write entry still in Redis and keep it in memory under a
+    /// ticket taken after the local invalidation. Both happen before the client hears the
+    /// write's outcome.
+    async fn invalidate<'t>(
+        &self,
+        partition: &Fingerprint,
+        targets: impl Iterator<Item = &'t str>,
+    ) {
+        // Scopes borrow from the paths: a write allocates no string per scope.
+        let (mut roots, mut exact): (Vec<&str>, Vec<&str>) =
+            targets.map(invalidation_scope).unzip();
+        roots.sort_unstable();
+        roots.dedup();
+        exact.sort_unstable();
+        exact.dedup();
+        if let Some(fleet) = self.fleet() {
+            fleet.invalidate(partition, &exact, &roots).await;
+        }
+        self.store.invalidate(*partition, &exact, &roots).await;
+    }
+
+    /// A write whose answer never came may still be executing upstream after the gateway's
+    /// invalidation: a read in between would store the old document again. So the target's
+    /// collection is invalidated once more, one `upstream.timeout` later. Best effort: a commit
+    /// later than that is not covered. One timer per partition and root, however many writes
+    /// failed (a later failure moves the time on), and at most [`LATE_PENDING_MAX`] roots, past
+    /// which the partition's root stands in: a client failing writes cannot make the gateway
+    /// hold a task per write.
+    fn schedule_late(self: &Arc<Self>, partition: Fingerprint, target: &str) {
+        let due = tokio::time::Instant::now() + self.wait_limit;
+        let (root, _) = invalidation_scope(target);
+        let mut pending = self.late.lock().unwrap_or_else(|e| e.into_inner());
+        let mut key = (partition, Box::<str>::from(root));
+        if pending.len() >= LATE_PENDING_MAX && !pending.contains_key(&key) {
+            key.1 = "/".into();
+        }
+        match pending.entry(key) {
+            std::collections::hash_map::Entry::Occupied(mut later) => *later.get_mut() = due,
+            std::collections::hash_map::Entry::Vacant(first) => {
+                let key = first.key().clone();
+                first.insert(due);
+                tokio::spawn(Arc::clone(self).run_late(key));
+            }
+        }
+    }
+
+    /// Waits until the late invalidation of `key` is due (a later failed write may have moved
+    /// it on), then runs it.
+    async fn run_late(self: Arc<Self>, key: (Fingerprint, Box<str>)) {
+        loop {
+            let due = {
+                let pending = self.late.lock().unwrap_or_else(|e| e.into_inner());
+                match pending.get(&key) {
+                    Some(due) => *due,
+                    None => return,
+                }
+            };
+            tokio::time::sleep_until(due).await;
+            {
+                let mut pending = self.late.lock().unwrap_or_else(|e| e.into_inner());
+                if pending.get(&key).is_some_and(|now_due| *now_due > due) {
+                    continue;
+                }
+                pending.remove(&key);
+            }
+            self.invalidate(&key.0, [&*key.1].into_iter()).await;
+            return;
+        }
     }
 
     async fn read(self: &Arc<Self>, inner: Inner, mut req: Request<Body>) -> Answer {
@@ -645,52 +789,32 @@ impl ResponseCache {
         // The bytes of this fill count against `cache.max_inflight` until its client has them.
         // A body of known length reserves all of it up front, so that concurrent fills do not
         // each take a share and none completes; one of unknown length reserves as it arrives.
-        let mut reserved: Option<OwnedSemaphorePermit> = None;
+        let mut reserved = Reservation::default();
         let mut over_budget = false;
-        let kib = |len: u64| u32::try_from(len.div_ceil(1024)).unwrap_or(u32::MAX);
         let length = body
             .size_hint()
             .exact()
             .filter(|n| *n <= config.max_object_size);
-        if let Some(n) = length {
-            match self.inflight.clone().try_acquire_many_owned(kib(n)) {
-                Ok(permit) => reserved = Some(permit),
-                Err(_) => {
-                    status.not_stored = Some(NotStorable::InflightLimit);
-                    if let Some(guard) = guard {
-                        guard.finish(FlightOutcome::Uncacheable);
-                    }
-                    return (status, Ok(Response::from_parts(parts, body)));
-                }
+        if let Some(n) = length
+            && !reserved.grow(&self.inflight, n)
+        {
+            status.not_stored = Some(NotStorable::InflightLimit);
+            if let Some(guard) = guard {
+                guard.finish(FlightOutcome::Uncacheable);
             }
+            return (status, Ok(Response::from_parts(parts, body)));
         }
         let reserve = |len: usize| {
-            if length.is_some() {
-                return true;
-            }
-            match self
-                .inflight
-                .clone()
-                .try_acquire_many_owned(kib(len as u64))
-            {
-                Ok(permit) => {
-                    match &mut reserved {
-                        Some(held) => held.merge(permit),
-                        None => reserved = Some(permit),
-                    }
-                    true
-                }
-                Err(_) => {
-                    over_budget = true;
-                    false
-                }
-            }
+            let reserved = length.is_some() || reserved.grow(&self.inflight, len as u64);
+            over_budget |= !reserved;
+            reserved
         };
+        // An upstream that stalls mid-body must not hold the fill for ever (its client, the
+        // collapsing lock its waiters queue on, its share of `max_inflight`): no bytes for
+        // `upstream.timeout` ends it with 504. A body that streams through past the limit
+        // keeps the same gap.
+        let body = body::boxed(Deadline::new(body, self.wait_limit));
         let collected = collect_limited(body, config.max_object_size, reserve).await;
-        let hold = |body: Body| match reserved {
-            Some(permit) => body::boxed(Tap::new(body, Hold(permit))),
-            None => body,
-        };
         let bytes = match collected {
             Ok(Collected::Complete(bytes)) => bytes,
             Ok(Collected::TooLarge(prefix, rest)) => {
@@ -698,11 +822,14 @@ impl ResponseCache {
                     true => NotStorable::InflightLimit,
                     false => NotStorable::TooLarge,
                 });
-                let body = hold(body::boxed(PrefixedBody { prefix, rest }));
+                let body = reserved.hold(body::boxed(PrefixedBody { prefix, rest }));
                 if let Some(guard) = guard {
                     guard.finish(FlightOutcome::Uncacheable);
                 }
                 return (status, Ok(Response::from_parts(parts, body)));
+            }
+            Err(err) if find_cause::<BodyTimedOut>(err.as_ref()).is_some() => {
+                return (status, Err(GatewayError::UpstreamTimeout(self.wait_limit)));
             }
             Err(err) => return (status, Err(GatewayError::UpstreamUnreachable(err))),
         };
@@ -719,7 +846,10 @@ impl ResponseCache {
         if let Some(guard) = guard {
             guard.finish(shared_with_waiters(status.stored, &fresh));
         }
-        (status, Ok(serve(&fresh, &client, false, now).map(hold)))
+        (
+            status,
+            Ok(serve(&fresh, &client, false, now).map(|body| reserved.hold(body))),
+        )
     }
 
     /// For a `Range` request that found nothing under its own key: a stored response of the
@@ -862,9 +992,18 @@ fn shared_with_waiters(stored: bool, response: &Arc<Stored>) -> FlightOutcome {
     }
 }
 
-/// A variant as the shared tier keys it: the query and the key headers' values.
+/// The form of the representation key in shared-tier keys. Replicas of an older form keyed
+/// `Accept` normalized (lower case, no whitespace), which let a spaced `application/ xml` store
+/// JSON where XML readers look: a new form never reads what an older one stored (those entries
+/// expire unread), so a rolling upgrade cannot carry such an entry over.
+const SHARED_VARIANT_FORM: &[u8] = b"r2\0";
+
+/// A variant as the shared tier keys it: the form, the query and the key headers' values.
 fn shared_variant(variant: &VariantKey) -> Vec<u8> {
-    let mut out = Vec::with_capacity(variant.query.len() + 1 + variant.representation.len());
+    let mut out = Vec::with_capacity(
+        SHARED_VARIANT_FORM.len() + variant.query.len() + 1 + variant.representation.len(),
+    );
+    out.extend_from_slice(SHARED_VARIANT_FORM);
     out.extend_from_slice(variant.query.as_bytes());
     out.push(0);
     out.extend_from_slice(&variant.representation);
@@ -1470,5 +1609,37 @@ mod tests {
             Some("/api/v1/a/2")
         );
         assert_eq!(location_path(&HeaderValue::from_static("relative")), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn late_invalidations_are_one_per_root_and_bounded() {
+        let h = Harness::new("max-age=60", "");
+        let partition = crate::secrets::token::FingerprintKey::random().fingerprint(b"t");
+        let pending = || h.cache.late.lock().unwrap().len();
+        // Many failed writes to one collection: one pending invalidation, one timer.
+        for i in 0..1000 {
+            h.cache
+                .schedule_late(partition, &format!("/api/v1/usergroups/{i}"));
+        }
+        assert_eq!(pending(), 1);
+        // Distinct roots (paths outside the collections are their own roots): bounded, the
+        // rest merged into the partition's root.
+        for i in 0..2 * LATE_PENDING_MAX {
+            h.cache.schedule_late(partition, &format!("/other/{i}"));
+        }
+        assert_eq!(pending(), LATE_PENDING_MAX + 1);
+        assert!(
+            h.cache
+                .late
+                .lock()
+                .unwrap()
+                .contains_key(&(partition, "/".into()))
+        );
+        // Each runs once it is due (one upstream timeout on), and is gone.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(pending(), 0);
     }
 }

@@ -235,13 +235,16 @@ pub fn vary_values(
         .collect()
 }
 
-/// The representation part of a cache key: the request's values of `names` (`cache.key_headers`),
-/// each lower-cased with its whitespace removed, values of one header joined by `,`, headers by
-/// `\n` (which no header value can contain, so two different requests cannot produce one key).
-/// `Accept: Application/JSON, text/*` and `accept: application/json,text/*` are one variant. A
-/// missing `Accept` is keyed as `application/json`, what the upstream is sent in its place.
-/// Bytes, not text: a value with obs-text bytes must not be merged with another by a lossy
-/// conversion. One allocation, sized up front; this runs on every cached read.
+/// The representation part of a cache key: the request's values of `names` (`cache.key_headers`)
+/// byte for byte as the upstream receives them, values of one header joined by `, ` (as
+/// `join_values` joins them for the upstream), headers by `\n` (which no header value can
+/// contain, so two different requests cannot produce one key). Not normalized: Werkzeug reads
+/// `Accept: application/ xml` as two media ranges, neither of them XML, and Eve answers JSON,
+/// so a key that folded it into `application/xml` let one client store JSON for every XML
+/// reader (a hostile review found it). Two spellings of one value are two variants, never a
+/// wrong answer. A missing `Accept` is keyed as `application/json`, what the upstream is sent
+/// in its place. Bytes, not text: a value with obs-text bytes must not be merged with another
+/// by a lossy conversion. One allocation; this runs on every cached read.
 pub fn representation_key(names: &[HeaderName], request: &HeaderMap) -> Box<[u8]> {
     let mut key = Vec::with_capacity(64);
     for (i, name) in names.iter().enumerate() {
@@ -255,25 +258,24 @@ pub fn representation_key(names: &[HeaderName], request: &HeaderMap) -> Box<[u8]
         }
         for (j, value) in values.enumerate() {
             if j > 0 {
-                key.push(b',');
+                key.extend_from_slice(b", ");
             }
-            key.extend(
-                value
-                    .as_bytes()
-                    .iter()
-                    .filter(|b| !matches!(b, b' ' | b'\t'))
-                    .map(u8::to_ascii_lowercase),
-            );
+            key.extend_from_slice(value.as_bytes());
         }
     }
     key.into_boxed_slice()
 }
 
-/// Whether a request's `Accept-Encoding` (as `representation_key` normalized it: lower case,
-/// no whitespace, repeated lines joined with `,`) accepts the identity coding (RFC 9110
-/// §12.5.3): an empty one does; otherwise unless `identity;q=0`, or `*;q=0` without an
-/// `identity` of its own, says no.
+/// Whether a request's `Accept-Encoding` (its bytes in the representation key) accepts the
+/// identity coding (RFC 9110 §12.5.3): an empty one does; otherwise unless `identity;q=0`, or
+/// `*;q=0` without an `identity` of its own, says no. Codings are case-insensitive and may
+/// have whitespace around them: read here in lower case without it.
 pub fn accepts_identity(accept_encoding: &[u8]) -> bool {
+    let accept_encoding: Vec<u8> = accept_encoding
+        .iter()
+        .filter(|b| !matches!(b, b' ' | b'\t'))
+        .map(u8::to_ascii_lowercase)
+        .collect();
     let zero = |params: &[u8]| {
         params.split(|b| *b == b';').any(|p| {
             p.strip_prefix(b"q=")
@@ -514,6 +516,7 @@ mod tests {
             b"*;q=0,identity",
             b"identity;q=0.5",
             b"*",
+            b"gzip, deflate",
         ] {
             assert!(accepts_identity(yes), "{}", String::from_utf8_lossy(yes));
         }
@@ -522,6 +525,8 @@ mod tests {
             b"gzip,*;q=0",
             b"identity;q=0.0,gzip",
             b"*;q=0",
+            b"Identity; Q=0, gzip",
+            b"gzip, * ;q=0",
         ] {
             assert!(!accepts_identity(no), "{}", String::from_utf8_lossy(no));
         }
@@ -742,19 +747,19 @@ mod tests {
     }
 
     #[test]
-    fn representation_keys_normalize_and_separate() {
+    fn representation_keys_are_the_bytes_the_upstream_reads() {
         let names = [header::ACCEPT, header::ACCEPT_ENCODING];
         let key = |pairs: &[(&str, &str)]| representation_key(&names, &headers(pairs));
-        assert_eq!(
-            key(&[
-                ("accept", "Application/JSON, text/*"),
-                ("accept-encoding", "gzip")
-            ]),
-            key(&[
-                ("accept", "application/json,text/*"),
-                ("accept-encoding", " GZIP")
-            ])
-        );
+        // Werkzeug reads these differently from `application/xml` (the first is no XML at all),
+        // so they must not share its entry.
+        for spelling in ["application/ xml", "application/xml;Q=1", "Application/XML"] {
+            assert_ne!(
+                key(&[("accept", spelling)]),
+                key(&[("accept", "application/xml")]),
+                "{spelling}"
+            );
+        }
+        // Repeated lines are one, joined as the upstream receives them.
         assert_eq!(
             key(&[("accept", "a"), ("accept", "b")]),
             key(&[("accept", "a, b")])

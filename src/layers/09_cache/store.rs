@@ -37,9 +37,9 @@ pub struct PathKey {
 pub struct VariantKey {
     /// The exact query string (empty when there is none).
     pub query: Box<str>,
-    /// The request's `cache.key_headers` values, normalized (see `policy::key_headers`): two
-    /// requests that could get different representations never share a stored response, whether
-    /// or not the upstream says `Vary`.
+    /// The request's `cache.key_headers` values as the upstream receives them (see
+    /// `rules::representation_key`): two requests that could get different representations
+    /// never share a stored response, whether or not the upstream says `Vary`.
     pub representation: Box<[u8]>,
 }
 
