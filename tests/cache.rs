@@ -1046,9 +1046,17 @@ async fn a_write_that_times_out_invalidates_now_and_after_a_late_commit() {
     .await;
 }
 
-#[tokio::test]
-async fn a_fill_whose_upstream_stalls_mid_body_ends_and_frees_its_key() {
-    // An upstream that sends headers and 3 of 10 bytes, then nothing, on every connection.
+/// An upstream on loopback that answers every request with headers and 3 of 10 body bytes,
+/// then nothing (the connection held open), except the first when `first` is given: that one
+/// gets `first` whole, and its connection is closed. Returns its address, the connections it
+/// accepted, and its task.
+async fn stalling_upstream(
+    first: Option<&'static str>,
+) -> (
+    std::net::SocketAddr,
+    Arc<std::sync::atomic::AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let upstream = listener.local_addr().unwrap();
     let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -1057,17 +1065,62 @@ async fn a_fill_whose_upstream_stalls_mid_body_ends_and_frees_its_key() {
         let mut held = Vec::new();
         loop {
             let (mut socket, _) = listener.accept().await.unwrap();
-            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let n = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let mut buf = [0u8; 4096];
             let _ = tokio::io::AsyncReadExt::read(&mut socket, &mut buf).await;
-            let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
-                        cache-control: max-age=60\r\ncontent-length: 10\r\n\r\n{\"a";
-            tokio::io::AsyncWriteExt::write_all(&mut socket, head.as_bytes())
+            let answer = match (n, first) {
+                (0, Some(whole)) => whole,
+                _ => {
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                     cache-control: max-age=60\r\ncontent-length: 10\r\n\r\n{\"a"
+                }
+            };
+            tokio::io::AsyncWriteExt::write_all(&mut socket, answer.as_bytes())
                 .await
                 .unwrap();
-            held.push(socket);
+            if n > 0 || first.is_none() {
+                held.push(socket);
+            }
         }
     });
+    (upstream, connections, server)
+}
+
+#[tokio::test]
+async fn a_fill_whose_upstream_stalls_mid_body_serves_a_stale_copy_when_allowed() {
+    let whole = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                 cache-control: max-age=1, stale-if-error=600\r\netag: \"v1\"\r\n\
+                 connection: close\r\ncontent-length: 11\r\n\r\n{\"a\":\"old\"}";
+    let (upstream, connections, server) = stalling_upstream(Some(whole)).await;
+    let secret = SecretDir::new("token-a");
+    let gw = TestGateway::start(&format!(
+        "[upstream]\nurl = \"http://{upstream}\"\ntimeout = \"1s\"\n[token]\nfile = \"{}\"\n",
+        secret.token_path().display()
+    ))
+    .await;
+    let url = gw.url("/api/v1/usergroups/x");
+    assert_eq!(get(&url, &[]).await.json()["a"], "old");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // Stale now; the refetch stalls mid-body: the stored copy stands in, as stale-if-error
+    // allows.
+    let reply = tokio::time::timeout(Duration::from_secs(10), get(&url, &[]))
+        .await
+        .expect("an answer, not a hang");
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.json()["a"], "old");
+    assert!(
+        reply.header("cache-status").unwrap().contains("hit"),
+        "{:?}",
+        reply.headers
+    );
+    assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 2);
+    server.abort();
+}
+
+#[tokio::test]
+async fn a_fill_whose_upstream_stalls_mid_body_ends_and_frees_its_key() {
+    // An upstream that sends headers and 3 of 10 bytes, then nothing, on every connection.
+    let (upstream, connections, server) = stalling_upstream(None).await;
     let secret = SecretDir::new("token-a");
     let gw = TestGateway::start(&format!(
         "[upstream]\nurl = \"http://{upstream}\"\ntimeout = \"1s\"\n[token]\nfile = \"{}\"\n",

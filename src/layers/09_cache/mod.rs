@@ -828,10 +828,19 @@ impl ResponseCache {
                 }
                 return (status, Ok(Response::from_parts(parts, body)));
             }
-            Err(err) if find_cause::<BodyTimedOut>(err.as_ref()).is_some() => {
-                return (status, Err(GatewayError::UpstreamTimeout(self.wait_limit)));
+            // The body failed (stalled, or broke off): a failed fetch, for which a stored
+            // response usable under stale-if-error stands in, as for a failure before the
+            // headers.
+            Err(err) => {
+                if let Some(s) = stale {
+                    return self.serve_stale(s, &client, self.clock.now());
+                }
+                let err = match find_cause::<BodyTimedOut>(err.as_ref()) {
+                    Some(_) => GatewayError::UpstreamTimeout(self.wait_limit),
+                    None => GatewayError::UpstreamUnreachable(err),
+                };
+                return (status, Err(err));
             }
-            Err(err) => return (status, Err(GatewayError::UpstreamUnreachable(err))),
         };
         let fresh = Arc::new(build_stored(
             parts.headers,
