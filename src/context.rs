@@ -277,6 +277,12 @@ pub struct Exchange {
     cache: OnceLock<CacheReport>,
     bytes_in: AtomicU64,
     upstream: Mutex<UpstreamReport>,
+    /// Whether the request may have reached the upstream: set by the upstream call just before
+    /// the request goes to its connection, and cleared again when no connection could be made.
+    /// The cache invalidates for a write whose answer never came only when this is set, so a
+    /// write refused before it was sent (its body broke off, the upstream was down) or left by
+    /// its client before that point purges nothing.
+    may_be_sent: std::sync::atomic::AtomicBool,
 }
 
 impl Exchange {
@@ -307,12 +313,23 @@ impl Exchange {
             cache: OnceLock::new(),
             bytes_in: AtomicU64::new(0),
             upstream: Mutex::new(UpstreamReport::default()),
+            may_be_sent: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
     /// The exchange a request belongs to, when it came through the observe layer.
     pub fn of<B>(req: &Request<B>) -> Option<&Arc<Exchange>> {
         req.extensions().get::<Arc<Exchange>>()
+    }
+
+    /// Records whether the request may be at the upstream now (see `may_be_sent`).
+    pub fn set_sent(&self, sent: bool) {
+        self.may_be_sent.store(sent, Ordering::Release);
+    }
+
+    /// Whether the request may have reached the upstream.
+    pub fn may_be_sent(&self) -> bool {
+        self.may_be_sent.load(Ordering::Acquire)
     }
 
     /// Records the request the upstream will execute, where it differs from the one that

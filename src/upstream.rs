@@ -51,7 +51,7 @@ pub enum UpstreamSetupError {
     #[error("upstream.ca_file: {0}")]
     CaFile(#[source] crate::http::pem::PemError),
     /// rustls refused the configuration.
-    #[error("TLS setup failed: {0}")]
+    #[error("upstream: TLS setup failed: {0}")]
     Tls(#[from] rustls::Error),
     /// The proxy credentials file cannot be read.
     #[error("upstream.proxy_credentials_file: {0}")]
@@ -264,7 +264,8 @@ impl Upstream {
                         .unwrap_or(usize::MAX)
                         .clamp(1, Semaphore::MAX_PERMITS),
                 )),
-                buffered_bytes: config.max_buffered_bodies,
+                // What the permits hold: whole KiB.
+                buffered_bytes: config.max_buffered_bodies / 1024 * 1024,
                 observers,
             }),
         })
@@ -346,10 +347,21 @@ impl Service<Request<Body>> for Upstream {
             let http10 = up.http10.load(Ordering::Relaxed);
             let req = buffer_body(req, http10, &up.buffered, up.buffered_bytes).await?;
             let client = if retry_safe { &up.reads } else { &up.writes };
+            if let Some(ex) = &exchange {
+                ex.set_sent(true);
+            }
             let sent = client.request(req);
             let result = match tokio::time::timeout(timeout, sent).await {
                 Err(_) => Err(GatewayError::UpstreamTimeout(timeout)),
-                Ok(Err(err)) => Err(classify(err)),
+                Ok(Err(err)) => {
+                    // No connection, so nothing was sent (TCP, TLS, the proxy's CONNECT).
+                    if err.is_connect()
+                        && let Some(ex) = &exchange
+                    {
+                        ex.set_sent(false);
+                    }
+                    Err(classify(err))
+                }
                 Ok(Ok(response)) => Ok(response),
             };
             let mut response = match (result, call) {
@@ -548,9 +560,19 @@ async fn buffer_body(
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
             Ok(Request::from_parts(parts, held.hold(body::full(bytes))))
         }
-        // Larger than the whole budget: it would never fit, so no retry can help.
-        Ok(Collected::TooLarge(prefix, _)) if http10 && over_budget => {
-            let read: u64 = prefix.iter().map(|c| c.len() as u64).sum();
+        // Refused either way. Whether a retry can help: the rest is read (and dropped) up to
+        // the whole budget, so a body larger than the budget gets 413 however busy the budget
+        // was when it came, and one that fits an idle budget 503 with `Retry-After`.
+        Ok(Collected::TooLarge(prefix, mut rest)) if http10 && over_budget => {
+            let mut read: u64 = prefix.iter().map(|c| c.len() as u64).sum();
+            drop(prefix);
+            while read <= budget_bytes {
+                match http_body_util::BodyExt::frame(&mut rest).await {
+                    None => break,
+                    Some(Ok(frame)) => read += frame.data_ref().map_or(0, |d| d.len() as u64),
+                    Some(Err(e)) => return Err(client_body_error(e)),
+                }
+            }
             Err(match read > budget_bytes {
                 true => GatewayError::PayloadTooLarge {
                     limit: budget_bytes,

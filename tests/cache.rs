@@ -1118,6 +1118,36 @@ async fn a_fill_whose_upstream_stalls_mid_body_serves_a_stale_copy_when_allowed(
 }
 
 #[tokio::test]
+async fn a_write_that_never_reached_the_upstream_invalidates_nothing() {
+    // The upstream answers one GET, then is gone: connections to it are refused, so a write
+    // cannot have reached it, and the stored document stays.
+    let whole = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                 cache-control: max-age=3600\r\netag: \"v1\"\r\n\
+                 connection: close\r\ncontent-length: 11\r\n\r\n{\"a\":\"old\"}";
+    let (upstream, _, server) = stalling_upstream(Some(whole)).await;
+    let secret = SecretDir::new("token-a");
+    let gw = TestGateway::start(&format!(
+        "[upstream]\nurl = \"http://{upstream}\"\n[token]\nfile = \"{}\"\n",
+        secret.token_path().display()
+    ))
+    .await;
+    let url = gw.url("/api/v1/usergroups/x");
+    assert_eq!(get(&url, &[]).await.json()["a"], "old");
+    server.abort();
+    let _ = server.await;
+    let refused = send(Method::PATCH, &url, &[("if-match", "\"v1\"")], "{}").await;
+    assert_eq!(
+        refused.status,
+        StatusCode::BAD_GATEWAY,
+        "{}",
+        refused.text()
+    );
+    let after = get(&url, &[]).await;
+    assert_eq!(after.json()["a"], "old");
+    assert!(after.header("cache-status").unwrap().contains("hit"));
+}
+
+#[tokio::test]
 async fn a_fill_whose_upstream_stalls_mid_body_ends_and_frees_its_key() {
     // An upstream that sends headers and 3 of 10 bytes, then nothing, on every connection.
     let (upstream, connections, server) = stalling_upstream(None).await;

@@ -555,6 +555,9 @@ fn check_parses_what_start_up_parses_and_refuses_durations_that_overflow() {
     }
     let (ok, out) = check(&tls(&cert, &key), Some("t"));
     assert!(ok, "{out}");
+    // A device is opened, as start-up opens it; it has no chain to read.
+    let (ok, out) = check(&format!("{base}[audit]\npath = \"/dev/null\"\n"), Some("t"));
+    assert!(ok, "{out}");
     let (ok, out) = check(
         &format!("{base}[cache]\nfresh_for = \"9years\"\n"),
         Some("t"),

@@ -675,4 +675,9 @@ async fn request_bodies_read_whole_share_one_budget() {
     })
     .await;
     assert!(sent_whole(&mock.state.last()));
+    // Larger than the whole budget: no retry can help, so 413, not 503.
+    let before = mock.state.count();
+    let too_large = raw_exchange(gw.proxy, &chunked_post(1536 * 1024, true, true)).await;
+    assert!(too_large.starts_with("HTTP/1.1 413"), "{too_large}");
+    assert_eq!(mock.state.count(), before);
 }

@@ -144,17 +144,30 @@ pub fn check_files(config: &Config) -> Result<(), ConfigError> {
 
 /// Whether the audit trail can be opened as start-up opens it (for appending, creating it if
 /// need be) and its chain head read, without changing anything: an existing file is opened
-/// for appending and read; otherwise a file is created in its directory and removed again.
+/// for appending and read (a device such as `/dev/null` only opened; a pipe, whose opening
+/// waits for a reader, left to start-up); otherwise a file is created in its directory and
+/// removed again.
 fn audit_file_writable(path: &Path) -> Result<(), String> {
     if path.exists() {
-        if !path.is_file() {
-            // A directory, or a pipe (opening one for reading would wait for a writer).
-            return Err(format!("{} is not a regular file", path.display()));
+        use std::os::unix::fs::FileTypeExt;
+        let kind = std::fs::metadata(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+            .file_type();
+        if kind.is_dir() {
+            return Err(format!("{} is a directory", path.display()));
+        }
+        // A pipe is opened as start-up opens it, which waits for its reader: not here.
+        if kind.is_fifo() {
+            return Ok(());
         }
         std::fs::OpenOptions::new()
             .append(true)
             .open(path)
             .map_err(|e| format!("cannot open {} for appending: {e}", path.display()))?;
+        // A device (`/dev/null`) has no chain to read: start-up starts one.
+        if !kind.is_file() {
+            return Ok(());
+        }
         return crate::observability::audit::chain::read_head(path)
             .map(drop)
             .map_err(|e| format!("cannot read {}: {e}", path.display()));

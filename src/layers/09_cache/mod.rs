@@ -312,11 +312,19 @@ struct Fill {
 struct Unsettled {
     /// `None` once settled.
     cache: Option<Arc<ResponseCache>>,
+    /// Where the upstream call marks whether the write may have reached the upstream.
+    exchange: Option<Arc<Exchange>>,
     partition: Fingerprint,
     target: String,
 }
 
 impl Unsettled {
+    /// Whether the write may have reached the upstream: if not, there is nothing to
+    /// invalidate. (Without an exchange, only in this layer's unit tests, it counts as sent.)
+    fn sent(&self) -> bool {
+        self.exchange.as_ref().is_none_or(|ex| ex.may_be_sent())
+    }
+
     fn settle(mut self) {
         self.cache = None;
     }
@@ -324,7 +332,8 @@ impl Unsettled {
 
 impl Drop for Unsettled {
     fn drop(&mut self) {
-        let Some(cache) = self.cache.take() else {
+        let sent = self.sent();
+        let Some(cache) = self.cache.take().filter(|_| sent) else {
             return;
         };
         let (partition, target) = (self.partition, std::mem::take(&mut self.target));
@@ -366,11 +375,13 @@ impl ResponseCache {
         let partition = token.fingerprint();
         req.extensions_mut().insert(PinnedToken(token));
         let target = req.uri().path().to_string();
-        // From here on the upstream may execute the write, whatever the client hears: if this
-        // future is dropped before the outcome is known and invalidated for (the client went
-        // away), the guard invalidates as for a write whose answer never came.
+        // Once the upstream call sends the write, the upstream may execute it, whatever the
+        // client hears: if this future is dropped before the outcome is known and invalidated
+        // for (the client went away), the guard invalidates as for a write whose answer never
+        // came.
         let unsettled = Unsettled {
             cache: Some(Arc::clone(self)),
+            exchange: Exchange::of(&req).cloned(),
             partition,
             target,
         };
@@ -397,12 +408,12 @@ impl ResponseCache {
             Ok(_) => self.invalidate(&partition, [target].into_iter()).await,
             // No answer (a timeout, a connection lost mid-request): the upstream may have
             // executed the write, or may still; invalidated now and once more later.
-            Err(e) if e.is_upstream_failure() => {
+            Err(e) if unsettled.sent() && e.is_upstream_failure() => {
                 self.invalidate(&partition, [target].into_iter()).await;
                 self.schedule_late(partition, target);
             }
-            // Refused before it was sent (the client's body broke off, was too large, or
-            // stalled; the body budget): nothing was executed.
+            // Never sent (the client's body broke off, was too large or stalled; the body
+            // budget; no connection to the upstream): nothing was executed.
             Err(_) => {}
         }
         unsettled.settle();
@@ -832,8 +843,10 @@ impl ResponseCache {
             // response usable under stale-if-error stands in, as for a failure before the
             // headers.
             Err(err) => {
-                if let Some(s) = stale {
-                    return self.serve_stale(s, &client, self.clock.now());
+                // Judged again now: the body may have trickled in past the stale window.
+                let now = self.clock.now();
+                if let Some(s) = stale.filter(|s| s.usable_if_error(now)) {
+                    return self.serve_stale(s, &client, now);
                 }
                 let err = match find_cause::<BodyTimedOut>(err.as_ref()) {
                     Some(_) => GatewayError::UpstreamTimeout(self.wait_limit),
