@@ -23,14 +23,13 @@ use hyper_util::client::legacy::connect::proxy::Tunnel;
 use hyper_util::rt::TokioIo;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::RootCertStore;
-use tokio::sync::Semaphore;
 use tower::Service;
 
 use crate::config::UpstreamConfig;
 use crate::context::Exchange;
 use crate::http::body::{
-    self, Body, BodyTimedOut, BodyTooLarge, BoxError, ClientBodyError, Collected, PrefixedBody,
-    Reservation, Tap, collect_limited,
+    self, Body, BodyTimedOut, BodyTooLarge, BoxError, Budget, ClientBodyError, Collected,
+    PrefixedBody, Reservation, Tap, collect_limited,
 };
 use crate::http::error::{GatewayError, find_cause};
 use crate::http::headers::strip_hop_by_hop;
@@ -162,12 +161,10 @@ struct UpstreamInner {
     timeout: Duration,
     /// The upstream's last response was HTTP/1.0: chunked request bodies must be sent whole.
     http10: AtomicBool,
-    /// `upstream.max_buffered_bodies`, in KiB permits: what the request bodies read whole
-    /// before sending hold, all together. Without it, every stream of every connection could
-    /// hold a body (100 streams of 1 MiB on one HTTP/2 connection).
-    buffered: Arc<Semaphore>,
-    /// The same, in bytes.
-    buffered_bytes: u64,
+    /// `upstream.max_buffered_bodies`: what the request bodies read whole before sending hold,
+    /// all together. Without it, every stream of every connection could hold a body (100
+    /// streams of 1 MiB on one HTTP/2 connection).
+    buffered: Budget,
     /// Where calls are reported: a client span each, and the upstream metrics.
     observers: Option<(Telemetry, Arc<Metrics>)>,
 }
@@ -259,13 +256,7 @@ impl Upstream {
                 writes: client(false),
                 timeout: config.timeout,
                 http10: AtomicBool::new(false),
-                buffered: Arc::new(Semaphore::new(
-                    usize::try_from(config.max_buffered_bodies / 1024)
-                        .unwrap_or(usize::MAX)
-                        .clamp(1, Semaphore::MAX_PERMITS),
-                )),
-                // What the permits hold: whole KiB.
-                buffered_bytes: config.max_buffered_bodies / 1024 * 1024,
+                buffered: Budget::new(config.max_buffered_bodies),
                 observers,
             }),
         })
@@ -345,7 +336,7 @@ impl Service<Request<Body>> for Upstream {
         let timeout = up.timeout;
         async move {
             let http10 = up.http10.load(Ordering::Relaxed);
-            let req = buffer_body(req, http10, &up.buffered, up.buffered_bytes).await?;
+            let req = buffer_body(req, http10, &up.buffered).await?;
             let client = if retry_safe { &up.reads } else { &up.writes };
             if let Some(ex) = &exchange {
                 ex.set_sent(true);
@@ -521,15 +512,14 @@ const BUFFER_CHUNKED_UP_TO: u64 = 1024 * 1024;
 /// the upstream answered HTTP/1.0 last time: an HTTP/1.0 server (Werkzeug's, under Eve) reads
 /// nothing of a chunked body. Larger bodies stream.
 ///
-/// What is read whole counts against `budget` (`upstream.max_buffered_bodies`, `budget_bytes`
-/// in all) until it is sent. Past what is free a body streams instead, which any upstream
+/// What is read whole counts against `budget` (`upstream.max_buffered_bodies`) until it is
+/// sent. Past what is free a body streams instead, which any upstream
 /// reads, except a chunked body for an HTTP/1.0 upstream: that one is refused, with 503 and
 /// `Retry-After` while others hold the budget, or 413 when it is larger than the whole budget.
 async fn buffer_body(
     req: Request<Body>,
     http10: bool,
-    budget: &Arc<Semaphore>,
-    budget_bytes: u64,
+    budget: &Budget,
 ) -> Result<Request<Body>, GatewayError> {
     let limit = match req.body().size_hint().exact() {
         Some(n) if n > 0 && n <= BUFFER_BODIES_UP_TO => n,
@@ -566,16 +556,16 @@ async fn buffer_body(
         Ok(Collected::TooLarge(prefix, mut rest)) if http10 && over_budget => {
             let mut read: u64 = prefix.iter().map(|c| c.len() as u64).sum();
             drop(prefix);
-            while read <= budget_bytes {
+            while read <= budget.bytes() {
                 match http_body_util::BodyExt::frame(&mut rest).await {
                     None => break,
                     Some(Ok(frame)) => read += frame.data_ref().map_or(0, |d| d.len() as u64),
                     Some(Err(e)) => return Err(client_body_error(e)),
                 }
             }
-            Err(match read > budget_bytes {
+            Err(match read > budget.bytes() {
                 true => GatewayError::PayloadTooLarge {
-                    limit: budget_bytes,
+                    limit: budget.bytes(),
                 },
                 false => GatewayError::BodiesBuffered {
                     retry_after: Duration::from_secs(1),

@@ -933,18 +933,17 @@ async fn a_range_asked_for_identity_is_answered_from_the_uncoded_whole_stored_fo
     assert_eq!(mock.state.requests_to("/api/v1/zipped").len(), 2);
 }
 
-/// A gateway in front of `mock` whose upstream calls time out after `timeout`, caching for an
-/// hour, with `[server]` settings `server`.
+/// A gateway in front of the upstream at `url` whose calls time out after `timeout`, caching
+/// for an hour (unless the upstream says otherwise), with `[server]` settings `server`.
 async fn impatient_gateway(
-    mock: &MockCloudCasa,
+    url: &str,
     secret: &SecretDir,
     timeout: &str,
     server: &str,
 ) -> TestGateway {
     TestGateway::start(&format!(
-        "[upstream]\nurl = \"{}\"\ntimeout = \"{timeout}\"\n[token]\nfile = \"{}\"\n\
+        "[upstream]\nurl = \"{url}\"\ntimeout = \"{timeout}\"\n[token]\nfile = \"{}\"\n\
          [server]\n{server}\n[cache]\nfresh_for = \"1h\"\n",
-        mock.url(),
         secret.token_path().display()
     ))
     .await
@@ -954,7 +953,7 @@ async fn impatient_gateway(
 async fn a_write_whose_client_went_away_still_invalidates() {
     let mock = MockCloudCasa::start().await;
     let secret = SecretDir::new("token-a");
-    let gw = impatient_gateway(&mock, &secret, "30s", "").await;
+    let gw = impatient_gateway(&mock.url(), &secret, "30s", "").await;
     let (id, etag) = item(&mock, "old");
     let path = format!("/api/v1/usergroups/{id}");
     assert_eq!(get(&gw.url(&path), &[]).await.json()["name"], "old");
@@ -1005,7 +1004,7 @@ async fn a_write_whose_client_went_away_still_invalidates() {
 async fn a_write_that_times_out_invalidates_now_and_after_a_late_commit() {
     let mock = MockCloudCasa::start().await;
     let secret = SecretDir::new("token-a");
-    let gw = impatient_gateway(&mock, &secret, "1s", "").await;
+    let gw = impatient_gateway(&mock.url(), &secret, "1s", "").await;
     let (id, etag) = item(&mock, "old");
     let path = format!("/api/v1/usergroups/{id}");
     assert_eq!(get(&gw.url(&path), &[]).await.json()["name"], "old");
@@ -1093,11 +1092,7 @@ async fn a_fill_whose_upstream_stalls_mid_body_serves_a_stale_copy_when_allowed(
                  connection: close\r\ncontent-length: 11\r\n\r\n{\"a\":\"old\"}";
     let (upstream, connections, server) = stalling_upstream(Some(whole)).await;
     let secret = SecretDir::new("token-a");
-    let gw = TestGateway::start(&format!(
-        "[upstream]\nurl = \"http://{upstream}\"\ntimeout = \"1s\"\n[token]\nfile = \"{}\"\n",
-        secret.token_path().display()
-    ))
-    .await;
+    let gw = impatient_gateway(&format!("http://{upstream}"), &secret, "1s", "").await;
     let url = gw.url("/api/v1/usergroups/x");
     assert_eq!(get(&url, &[]).await.json()["a"], "old");
     tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -1126,11 +1121,7 @@ async fn a_write_that_never_reached_the_upstream_invalidates_nothing() {
                  connection: close\r\ncontent-length: 11\r\n\r\n{\"a\":\"old\"}";
     let (upstream, _, server) = stalling_upstream(Some(whole)).await;
     let secret = SecretDir::new("token-a");
-    let gw = TestGateway::start(&format!(
-        "[upstream]\nurl = \"http://{upstream}\"\n[token]\nfile = \"{}\"\n",
-        secret.token_path().display()
-    ))
-    .await;
+    let gw = impatient_gateway(&format!("http://{upstream}"), &secret, "30s", "").await;
     let url = gw.url("/api/v1/usergroups/x");
     assert_eq!(get(&url, &[]).await.json()["a"], "old");
     server.abort();
@@ -1152,11 +1143,7 @@ async fn a_fill_whose_upstream_stalls_mid_body_ends_and_frees_its_key() {
     // An upstream that sends headers and 3 of 10 bytes, then nothing, on every connection.
     let (upstream, connections, server) = stalling_upstream(None).await;
     let secret = SecretDir::new("token-a");
-    let gw = TestGateway::start(&format!(
-        "[upstream]\nurl = \"http://{upstream}\"\ntimeout = \"1s\"\n[token]\nfile = \"{}\"\n",
-        secret.token_path().display()
-    ))
-    .await;
+    let gw = impatient_gateway(&format!("http://{upstream}"), &secret, "1s", "").await;
     let url = gw.url("/api/v1/usergroups/x");
     let started = tokio::time::Instant::now();
     let first = tokio::time::timeout(Duration::from_secs(10), get(&url, &[]))
@@ -1182,7 +1169,7 @@ async fn a_fill_whose_upstream_stalls_mid_body_ends_and_frees_its_key() {
 async fn a_5xx_write_invalidates_and_one_refused_before_sending_does_not() {
     let mock = MockCloudCasa::start().await;
     let secret = SecretDir::new("token-a");
-    let gw = impatient_gateway(&mock, &secret, "30s", "max_body_size = \"1KiB\"").await;
+    let gw = impatient_gateway(&mock.url(), &secret, "30s", "max_body_size = \"1KiB\"").await;
     let (id, etag) = item(&mock, "g");
     let path = format!("/api/v1/usergroups/{id}");
     let status = |r: &Reply| r.header("cache-status").unwrap().to_string();

@@ -273,7 +273,11 @@ pub(super) fn policy(
 mod tests {
     use super::*;
 
-    fn rule(clients: &[&str], methods: Option<&[&str]>, paths: Option<&[&str]>) -> RuleSpec {
+    fn try_rule(
+        clients: &[&str],
+        methods: Option<&[&str]>,
+        paths: Option<&[&str]>,
+    ) -> Result<RuleSpec, (&'static str, String)> {
         let v = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         RuleSpec::new(
             "r".into(),
@@ -283,7 +287,10 @@ mod tests {
             "c".into(),
             None,
         )
-        .unwrap()
+    }
+
+    fn rule(clients: &[&str], methods: Option<&[&str]>, paths: Option<&[&str]>) -> RuleSpec {
+        try_rule(clients, methods, paths).unwrap()
     }
 
     #[test]
@@ -322,17 +329,6 @@ mod tests {
             "/other"
         ));
 
-        let (key, message) = RuleSpec::new(
-            "r".into(),
-            vec!["*".into()],
-            None,
-            Some(vec!["/api/v1/clusters/".into()]),
-            "c".into(),
-            None,
-        )
-        .unwrap_err();
-        assert_eq!(key, "paths");
-        assert!(message.contains("write \"/api/v1/clusters\""), "{message}");
         assert!(rule(&["*"], None, Some(&["/"])).matches("x", &Method::GET, "/"));
 
         let one_segment = rule(&["*"], None, Some(&["/api/v1/clusters/*"]));
@@ -346,36 +342,16 @@ mod tests {
 
     #[test]
     fn bad_rules_name_the_field() {
-        let err = RuleSpec::new(
-            "r".into(),
-            vec!["apikey:a[".into()],
-            None,
-            None,
-            "c".into(),
-            None,
-        )
-        .unwrap_err();
+        let err = try_rule(&["apikey:a["], None, None).unwrap_err();
         assert_eq!(err.0, "clients");
-        let err = RuleSpec::new(
-            "r".into(),
-            vec!["apikey:a".into()],
-            None,
-            Some(vec!["api/**".into()]),
-            "c".into(),
-            None,
-        )
-        .unwrap_err();
+        let err = try_rule(&["apikey:a"], None, Some(&["api/**"])).unwrap_err();
         assert_eq!(err.0, "paths");
-        let err = RuleSpec::new(
-            "r".into(),
-            vec!["apikey:a".into()],
-            Some(vec!["G T".into()]),
-            None,
-            "c".into(),
-            None,
-        )
-        .unwrap_err();
+        let err = try_rule(&["apikey:a"], Some(&["G T"]), None).unwrap_err();
         assert_eq!(err.0, "methods");
+        // Paths are matched without their trailing slash: a pattern ending in one never would.
+        let (key, message) = try_rule(&["*"], None, Some(&["/api/v1/clusters/"])).unwrap_err();
+        assert_eq!(key, "paths");
+        assert!(message.contains("write \"/api/v1/clusters\""), "{message}");
     }
 
     #[test]

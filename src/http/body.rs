@@ -156,8 +156,35 @@ fn find_in<T: std::error::Error + 'static>(err: &BoxError) -> bool {
     crate::http::error::find_cause::<T>(err.as_ref()).is_some()
 }
 
-/// Bytes held against a memory budget of KiB permits (`cache.max_inflight`,
-/// `upstream.max_buffered_bodies`). Permits are taken as the bytes cross each KiB, so a body
+/// A memory budget shared by many bodies (`cache.max_inflight`, `upstream.max_buffered_bodies`),
+/// in KiB permits: a semaphore, so that a reservation is taken without waiting and given back
+/// when its holder drops it.
+#[derive(Debug, Clone)]
+pub struct Budget {
+    permits: std::sync::Arc<tokio::sync::Semaphore>,
+    /// What the permits hold in all.
+    bytes: u64,
+}
+
+impl Budget {
+    /// `bytes` in whole KiB, at least one.
+    pub fn new(bytes: u64) -> Self {
+        let kib = usize::try_from(bytes / 1024)
+            .unwrap_or(usize::MAX)
+            .clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
+        Self {
+            permits: std::sync::Arc::new(tokio::sync::Semaphore::new(kib)),
+            bytes: kib as u64 * 1024,
+        }
+    }
+
+    /// What the budget holds in all, in bytes (whole KiB).
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+/// Bytes held against a [`Budget`]. Permits are taken as the bytes cross each KiB, so a body
 /// read in small frames is not counted a KiB per frame.
 #[derive(Debug, Default)]
 pub struct Reservation {
@@ -168,12 +195,12 @@ pub struct Reservation {
 impl Reservation {
     /// Reserves `len` more bytes of `budget`; `false`, with nothing more taken, when the budget
     /// has not that much left.
-    pub fn grow(&mut self, budget: &std::sync::Arc<tokio::sync::Semaphore>, len: u64) -> bool {
+    pub fn grow(&mut self, budget: &Budget, len: u64) -> bool {
         let kib = |bytes: u64| u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
         let total = self.bytes.saturating_add(len);
         let more = kib(total) - kib(self.bytes);
         if more > 0 {
-            match budget.clone().try_acquire_many_owned(more) {
+            match budget.permits.clone().try_acquire_many_owned(more) {
                 Ok(permit) => match &mut self.permit {
                     Some(held) => held.merge(permit),
                     None => self.permit = Some(permit),

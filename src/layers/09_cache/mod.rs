@@ -27,7 +27,6 @@ use futures_util::future::BoxFuture;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body::Body as _;
 use sha2::{Digest, Sha256};
-use tokio::sync::Semaphore;
 use tower::util::BoxCloneService;
 use tower::{Layer, Service};
 
@@ -36,7 +35,8 @@ use crate::context::CacheOutcome;
 use crate::context::{CacheReport, Exchange, WireMethod};
 use crate::fleet::{self, Fleet};
 use crate::http::body::{
-    self, Body, BodyTimedOut, Collected, Deadline, PrefixedBody, Reservation, collect_limited,
+    self, Body, BodyTimedOut, Budget, Collected, Deadline, PrefixedBody, Reservation,
+    collect_limited,
 };
 use crate::http::error::{GatewayError, find_cause};
 use crate::http::is_read;
@@ -85,8 +85,8 @@ pub struct ResponseCache {
     clock: Arc<dyn Clock>,
     /// Swapped whole on a reload (`SIGHUP`); each request reads it once.
     config: ArcSwap<CacheConfig>,
-    /// `cache.max_inflight`, in KiB permits: what fills in progress may hold.
-    inflight: Arc<Semaphore>,
+    /// `cache.max_inflight`: what fills in progress may hold.
+    inflight: Budget,
     /// How long a collapsed request waits for the fetch it joined.
     wait_limit: Duration,
     /// The fleet's shared tier and invalidations (`[fleet]`), once joined.
@@ -99,6 +99,9 @@ pub struct ResponseCache {
 /// The most late invalidations pending for distinct roots; past it, a failed write's is
 /// merged into its partition's root (`/`), which covers everything in the partition.
 const LATE_PENDING_MAX: usize = 4096;
+/// The longest root a late invalidation keeps (a path outside the collections is its own
+/// root, as long as the client made it); a longer one is merged into the partition's root.
+const LATE_ROOT_MAX: usize = 1024;
 
 impl CacheGauges for ResponseCache {
     fn snapshot(&self) -> CacheSnapshot {
@@ -137,10 +140,9 @@ impl ResponseCache {
         upstream_timeout: Duration,
         clock: Arc<dyn Clock>,
     ) -> Self {
-        let kib = usize::try_from(config.max_inflight / 1024).unwrap_or(usize::MAX);
         Self {
             clock,
-            inflight: Arc::new(Semaphore::new(kib.clamp(1, Semaphore::MAX_PERMITS))),
+            inflight: Budget::new(config.max_inflight),
             store: Store::new(config.max_size),
             config: ArcSwap::from_pointee(config),
             wait_limit: upstream_timeout,
@@ -339,12 +341,7 @@ impl Drop for Unsettled {
         let (partition, target) = (self.partition, std::mem::take(&mut self.target));
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
-                runtime.spawn(async move {
-                    cache
-                        .invalidate(&partition, [target.as_str()].into_iter())
-                        .await;
-                    cache.schedule_late(partition, &target);
-                });
+                runtime.spawn(async move { cache.invalidate_unanswered(partition, &target).await });
             }
             // Only at exit, when the runtime (and this replica's memory) is going away.
             Err(_) => tracing::warn!(
@@ -409,8 +406,7 @@ impl ResponseCache {
             // No answer (a timeout, a connection lost mid-request): the upstream may have
             // executed the write, or may still; invalidated now and once more later.
             Err(e) if unsettled.sent() && e.is_upstream_failure() => {
-                self.invalidate(&partition, [target].into_iter()).await;
-                self.schedule_late(partition, target);
+                self.invalidate_unanswered(partition, target).await;
             }
             // Never sent (the client's body broke off, was too large or stalled; the body
             // budget; no connection to the upstream): nothing was executed.
@@ -443,18 +439,30 @@ impl ResponseCache {
         self.store.invalidate(*partition, &exact, &roots).await;
     }
 
+    /// For a write whose answer never came: invalidated now, and once more later
+    /// (`schedule_late`).
+    async fn invalidate_unanswered(self: &Arc<Self>, partition: Fingerprint, target: &str) {
+        self.invalidate(&partition, [target].into_iter()).await;
+        self.schedule_late(partition, target);
+    }
+
     /// A write whose answer never came may still be executing upstream after the gateway's
     /// invalidation: a read in between would store the old document again. So the target's
     /// collection is invalidated once more, one `upstream.timeout` later. Best effort: a commit
     /// later than that is not covered. One timer per partition and root, however many writes
-    /// failed (a later failure moves the time on), and at most [`LATE_PENDING_MAX`] roots, past
-    /// which the partition's root stands in: a client failing writes cannot make the gateway
-    /// hold a task per write.
+    /// failed (a later failure moves the time on), and at most [`LATE_PENDING_MAX`] roots of at
+    /// most [`LATE_ROOT_MAX`] bytes, past which the partition's root stands in: a client
+    /// failing writes cannot make the gateway hold a task, or a long path, per write.
     fn schedule_late(self: &Arc<Self>, partition: Fingerprint, target: &str) {
         let due = tokio::time::Instant::now() + self.wait_limit;
         let (root, _) = invalidation_scope(target);
-        let mut pending = self.late.lock().unwrap_or_else(|e| e.into_inner());
+        let root = if root.len() > LATE_ROOT_MAX {
+            "/"
+        } else {
+            root
+        };
         let mut key = (partition, Box::<str>::from(root));
+        let mut pending = self.late.lock().unwrap_or_else(|e| e.into_inner());
         if pending.len() >= LATE_PENDING_MAX && !pending.contains_key(&key) {
             key.1 = "/".into();
         }
@@ -1638,25 +1646,27 @@ mod tests {
         let h = Harness::new("max-age=60", "");
         let partition = crate::secrets::token::FingerprintKey::random().fingerprint(b"t");
         let pending = || h.cache.late.lock().unwrap().len();
+        let pending_at_root =
+            |p: Fingerprint| h.cache.late.lock().unwrap().contains_key(&(p, "/".into()));
         // Many failed writes to one collection: one pending invalidation, one timer.
         for i in 0..1000 {
             h.cache
                 .schedule_late(partition, &format!("/api/v1/usergroups/{i}"));
         }
         assert_eq!(pending(), 1);
+        // A root longer than it keeps (a client-made path) is merged into its partition's root.
+        let other = crate::secrets::token::FingerprintKey::random().fingerprint(b"u");
+        h.cache
+            .schedule_late(other, &format!("/{}", "x".repeat(LATE_ROOT_MAX)));
+        assert!(pending_at_root(other));
+        assert_eq!(pending(), 2);
         // Distinct roots (paths outside the collections are their own roots): bounded, the
         // rest merged into the partition's root.
         for i in 0..2 * LATE_PENDING_MAX {
             h.cache.schedule_late(partition, &format!("/other/{i}"));
         }
         assert_eq!(pending(), LATE_PENDING_MAX + 1);
-        assert!(
-            h.cache
-                .late
-                .lock()
-                .unwrap()
-                .contains_key(&(partition, "/".into()))
-        );
+        assert!(pending_at_root(partition));
         // Each runs once it is due (one upstream timeout on), and is gone.
         tokio::time::sleep(Duration::from_secs(2)).await;
         for _ in 0..100 {
