@@ -177,7 +177,7 @@ fn main() -> ExitCode {
     if cli.check {
         let files = match cli.config_only {
             true => Ok(()),
-            false => cloudcasa_gateway::app::check::check_files(&config),
+            false => cloudcasa_gateway::app::check::check_files(&config, None),
         };
         return match files {
             Ok(()) => {
@@ -264,8 +264,15 @@ fn on_sighup(
                 audit.reopen();
             }
             match &path {
+                // Off the runtime's workers: it reads and parses files (TLS, the audit file's
+                // tail), which would stall the requests sharing a worker.
                 Some(path) => {
-                    let _ = reloader.reload_from(path, &overrides);
+                    let (reloader, path, overrides) =
+                        (reloader.clone(), path.clone(), overrides.clone());
+                    let _ = tokio::task::spawn_blocking(move || {
+                        reloader.reload_from(&path, &overrides)
+                    })
+                    .await;
                 }
                 None => tracing::info!("no configuration file (--config): nothing to reload"),
             }

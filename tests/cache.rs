@@ -968,28 +968,7 @@ async fn a_write_whose_client_went_away_still_invalidates() {
     // The upstream executes the PATCH at once and holds its answer; the client goes away
     // before it comes. The write happened, so the old document must not be served again.
     let release = mock.state.hold_next_answer(Method::PATCH);
-    let body = r#"{"name":"new"}"#;
-    let mut client = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
-    let request = format!(
-        "PATCH {path} HTTP/1.1\r\nhost: x\r\nif-match: \"{etag}\"\r\n\
-         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    tokio::io::AsyncWriteExt::write_all(&mut client, request.as_bytes())
-        .await
-        .unwrap();
-    eventually(
-        Duration::from_secs(5),
-        "the PATCH at the upstream",
-        || async {
-            mock.state
-                .requests()
-                .iter()
-                .any(|r| r.method == Method::PATCH)
-        },
-    )
-    .await;
-    drop(client);
+    abandon_rename(gw.proxy, &mock, &path, &etag).await;
     // The answer is still held: only the client's going away can have invalidated.
     eventually(
         Duration::from_secs(5),
@@ -1026,16 +1005,7 @@ async fn a_write_that_times_out_invalidates_now_and_after_a_late_commit() {
     assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
     release.notify_one();
     assert_eq!(get(&gw.url(&path), &[]).await.json()["name"], "new");
-    let late = send(
-        Method::PATCH,
-        &format!("{}{path}", mock.url()),
-        &[
-            ("authorization", "Bearer token-a"),
-            ("if-match", &format!("\"{etag}\"")),
-        ],
-        r#"{"name":"newer"}"#,
-    )
-    .await;
+    let late = rename_at_upstream(&mock, &path, &etag, "token-a", "newer").await;
     assert_eq!(late.status, StatusCode::OK);
     eventually(
         Duration::from_secs(5),

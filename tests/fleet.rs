@@ -155,6 +155,74 @@ async fn a_fill_racing_a_write_on_another_replica_is_not_shared() {
 }
 
 #[tokio::test]
+async fn a_replica_shutting_down_runs_its_late_invalidations_before_it_exits() {
+    let redis = RedisServer::start().await;
+    let mock = MockCloudCasa::start().await;
+    let secret = SecretDir::new("token-a");
+    let fleet = |name: &str| {
+        format!(
+            "[fleet]\nredis_url = \"{}\"\nreplica = \"{name}\"\ntimeout = \"200ms\"\n\
+             [cache]\nfresh_for = \"60s\"\n",
+            redis.url()
+        )
+    };
+    // A gives up on the upstream only after a minute: its late invalidation is a minute away.
+    let mut a = TestGateway::start(&format!(
+        "[upstream]\nurl = \"{}\"\ntimeout = \"60s\"\n[token]\nfile = \"{}\"\n{}",
+        mock.url(),
+        secret.token_path().display(),
+        fleet("gw-a")
+    ))
+    .await;
+    let b = TestGateway::for_mock(&mock, &secret, &fleet("gw-b")).await;
+    for gw in [&a, &b] {
+        wait_link(gw, 1.0).await;
+    }
+    let (id, etag) = item(&mock, "old");
+    let path = format!("/api/v1/usergroups/{id}");
+    let received = "cloudcasa_gateway_fleet_invalidations_total{direction=\"received\"}";
+
+    // A PATCH through A reaches the upstream, which holds it unexecuted; its client goes away.
+    let release = mock.state.hold_next(Some(StatusCode::SERVICE_UNAVAILABLE));
+    abandon_rename(a.proxy, &mock, &path, &etag).await;
+    // A invalidates at once (B hears it) and schedules the second invalidation.
+    eventually(
+        Duration::from_secs(5),
+        "B hears the first invalidation",
+        || async { metric(&b, received).await == Some(1.0) },
+    )
+    .await;
+    // B stores the document as it still is; then the write commits upstream (straight at it,
+    // as a slow upstream would).
+    assert_eq!(get(&b.url(&path), &[]).await.json()["name"], "old");
+    release.notify_one();
+    let late = rename_at_upstream(&mock, &path, &etag, "token-a", "new").await;
+    assert_eq!(late.status, StatusCode::OK);
+    let stale = get(&b.url(&path), &[]).await;
+    assert!(
+        stale
+            .header("cache-status")
+            .is_some_and(|s| s.contains("hit")),
+        "B holds the old document: {:?}",
+        stale.headers
+    );
+    assert_eq!(stale.json()["name"], "old");
+
+    // A shuts down: its late invalidation, due in a minute, runs before it exits.
+    tokio::time::timeout(Duration::from_secs(10), a.begin_shutdown())
+        .await
+        .expect("A stops within its limits")
+        .unwrap();
+    eventually(
+        Duration::from_secs(2),
+        "B hears the late invalidation",
+        || async { metric(&b, received).await == Some(2.0) },
+    )
+    .await;
+    assert_eq!(get(&b.url(&path), &[]).await.json()["name"], "new");
+}
+
+#[tokio::test]
 async fn rate_budgets_are_fleet_wide() {
     let redis = RedisServer::start().await;
     let (_mock, _secret, a, b) = replicas(

@@ -43,8 +43,9 @@ impl Found {
 
 /// The extra checks of `--check`: files named in the configuration must be readable now and
 /// hold what start-up loads from them. (At run time a missing token file is tolerated: the
-/// Secret may appear later.)
-pub fn check_files(config: &Config) -> Result<(), ConfigError> {
+/// Secret may appear later.) `live_audit` is the audit file a running gateway writes, on a
+/// reload: not read, since its last line may be half written at that moment.
+pub fn check_files(config: &Config, live_audit: Option<&Path>) -> Result<(), ConfigError> {
     let mut p = Found::default();
     for (i, c) in config.credentials.iter().enumerate() {
         let key = |field: &str| match c.name.as_str() {
@@ -128,6 +129,7 @@ pub fn check_files(config: &Config) -> Result<(), ConfigError> {
         }
     }
     if let (true, AuditSink::File(path)) = (config.audit.enabled, &config.audit.sink)
+        && live_audit != Some(path.as_path())
         && let Err(why) = audit_file_writable(path)
     {
         p.add("audit.path", why);

@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tower::{Service, ServiceBuilder};
 
-use crate::config::{Config, ConfigError, Overrides};
+use crate::config::{AuditSink, Config, ConfigError, Overrides};
 use crate::fleet::{Fleet, FleetSetupError};
 use crate::http::body::Body;
 use crate::layers::audit_intent::AuditIntentLayer;
@@ -133,7 +133,14 @@ impl Reloader {
             })
             .and_then(|bytes| {
                 let config = Config::load(Some(path), overrides)?;
-                check::check_files(&config)?;
+                let live_audit = {
+                    let running = self.inner.running.lock().unwrap_or_else(|e| e.into_inner());
+                    match (&running.audit.enabled, &running.audit.sink) {
+                        (true, AuditSink::File(path)) => Some(path.clone()),
+                        _ => None,
+                    }
+                };
+                check::check_files(&config, live_audit.as_deref())?;
                 Ok((config, config_hash(&bytes)))
             });
         match loaded {
@@ -275,6 +282,10 @@ pub fn config_hash(bytes: &[u8]) -> String {
 
 /// Connections the admin listener serves at once.
 const ADMIN_MAX_CONNECTIONS: usize = 256;
+
+/// The least time given at shutdown to the cache's background invalidations (with `[fleet]`:
+/// twice `fleet.timeout` if more), after the drain.
+const BACKGROUND_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// State shared by the proxy stack and the admin listener.
 #[derive(Debug)]
@@ -656,6 +667,18 @@ impl Gateway {
         tracing::info!("shutting down: draining in-flight requests");
         let _ = stop_proxy.send(true);
         let _ = proxy.await;
+        // No request is left: the invalidations they started apart from themselves (writes
+        // whose clients went away, the late second ones) are run and awaited now, so that other
+        // replicas hear of them. Each is one Redis call bounded by `fleet.timeout`.
+        if let Some(cache) = &self.shared.cache {
+            let limit = self
+                .config
+                .fleet
+                .as_ref()
+                .map_or(std::time::Duration::ZERO, |fleet| 2 * fleet.timeout)
+                .max(BACKGROUND_LIMIT);
+            cache.finish_background(limit).await;
+        }
         // The admin listener outlives the drain so probes can watch it happen.
         let _ = stop_admin.send(true);
         let _ = admin.await;

@@ -107,9 +107,9 @@ pub async fn serve<S>(
     let mut connections = tokio::task::JoinSet::new();
     let mut accept_stop = stop.clone();
     loop {
-        // Finished connections are reaped as new ones come: the set holds the open ones.
-        while connections.try_join_next().is_some() {}
         let (stream, peer) = tokio::select! {
+            // Finished connections are reaped as they finish: the set holds the open ones.
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(err) => {

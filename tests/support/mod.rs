@@ -265,6 +265,53 @@ pub async fn rename(url: &str, etag: &str, name: &str) -> Reply {
     .await
 }
 
+/// Renames an item straight at the mock upstream with `token`, as a write through another path
+/// (or one the upstream commits late) would.
+pub async fn rename_at_upstream(
+    mock: &MockCloudCasa,
+    path: &str,
+    etag: &str,
+    token: &str,
+    name: &str,
+) -> Reply {
+    let body = serde_json::json!({ "name": name }).to_string();
+    send(
+        Method::PATCH,
+        &format!("{}{path}", mock.url()),
+        &[
+            ("authorization", &format!("Bearer {token}")),
+            ("if-match", &format!("\"{etag}\"")),
+        ],
+        body,
+    )
+    .await
+}
+
+/// Sends a PATCH renaming the item at `path` to `proxy`, waits until `mock` has received it,
+/// and goes away without waiting for the answer.
+pub async fn abandon_rename(proxy: SocketAddr, mock: &MockCloudCasa, path: &str, etag: &str) {
+    let body = r#"{"name":"new"}"#;
+    let mut client = TcpStream::connect(proxy).await.unwrap();
+    let request = format!(
+        "PATCH {path} HTTP/1.1\r\nhost: x\r\nif-match: \"{etag}\"\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut client, request.as_bytes())
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(5), "the PATCH at the upstream", || {
+        std::future::ready(
+            mock.state
+                .requests()
+                .iter()
+                .any(|r| r.method == Method::PATCH),
+        )
+    })
+    .await;
+    drop(client);
+}
+
 /// Writes raw bytes to `addr` and reads until the server closes the connection.
 pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
     let mut stream = TcpStream::connect(addr).await.unwrap();

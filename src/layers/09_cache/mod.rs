@@ -27,6 +27,8 @@ use futures_util::future::BoxFuture;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body::Body as _;
 use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tower::util::BoxCloneService;
 use tower::{Layer, Service};
 
@@ -94,6 +96,12 @@ pub struct ResponseCache {
     /// Late invalidations pending (`schedule_late`): when each is due, by partition and
     /// invalidation root.
     late: std::sync::Mutex<HashMap<(Fingerprint, Box<str>), tokio::time::Instant>>,
+    /// The invalidations that run apart from any request (a write whose client went away, the
+    /// late ones): awaited at shutdown ([`ResponseCache::finish_background`]), so that other
+    /// replicas hear of them before this one exits.
+    background: TaskTracker,
+    /// Cancelled at shutdown: pending late invalidations run at once instead of when due.
+    hurry: CancellationToken,
 }
 
 /// The most late invalidations pending for distinct roots; past it, a failed write's is
@@ -148,7 +156,31 @@ impl ResponseCache {
             wait_limit: upstream_timeout,
             fleet: std::sync::OnceLock::new(),
             late: std::sync::Mutex::new(HashMap::new()),
+            background: TaskTracker::new(),
+            hurry: CancellationToken::new(),
         }
+    }
+
+    /// At shutdown, once no request is left: runs the pending late invalidations now, and
+    /// waits up to `limit` for every background invalidation to finish (their Redis calls are
+    /// bounded by `fleet.timeout`). Returns how many were still running at the limit (logged;
+    /// other replicas may then keep entries those writes changed).
+    pub async fn finish_background(&self, limit: Duration) -> usize {
+        self.hurry.cancel();
+        self.background.close();
+        if tokio::time::timeout(limit, self.background.wait())
+            .await
+            .is_ok()
+        {
+            return 0;
+        }
+        let left = self.background.len();
+        tracing::warn!(
+            invalidations = left,
+            limit = %humantime::format_duration(limit),
+            "writes' invalidations still running at exit: other replicas may keep entries they changed"
+        );
+        left
     }
 
     /// Shares this cache with the fleet's other replicas: misses look in Redis, fills and
@@ -341,7 +373,11 @@ impl Drop for Unsettled {
         let (partition, target) = (self.partition, std::mem::take(&mut self.target));
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
-                runtime.spawn(async move { cache.invalidate_unanswered(partition, &target).await });
+                let background = cache.background.clone();
+                background.spawn_on(
+                    async move { cache.invalidate_unanswered(partition, &target).await },
+                    &runtime,
+                );
             }
             // Only at exit, when the runtime (and this replica's memory) is going away.
             Err(_) => tracing::warn!(
@@ -454,6 +490,10 @@ impl ResponseCache {
     /// most [`LATE_ROOT_MAX`] bytes, past which the partition's root stands in: a client
     /// failing writes cannot make the gateway hold a task, or a long path, per write.
     fn schedule_late(self: &Arc<Self>, partition: Fingerprint, target: &str) {
+        if self.hurry.is_cancelled() {
+            // Shutting down: the invalidation that just ran is the last this replica makes.
+            return;
+        }
         let due = tokio::time::Instant::now() + self.wait_limit;
         let (root, _) = invalidation_scope(target);
         let root = if root.len() > LATE_ROOT_MAX {
@@ -471,7 +511,7 @@ impl ResponseCache {
             std::collections::hash_map::Entry::Vacant(first) => {
                 let key = first.key().clone();
                 first.insert(due);
-                tokio::spawn(Arc::clone(self).run_late(key));
+                self.background.spawn(Arc::clone(self).run_late(key));
             }
         }
     }
@@ -487,10 +527,15 @@ impl ResponseCache {
                     None => return,
                 }
             };
-            tokio::time::sleep_until(due).await;
+            // At shutdown it runs at once: later, this replica is gone.
+            tokio::select! {
+                () = tokio::time::sleep_until(due) => {}
+                () = self.hurry.cancelled() => {}
+            }
             {
                 let mut pending = self.late.lock().unwrap_or_else(|e| e.into_inner());
-                if pending.get(&key).is_some_and(|now_due| *now_due > due) {
+                let moved_on = pending.get(&key).is_some_and(|now_due| *now_due > due);
+                if moved_on && !self.hurry.is_cancelled() {
                     continue;
                 }
                 pending.remove(&key);
@@ -1672,6 +1717,27 @@ mod tests {
         for _ in 0..100 {
             tokio::task::yield_now().await;
         }
+        assert_eq!(pending(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_shutdown_late_invalidations_run_at_once_and_are_awaited() {
+        let h = Harness::new("max-age=60", "");
+        let partition = crate::secrets::token::FingerprintKey::random().fingerprint(b"t");
+        let pending = || h.cache.late.lock().unwrap().len();
+        h.cache.schedule_late(partition, "/api/v1/usergroups/1");
+        h.cache.schedule_late(partition, "/api/v1/kubeclusters/1");
+        assert_eq!(pending(), 2);
+        // Due one upstream timeout (1 s) on; shutdown does not wait for that. (Paused, the
+        // clock moves only when every task waits: a late invalidation still waiting for its
+        // time would let the limit pass first.)
+        let start = tokio::time::Instant::now();
+        let left = h.cache.finish_background(Duration::from_millis(100)).await;
+        assert_eq!(left, 0, "every background invalidation finished");
+        assert_eq!(pending(), 0);
+        assert!(start.elapsed() < Duration::from_millis(100));
+        // From then on a failed write's invalidation is its last: nothing is left pending.
+        h.cache.schedule_late(partition, "/api/v1/usergroups/2");
         assert_eq!(pending(), 0);
     }
 }
