@@ -660,3 +660,136 @@ async fn a_redis_that_comes_back_from_an_older_snapshot_serves_nothing_of_it() {
     assert_eq!(get(&b.url(&path), &[]).await.json()["name"], "after");
     assert_eq!(get(&a.url(&path), &[]).await.json()["name"], "after");
 }
+
+/// Counts resyncs; the first one kills the subscription it runs under (as a Redis restart or
+/// a network cut at that moment would).
+struct KillingListener {
+    redis: redis::aio::MultiplexedConnection,
+    resyncs: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl cloudcasa_gateway::fleet::Listener for KillingListener {
+    fn invalidate(
+        &self,
+        _partition: cloudcasa_gateway::secrets::token::Fingerprint,
+        _exact: Vec<String>,
+        _roots: Vec<String>,
+    ) -> futures_util::future::BoxFuture<'static, ()> {
+        Box::pin(async {})
+    }
+
+    fn resync(&self) -> futures_util::future::BoxFuture<'static, ()> {
+        let first = self
+            .resyncs
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            == 0;
+        let mut redis = self.redis.clone();
+        Box::pin(async move {
+            if first {
+                let killed: i64 = redis::cmd("CLIENT")
+                    .arg("KILL")
+                    .arg("TYPE")
+                    .arg("pubsub")
+                    .query_async(&mut redis)
+                    .await
+                    .unwrap();
+                assert_eq!(killed, 1, "the replica's subscription");
+                // Long enough for the subscription's task to see its end.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_subscription_lost_while_the_link_comes_back_is_not_taken_for_live() {
+    let redis = RedisServer::start().await;
+    let metrics = cloudcasa_gateway::observability::metrics::Metrics::new(
+        Default::default(),
+        None,
+        None,
+        Default::default(),
+    );
+    let fleet = cloudcasa_gateway::fleet::Fleet::new(
+        cloudcasa_gateway::config::FleetConfig {
+            redis_url: redis.url(),
+            password_file: None,
+            ca_file: None,
+            partition_key_file: None,
+            replica: "gw-a".into(),
+            shared_cache: true,
+            max_shared_object_size: 1024 * 1024,
+            timeout: Duration::from_millis(200),
+        },
+        metrics.fleet.clone(),
+    )
+    .unwrap();
+    let resyncs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // The first link-up resyncs (nothing was heard before it); that resync loses the
+    // subscription. Taken for live, the replica would hear nothing from then on and never
+    // resync again; down, its next subscription brings the link up with a second resync.
+    fleet.start(std::sync::Arc::new(KillingListener {
+        redis: redis.connection().await,
+        resyncs: resyncs.clone(),
+    }));
+    eventually(Duration::from_secs(10), "a second resync", || {
+        std::future::ready(resyncs.load(std::sync::atomic::Ordering::SeqCst) >= 2)
+    })
+    .await;
+    eventually(Duration::from_secs(5), "the link up again", || {
+        std::future::ready(fleet.is_up())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn exiting_with_writes_never_announced_says_so() {
+    let mut redis = RedisServer::start().await;
+    let mock = MockCloudCasa::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = write_file(dir.path(), "token", "token-a");
+    let log = dir.path().join("gateway.log");
+    let mut child = ChildGateway::start(log, &[("RUST_LOG", "info")], |proxy, admin| {
+        let config = format!(
+            "[server]\nlisten = \"{proxy}\"\ndrain_timeout = \"1s\"\n[admin]\n\
+             listen = \"{admin}\"\n[audit]\nenabled = false\n[upstream]\nurl = \"{}\"\n\
+             [token]\nfile = \"{}\"\n[fleet]\nredis_url = \"{}\"\nreplica = \"gw-exit\"\n",
+            mock.url(),
+            token.display(),
+            redis.url()
+        );
+        vec![
+            "--config".into(),
+            write_file(dir.path(), "gateway.toml", &config).into(),
+        ]
+    })
+    .await;
+    let link = format!("http://{}/metrics", child.admin);
+    let link_is = |value: &'static str| {
+        let link = link.clone();
+        async move {
+            eventually(Duration::from_secs(10), "the fleet link", || async {
+                get(&link, &[])
+                    .await
+                    .text()
+                    .contains(&format!("cloudcasa_gateway_fleet_link_up {value}\n"))
+            })
+            .await
+        }
+    };
+    link_is("1").await;
+    redis.kill();
+    link_is("0").await;
+    // A write while Redis is away: remembered, to be announced when it is back. It never is.
+    let (id, etag) = item(&mock, "old");
+    let url = format!("http://{}/api/v1/usergroups/{id}", child.proxy);
+    assert_eq!(rename(&url, &etag, "new").await.status, StatusCode::OK);
+    child.signal("TERM");
+    let (status, logs) = child.wait().await;
+    assert!(status.success(), "{logs}");
+    assert!(
+        logs.contains("exiting with writes made while Redis was unreachable not announced")
+            && logs.contains("partitions=1"),
+        "{logs}"
+    );
+}

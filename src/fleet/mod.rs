@@ -412,7 +412,7 @@ impl Fleet {
     }
 
     fn mark_down(&self, op: FleetOp, why: &str) {
-        if self.up.swap(false, Ordering::AcqRel) {
+        if self.up.swap(false, Ordering::SeqCst) {
             self.subscription_at_down.store(
                 self.subscriptions.load(Ordering::Acquire),
                 Ordering::Release,
@@ -633,7 +633,7 @@ impl Fleet {
                             () = self.resubscribe.notified() => break,
                         }
                     }
-                    self.subscribed.store(false, Ordering::Release);
+                    self.subscribed.store(false, Ordering::SeqCst);
                     self.metrics.error(FleetOp::Subscribe.as_str());
                     self.mark_down(FleetOp::Subscribe, "the subscription ended or fell silent");
                 }
@@ -652,6 +652,7 @@ impl Fleet {
 
     async fn received(&self, payload: &[u8]) {
         let Ok(message) = serde_json::from_slice::<Message>(payload) else {
+            self.metrics.error(FleetOp::Subscribe.as_str());
             tracing::warn!("ignored a fleet message that is not an invalidation");
             return;
         };
@@ -660,6 +661,11 @@ impl Fleet {
             return;
         }
         let Some(partition) = Fingerprint::from_hex(&message.p) else {
+            self.metrics.error(FleetOp::Subscribe.as_str());
+            tracing::warn!(
+                from = %message.from,
+                "ignored a fleet invalidation without a valid partition"
+            );
             return;
         };
         let delay = Duration::from_micros(now_us().saturating_sub(message.at));
@@ -750,6 +756,7 @@ impl Fleet {
     /// holds if invalidations may have been missed (the subscription was re-established), then
     /// serve from the fleet again.
     async fn recover(&self) {
+        let subscriptions = self.subscriptions.load(Ordering::Acquire);
         let dirty: Vec<Fingerprint> = self
             .dirty
             .lock()
@@ -775,9 +782,26 @@ impl Fleet {
         // that failed while down either is among these, or sees the link up and publishes.
         let late: Vec<Fingerprint> = {
             let mut dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
-            self.up.store(true, Ordering::Release);
+            self.up.store(true, Ordering::SeqCst);
             dirty.drain().collect()
         };
+        // The subscription may have ended while this ran (its `mark_down` then found the link
+        // already down and recorded nothing): up without it, this replica would be deaf to
+        // every invalidation until its entries expired. Down again, its next subscription
+        // counts as a new one and resyncs. (SeqCst with the subscription's store and
+        // `mark_down`'s swap: one of the two sees the other.)
+        if !self.subscribed.load(Ordering::SeqCst)
+            || self.subscriptions.load(Ordering::Acquire) != subscriptions
+        {
+            self.mark_down(
+                FleetOp::Subscribe,
+                "the subscription ended while the link came back",
+            );
+            // Every subscription since this began counts as new, a replacement that came in
+            // meanwhile too: what was published between the two was missed.
+            self.subscription_at_down
+                .store(subscriptions, Ordering::Release);
+        }
         for partition in &late {
             if !self.void_partition(partition).await {
                 self.failed(
@@ -801,6 +825,21 @@ impl Fleet {
             memory_emptied = missed,
             "fleet link up: shared cache, invalidations and fleet-wide rate limits in force"
         );
+    }
+
+    /// At exit: says so if writes made while the link was down were never announced to the
+    /// other replicas (they keep what those writes changed until it expires). Returns how many
+    /// partitions.
+    pub fn report_at_exit(&self) -> usize {
+        let dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner()).len();
+        if dirty > 0 {
+            tracing::error!(
+                partitions = dirty,
+                "exiting with writes made while Redis was unreachable not announced: other \
+                 replicas may serve what they changed until it expires"
+            );
+        }
+        dirty
     }
 
     /// Gives `partition` a new generation (every shared entry of it is void) and tells every

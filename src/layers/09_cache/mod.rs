@@ -168,10 +168,13 @@ impl ResponseCache {
     pub async fn finish_background(&self, limit: Duration) -> usize {
         self.hurry.cancel();
         self.background.close();
-        if tokio::time::timeout(limit, self.background.wait())
+        let finished = tokio::time::timeout(limit, self.background.wait())
             .await
-            .is_ok()
-        {
+            .is_ok();
+        if let Some(fleet) = self.fleet() {
+            fleet.report_at_exit();
+        }
+        if finished {
             return 0;
         }
         let left = self.background.len();

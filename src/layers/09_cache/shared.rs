@@ -14,6 +14,10 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use super::store::Stored;
 
 const MAGIC: &[u8; 4] = b"CCG1";
+/// The most header lines (and `Vary` names) an entry may hold: far more than the upstream's
+/// client accepts in one response (hyper's limit, 100), and far below where `HeaderMap`
+/// panics.
+const MAX_FIELDS: usize = 1024;
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
@@ -118,17 +122,24 @@ pub fn decode(data: &Bytes) -> Option<Stored> {
     ] = times;
     let flags = r.u8()?;
     let etag = HeaderValue::from_maybe_shared(r.bytes()?).ok()?;
+    // What Redis holds is not trusted: an entry written by something else, or corrupted, is
+    // refused, and no count in it sizes an allocation or reaches `HeaderMap`'s limits (which
+    // panic).
     let count = r.u32()?;
-    // Each header takes at least 8 bytes: a count beyond what is left is a bad entry, and it
-    // must not size an allocation.
-    let mut headers = HeaderMap::with_capacity(count.min(data.len() / 8));
+    if count > MAX_FIELDS {
+        return None;
+    }
+    let mut headers = HeaderMap::try_with_capacity(count).ok()?;
     for _ in 0..count {
         let name = HeaderName::from_bytes(&r.bytes()?).ok()?;
         let value = HeaderValue::from_maybe_shared(r.bytes()?).ok()?;
-        headers.append(name, value);
+        headers.try_append(name, value).ok()?;
     }
     let count = r.u32()?;
-    let mut vary = Vec::with_capacity(count.min(data.len() / 5));
+    if count > MAX_FIELDS {
+        return None;
+    }
+    let mut vary = Vec::with_capacity(count);
     for _ in 0..count {
         let name = HeaderName::from_bytes(&r.bytes()?).ok()?;
         let value = match r.u8()? {
@@ -241,6 +252,32 @@ mod tests {
         huge[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(decode(&Bytes::from(huge)).is_none());
         assert!(decode(&Bytes::from_static(b"not an entry")).is_none());
+    }
+
+    #[test]
+    fn hostile_counts_are_refused_without_a_panic() {
+        // A count that a big enough entry could back: `HeaderMap::with_capacity` panics past
+        // 24,576, and `append` past 32,768 lines.
+        let mut big = sample();
+        big.body = Bytes::from(vec![b'x'; 300 * 1024]);
+        let at = 4 + 5 * 8 + 1 + 4 + "\"abc\"".len();
+        let mut forged = encode(&big);
+        forged[at..at + 4].copy_from_slice(&30_000u32.to_le_bytes());
+        assert!(decode(&Bytes::from(forged)).is_none());
+        // As many real lines: well formed, and refused.
+        let mut many = sample();
+        for i in 0..MAX_FIELDS as u32 {
+            many.headers.append("x-a", HeaderValue::from(i));
+        }
+        assert!(decode(&Bytes::from(encode(&many))).is_none());
+        let mut wide = sample();
+        wide.vary = (0..=MAX_FIELDS)
+            .map(|_| (HeaderName::from_static("x-v"), None))
+            .collect();
+        assert!(decode(&Bytes::from(encode(&wide))).is_none());
+        // Up to the limit, an entry decodes.
+        wide.vary.pop();
+        assert!(decode(&Bytes::from(encode(&wide))).is_some());
     }
 
     #[test]
