@@ -404,27 +404,29 @@ async fn fail_closed_refuses_writes_it_cannot_record_but_never_blocks_reads() {
     .await;
 }
 
+fn phases_and_methods(
+    records: &[serde_json::Value],
+) -> Vec<(serde_json::Value, serde_json::Value)> {
+    records
+        .iter()
+        .map(|r| (r["phase"].clone(), r["method"].clone()))
+        .collect()
+}
+
 #[tokio::test]
 async fn fail_closed_writes_the_intent_before_forwarding() {
     let (mock, _secret, gw) = setup("[audit]\nfail_closed = true").await;
     // The test gateway keeps its own file; fail_closed applies to it.
     let (id, etag) = item(&mock, "ops");
     let path = format!("/api/v1/usergroups/{id}");
-    let reply = send(
-        Method::PATCH,
-        &gw.url(&path),
-        &[("if-match", &format!("\"{etag}\""))],
-        r#"{"name":"x"}"#,
-    )
-    .await;
-    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(
+        rename(&gw.url(&path), &etag, "x").await.status,
+        StatusCode::OK
+    );
     let get_reply = get(&gw.url(&path), &[]).await;
     assert_eq!(get_reply.status, StatusCode::OK);
     let records = gw.wait_audit(3).await;
-    let phases: Vec<_> = records
-        .iter()
-        .map(|r| (r["phase"].clone(), r["method"].clone()))
-        .collect();
+    let phases = phases_and_methods(&records);
     assert_eq!(
         phases,
         [
@@ -450,6 +452,35 @@ async fn fail_closed_writes_the_intent_before_forwarding() {
         assert!(intent[member].is_null(), "intent {member}: {intent}");
     }
     assert_eq!(outcome["status"], 200);
+}
+
+#[tokio::test]
+async fn a_removed_audit_file_is_created_again_before_anything_counts_as_written() {
+    let (mock, _secret, gw) = setup("[audit]\nfail_closed = true").await;
+    let audit = gw.audit.clone().unwrap();
+    let (id, etag) = item(&mock, "ops");
+    let path = format!("/api/v1/usergroups/{id}");
+    assert_eq!(get(&gw.url(&path), &[]).await.status, StatusCode::OK);
+    gw.wait_audit(1).await;
+    // Removed by hand (or compressed away by a rotation before the reopen): the open file
+    // would take every later record, and a write's intent, into an inode nobody can read.
+    std::fs::remove_file(&audit).unwrap();
+    assert_eq!(get(&gw.url(&path), &[]).await.status, StatusCode::OK);
+    assert_eq!(
+        rename(&gw.url(&path), &etag, "x").await.status,
+        StatusCode::OK
+    );
+    let records = gw.wait_audit(3).await;
+    let phases = phases_and_methods(&records);
+    assert_eq!(
+        phases,
+        [
+            (json!("outcome"), json!("GET")),
+            (json!("intent"), json!("PATCH")),
+            (json!("outcome"), json!("PATCH")),
+        ],
+        "the new file holds what came after the removal"
+    );
 }
 
 #[tokio::test]

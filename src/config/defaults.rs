@@ -45,6 +45,9 @@ pub const CACHE_MAX_SIZE: u64 = 256 * 1024 * 1024;
 pub const CACHE_MAX_OBJECT_SIZE: u64 = 8 * 1024 * 1024;
 /// `upstream.max_buffered_bodies`: 32 MiB.
 pub const MAX_BUFFERED_BODIES: u64 = 32 * 1024 * 1024;
+/// `audit.max_queued`: 16 MiB, about 20,000 records of 800 bytes: a third of a second of a
+/// busy gateway's records while the sink stalls.
+pub const AUDIT_MAX_QUEUED: u64 = 16 * 1024 * 1024;
 /// `cache.max_inflight`: 64 MiB.
 pub const CACHE_MAX_INFLIGHT: u64 = 64 * 1024 * 1024;
 /// `cache.key_headers`: the headers Eve (and most APIs) content-negotiate on.

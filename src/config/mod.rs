@@ -376,6 +376,7 @@ mod tests {
         let c = validate("[token]\nfile = \"/t\"\n").unwrap();
         assert_eq!(c.audit.sink, AuditSink::Stdout);
         assert!(c.audit.enabled && !c.audit.fail_closed);
+        assert_eq!(c.audit.max_queued, 16 * 1024 * 1024);
         assert_eq!(c.telemetry.service_name, "cloudcasa-gateway");
         assert_eq!(c.telemetry.otlp_endpoint, None);
         let c = validate(
@@ -392,6 +393,9 @@ mod tests {
             keys(&problems),
             ["audit.fail_closed", "telemetry.otlp_endpoint"]
         );
+        let problems =
+            validate("[token]\nfile = \"/t\"\n[audit]\nmax_queued = \"512KiB\"\n").unwrap_err();
+        assert_eq!(keys(&problems), ["audit.max_queued"]);
     }
 
     #[test]

@@ -55,7 +55,13 @@ pub struct AuditConfig {
     pub sink: AuditSink,
     /// Writes wait for a durable intent record, and are refused (503) without one.
     pub fail_closed: bool,
+    /// What records waiting for the writer, or being written, may hold, in bytes.
+    pub max_queued: u64,
 }
+
+/// The least `audit.max_queued`: room for the largest record (a 64 KiB target whose every byte
+/// is escaped, about 130 KiB) several times over.
+pub const MIN_AUDIT_QUEUED: u64 = 1024 * 1024;
 
 /// `[telemetry]`.
 #[derive(Debug, Clone)]
@@ -123,10 +129,20 @@ pub(super) fn audit(p: &mut Problems, r: raw::RawAudit) -> AuditConfig {
             "needs the audit trail: audit.enabled must not be false",
         );
     }
+    let max_queued = r
+        .max_queued
+        .map_or(super::defaults::AUDIT_MAX_QUEUED, |b| b.as_u64());
+    if max_queued < MIN_AUDIT_QUEUED {
+        p.add(
+            "audit.max_queued",
+            "must be at least 1MiB: one record can take about 130 KiB",
+        );
+    }
     AuditConfig {
         enabled,
         sink,
         fail_closed,
+        max_queued,
     }
 }
 

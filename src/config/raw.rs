@@ -158,6 +158,7 @@ pub struct RawAudit {
     pub enabled: Option<bool>,
     pub path: Option<String>,
     pub fail_closed: Option<bool>,
+    pub max_queued: Option<ByteSize>,
 }
 
 #[derive(Debug, Default, Deserialize)]

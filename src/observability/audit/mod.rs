@@ -33,8 +33,6 @@ use record::{OpenRecord, Record};
 
 /// Records waiting for the writer; past this, records are dropped (and counted), never waited on.
 const QUEUE_CAPACITY: usize = 64 * 1024;
-/// ...and their bytes: a record is about 800 bytes, but its path and query can be long.
-const QUEUE_BYTES: usize = 64 * 1024 * 1024;
 /// How long the writer lets outcome records gather before writing them. Waking a thread per
 /// record costs a context switch each; at tens of thousands of requests a second on one core,
 /// that alone halved throughput. Each batch still costs the writer a wake-up and a write:
@@ -96,9 +94,24 @@ struct Queue {
     urgent: bool,
     /// What the writer is doing, so that a producer wakes it only when it waits.
     writer: WriterIs,
+    /// The bytes of the records the writer took and is still writing: with `staged`, what
+    /// `audit.max_queued` bounds.
+    writer_holds: usize,
     /// Every handle is gone (the writer writes what is left and stops), or the writer stopped.
     closed: bool,
     stopped: bool,
+}
+
+impl Queue {
+    /// Hands everything staged to the writer (into `taken`, which must be empty, and whose
+    /// buffers staging reuses); returns how many records. Their bytes still count against
+    /// the bound until the writer next looks.
+    fn take(&mut self, taken: &mut Staged) -> usize {
+        std::mem::swap(&mut self.staged, taken);
+        self.writer_holds = taken.bytes.len();
+        self.urgent = false;
+        std::mem::take(&mut self.records)
+    }
 }
 
 /// What the writer is doing: a record wakes an idle writer; only an urgent job cuts a
@@ -115,6 +128,9 @@ enum WriterIs {
 struct Shared {
     queue: Mutex<Queue>,
     wake: Condvar,
+    /// `audit.max_queued`: the bytes of records staged and being written, together (a record
+    /// is about 800 bytes, but its path and query can be long).
+    max_bytes: usize,
     /// Records the writer has taken and not yet accounted for (written, or counted as failed):
     /// what a writer that dies mid-batch must still count as lost.
     in_flight: AtomicUsize,
@@ -250,6 +266,7 @@ impl AuditLog {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
+            max_bytes: usize::try_from(config.max_queued).unwrap_or(usize::MAX),
             in_flight: AtomicUsize::new(0),
         });
         let tag = ChainTag::new(replica, &chain.unwrap_or_else(ChainTag::new_chain_id));
@@ -295,7 +312,8 @@ impl AuditLog {
             return refused(Refused::Stopped);
         }
         if let Some(bytes) = record {
-            if q.records >= QUEUE_CAPACITY || q.staged.bytes.len() + bytes.len() > QUEUE_BYTES {
+            let held = q.staged.bytes.len() + q.writer_holds;
+            if q.records >= QUEUE_CAPACITY || held + bytes.len() > self.shared.max_bytes {
                 return refused(Refused::Full);
             }
             q.staged.bytes.extend_from_slice(bytes);
@@ -426,7 +444,45 @@ enum Sink {
 }
 
 impl Sink {
+    /// Writes `buf` (fsynced if `durable`). A file that lost its name while open (removed by
+    /// hand, or compressed away by a rotation before the reopen) takes the write and keeps it
+    /// nowhere: then the path is opened afresh and `buf` written there, so an intent confirmed
+    /// durable is in the trail, and no record after the removal goes unseen.
     fn write(&mut self, buf: &[u8], durable: bool) -> std::io::Result<()> {
+        self.write_once(buf, durable)?;
+        if !self.unlinked() {
+            return Ok(());
+        }
+        tracing::warn!(
+            file = %self.path().map(|p| p.display().to_string()).unwrap_or_default(),
+            "the audit file was removed while open: writing to a new one at its path"
+        );
+        self.reopen();
+        if self.unlinked() {
+            return Err(std::io::Error::other(
+                "the audit file was removed and could not be created again",
+            ));
+        }
+        self.write_once(buf, durable)
+    }
+
+    fn path(&self) -> Option<&std::path::Path> {
+        match self {
+            Sink::Stdout => None,
+            Sink::File { path, .. } => Some(path),
+        }
+    }
+
+    /// The open file has no name left (its last link is gone).
+    fn unlinked(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match self {
+            Sink::Stdout => false,
+            Sink::File { file, .. } => file.metadata().is_ok_and(|m| m.is_file() && m.nlink() == 0),
+        }
+    }
+
+    fn write_once(&mut self, buf: &[u8], durable: bool) -> std::io::Result<()> {
         match self {
             // A pipe cannot be fsynced; flushed is as durable as stdout gets.
             Sink::Stdout => {
@@ -508,6 +564,8 @@ impl Writer {
         let mut buf = Vec::with_capacity(256 * 1024);
         loop {
             let mut q = shared.lock();
+            // What it took last time is written (or counted as lost) and cleared.
+            q.writer_holds = 0;
             // Wait for work; then, unless something is urgent, let records gather.
             while q.staged.jobs.is_empty() && !q.closed {
                 q.writer = WriterIs::Idle;
@@ -525,9 +583,7 @@ impl Writer {
             if q.staged.jobs.is_empty() && q.closed {
                 break;
             }
-            std::mem::swap(&mut q.staged, &mut taken);
-            let records = std::mem::take(&mut q.records);
-            q.urgent = false;
+            let records = q.take(&mut taken);
             shared.in_flight.store(records, Ordering::Relaxed);
             drop(q);
             self.metrics.queued.dec_by(records as i64);
@@ -668,6 +724,7 @@ mod tests {
             enabled: true,
             sink: AuditSink::File(path.clone()),
             fail_closed: false,
+            max_queued: 64 * 1024 * 1024,
         };
         let log = AuditLog::open(&config, "test", AuditMetrics::default()).expect("opens");
         (log, path)
@@ -688,11 +745,15 @@ mod tests {
         }
     }
 
+    /// `audit.max_queued` of [`stalled`].
+    const STALLED_MAX_BYTES: usize = 64 * 1024 * 1024;
+
     /// A handle on a queue no writer takes from: what requests see when the writer falls behind.
     fn stalled() -> AuditLog {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
+            max_bytes: STALLED_MAX_BYTES,
             in_flight: AtomicUsize::new(0),
         });
         AuditLog {
@@ -796,10 +857,22 @@ mod tests {
                 no_ids()
             });
         }
-        let q = log.shared.lock();
-        assert!(q.staged.bytes.len() <= QUEUE_BYTES);
+        let mut q = log.shared.lock();
+        assert!(q.staged.bytes.len() <= STALLED_MAX_BYTES);
         assert_eq!(q.records, 63, "64 MiB holds 63 records of just over 1 MiB");
         assert_eq!(lost, 37);
+        // What the writer took and is still writing counts too: until it is done, nothing more
+        // fits.
+        let mut taken = Staged::default();
+        assert_eq!(q.take(&mut taken), 63);
+        drop(q);
+        log.record(&record(&long), || {
+            lost += 1;
+            no_ids()
+        });
+        assert_eq!(lost, 38);
+        log.shared.lock().writer_holds = 0;
+        log.record(&record(&long), || unreachable!("room again"));
     }
 
     #[tokio::test]
