@@ -115,13 +115,36 @@ enum AuditCommand {
         /// The audit files (JSON Lines).
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
+        /// A chain head recorded elsewhere (the gateway logs it at shutdown and at each
+        /// reopen): some record in the files must have it as its hash. Repeatable.
+        #[arg(long = "head", value_name = "HASH")]
+        heads: Vec<String>,
     },
 }
 
-fn audit_verify(files: &[PathBuf]) -> ExitCode {
-    match chain::verify_files(files) {
+fn audit_verify(files: &[PathBuf], heads: &[String]) -> ExitCode {
+    let mut anchors = Vec::with_capacity(heads.len());
+    for head in heads {
+        match chain::ChainHash::parse(head) {
+            Some(hash) => anchors.push(hash),
+            None => {
+                eprintln!("error: --head {head:?} is not a chain hash (64 lowercase hex digits)");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    match chain::verify_anchored(files, &anchors) {
+        Ok(v) if !v.missing_anchors.is_empty() => {
+            for anchor in &v.missing_anchors {
+                eprintln!(
+                    "BROKEN: no record has the head {anchor}: the records up to it were removed \
+                     or replaced"
+                );
+            }
+            ExitCode::from(1)
+        }
         Ok(v) => {
-            if v.chains.is_empty() {
+            if v.chains.is_empty() && v.torn.is_empty() {
                 println!("OK: 0 records (the file is empty)");
                 return ExitCode::SUCCESS;
             }
@@ -144,7 +167,20 @@ fn audit_verify(files: &[PathBuf]) -> ExitCode {
                     c.head
                 );
             }
-            ExitCode::SUCCESS
+            if !anchors.is_empty() {
+                println!("  every --head given is a record in these files");
+            }
+            if v.torn.is_empty() {
+                return ExitCode::SUCCESS;
+            }
+            // Intact, but records were lost where a write was cut off.
+            for (file, line) in &v.torn {
+                println!(
+                    "  TORN: {file} line {line} is not a whole record (a write cut off by a \
+                     crash); skipped, and the records after it link to the one before it"
+                );
+            }
+            ExitCode::from(3)
         }
         Err(e) => {
             eprintln!("BROKEN: {e}");
@@ -156,7 +192,9 @@ fn audit_verify(files: &[PathBuf]) -> ExitCode {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match &cli.command {
-        Some(Command::Audit(AuditCommand::Verify { files })) => return audit_verify(files),
+        Some(Command::Audit(AuditCommand::Verify { files, heads })) => {
+            return audit_verify(files, heads);
+        }
         Some(Command::HashKey { id }) => return hash_key(id),
         None => {}
     }

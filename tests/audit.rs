@@ -269,13 +269,20 @@ async fn every_field_for_each_kind_of_exchange() {
 }
 
 fn verify(files: &[&Path]) -> (bool, String) {
+    let (code, out) = verify_anchored(files, &[]);
+    (code == Some(0), out)
+}
+
+/// `audit verify --head …` on `files`: its exit code and output.
+fn verify_anchored(files: &[&Path], heads: &[&str]) -> (Option<i32>, String) {
     let out = Command::new(BIN)
         .args(["audit", "verify"])
+        .args(heads.iter().flat_map(|h| ["--head", h]))
         .args(files)
         .output()
         .unwrap();
     (
-        out.status.success(),
+        out.status.code(),
         format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
@@ -355,6 +362,33 @@ async fn the_chain_survives_restarts_and_verify_finds_tampering() {
     assert!(ok && out.contains("continues a chain"), "{out}");
     let (ok, out) = verify(&[&new, &old]);
     assert!(!ok && out.contains("audit.1 line 1: prev is"), "{out}");
+
+    // A line cut off by a crash: reported (exit 3), and the chain is checked across it.
+    let torn = &lines[3][..40];
+    let path = write_file(
+        dir.path(),
+        "torn",
+        &([lines[0], lines[1], torn, lines[2], lines[3]].join("\n") + "\n"),
+    );
+    let (code, out) = verify_anchored(&[&path], &[]);
+    assert_eq!(code, Some(3), "{out}");
+    assert!(
+        out.contains("OK: 4 records") && out.contains("TORN: ") && out.contains("torn line 3"),
+        "{out}"
+    );
+    // A head logged at shutdown, kept elsewhere, must be a record of the files: cutting the
+    // chain short before it, or rewriting it, is then found.
+    let head = records[1]["hash"].as_str().unwrap();
+    let (code, out) = verify_anchored(&[&audit], &[head]);
+    assert_eq!(code, Some(0), "{out}");
+    let (code, out) = verify_anchored(&[&new], &[head]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains(&format!("no record has the head {head}")),
+        "{out}"
+    );
+    let (code, out) = verify_anchored(&[&audit], &["not-a-hash"]);
+    assert_eq!(code, Some(2), "{out}");
 }
 
 async fn metric(gw: &TestGateway, line_start: &str) -> Option<f64> {

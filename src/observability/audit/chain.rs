@@ -208,6 +208,13 @@ pub struct Verified {
     pub records: u64,
     /// The chains, in the order their first records appear.
     pub chains: Vec<VerifiedChain>,
+    /// Lines that are not JSON at all (file, 1-based line): what a crash in the middle of a
+    /// write leaves. Skipped: the records after one still have to link to the last good record
+    /// of their chain, so such a line can hide nothing.
+    pub torn: Vec<(String, u64)>,
+    /// The anchors asked for (heads logged at shutdown or rotation, kept elsewhere) that no
+    /// record in the files has as its hash: records up to them were removed or replaced.
+    pub missing_anchors: Vec<ChainHash>,
 }
 
 /// The first broken line found.
@@ -235,9 +242,20 @@ impl fmt::Display for VerifyError {
 /// member) must be unbroken, however the chains' records are interleaved, as a log collector
 /// merging several replicas' output interleaves them.
 pub fn verify_files(files: &[impl AsRef<Path>]) -> Result<Verified, VerifyError> {
+    verify_anchored(files, &[])
+}
+
+/// [`verify_files`], and each of `anchors` must be the hash of a record in the files: a chain
+/// cut short, or rewritten whole from some point on, no longer holds a head recorded before.
+pub fn verify_anchored(
+    files: &[impl AsRef<Path>],
+    anchors: &[ChainHash],
+) -> Result<Verified, VerifyError> {
     let mut verified = Verified {
         records: 0,
         chains: Vec::new(),
+        torn: Vec::new(),
+        missing_anchors: anchors.to_vec(),
     };
     let mut by_id: HashMap<String, usize> = HashMap::new();
     for file in files {
@@ -257,7 +275,11 @@ pub fn verify_files(files: &[impl AsRef<Path>]) -> Result<Verified, VerifyError>
                 problem,
             };
             let line = line.map_err(|e| broken(e.to_string()))?;
-            let value: Option<serde_json::Value> = serde_json::from_slice(&line).ok();
+            let Ok(value) = serde_json::from_slice::<serde_json::Value>(&line) else {
+                verified.torn.push((name.clone(), line_no));
+                continue;
+            };
+            let value = Some(value);
             let member = |key: &str| {
                 value
                     .as_ref()
@@ -267,6 +289,7 @@ pub fn verify_files(files: &[impl AsRef<Path>]) -> Result<Verified, VerifyError>
             let chain = by_id.get(&id).map(|i| &verified.chains[*i]);
             let hash = check_line(&line, chain.map(|c| c.head))
                 .map_err(|b| broken(format!("{b} (chain {id:?})")))?;
+            verified.missing_anchors.retain(|a| *a != hash);
             match by_id.get(&id) {
                 Some(i) => {
                     let chain = &mut verified.chains[*i];
@@ -306,7 +329,7 @@ pub struct Head {
 /// The hash of the last complete record in an existing audit file, so that a restarted gateway
 /// continues the chain. `Ok(None)` for a missing or empty file. A torn last line (a crash in the
 /// middle of a write) is skipped with a warning; the chain continues from the last good record and
-/// `audit verify` will point at the torn line.
+/// `audit verify` reports the torn line.
 pub fn read_head(path: &Path) -> std::io::Result<Option<Head>> {
     let mut file = match std::fs::File::open(path) {
         Ok(f) => f,
@@ -424,6 +447,51 @@ mod tests {
         let expected = check_line(&lines[1], None).unwrap();
         assert_eq!(read_head(&path).unwrap().map(|h| h.hash), Some(expected));
         assert_eq!(read_head(&dir.path().join("missing")).unwrap(), None);
+    }
+
+    #[test]
+    fn a_torn_line_is_skipped_and_the_chain_is_checked_across_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let lines = chain(&[r#"{"n":1"#, r#"{"n":2"#, r#"{"n":3"#]);
+        let write = |name: &str, lines: &[&[u8]]| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, [lines.join(&b'\n'), b"\n".to_vec()].concat()).unwrap();
+            path
+        };
+        // A crash cut a record off after line 1; the writer went on from line 1's hash.
+        let torn: &[u8] = br#"{"n":9,"replica":"r","pr"#;
+        let path = write("torn", &[&lines[0], torn, &lines[1], &lines[2]]);
+        let v = verify_files(&[&path]).expect("intact apart from the torn line");
+        assert_eq!(v.records, 3);
+        assert_eq!(v.torn, [(path.display().to_string(), 2)]);
+        // A torn-looking line hides nothing: an edit after it is still found...
+        let edited = String::from_utf8(lines[2].clone())
+            .unwrap()
+            .replace("\"n\":3", "\"n\":4");
+        let path = write("edited", &[&lines[0], torn, &lines[1], edited.as_bytes()]);
+        assert_eq!(verify_files(&[&path]).unwrap_err().line, 4);
+        // ...and so is a record replaced by one.
+        let path = write("replaced", &[&lines[0], torn, &lines[2]]);
+        assert_eq!(verify_files(&[&path]).unwrap_err().line, 3);
+    }
+
+    #[test]
+    fn anchors_find_a_chain_cut_short_or_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let lines = chain(&[r#"{"n":1"#, r#"{"n":2"#, r#"{"n":3"#]);
+        let heads: Vec<ChainHash> = lines.iter().map(|l| check_line(l, None).unwrap()).collect();
+        let path = dir.path().join("audit");
+        std::fs::write(&path, [lines[..2].join(&b'\n'), b"\n".to_vec()].concat()).unwrap();
+        // The head logged after record 2 is there; the one logged after record 3 is not.
+        let v = verify_anchored(&[&path], &[heads[1]]).unwrap();
+        assert!(v.missing_anchors.is_empty());
+        let v = verify_anchored(&[&path], &[heads[1], heads[2]]).unwrap();
+        assert_eq!(v.missing_anchors, [heads[2]]);
+        // A chain rewritten from its start: intact, and none of the heads logged before.
+        let forged = chain(&[r#"{"n":1"#, r#"{"n":5"#]);
+        std::fs::write(&path, [forged.join(&b'\n'), b"\n".to_vec()].concat()).unwrap();
+        let v = verify_anchored(&[&path], &[heads[1]]).unwrap();
+        assert_eq!(v.missing_anchors, [heads[1]]);
     }
 
     /// A chain of `n` records by `replica` under chain id `id`.
