@@ -473,6 +473,9 @@ async fn fail_closed_writes_the_intent_before_forwarding() {
     let (intent, outcome) = (&records[0], &records[1]);
     assert_eq!(intent["request_id"], outcome["request_id"]);
     assert_eq!(intent["trace_id"], outcome["trace_id"]);
+    // The pair's key: the span id is the gateway's own (a client can send two writes with one
+    // request id and trace id).
+    assert_eq!(intent["span_id"], outcome["span_id"]);
     assert_eq!(intent["if_match"], format!("\"{etag}\""));
     for member in [
         "status",
@@ -515,6 +518,52 @@ async fn a_removed_audit_file_is_created_again_before_anything_counts_as_written
         ],
         "the new file holds what came after the removal"
     );
+}
+
+#[tokio::test]
+async fn a_response_the_upstream_breaks_off_is_not_blamed_on_the_client() {
+    // Headers for 1,000 bytes, ten of them, then the connection closed.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        loop {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut head = vec![0u8; 4096];
+            let _ = conn.read(&mut head).await;
+            let _ = conn
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789")
+                .await;
+        }
+    });
+    let secret = SecretDir::new("token-a");
+    let gw = TestGateway::start(&format!(
+        "[upstream]\nurl = \"http://{upstream}\"\n[token]\nfile = \"{}\"\n[cache]\nenabled = false\n",
+        secret.token_path().display()
+    ))
+    .await;
+    let reply = raw_exchange(
+        gw.proxy,
+        b"GET /api/v1/usergroups HTTP/1.1\r\nhost: x\r\n\r\n",
+    )
+    .await;
+    assert!(
+        reply.starts_with("HTTP/1.1 200"),
+        "the headers went out first: {reply}"
+    );
+    assert!(reply.ends_with("0123456789"), "{reply}");
+    let records = gw.wait_audit(1).await;
+    let record = &records[0];
+    assert_eq!(record["status"], 200, "{record}");
+    assert_eq!(record["complete"], false, "{record}");
+    assert_eq!(record["error"], "upstream_body", "{record}");
+    assert_eq!(record["bytes_out"], 10, "{record}");
+    let metrics = get(&gw.admin_url("/metrics"), &[]).await.text();
+    assert!(
+        metrics.contains("cloudcasa_gateway_gateway_errors_total{kind=\"upstream_body\"} 1"),
+        "{metrics}"
+    );
+    server.abort();
 }
 
 #[tokio::test]

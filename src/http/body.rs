@@ -235,8 +235,14 @@ pub trait TapHook: Send + 'static {
     /// A data frame of `len` bytes passed.
     fn data(&mut self, len: usize);
     /// The body ended: `complete` when its last frame passed, `false` when it failed or was
-    /// dropped unfinished (the client went away). Called exactly once.
+    /// dropped unfinished (the client went away). Called exactly once, unless
+    /// [`TapHook::failed`] is called instead.
     fn end(&mut self, complete: bool);
+    /// The body failed: its source broke off (not the reader going away). By default, an
+    /// unfinished end.
+    fn failed(&mut self) {
+        self.end(false);
+    }
 }
 
 pin_project_lite::pin_project! {
@@ -290,7 +296,7 @@ where
             }
             Some(Err(_)) => {
                 if let Some(mut hook) = this.hook.take() {
-                    hook.end(false);
+                    hook.failed();
                 }
             }
             None => {

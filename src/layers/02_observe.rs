@@ -29,6 +29,10 @@ use crate::observability::telemetry::{self, ServerRequest, Telemetry};
 
 /// The status recorded when the client went away before the response was complete (as nginx).
 pub const CLIENT_CLOSED: u16 = 499;
+/// The error kind of a response whose body broke off at its source after the headers were sent
+/// (the upstream reset or closed mid-body, or stalled past `upstream.timeout`): the client got a
+/// truncated response through no fault of its own.
+pub const UPSTREAM_BODY: &str = "upstream_body";
 
 /// Where finished exchanges are reported.
 #[derive(Debug)]
@@ -123,6 +127,7 @@ where
             observers: self.observers.clone(),
             response: None,
             bytes_out: 0,
+            body_failed: false,
             done: false,
         };
         let (mut parts, body) = req.into_parts();
@@ -205,6 +210,9 @@ struct Completion {
     observers: Arc<Observers>,
     response: Option<Answered>,
     bytes_out: u64,
+    /// The response body broke off at its source, after the headers went out: the upstream
+    /// reset, closed or stalled, not the client.
+    body_failed: bool,
     done: bool,
 }
 
@@ -214,6 +222,10 @@ impl TapHook for Completion {
     }
     fn end(&mut self, complete: bool) {
         self.finish(complete);
+    }
+    fn failed(&mut self) {
+        self.body_failed = true;
+        self.finish(false);
     }
 }
 
@@ -235,6 +247,7 @@ impl Completion {
         let upstream = ex.upstream();
         let (status, error) = match &self.response {
             Some(r) if complete || r.error.is_some() => (r.status, r.error),
+            Some(r) if self.body_failed => (r.status, Some(UPSTREAM_BODY)),
             Some(r) => (r.status, Some("client_closed")),
             None => (
                 StatusCode::from_u16(CLIENT_CLOSED).expect("499 is a valid status"),
