@@ -117,7 +117,10 @@ proptest! {
         let _ = rules::not_modified(&h, Some(&etag), Some(&ims));
         let names = rules::vary_names(&h);
         let _ = rules::vary_values(&names, &h);
-        let _ = rules::representation_key(&[header::ACCEPT, header::ACCEPT_ENCODING], &h);
+        let _ = rules::representation_key(
+            &cloudcasa_gateway::config::KeyHeaders::new(vec![header::ACCEPT, header::ACCEPT_ENCODING]),
+            &h,
+        );
     }
 
     #[test]

@@ -25,7 +25,46 @@ pub struct CacheConfig {
     pub stale_while_revalidate: Duration,
     /// Request headers that select a representation: part of every stored variant, whether or
     /// not the upstream sends `Vary` (lower-case names).
-    pub key_headers: Vec<http::HeaderName>,
+    pub key_headers: KeyHeaders,
+}
+
+/// `cache.key_headers`, and their form: a digest of the names, which every representation key
+/// starts with, so that a key made under one list of names never matches a key made under
+/// another (after a reload, or in a replica of another configuration sharing Redis): the values
+/// `v2` of `Accept-Encoding` and of `X-Api-Version` must not be one variant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyHeaders {
+    names: Vec<http::HeaderName>,
+    form: [u8; 16],
+}
+
+impl KeyHeaders {
+    /// The key headers `names`, in order.
+    pub fn new(names: Vec<http::HeaderName>) -> Self {
+        use sha2::Digest;
+        let joined = names
+            .iter()
+            .map(http::HeaderName::as_str)
+            .collect::<Vec<_>>()
+            .join(",");
+        let digest = sha2::Sha256::digest(joined.as_bytes());
+        let mut form = [0u8; 16];
+        const_hex::encode_to_slice(&digest[..8], &mut form).expect("16 bytes hold 8 in hex");
+        Self { names, form }
+    }
+
+    /// The digest of the names, 16 hex digits (never a `\n`).
+    pub fn form(&self) -> &[u8; 16] {
+        &self.form
+    }
+}
+
+impl std::ops::Deref for KeyHeaders {
+    type Target = [http::HeaderName];
+
+    fn deref(&self) -> &Self::Target {
+        &self.names
+    }
 }
 
 /// Validates `[cache]`.
@@ -58,7 +97,7 @@ pub(super) fn cache(p: &mut Problems, r: raw::RawCache) -> CacheConfig {
 
 /// `cache.key_headers`: valid header names, lower-cased; `authorization` is refused (the cache
 /// is partitioned by the credential the gateway injects, and the client's own never travels).
-fn key_headers(p: &mut Problems, raw: Option<Vec<String>>) -> Vec<http::HeaderName> {
+fn key_headers(p: &mut Problems, raw: Option<Vec<String>>) -> KeyHeaders {
     let list = raw.unwrap_or_else(|| defaults::CACHE_KEY_HEADERS.map(String::from).to_vec());
     let mut out: Vec<http::HeaderName> = Vec::new();
     for name in list {
@@ -75,5 +114,5 @@ fn key_headers(p: &mut Problems, raw: Option<Vec<String>>) -> Vec<http::HeaderNa
             ),
         }
     }
-    out
+    KeyHeaders::new(out)
 }

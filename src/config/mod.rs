@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use http::Uri;
 
-pub use cache::CacheConfig;
+pub use cache::{CacheConfig, KeyHeaders};
 pub use clients::{ClientsConfig, KubernetesConfig};
 pub use credentials::{CredentialConfig, TokenOrigin};
 pub use fleet::FleetConfig;

@@ -32,7 +32,7 @@ use tokio_util::task::TaskTracker;
 use tower::util::BoxCloneService;
 use tower::{Layer, Service};
 
-use crate::config::CacheConfig;
+use crate::config::{CacheConfig, KeyHeaders};
 use crate::context::CacheOutcome;
 use crate::context::{CacheReport, Exchange, WireMethod};
 use crate::fleet::{self, Fleet};
@@ -938,8 +938,9 @@ impl ResponseCache {
     /// The candidate still passes the caller's Vary and freshness checks, never leaves the
     /// credential partition, and a path with more than [`IDENTITY_SCAN_LIMIT`] stored variants
     /// is not scanned (a miss goes upstream, as before).
-    async fn identity_variant(&self, key: &CacheKey, names: &[HeaderName]) -> Option<Arc<Stored>> {
-        let ae = names.iter().position(|n| n == header::ACCEPT_ENCODING)?;
+    async fn identity_variant(&self, key: &CacheKey, names: &KeyHeaders) -> Option<Arc<Stored>> {
+        // Line 0 of a representation key is the names' form.
+        let ae = 1 + names.iter().position(|n| n == header::ACCEPT_ENCODING)?;
         let parts = |r: &[u8]| {
             r.split(|b| *b == b'\n')
                 .map(<[u8]>::to_vec)
@@ -1074,7 +1075,9 @@ fn shared_with_waiters(stored: bool, response: &Arc<Stored>) -> FlightOutcome {
 /// `Accept` normalized (lower case, no whitespace), which let a spaced `application/ xml` store
 /// JSON where XML readers look: a new form never reads what an older one stored (those entries
 /// expire unread), so a rolling upgrade cannot carry such an entry over.
-const SHARED_VARIANT_FORM: &[u8] = b"r2\0";
+/// Form `r3` keys start with the key headers' form (see `KeyHeaders`), so replicas whose
+/// `cache.key_headers` differ (a configuration rolling out) never read each other's variants.
+const SHARED_VARIANT_FORM: &[u8] = b"r3\0";
 
 /// A variant as the shared tier keys it: the form, the query and the key headers' values.
 fn shared_variant(variant: &VariantKey) -> Vec<u8> {

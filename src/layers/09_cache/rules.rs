@@ -5,6 +5,7 @@
 
 use std::time::{Duration, SystemTime};
 
+use crate::config::KeyHeaders;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// Cache-Control directives that matter to a shared cache, parsed from one header map.
@@ -244,13 +245,14 @@ pub fn vary_values(
 /// reader (a hostile review found it). Two spellings of one value are two variants, never a
 /// wrong answer. A missing `Accept` is keyed as `application/json`, what the upstream is sent
 /// in its place. Bytes, not text: a value with obs-text bytes must not be merged with another
-/// by a lossy conversion. One allocation; this runs on every cached read.
-pub fn representation_key(names: &[HeaderName], request: &HeaderMap) -> Box<[u8]> {
+/// by a lossy conversion. The key starts with the names' form (see [`KeyHeaders`]) on a line
+/// of its own: the values of one list of names never match those of another. One allocation;
+/// this runs on every cached read.
+pub fn representation_key(names: &KeyHeaders, request: &HeaderMap) -> Box<[u8]> {
     let mut key = Vec::with_capacity(64);
-    for (i, name) in names.iter().enumerate() {
-        if i > 0 {
-            key.push(b'\n');
-        }
+    key.extend_from_slice(names.form());
+    for name in names.iter() {
+        key.push(b'\n');
         let mut values = request.get_all(name).iter().peekable();
         if values.peek().is_none() && name == header::ACCEPT {
             key.extend_from_slice(DEFAULT_ACCEPT);
@@ -748,7 +750,7 @@ mod tests {
 
     #[test]
     fn representation_keys_are_the_bytes_the_upstream_reads() {
-        let names = [header::ACCEPT, header::ACCEPT_ENCODING];
+        let names = KeyHeaders::new(vec![header::ACCEPT, header::ACCEPT_ENCODING]);
         let key = |pairs: &[(&str, &str)]| representation_key(&names, &headers(pairs));
         // Werkzeug reads these differently from `application/xml` (the first is no XML at all),
         // so they must not share its entry.
@@ -774,8 +776,20 @@ mod tests {
             key(&[("accept-encoding", "gzip")])
         );
         // No Accept is keyed as what the upstream is sent instead.
-        assert_eq!(&*key(&[]), b"application/json\n");
+        let form = std::str::from_utf8(names.form()).unwrap();
+        assert_eq!(&*key(&[]), format!("{form}\napplication/json\n").as_bytes());
         assert_eq!(key(&[]), key(&[("accept", "application/json")]));
+        // The same values under other names are another key: `gzip` as an `X-Api-Version`
+        // is not `gzip` as an `Accept-Encoding`.
+        let other = KeyHeaders::new(vec![
+            header::ACCEPT,
+            HeaderName::from_static("x-api-version"),
+        ]);
+        assert_ne!(names.form(), other.form());
+        assert_ne!(
+            representation_key(&other, &headers(&[("x-api-version", "gzip")])),
+            key(&[("accept-encoding", "gzip")])
+        );
     }
 
     #[test]
