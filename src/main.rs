@@ -134,11 +134,18 @@ fn audit_verify(files: &[PathBuf], heads: &[String]) -> ExitCode {
         }
     }
     match chain::verify_anchored(files, &anchors) {
-        Ok(v) if !v.missing_anchors.is_empty() => {
+        Ok(v) if !v.missing_anchors.is_empty() || !v.unanchored.is_empty() => {
             for anchor in &v.missing_anchors {
                 eprintln!(
-                    "BROKEN: no record has the head {anchor}: the records up to it were removed \
-                     or replaced"
+                    "BROKEN: no record has the head {anchor}, and no chain continues from it: \
+                     the records up to it were removed or replaced"
+                );
+            }
+            for chain in &v.unanchored {
+                eprintln!(
+                    "BROKEN: chain {chain:?} continues from a record that is not in these files \
+                     and that no --head names: the records before it were removed (or give its \
+                     earlier files, or the head logged when they were rotated)"
                 );
             }
             ExitCode::from(1)
@@ -168,7 +175,9 @@ fn audit_verify(files: &[PathBuf], heads: &[String]) -> ExitCode {
                 );
             }
             if !anchors.is_empty() {
-                println!("  every --head given is a record in these files");
+                println!(
+                    "  every --head given is in these files, and every chain starts from the beginning or from one"
+                );
             }
             if v.torn.is_empty() {
                 return ExitCode::SUCCESS;
@@ -177,7 +186,7 @@ fn audit_verify(files: &[PathBuf], heads: &[String]) -> ExitCode {
             for (file, line) in &v.torn {
                 println!(
                     "  TORN: {file} line {line} is not a whole record (a write cut off by a \
-                     crash); skipped, and the records after it link to the one before it"
+                     crash): skipped; records were lost there"
                 );
             }
             ExitCode::from(3)

@@ -376,17 +376,28 @@ async fn the_chain_survives_restarts_and_verify_finds_tampering() {
         out.contains("OK: 4 records") && out.contains("TORN: ") && out.contains("torn line 3"),
         "{out}"
     );
-    // A head logged at shutdown, kept elsewhere, must be a record of the files: cutting the
-    // chain short before it, or rewriting it, is then found.
-    let head = records[1]["hash"].as_str().unwrap();
-    let (code, out) = verify_anchored(&[&audit], &[head]);
+    // A head logged at shutdown, kept elsewhere, must be in the files, and every chain must
+    // start from the beginning or from a head given: cutting the chain short before the head,
+    // or removing records before it, is then found.
+    let last = records[3]["hash"].as_str().unwrap();
+    let (code, out) = verify_anchored(&[&audit], &[last]);
     assert_eq!(code, Some(0), "{out}");
-    let (code, out) = verify_anchored(&[&new], &[head]);
+    let (code, out) = verify_anchored(&[&old], &[last]);
     assert_eq!(code, Some(1), "{out}");
     assert!(
-        out.contains(&format!("no record has the head {head}")),
+        out.contains(&format!("no record has the head {last}")),
         "{out}"
     );
+    let (code, out) = verify_anchored(&[&new], &[last]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("continues from a record that is not in these files"),
+        "{out}"
+    );
+    // The newer file alone, with the head logged when the older one was rotated.
+    let rotated = records[1]["hash"].as_str().unwrap();
+    let (code, out) = verify_anchored(&[&new], &[rotated, last]);
+    assert_eq!(code, Some(0), "{out}");
     let (code, out) = verify_anchored(&[&audit], &["not-a-hash"]);
     assert_eq!(code, Some(2), "{out}");
 }

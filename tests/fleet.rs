@@ -662,10 +662,12 @@ async fn a_redis_that_comes_back_from_an_older_snapshot_serves_nothing_of_it() {
 }
 
 /// Counts resyncs; the first one kills the subscription it runs under (as a Redis restart or
-/// a network cut at that moment would).
+/// a network cut at that moment would), and returns once the replica has seen it end.
 struct KillingListener {
     redis: redis::aio::MultiplexedConnection,
+    metrics: std::sync::Arc<cloudcasa_gateway::observability::metrics::Metrics>,
     resyncs: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    killed: std::sync::Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl cloudcasa_gateway::fleet::Listener for KillingListener {
@@ -683,19 +685,32 @@ impl cloudcasa_gateway::fleet::Listener for KillingListener {
             .resyncs
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
             == 0;
-        let mut redis = self.redis.clone();
+        let (mut redis, metrics, killed) = (
+            self.redis.clone(),
+            self.metrics.clone(),
+            self.killed.clone(),
+        );
         Box::pin(async move {
-            if first {
-                let killed: i64 = redis::cmd("CLIENT")
-                    .arg("KILL")
-                    .arg("TYPE")
-                    .arg("pubsub")
-                    .query_async(&mut redis)
-                    .await
-                    .unwrap();
-                assert_eq!(killed, 1, "the replica's subscription");
-                // Long enough for the subscription's task to see its end.
-                tokio::time::sleep(Duration::from_millis(300)).await;
+            if !first {
+                return;
+            }
+            let n: i64 = redis::cmd("CLIENT")
+                .arg("KILL")
+                .arg("TYPE")
+                .arg("pubsub")
+                .query_async(&mut redis)
+                .await
+                .unwrap_or(-1);
+            killed.store(n, std::sync::atomic::Ordering::SeqCst);
+            // Until the subscription's task has seen its end (it counts it), bounded.
+            for _ in 0..100 {
+                if metrics
+                    .encode()
+                    .contains("cloudcasa_gateway_fleet_errors_total{op=\"subscribe\"} 1")
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
         })
     }
@@ -704,12 +719,12 @@ impl cloudcasa_gateway::fleet::Listener for KillingListener {
 #[tokio::test]
 async fn a_subscription_lost_while_the_link_comes_back_is_not_taken_for_live() {
     let redis = RedisServer::start().await;
-    let metrics = cloudcasa_gateway::observability::metrics::Metrics::new(
+    let metrics = std::sync::Arc::new(cloudcasa_gateway::observability::metrics::Metrics::new(
         Default::default(),
         None,
         None,
         Default::default(),
-    );
+    ));
     let fleet = cloudcasa_gateway::fleet::Fleet::new(
         cloudcasa_gateway::config::FleetConfig {
             redis_url: redis.url(),
@@ -725,17 +740,25 @@ async fn a_subscription_lost_while_the_link_comes_back_is_not_taken_for_live() {
     )
     .unwrap();
     let resyncs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let killed = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
     // The first link-up resyncs (nothing was heard before it); that resync loses the
     // subscription. Taken for live, the replica would hear nothing from then on and never
     // resync again; down, its next subscription brings the link up with a second resync.
     fleet.start(std::sync::Arc::new(KillingListener {
         redis: redis.connection().await,
+        metrics: metrics.clone(),
         resyncs: resyncs.clone(),
+        killed: killed.clone(),
     }));
     eventually(Duration::from_secs(10), "a second resync", || {
         std::future::ready(resyncs.load(std::sync::atomic::Ordering::SeqCst) >= 2)
     })
     .await;
+    assert_eq!(
+        killed.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the replica's one subscription was killed"
+    );
     eventually(Duration::from_secs(5), "the link up again", || {
         std::future::ready(fleet.is_up())
     })

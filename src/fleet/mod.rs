@@ -793,6 +793,7 @@ impl Fleet {
         if !self.subscribed.load(Ordering::SeqCst)
             || self.subscriptions.load(Ordering::Acquire) != subscriptions
         {
+            self.metrics.error(FleetOp::Subscribe.as_str());
             self.mark_down(
                 FleetOp::Subscribe,
                 "the subscription ended while the link came back",

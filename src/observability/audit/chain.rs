@@ -209,12 +209,18 @@ pub struct Verified {
     /// The chains, in the order their first records appear.
     pub chains: Vec<VerifiedChain>,
     /// Lines that are not JSON at all (file, 1-based line): what a crash in the middle of a
-    /// write leaves. Skipped: the records after one still have to link to the last good record
-    /// of their chain, so such a line can hide nothing.
+    /// write leaves. Skipped only where a crash can leave one: at the end of a file, or before
+    /// a record that continues a chain already seen (its link checked) or starts a new one
+    /// from the beginning, as a gateway restarted on a file with no whole record does.
     pub torn: Vec<(String, u64)>,
     /// The anchors asked for (heads logged at shutdown or rotation, kept elsewhere) that no
-    /// record in the files has as its hash: records up to them were removed or replaced.
+    /// record in the files has as its hash, nor any chain continues from: records up to them
+    /// were removed or replaced.
     pub missing_anchors: Vec<ChainHash>,
+    /// With anchors: the chains that continue from a record not in the files (their first
+    /// `prev` is neither all zeros nor an anchor): the records before them were removed, or
+    /// their earlier files were not given.
+    pub unanchored: Vec<String>,
 }
 
 /// The first broken line found.
@@ -245,8 +251,10 @@ pub fn verify_files(files: &[impl AsRef<Path>]) -> Result<Verified, VerifyError>
     verify_anchored(files, &[])
 }
 
-/// [`verify_files`], and each of `anchors` must be the hash of a record in the files: a chain
-/// cut short, or rewritten whole from some point on, no longer holds a head recorded before.
+/// [`verify_files`], and each of `anchors` must be the hash of a record in the files, or the
+/// head a chain in them continues from: a chain cut short, or rewritten whole from some point
+/// on, no longer holds a head recorded before. With anchors, a chain must also start from the
+/// beginning or from one of them, so that records removed before an anchor are found too.
 pub fn verify_anchored(
     files: &[impl AsRef<Path>],
     anchors: &[ChainHash],
@@ -256,6 +264,7 @@ pub fn verify_anchored(
         chains: Vec::new(),
         torn: Vec::new(),
         missing_anchors: anchors.to_vec(),
+        unanchored: Vec::new(),
     };
     let mut by_id: HashMap<String, usize> = HashMap::new();
     for file in files {
@@ -267,6 +276,8 @@ pub fn verify_anchored(
             line: 0,
             problem: e.to_string(),
         })?;
+        // A line that is not a record, not yet known to be what a crash leaves.
+        let mut torn = None;
         for (index, line) in reader.split(b'\n').enumerate() {
             let line_no = index as u64 + 1;
             let broken = |problem: String| VerifyError {
@@ -276,6 +287,7 @@ pub fn verify_anchored(
             };
             let line = line.map_err(|e| broken(e.to_string()))?;
             let Ok(value) = serde_json::from_slice::<serde_json::Value>(&line) else {
+                torn.get_or_insert(line_no);
                 verified.torn.push((name.clone(), line_no));
                 continue;
             };
@@ -289,6 +301,21 @@ pub fn verify_anchored(
             let chain = by_id.get(&id).map(|i| &verified.chains[*i]);
             let hash = check_line(&line, chain.map(|c| c.head))
                 .map_err(|b| broken(format!("{b} (chain {id:?})")))?;
+            if let Some(at) = torn.take()
+                && chain.is_none()
+                && member("prev").as_deref().and_then(ChainHash::parse) != Some(GENESIS)
+            {
+                // No crash leaves this: a record replaced by something else, where the next
+                // record would have named it.
+                return Err(VerifyError {
+                    file: name.clone(),
+                    line: at,
+                    problem: format!(
+                        "not an audit record, and the record after it (line {line_no}) neither \
+                         continues a chain seen before nor starts one"
+                    ),
+                });
+            }
             verified.missing_anchors.retain(|a| *a != hash);
             match by_id.get(&id) {
                 Some(i) => {
@@ -313,6 +340,17 @@ pub fn verify_anchored(
             }
             verified.records += 1;
         }
+    }
+    if !anchors.is_empty() {
+        for chain in &verified.chains {
+            verified.missing_anchors.retain(|a| *a != chain.anchor);
+        }
+        verified.unanchored = verified
+            .chains
+            .iter()
+            .filter(|c| c.anchor != GENESIS && !anchors.contains(&c.anchor))
+            .map(|c| c.id.clone())
+            .collect();
     }
     Ok(verified)
 }
@@ -470,9 +508,17 @@ mod tests {
             .replace("\"n\":3", "\"n\":4");
         let path = write("edited", &[&lines[0], torn, &lines[1], edited.as_bytes()]);
         assert_eq!(verify_files(&[&path]).unwrap_err().line, 4);
-        // ...and so is a record replaced by one.
+        // ...and so is a record replaced by one, in the middle of a chain or at its start.
         let path = write("replaced", &[&lines[0], torn, &lines[2]]);
         assert_eq!(verify_files(&[&path]).unwrap_err().line, 3);
+        let path = write("first replaced", &[torn, &lines[1], &lines[2]]);
+        assert_eq!(verify_files(&[&path]).unwrap_err().line, 1);
+        // A crash in a file's first write: the restarted gateway starts a chain from the
+        // beginning after it. And one in the last write, with nothing after it.
+        let path = write("first torn", &[torn, &lines[0], &lines[1]]);
+        assert_eq!(verify_files(&[&path]).unwrap().torn.len(), 1);
+        let path = write("last torn", &[&lines[0], &lines[1], torn]);
+        assert_eq!(verify_files(&[&path]).unwrap().torn.len(), 1);
     }
 
     #[test]
@@ -492,6 +538,14 @@ mod tests {
         std::fs::write(&path, [forged.join(&b'\n'), b"\n".to_vec()].concat()).unwrap();
         let v = verify_anchored(&[&path], &[heads[1]]).unwrap();
         assert_eq!(v.missing_anchors, [heads[1]]);
+        // Records removed before the anchor: the chain continues from a record nobody names.
+        std::fs::write(&path, [lines[1..].join(&b'\n'), b"\n".to_vec()].concat()).unwrap();
+        let v = verify_anchored(&[&path], &[heads[2]]).unwrap();
+        assert!(v.missing_anchors.is_empty());
+        assert_eq!(v.unanchored, ["c0"]);
+        // A file after a rotation, anchored by the head logged at the rotation: whole.
+        let v = verify_anchored(&[&path], &[heads[0]]).unwrap();
+        assert!(v.missing_anchors.is_empty() && v.unanchored.is_empty());
     }
 
     /// A chain of `n` records by `replica` under chain id `id`.

@@ -444,18 +444,34 @@ enum Sink {
 }
 
 impl Sink {
-    /// Writes `buf` (fsynced if `durable`). A file that lost its name while open (removed by
-    /// hand, or compressed away by a rotation before the reopen) takes the write and keeps it
-    /// nowhere: then the path is opened afresh and `buf` written there, so an intent confirmed
-    /// durable is in the trail, and no record after the removal goes unseen.
-    fn write(&mut self, buf: &[u8], durable: bool) -> std::io::Result<()> {
-        self.write_once(buf, durable)?;
-        if !self.unlinked() {
-            return Ok(());
+    /// Writes `buf` (fsynced if `durable`); `head` is the chain head before `buf`'s records.
+    /// A file that lost its name while open (removed by hand, or compressed away by a rotation
+    /// before the reopen) takes writes and keeps them nowhere: then the path is created afresh
+    /// and `buf` written there, so an intent confirmed durable is in the trail and no record
+    /// after the removal goes unseen. Checked before the write (removed since the last one:
+    /// nothing more goes into the old file) and after it (removed meanwhile, or the write
+    /// failed for a full disk whose space the removal frees only once the file is closed).
+    fn write(&mut self, buf: &[u8], durable: bool, head: ChainHash) -> std::io::Result<()> {
+        if self.unlinked() {
+            self.replace_removed(head)?;
         }
+        let written = self.write_once(buf, durable);
+        if !self.unlinked() {
+            return written;
+        }
+        self.replace_removed(head)?;
+        self.write_once(buf, durable)
+    }
+
+    /// Creates the removed file again at its path (logging where the chain stands, so that the
+    /// new file can be anchored), with its name made durable: an intent written there next is
+    /// confirmed only if the file it is in survives a crash.
+    fn replace_removed(&mut self, head: ChainHash) -> std::io::Result<()> {
         tracing::warn!(
             file = %self.path().map(|p| p.display().to_string()).unwrap_or_default(),
-            "the audit file was removed while open: writing to a new one at its path"
+            head = %head,
+            "the audit file was removed while open: writing to a new one at its path; its \
+             chain goes on from this head"
         );
         self.reopen();
         if self.unlinked() {
@@ -463,7 +479,12 @@ impl Sink {
                 "the audit file was removed and could not be created again",
             ));
         }
-        self.write_once(buf, durable)
+        let dir = self
+            .path()
+            .and_then(std::path::Path::parent)
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        File::open(dir)?.sync_all()
     }
 
     fn path(&self) -> Option<&std::path::Path> {
@@ -655,7 +676,7 @@ impl Writer {
         self.shared
             .in_flight
             .fetch_sub((outcomes + n_intents) as usize, Ordering::Relaxed);
-        match self.sink.write(buf, n_intents > 0) {
+        match self.sink.write(buf, n_intents > 0, piece.start) {
             Ok(()) => {
                 self.metrics.written("outcome", outcomes);
                 self.metrics.written("intent", n_intents);
@@ -948,7 +969,7 @@ mod tests {
         };
         std::fs::rename(&path, dir.path().join("audit.jsonl.1")).unwrap();
         sink.reopen();
-        sink.write(b"{}\n", false).unwrap();
+        sink.write(b"{}\n", false, GENESIS).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"{}\n");
         // The old file, still torn, was left as it was.
         assert_eq!(
