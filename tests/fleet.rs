@@ -661,23 +661,66 @@ async fn a_redis_that_comes_back_from_an_older_snapshot_serves_nothing_of_it() {
     assert_eq!(get(&a.url(&path), &[]).await.json()["name"], "after");
 }
 
-/// Counts resyncs; the first one kills the subscription it runs under (as a Redis restart or
-/// a network cut at that moment would), and returns once the replica has seen it end.
-struct KillingListener {
-    redis: redis::aio::MultiplexedConnection,
-    metrics: std::sync::Arc<cloudcasa_gateway::observability::metrics::Metrics>,
+/// A fleet member as the library makes one, without a gateway around it, and its metrics.
+fn library_fleet(
+    redis: &RedisServer,
+    replica: &str,
+) -> (
+    std::sync::Arc<cloudcasa_gateway::observability::metrics::Metrics>,
+    std::sync::Arc<cloudcasa_gateway::fleet::Fleet>,
+) {
+    let metrics = std::sync::Arc::new(cloudcasa_gateway::observability::metrics::Metrics::new(
+        Default::default(),
+        None,
+        None,
+        Default::default(),
+    ));
+    let fleet = cloudcasa_gateway::fleet::Fleet::new(
+        cloudcasa_gateway::config::FleetConfig {
+            redis_url: redis.url(),
+            password_file: None,
+            ca_file: None,
+            partition_key_file: None,
+            replica: replica.into(),
+            shared_cache: true,
+            max_shared_object_size: 1024 * 1024,
+            timeout: Duration::from_millis(200),
+        },
+        metrics.fleet.clone(),
+    )
+    .unwrap();
+    (metrics, fleet)
+}
+
+/// A fleet listener that counts what it is asked to do.
+#[derive(Default)]
+struct TestListener {
+    /// Taken over each invalidation (a replica whose memory cache is slow to apply them).
+    delay: Duration,
+    /// The first resync kills the subscription it runs under (as a Redis restart or a network
+    /// cut at that moment would), and returns once the replica has counted its end.
+    kill_first: Option<(
+        redis::aio::MultiplexedConnection,
+        std::sync::Arc<cloudcasa_gateway::observability::metrics::Metrics>,
+    )>,
+    applied: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     resyncs: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Subscriptions the first resync killed.
     killed: std::sync::Arc<std::sync::atomic::AtomicI64>,
 }
 
-impl cloudcasa_gateway::fleet::Listener for KillingListener {
+impl cloudcasa_gateway::fleet::Listener for TestListener {
     fn invalidate(
         &self,
         _partition: cloudcasa_gateway::secrets::token::Fingerprint,
         _exact: Vec<String>,
         _roots: Vec<String>,
     ) -> futures_util::future::BoxFuture<'static, ()> {
-        Box::pin(async {})
+        let (delay, applied) = (self.delay, self.applied.clone());
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            applied.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        })
     }
 
     fn resync(&self) -> futures_util::future::BoxFuture<'static, ()> {
@@ -685,15 +728,11 @@ impl cloudcasa_gateway::fleet::Listener for KillingListener {
             .resyncs
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
             == 0;
-        let (mut redis, metrics, killed) = (
-            self.redis.clone(),
-            self.metrics.clone(),
-            self.killed.clone(),
-        );
+        let (kill, killed) = (self.kill_first.clone(), self.killed.clone());
         Box::pin(async move {
-            if !first {
+            let Some((mut redis, metrics)) = kill.filter(|_| first) else {
                 return;
-            }
+            };
             let n: i64 = redis::cmd("CLIENT")
                 .arg("KILL")
                 .arg("TYPE")
@@ -719,37 +758,16 @@ impl cloudcasa_gateway::fleet::Listener for KillingListener {
 #[tokio::test]
 async fn a_subscription_lost_while_the_link_comes_back_is_not_taken_for_live() {
     let redis = RedisServer::start().await;
-    let metrics = std::sync::Arc::new(cloudcasa_gateway::observability::metrics::Metrics::new(
-        Default::default(),
-        None,
-        None,
-        Default::default(),
-    ));
-    let fleet = cloudcasa_gateway::fleet::Fleet::new(
-        cloudcasa_gateway::config::FleetConfig {
-            redis_url: redis.url(),
-            password_file: None,
-            ca_file: None,
-            partition_key_file: None,
-            replica: "gw-a".into(),
-            shared_cache: true,
-            max_shared_object_size: 1024 * 1024,
-            timeout: Duration::from_millis(200),
-        },
-        metrics.fleet.clone(),
-    )
-    .unwrap();
-    let resyncs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let killed = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let (metrics, fleet) = library_fleet(&redis, "gw-a");
+    let listener = TestListener {
+        kill_first: Some((redis.connection().await, metrics.clone())),
+        ..TestListener::default()
+    };
+    let (resyncs, killed) = (listener.resyncs.clone(), listener.killed.clone());
     // The first link-up resyncs (nothing was heard before it); that resync loses the
     // subscription. Taken for live, the replica would hear nothing from then on and never
     // resync again; down, its next subscription brings the link up with a second resync.
-    fleet.start(std::sync::Arc::new(KillingListener {
-        redis: redis.connection().await,
-        metrics: metrics.clone(),
-        resyncs: resyncs.clone(),
-        killed: killed.clone(),
-    }));
+    fleet.start(std::sync::Arc::new(listener));
     eventually(Duration::from_secs(10), "a second resync", || {
         std::future::ready(resyncs.load(std::sync::atomic::Ordering::SeqCst) >= 2)
     })
@@ -815,4 +833,63 @@ async fn exiting_with_writes_never_announced_says_so() {
             && logs.contains("partitions=1"),
         "{logs}"
     );
+}
+
+#[tokio::test]
+async fn a_replica_that_falls_behind_its_invalidations_drops_them_and_empties_its_memory() {
+    let redis = RedisServer::start().await;
+    let (metrics, fleet) = library_fleet(&redis, "gw-slow");
+    let listener = TestListener {
+        delay: Duration::from_millis(100),
+        ..TestListener::default()
+    };
+    let (applied, resyncs) = (listener.applied.clone(), listener.resyncs.clone());
+    fleet.start(std::sync::Arc::new(listener));
+    eventually(Duration::from_secs(10), "the link up", || {
+        std::future::ready(fleet.is_up())
+    })
+    .await;
+    let first = resyncs.load(std::sync::atomic::Ordering::SeqCst);
+    // Another replica's writes, 100 of them at once: ten seconds of work for this one, during
+    // which its memory would serve what they changed while the link says up.
+    let partition = cloudcasa_gateway::secrets::token::FingerprintKey::random()
+        .fingerprint(b"t")
+        .to_hex();
+    let mut c = redis.connection().await;
+    for i in 0..100 {
+        let message = serde_json::json!({
+            "from": "gw-other-0000", "p": partition, "x": [format!("/api/v1/x/{i}")],
+            "s": [], "at": 0, "hb": false,
+        });
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg("ccg:invalidations")
+            .arg(message.to_string())
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+    // Its own heartbeat, queued behind them, comes back late: the link goes down (memory is
+    // revalidated meanwhile), the subscription and its backlog are replaced, and the link
+    // comes back with the memory emptied.
+    eventually(
+        Duration::from_secs(8),
+        "a resync after falling behind",
+        || std::future::ready(resyncs.load(std::sync::atomic::Ordering::SeqCst) > first),
+    )
+    .await;
+    assert!(
+        applied.load(std::sync::atomic::Ordering::SeqCst) < 100,
+        "the backlog was dropped, not worked through"
+    );
+    let text = metrics.encode();
+    let errors = text.lines().find_map(|l| {
+        l.strip_prefix("cloudcasa_gateway_fleet_errors_total{op=\"subscribe\"} ")?
+            .parse::<u64>()
+            .ok()
+    });
+    assert!(errors.is_some_and(|n| n >= 1), "{text}");
+    eventually(Duration::from_secs(5), "the link up again", || {
+        std::future::ready(fleet.is_up())
+    })
+    .await;
 }

@@ -47,9 +47,11 @@ pub const PROBE_INTERVAL: Duration = Duration::from_millis(500);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a replica's heartbeat counts it as alive.
 const HEARTBEAT_WINDOW: Duration = Duration::from_secs(15);
-/// How long the subscription may stay silent (it hears this replica's own heartbeat every
-/// [`PROBE_INTERVAL`]) before it is taken for dead: a node gone without a FIN or RST leaves a
-/// socket that says nothing, and a replica deaf to invalidations must not count as up.
+/// How old the newest of this replica's own heartbeats the subscription has delivered may be
+/// (one is sent every [`PROBE_INTERVAL`]) before the subscription is taken for dead or too far
+/// behind: a node gone without a FIN or RST leaves a socket that says nothing, a listener slower
+/// than the invalidations leaves a growing backlog, and a replica deaf to invalidations, or
+/// hearing them late, must not count as up.
 const SUBSCRIPTION_SILENCE: Duration = Duration::from_secs(3);
 /// How long a version is kept after its last bump: longer than any entry lives
 /// ([`MAX_ENTRY_TTL`]), so a version never restarts from zero under an entry that read it.
@@ -208,7 +210,10 @@ pub struct Fleet {
     /// `subscriptions` when the link last went down: if it moved by the time the link comes
     /// back, messages published in between may have been missed.
     subscription_at_down: AtomicU64,
-    /// When the subscription last delivered anything (ms since the epoch).
+    /// When the newest heartbeat of this replica's own that the subscription has delivered
+    /// was sent (ms since the epoch; when the subscription was made, before the first): how
+    /// far behind the invalidations it applies are. A dead subscription delivers nothing, and a
+    /// backlog delivers old heartbeats; either way this falls behind the clock.
     last_heard: AtomicU64,
     /// Tells the subscriber to drop its subscription and make a new one.
     resubscribe: Notify,
@@ -656,8 +661,14 @@ impl Fleet {
             tracing::warn!("ignored a fleet message that is not an invalidation");
             return;
         };
-        self.last_heard.store(now_us() / 1000, Ordering::Release);
-        if message.from == self.instance || message.hb {
+        if message.from == self.instance {
+            if message.hb {
+                self.last_heard
+                    .fetch_max(message.at / 1000, Ordering::AcqRel);
+            }
+            return;
+        }
+        if message.hb {
             return;
         }
         let Some(partition) = Fingerprint::from_hex(&message.p) else {
@@ -727,10 +738,15 @@ impl Fleet {
                     if self.subscribed.load(Ordering::Acquire)
                         && silent_ms > SUBSCRIPTION_SILENCE.as_millis() as u64
                     {
-                        // Not even its own heartbeat came back: the subscription is dead.
+                        // Its own heartbeat did not come back in time: the subscription is
+                        // dead, or so far behind that what memory serves may be stale. (A
+                        // backlog sits in the client's unbounded queue: replaced, it is gone.)
                         self.resubscribe.notify_one();
                         self.metrics.error(FleetOp::Subscribe.as_str());
-                        self.mark_down(FleetOp::Subscribe, "the subscription fell silent");
+                        self.mark_down(
+                            FleetOp::Subscribe,
+                            "the subscription fell silent or behind (its own heartbeat is late)",
+                        );
                     } else if !self.is_up() && self.subscribed.load(Ordering::Acquire) {
                         self.recover().await;
                     }
