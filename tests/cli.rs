@@ -564,3 +564,29 @@ fn check_parses_what_start_up_parses_and_refuses_durations_that_overflow() {
     );
     assert!(ok, "{out}");
 }
+
+#[test]
+fn check_refuses_a_partition_key_too_short_to_key_partitions() {
+    let dir = tempfile::tempdir().unwrap();
+    for (content, accepted) in [
+        ("", false),
+        ("\n", false),
+        ("not-16-bytes\n", false),
+        ("0123456789abcdef0123456789abcdef\n", true),
+    ] {
+        let key = write_file(dir.path(), "partition-key", content);
+        let config = format!(
+            "[token]\nfile = \"TOKEN_PATH\"\n[fleet]\nredis_url = \"redis://127.0.0.1:9\"\n\
+             partition_key_file = \"{}\"\n",
+            key.display()
+        );
+        let (ok, out) = check(&config, Some("t"));
+        assert_eq!(ok, accepted, "{content:?}: {out}");
+        if !accepted {
+            assert!(
+                out.contains("fleet.partition_key_file") && out.contains("at least 16"),
+                "{content:?}: {out}"
+            );
+        }
+    }
+}

@@ -102,6 +102,12 @@ pub fn check_files(config: &Config, live_audit: Option<&Path>) -> Result<(), Con
                 p.add(key, format!("cannot read {}: {e}", path.display()));
             }
         }
+        if let Some(path) = &fleet.partition_key_file
+            && let Err(e @ crate::fleet::FleetSetupError::WeakPartitionKey { .. }) =
+                crate::fleet::read_partition_key(path)
+        {
+            p.built(&e);
+        }
     }
     // The upstream's client as start-up builds it: the CA bundle parsed, the proxy's
     // credentials read and checked, the proxy variables read.

@@ -382,13 +382,7 @@ impl Gateway {
         let key = match &config.fleet {
             Some(fleet) => {
                 let secret = match &fleet.partition_key_file {
-                    Some(path) => {
-                        Some(std::fs::read(path).map_err(|source| FleetSetupError::File {
-                            key: "fleet.partition_key_file",
-                            path: path.clone(),
-                            source,
-                        })?)
-                    }
+                    Some(path) => Some(crate::fleet::read_partition_key(path)?),
                     None => None,
                 };
                 FingerprintKey::fleet(secret.as_deref())

@@ -185,6 +185,20 @@ pub enum FleetSetupError {
         #[source]
         source: std::io::Error,
     },
+    /// `fleet.partition_key_file` holds too little to key partitions with: an empty one would
+    /// silently give the published constant key.
+    #[error(
+        "fleet.partition_key_file: {} holds {len} bytes besides whitespace; use at least \
+         {MIN_PARTITION_KEY} (e.g. `openssl rand -hex 32`): with a short key, whoever can read \
+         Redis can test guesses of a token against its partition's name",
+        path.display()
+    )]
+    WeakPartitionKey {
+        /// The file.
+        path: PathBuf,
+        /// Its bytes besides whitespace.
+        len: usize,
+    },
     /// The Redis client could not be built.
     #[error("fleet.redis_url {url}: {source}")]
     Client {
@@ -239,6 +253,27 @@ impl std::fmt::Debug for Fleet {
             .field("up", &self.up.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
+}
+
+/// The fewest bytes (besides whitespace) `fleet.partition_key_file` may hold: 128 bits.
+pub const MIN_PARTITION_KEY: usize = 16;
+
+/// Reads `fleet.partition_key_file`: its bytes as they are (every replica must hash the same
+/// ones), refused if it holds fewer than [`MIN_PARTITION_KEY`] besides whitespace.
+pub fn read_partition_key(path: &PathBuf) -> Result<Vec<u8>, FleetSetupError> {
+    let bytes = std::fs::read(path).map_err(|source| FleetSetupError::File {
+        key: "fleet.partition_key_file",
+        path: path.clone(),
+        source,
+    })?;
+    let len = bytes.iter().filter(|b| !b.is_ascii_whitespace()).count();
+    if len < MIN_PARTITION_KEY {
+        return Err(FleetSetupError::WeakPartitionKey {
+            path: path.clone(),
+            len,
+        });
+    }
+    Ok(bytes)
 }
 
 fn read_secret(key: &'static str, path: &PathBuf) -> Result<String, FleetSetupError> {
