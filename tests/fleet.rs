@@ -783,27 +783,52 @@ async fn a_subscription_lost_while_the_link_comes_back_is_not_taken_for_live() {
     .await;
 }
 
+/// The binary as fleet replica `name` in front of `mock` with the token `token-a`, sharing
+/// `redis`, without an audit trail, logging at info into `dir`; `server` is more of `[server]`,
+/// `extra` more sections.
+async fn child_replica(
+    dir: &std::path::Path,
+    mock: &MockCloudCasa,
+    redis: &RedisServer,
+    name: &str,
+    server: &str,
+    extra: &str,
+) -> ChildGateway {
+    let token = write_file(dir, "token", "token-a");
+    ChildGateway::start(
+        dir.join("gateway.log"),
+        &[("RUST_LOG", "info")],
+        |proxy, admin| {
+            let config = format!(
+                "[server]\nlisten = \"{proxy}\"\n{server}\n[admin]\nlisten = \"{admin}\"\n\
+             [audit]\nenabled = false\n[upstream]\nurl = \"{}\"\n[token]\nfile = \"{}\"\n\
+             [fleet]\nredis_url = \"{}\"\nreplica = \"{name}\"\n{extra}\n",
+                mock.url(),
+                token.display(),
+                redis.url()
+            );
+            vec![
+                "--config".into(),
+                write_file(dir, "gateway.toml", &config).into(),
+            ]
+        },
+    )
+    .await
+}
+
 #[tokio::test]
 async fn exiting_with_writes_never_announced_says_so() {
     let mut redis = RedisServer::start().await;
     let mock = MockCloudCasa::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let token = write_file(dir.path(), "token", "token-a");
-    let log = dir.path().join("gateway.log");
-    let mut child = ChildGateway::start(log, &[("RUST_LOG", "info")], |proxy, admin| {
-        let config = format!(
-            "[server]\nlisten = \"{proxy}\"\ndrain_timeout = \"1s\"\n[admin]\n\
-             listen = \"{admin}\"\n[audit]\nenabled = false\n[upstream]\nurl = \"{}\"\n\
-             [token]\nfile = \"{}\"\n[fleet]\nredis_url = \"{}\"\nreplica = \"gw-exit\"\n",
-            mock.url(),
-            token.display(),
-            redis.url()
-        );
-        vec![
-            "--config".into(),
-            write_file(dir.path(), "gateway.toml", &config).into(),
-        ]
-    })
+    let mut child = child_replica(
+        dir.path(),
+        &mock,
+        &redis,
+        "gw-exit",
+        "drain_timeout = \"1s\"",
+        "",
+    )
     .await;
     let link = format!("http://{}/metrics", child.admin);
     let link_is = |value: &'static str| {
@@ -892,4 +917,78 @@ async fn a_replica_that_falls_behind_its_invalidations_drops_them_and_empties_it
         std::future::ready(fleet.is_up())
     })
     .await;
+}
+
+#[tokio::test]
+async fn error_replies_from_redis_are_counted_each_and_logged_once_a_minute() {
+    let redis = RedisServer::start().await;
+    let mock = MockCloudCasa::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let child = child_replica(
+        dir.path(),
+        &mock,
+        &redis,
+        "gw-err",
+        "",
+        "[cache]\nfresh_for = \"60s\"",
+    )
+    .await;
+    let metrics = format!("http://{}/metrics", child.admin);
+    eventually(Duration::from_secs(10), "the fleet link up", || async {
+        get(&metrics, &[])
+            .await
+            .text()
+            .contains("cloudcasa_gateway_fleet_link_up 1\n")
+    })
+    .await;
+    let read = |id: String| {
+        let url = format!("http://{}/api/v1/usergroups/{id}", child.proxy);
+        async move { get(&url, &[]).await.status }
+    };
+    let (first, _) = item(&mock, "first");
+    assert_eq!(read(first).await, StatusCode::OK);
+    // The partition's generation, which every lookup reads, made a hash: Redis answers every
+    // lookup of the partition with WRONGTYPE.
+    let generation = redis
+        .keys()
+        .await
+        .into_iter()
+        .find(|k| k.ends_with(":g"))
+        .expect("a stored response created the partition's generation");
+    let mut c = redis.connection().await;
+    let _: i64 = redis::cmd("DEL")
+        .arg(&generation)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let _: i64 = redis::cmd("HSET")
+        .arg(&generation)
+        .arg("a")
+        .arg("b")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    for name in ["second", "third", "fourth"] {
+        let (id, _) = item(&mock, name);
+        assert_eq!(read(id).await, StatusCode::OK, "served without Redis");
+    }
+    let text = get(&metrics, &[]).await.text();
+    let lookups = text.lines().find_map(|l| {
+        l.strip_prefix("cloudcasa_gateway_fleet_errors_total{op=\"lookup\"} ")?
+            .parse::<u64>()
+            .ok()
+    });
+    assert_eq!(lookups, Some(3), "{text}");
+    assert!(
+        text.contains("cloudcasa_gateway_fleet_link_up 1\n"),
+        "{text}"
+    );
+    let logs = child.logs();
+    let logged = logs
+        .lines()
+        .filter(|l| l.contains("a fleet call failed with an error from Redis"))
+        .filter(|l| l.contains("lookup"))
+        .count();
+    assert_eq!(logged, 1, "{logs}");
+    assert!(logs.contains("WRONGTYPE"), "{logs}");
 }

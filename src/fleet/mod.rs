@@ -165,6 +165,26 @@ struct Message {
     hb: bool,
 }
 
+/// When each kind of call last logged an error reply (ms since the epoch), so that a Redis
+/// answering every request with an error logs once a minute, not per request.
+#[derive(Default)]
+struct ErrorLogs([AtomicU64; FleetOp::ALL.len()]);
+
+impl ErrorLogs {
+    const EVERY_MS: u64 = 60_000;
+
+    /// Whether `op`'s error is to be logged now (and if so, marks it logged).
+    fn due(&self, op: FleetOp) -> bool {
+        let slot = &self.0[FleetOp::ALL.iter().position(|o| *o == op).unwrap_or(0)];
+        let now = now_us() / 1000;
+        let last = slot.load(Ordering::Relaxed);
+        (last == 0 || now.saturating_sub(last) >= Self::EVERY_MS)
+            && slot
+                .compare_exchange(last, now.max(1), Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+    }
+}
+
 /// The connection: a client (for the subscription) and its reconnecting manager (for calls).
 struct Connection {
     client: redis::Client,
@@ -231,6 +251,8 @@ pub struct Fleet {
     last_heard: AtomicU64,
     /// Tells the subscriber to drop its subscription and make a new one.
     resubscribe: Notify,
+    /// When an error reply was last logged, per kind of call.
+    error_logs: ErrorLogs,
     /// Redis's `run_id`, as the last probe read it: part of every entry's token, so entries
     /// of a Redis that restarted or failed over (whose data may have rolled back) never match.
     run_id: ArcSwap<String>,
@@ -376,6 +398,7 @@ impl Fleet {
             subscription_at_down: AtomicU64::new(0),
             last_heard: AtomicU64::new(0),
             resubscribe: Notify::new(),
+            error_logs: ErrorLogs::default(),
             run_id: ArcSwap::from_pointee(String::new()),
             link_generation: AtomicU64::new(0),
             replicas: AtomicU64::new(1),
@@ -435,7 +458,16 @@ impl Fleet {
                     self.failed(op, &e.to_string());
                 } else {
                     self.metrics.error(op.as_str());
-                    tracing::debug!(op = op.as_str(), error = %e, "a fleet call failed");
+                    // Each one counted; logged at most once a minute per kind of call, since
+                    // a Redis that answers errors answers them to every request.
+                    if self.error_logs.due(op) {
+                        tracing::warn!(
+                            op = op.as_str(),
+                            error = %e,
+                            "a fleet call failed with an error from Redis (the link stays up; \
+                             fleet_errors_total counts each, this is logged once a minute)"
+                        );
+                    }
                 }
                 None
             }
