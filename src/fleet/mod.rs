@@ -165,7 +165,7 @@ struct Message {
     hb: bool,
 }
 
-/// When each kind of call last logged an error reply (ms since the epoch), so that a Redis
+/// When each kind of call last logged an error reply (ms on the fleet's clock), so that a Redis
 /// answering every request with an error logs once a minute, not per request.
 #[derive(Default)]
 struct ErrorLogs([AtomicU64; FleetOp::ALL.len()]);
@@ -173,10 +173,10 @@ struct ErrorLogs([AtomicU64; FleetOp::ALL.len()]);
 impl ErrorLogs {
     const EVERY_MS: u64 = 60_000;
 
-    /// Whether `op`'s error is to be logged now (and if so, marks it logged).
-    fn due(&self, op: FleetOp) -> bool {
+    /// Whether `op`'s error is to be logged at `now` (ms on a monotonic clock; if so, marks it
+    /// logged).
+    fn due(&self, op: FleetOp, now: u64) -> bool {
         let slot = &self.0[FleetOp::ALL.iter().position(|o| *o == op).unwrap_or(0)];
-        let now = now_us() / 1000;
         let last = slot.load(Ordering::Relaxed);
         (last == 0 || now.saturating_sub(last) >= Self::EVERY_MS)
             && slot
@@ -245,10 +245,13 @@ pub struct Fleet {
     /// back, messages published in between may have been missed.
     subscription_at_down: AtomicU64,
     /// When the newest heartbeat of this replica's own that the subscription has delivered
-    /// was sent (ms since the epoch; when the subscription was made, before the first): how
+    /// was sent ([`Fleet::clock_ms`]; when the subscription was made, before the first): how
     /// far behind the invalidations it applies are. A dead subscription delivers nothing, and a
-    /// backlog delivers old heartbeats; either way this falls behind the clock.
+    /// backlog delivers old heartbeats; either way heartbeats Redis took stay unheard.
     last_heard: AtomicU64,
+    /// This process's clock for its own heartbeats (which only it reads): monotonic, so that
+    /// a wall-clock step neither hides a dead subscription nor fakes one.
+    started: std::time::Instant,
     /// Tells the subscriber to drop its subscription and make a new one.
     resubscribe: Notify,
     /// When an error reply was last logged, per kind of call.
@@ -277,11 +280,14 @@ impl std::fmt::Debug for Fleet {
     }
 }
 
-/// The fewest bytes (besides whitespace) `fleet.partition_key_file` may hold: 128 bits.
+/// The fewest bytes (besides whitespace) `fleet.partition_key_file` may hold: a guard against
+/// an empty or truncated Secret, not a measure of its entropy (the README asks for 32 random
+/// bytes).
 pub const MIN_PARTITION_KEY: usize = 16;
 
 /// Reads `fleet.partition_key_file`: its bytes as they are (every replica must hash the same
-/// ones), refused if it holds fewer than [`MIN_PARTITION_KEY`] besides whitespace.
+/// ones), refused if it holds fewer than [`MIN_PARTITION_KEY`] besides whitespace (at start, by
+/// `--check`, and on a reload, which checks the files as `--check` does).
 pub fn read_partition_key(path: &PathBuf) -> Result<Vec<u8>, FleetSetupError> {
     let bytes = std::fs::read(path).map_err(|source| FleetSetupError::File {
         key: "fleet.partition_key_file",
@@ -397,6 +403,7 @@ impl Fleet {
             subscriptions: AtomicU64::new(0),
             subscription_at_down: AtomicU64::new(0),
             last_heard: AtomicU64::new(0),
+            started: std::time::Instant::now(),
             resubscribe: Notify::new(),
             error_logs: ErrorLogs::default(),
             run_id: ArcSwap::from_pointee(String::new()),
@@ -418,6 +425,11 @@ impl Fleet {
     /// served from memory without revalidating.
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Acquire)
+    }
+
+    /// Milliseconds on this process's monotonic clock, for its own heartbeats.
+    fn clock_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Replicas alive at the last heartbeat (at least 1).
@@ -460,7 +472,7 @@ impl Fleet {
                     self.metrics.error(op.as_str());
                     // Each one counted; logged at most once a minute per kind of call, since
                     // a Redis that answers errors answers them to every request.
-                    if self.error_logs.due(op) {
+                    if self.error_logs.due(op, self.clock_ms()) {
                         tracing::warn!(
                             op = op.as_str(),
                             error = %e,
@@ -687,7 +699,7 @@ impl Fleet {
             .await;
             match pubsub {
                 Ok(Ok(pubsub)) => {
-                    self.last_heard.store(now_us() / 1000, Ordering::Release);
+                    self.last_heard.store(self.clock_ms(), Ordering::Release);
                     self.subscriptions.fetch_add(1, Ordering::AcqRel);
                     self.subscribed.store(true, Ordering::Release);
                     self.wake.notify_one();
@@ -730,8 +742,9 @@ impl Fleet {
         };
         if message.from == self.instance {
             if message.hb {
+                // Clamped: a heartbeat cannot have been sent later than now.
                 self.last_heard
-                    .fetch_max(message.at / 1000, Ordering::AcqRel);
+                    .fetch_max(message.at.min(self.clock_ms()), Ordering::AcqRel);
             }
             return;
         }
@@ -763,8 +776,13 @@ impl Fleet {
     /// Probes Redis, counts replicas, re-reads the password file, and brings the link up when
     /// Redis answers and the subscription is live.
     async fn supervise(self: Arc<Self>) {
+        // The oldest heartbeat Redis took (published) that the subscription had not delivered
+        // when last looked at: only heartbeats Redis took count, so a probe outage (none
+        // published) is not taken for a dead subscription.
+        let mut unheard: Option<u64> = None;
         loop {
             self.reload_password();
+            let sent_at = self.clock_ms();
             let manager = self.connection.load().manager.clone();
             let instance = self.instance.clone();
             let heartbeat = serde_json::to_string(&Message {
@@ -773,7 +791,7 @@ impl Fleet {
                 x: Vec::new(),
                 s: Vec::new(),
                 all: false,
-                at: now_us(),
+                at: sent_at,
                 hb: true,
             })
             .expect("a message serializes");
@@ -800,11 +818,19 @@ impl Fleet {
                     {
                         self.run_id.store(Arc::new(run_id));
                     }
-                    let silent_ms =
-                        (now_us() / 1000).saturating_sub(self.last_heard.load(Ordering::Acquire));
-                    if self.subscribed.load(Ordering::Acquire)
-                        && silent_ms > SUBSCRIPTION_SILENCE.as_millis() as u64
-                    {
+                    // `subscribed` first: a subscription made in between has stored its
+                    // `last_heard` before it says so.
+                    let subscribed = self.subscribed.load(Ordering::Acquire);
+                    let heard = self.last_heard.load(Ordering::Acquire);
+                    let waiting = match unheard {
+                        Some(oldest) if heard < oldest => oldest,
+                        _ => sent_at,
+                    };
+                    unheard = Some(waiting);
+                    let late = heard < waiting
+                        && self.clock_ms().saturating_sub(waiting)
+                            > SUBSCRIPTION_SILENCE.as_millis() as u64;
+                    if subscribed && late {
                         // Its own heartbeat did not come back in time: the subscription is
                         // dead, or so far behind that what memory serves may be stale. (A
                         // backlog sits in the client's unbounded queue: replaced, it is gone.)
