@@ -196,9 +196,12 @@ impl Reservation {
     /// Reserves `len` more bytes of `budget`; `false`, with nothing more taken, when the budget
     /// has not that much left.
     pub fn grow(&mut self, budget: &Budget, len: u64) -> bool {
-        let kib = |bytes: u64| u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
         let total = self.bytes.saturating_add(len);
-        let more = kib(total) - kib(self.bytes);
+        // In u64, then checked: saturating each side to u32 first would make the KiB past 4 TiB
+        // free (both sides at the cap), for a budget configured that large.
+        let Ok(more) = u32::try_from(total.div_ceil(1024) - self.bytes.div_ceil(1024)) else {
+            return false;
+        };
         if more > 0 {
             match budget.permits.clone().try_acquire_many_owned(more) {
                 Ok(permit) => match &mut self.permit {
@@ -389,6 +392,22 @@ impl http_body::Body for PrefixedBody {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_reservation_counts_every_kib_even_past_4_tib() {
+        const TIB: u64 = 1 << 40;
+        let budget = Budget::new(16 * TIB);
+        let mut held = Reservation::default();
+        assert!(held.grow(&budget, 3 * TIB));
+        assert!(held.grow(&budget, 2 * TIB));
+        assert!(held.grow(&budget, 1));
+        // 5 TiB and one byte: every KiB of it taken from the budget, none free.
+        let taken = (16 * TIB) / 1024 - budget.permits.available_permits() as u64;
+        assert_eq!(taken, (5 * TIB) / 1024 + 1);
+        // More than one acquisition can take at once is refused, not taken in part.
+        assert!(!held.grow(&budget, 5 * TIB));
+        assert_eq!(held.bytes, 5 * TIB + 1);
+    }
+
     use super::*;
 
     #[tokio::test(start_paused = true)]
