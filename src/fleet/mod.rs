@@ -38,6 +38,7 @@ use tokio::sync::Notify;
 
 use crate::config::FleetConfig;
 use crate::config::fleet::redacted_url;
+use crate::observability::logging::LogEvery;
 use crate::observability::metrics::FleetMetrics;
 use crate::secrets::token::Fingerprint;
 
@@ -165,23 +166,15 @@ struct Message {
     hb: bool,
 }
 
-/// When each kind of call last logged an error reply (ms on the fleet's clock), so that a Redis
-/// answering every request with an error logs once a minute, not per request.
+/// Error replies logged once a minute per kind of call: a Redis answering every request with
+/// an error logs a line a minute, not one per request.
 #[derive(Default)]
-struct ErrorLogs([AtomicU64; FleetOp::ALL.len()]);
+struct ErrorLogs([LogEvery; FleetOp::ALL.len()]);
 
 impl ErrorLogs {
-    const EVERY_MS: u64 = 60_000;
-
-    /// Whether `op`'s error is to be logged at `now` (ms on a monotonic clock; if so, marks it
-    /// logged).
-    fn due(&self, op: FleetOp, now: u64) -> bool {
-        let slot = &self.0[FleetOp::ALL.iter().position(|o| *o == op).unwrap_or(0)];
-        let last = slot.load(Ordering::Relaxed);
-        (last == 0 || now.saturating_sub(last) >= Self::EVERY_MS)
-            && slot
-                .compare_exchange(last, now.max(1), Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
+    /// Whether `op`'s error is to be logged now.
+    fn due(&self, op: FleetOp) -> bool {
+        self.0[op as usize].due(Duration::from_secs(60))
     }
 }
 
@@ -472,7 +465,7 @@ impl Fleet {
                     self.metrics.error(op.as_str());
                     // Each one counted; logged at most once a minute per kind of call, since
                     // a Redis that answers errors answers them to every request.
-                    if self.error_logs.due(op, self.clock_ms()) {
+                    if self.error_logs.due(op) {
                         tracing::warn!(
                             op = op.as_str(),
                             error = %e,

@@ -8,11 +8,44 @@
 
 use std::io::IsTerminal;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::filter::Directive;
 
 use crate::config::{LogColor, LogFormat};
+
+/// One log line per period for a failure that can repeat on every request (a sink, a Redis, an
+/// exporter answering errors): the first, then the first once `every` has passed since the last
+/// line. Each failure is still counted by its caller; this only spares the log. Times are on the
+/// process's monotonic clock, so a wall-clock step neither mutes nor repeats a line.
+#[derive(Debug, Default)]
+pub struct LogEvery {
+    /// When the last line was logged: ms since [`LogEvery::clock_ms`]'s start, plus one (0:
+    /// never).
+    last: AtomicU64,
+}
+
+impl LogEvery {
+    /// Whether a line is due now; if so, it counts as logged (one caller of concurrent ones).
+    pub fn due(&self, every: Duration) -> bool {
+        let now = Self::clock_ms() + 1;
+        let last = self.last.load(Ordering::Relaxed);
+        let every = u64::try_from(every.as_millis()).unwrap_or(u64::MAX);
+        (last == 0 || now.saturating_sub(last) >= every)
+            && self
+                .last
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+
+    fn clock_ms() -> u64 {
+        static START: OnceLock<Instant> = OnceLock::new();
+        let elapsed = START.get_or_init(Instant::now).elapsed();
+        u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX - 1)
+    }
+}
 
 /// Targets held at `warn` whatever `RUST_LOG` says: the file watcher and the event loop under
 /// it log every filesystem event at trace level, and with stderr written to a watched directory
@@ -83,6 +116,18 @@ pub fn set_level(level: &str) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_repeating_failure_is_logged_once_a_period() {
+        let log = super::LogEvery::default();
+        let minute = std::time::Duration::from_secs(60);
+        assert!(log.due(minute), "the first");
+        assert!(!log.due(minute), "not again within the minute");
+        assert!(
+            log.due(std::time::Duration::ZERO),
+            "once the period has passed"
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -11,7 +11,7 @@
 
 use std::borrow::Cow;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, Version};
@@ -97,7 +97,7 @@ impl Telemetry {
             builder = builder.with_batch_exporter(Counted {
                 inner: exporter,
                 failures: failures.clone(),
-                last_logged: Arc::new(AtomicU64::new(0)),
+                last_logged: Arc::default(),
             });
         }
         if !exporting {
@@ -581,7 +581,7 @@ mod tests {
 struct Counted<E> {
     inner: E,
     failures: prometheus_client::metrics::counter::Counter,
-    last_logged: Arc<AtomicU64>,
+    last_logged: Arc<crate::observability::logging::LogEvery>,
 }
 
 impl<E: opentelemetry_sdk::trace::SpanExporter> opentelemetry_sdk::trace::SpanExporter
@@ -595,16 +595,7 @@ impl<E: opentelemetry_sdk::trace::SpanExporter> opentelemetry_sdk::trace::SpanEx
         let result = self.inner.export(batch).await;
         if let Err(e) = &result {
             self.failures.inc();
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            let last = self.last_logged.load(Ordering::Relaxed);
-            if now >= last + 60
-                && self
-                    .last_logged
-                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                    .is_ok()
-            {
+            if self.last_logged.due(Duration::from_secs(60)) {
                 tracing::warn!(error = %e, spans, "telemetry: spans could not be exported (logged at most once a minute; counted in cloudcasa_gateway_telemetry_export_failures_total)");
             }
         }

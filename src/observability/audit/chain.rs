@@ -291,12 +291,7 @@ pub fn verify_anchored(
                 verified.torn.push((name.clone(), line_no));
                 continue;
             };
-            let value = Some(value);
-            let member = |key: &str| {
-                value
-                    .as_ref()
-                    .and_then(|v| v.get(key)?.as_str().map(String::from))
-            };
+            let member = |key: &str| value.get(key)?.as_str().map(String::from);
             let id = member("chain").unwrap_or_default();
             let chain = by_id.get(&id).map(|i| &verified.chains[*i]);
             let hash = check_line(&line, chain.map(|c| c.head))
