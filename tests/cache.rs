@@ -949,14 +949,21 @@ async fn impatient_gateway(
     .await
 }
 
-#[tokio::test]
-async fn a_write_whose_client_went_away_still_invalidates() {
+/// A mock, and a gateway in front of it with `upstream.timeout` `timeout` that has stored an
+/// item named "old" (for an hour): its path and ETag.
+async fn primed(timeout: &str) -> (MockCloudCasa, SecretDir, TestGateway, String, String) {
     let mock = MockCloudCasa::start().await;
     let secret = SecretDir::new("token-a");
-    let gw = impatient_gateway(&mock.url(), &secret, "30s", "").await;
+    let gw = impatient_gateway(&mock.url(), &secret, timeout, "").await;
     let (id, etag) = item(&mock, "old");
     let path = format!("/api/v1/usergroups/{id}");
     assert_eq!(get(&gw.url(&path), &[]).await.json()["name"], "old");
+    (mock, secret, gw, path, etag)
+}
+
+#[tokio::test]
+async fn a_write_whose_client_went_away_still_invalidates() {
+    let (mock, _secret, gw, path, etag) = primed("30s").await;
     assert!(
         get(&gw.url(&path), &[])
             .await
@@ -981,12 +988,7 @@ async fn a_write_whose_client_went_away_still_invalidates() {
 
 #[tokio::test]
 async fn a_write_that_times_out_invalidates_now_and_after_a_late_commit() {
-    let mock = MockCloudCasa::start().await;
-    let secret = SecretDir::new("token-a");
-    let gw = impatient_gateway(&mock.url(), &secret, "1s", "").await;
-    let (id, etag) = item(&mock, "old");
-    let path = format!("/api/v1/usergroups/{id}");
-    assert_eq!(get(&gw.url(&path), &[]).await.json()["name"], "old");
+    let (mock, _secret, gw, path, etag) = primed("1s").await;
 
     // Executed, answered too late: 504 to the client, and the stored document is gone.
     let release = mock.state.hold_next_answer(Method::PATCH);
@@ -1011,6 +1013,55 @@ async fn a_write_that_times_out_invalidates_now_and_after_a_late_commit() {
         Duration::from_secs(5),
         "the late write, after the second invalidation",
         || async { get(&gw.url(&path), &[]).await.json()["name"] == "newer" },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_write_whose_streamed_body_breaks_after_it_was_sent_invalidates() {
+    let (mock, _secret, gw, path, etag) = primed("30s").await;
+    // A chunked body past what is read whole streams: the upstream has the request line and
+    // headers (Eve starts a DELETE, or a POST that ignores its body, on them) before the body
+    // breaks off with a malformed chunk.
+    let mut request = format!(
+        "PATCH {path} HTTP/1.1\r\nhost: x\r\nif-match: \"{etag}\"\r\n\
+         content-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+    )
+    .into_bytes();
+    for chunk in vec![b' '; 1100 * 1024].chunks(64 * 1024) {
+        request.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        request.extend_from_slice(chunk);
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(b"zz\r\n");
+    let reply = raw_exchange(gw.proxy, &request).await;
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    // Whatever the upstream made of it, the stored document is not served again unasked.
+    let after = get(&gw.url(&path), &[]).await;
+    assert!(
+        !after.header("cache-status").unwrap().contains("hit"),
+        "{:?}",
+        after.headers
+    );
+}
+
+#[tokio::test]
+async fn a_write_answered_5xx_invalidates_now_and_after_a_late_commit() {
+    let (mock, _secret, gw, path, etag) = primed("1s").await;
+    // A proxy in front of Eve gives up (502) while Eve has not committed yet; a read in
+    // between stores the old document again; then the commit lands.
+    mock.state
+        .hold_next(Some(StatusCode::BAD_GATEWAY))
+        .notify_one();
+    let reply = rename(&gw.url(&path), &etag, "new").await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(get(&gw.url(&path), &[]).await.json()["name"], "old");
+    let late = rename_at_upstream(&mock, &path, &etag, "token-a", "new").await;
+    assert_eq!(late.status, StatusCode::OK);
+    eventually(
+        Duration::from_secs(5),
+        "the late commit, after the second invalidation",
+        || async { get(&gw.url(&path), &[]).await.json()["name"] == "new" },
     )
     .await;
 }

@@ -440,15 +440,15 @@ impl ResponseCache {
             }
             // Refused (412, 428, 404, ...): nothing was executed.
             Ok(status) if status.is_client_error() || status.is_informational() => {}
-            // A 5xx may come after the upstream executed part of the write.
-            Ok(_) => self.invalidate(&partition, [target].into_iter()).await,
-            // No answer (a timeout, a connection lost mid-request): the upstream may have
-            // executed the write, or may still; invalidated now and once more later.
-            Err(e) if unsettled.sent() && e.is_upstream_failure() => {
-                self.invalidate_unanswered(partition, target).await;
-            }
-            // Never sent (the client's body broke off, was too large or stalled; the body
-            // budget; no connection to the upstream): nothing was executed.
+            // A 5xx, or no answer once the request was on its way (a timeout, a connection
+            // lost mid-request, or the client's streamed body breaking off after the upstream
+            // had the headers: Eve starts a DELETE without reading its body): the upstream may
+            // have executed the write, or may still (a proxy's 502/504 before Eve commits).
+            // Invalidated now and once more later.
+            Ok(_) => self.invalidate_unanswered(partition, target).await,
+            Err(_) if unsettled.sent() => self.invalidate_unanswered(partition, target).await,
+            // Never sent (the client's body broke off, was too large or stalled while it was
+            // read whole; the body budget; no connection to the upstream): nothing executed.
             Err(_) => {}
         }
         unsettled.settle();
