@@ -1019,7 +1019,7 @@ async fn a_write_that_times_out_invalidates_now_and_after_a_late_commit() {
 
 #[tokio::test]
 async fn a_write_whose_streamed_body_breaks_after_it_was_sent_invalidates() {
-    let (mock, _secret, gw, path, etag) = primed("30s").await;
+    let (_mock, _secret, gw, path, etag) = primed("30s").await;
     // A chunked body past what is read whole streams: the upstream has the request line and
     // headers (Eve starts a DELETE, or a POST that ignores its body, on them) before the body
     // breaks off with a malformed chunk.
