@@ -93,7 +93,6 @@ pub fn check_files(config: &Config, live_audit: Option<&Path>) -> Result<(), Con
     if let Some(fleet) = &config.fleet {
         for (key, path) in [
             ("fleet.password_file", &fleet.password_file),
-            ("fleet.partition_key_file", &fleet.partition_key_file),
             ("fleet.ca_file", &fleet.ca_file),
         ] {
             if let Some(path) = path
@@ -102,11 +101,16 @@ pub fn check_files(config: &Config, live_audit: Option<&Path>) -> Result<(), Con
                 p.add(key, format!("cannot read {}: {e}", path.display()));
             }
         }
-        if let Some(path) = &fleet.partition_key_file
-            && let Err(e @ crate::fleet::FleetSetupError::WeakPartitionKey { .. }) =
-                crate::fleet::read_partition_key(path)
-        {
-            p.built(&e);
+        // Read as start-up reads it, once: unreadable, or too short.
+        if let Some(path) = &fleet.partition_key_file {
+            match crate::fleet::read_partition_key(path) {
+                Err(crate::fleet::FleetSetupError::File { source, .. }) => p.add(
+                    "fleet.partition_key_file",
+                    format!("cannot read {}: {source}", path.display()),
+                ),
+                Err(e) => p.built(&e),
+                Ok(_) => {}
+            }
         }
     }
     // The upstream's client as start-up builds it: the CA bundle parsed, the proxy's
