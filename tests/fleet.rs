@@ -26,7 +26,7 @@ async fn replicas(
     let a = TestGateway::for_mock(&mock, &secret, &replica("gw-a")).await;
     let b = TestGateway::for_mock(&mock, &secret, &replica("gw-b")).await;
     for gw in [&a, &b] {
-        wait_link(gw, 1.0).await;
+        wait_link(gw.admin, 1).await;
     }
     (mock, secret, a, b)
 }
@@ -37,12 +37,13 @@ async fn metric(gw: &TestGateway, series: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
-/// Waits until the gateway's fleet link is up (1) or down (0).
-async fn wait_link(gw: &TestGateway, up: f64) {
+/// Waits until the fleet link of the gateway whose admin listener is `admin` is up (1) or down
+/// (0).
+async fn wait_link(admin: std::net::SocketAddr, up: u64) {
     eventually(
         Duration::from_secs(10),
         &format!("fleet_link_up {up}"),
-        || async { metric(gw, "cloudcasa_gateway_fleet_link_up").await == Some(up) },
+        || async { metric_at(admin, "cloudcasa_gateway_fleet_link_up").await == Some(up) },
     )
     .await;
 }
@@ -176,7 +177,7 @@ async fn a_replica_shutting_down_runs_its_late_invalidations_before_it_exits() {
     .await;
     let b = TestGateway::for_mock(&mock, &secret, &fleet("gw-b")).await;
     for gw in [&a, &b] {
-        wait_link(gw, 1.0).await;
+        wait_link(gw.admin, 1).await;
     }
     let (id, etag) = item(&mock, "old");
     let path = format!("/api/v1/usergroups/{id}");
@@ -186,12 +187,8 @@ async fn a_replica_shutting_down_runs_its_late_invalidations_before_it_exits() {
     let release = mock.state.hold_next(Some(StatusCode::SERVICE_UNAVAILABLE));
     abandon_rename(a.proxy, &mock, &path, &etag).await;
     // A invalidates at once (B hears it) and schedules the second invalidation.
-    eventually(
-        Duration::from_secs(5),
-        "B hears the first invalidation",
-        || async { metric(&b, received).await == Some(1.0) },
-    )
-    .await;
+    // (B hears the first invalidation.)
+    expect_metric(b.admin, received, 1).await;
     // B stores the document as it still is; then the write commits upstream (straight at it,
     // as a slow upstream would).
     assert_eq!(get(&b.url(&path), &[]).await.json()["name"], "old");
@@ -213,12 +210,8 @@ async fn a_replica_shutting_down_runs_its_late_invalidations_before_it_exits() {
         .await
         .expect("A stops within its limits")
         .unwrap();
-    eventually(
-        Duration::from_secs(2),
-        "B hears the late invalidation",
-        || async { metric(&b, received).await == Some(2.0) },
-    )
-    .await;
+    // (B hears the late invalidation.)
+    expect_metric(b.admin, received, 2).await;
     assert_eq!(get(&b.url(&path), &[]).await.json()["name"], "new");
 }
 
@@ -289,7 +282,7 @@ rate = "1000/m"
 
     redis.kill();
     for gw in [&a, &b] {
-        wait_link(gw, 0.0).await;
+        wait_link(gw.admin, 0).await;
     }
     // Writes and reads still succeed; the write cannot reach B, so B revalidates what it holds.
     let patched = rename(&a.url(&path), &etag, "after").await;
@@ -322,7 +315,7 @@ rate = "1000/m"
 
     redis.restart().await;
     for gw in [&a, &b] {
-        wait_link(gw, 1.0).await;
+        wait_link(gw.admin, 1).await;
     }
     let back = get(&b.url(&path), &[]).await;
     assert_eq!(back.json()["name"], "after");
@@ -416,7 +409,7 @@ async fn rediss_with_the_replicas_own_ca() {
     let a = TestGateway::for_mock(&mock, &secret, &replica("gw-a")).await;
     let b = TestGateway::for_mock(&mock, &secret, &replica("gw-b")).await;
     for gw in [&a, &b] {
-        wait_link(gw, 1.0).await;
+        wait_link(gw.admin, 1).await;
     }
     let (id, _) = item(&mock, "over-tls");
     let path = format!("/api/v1/usergroups/{id}");
@@ -448,7 +441,7 @@ async fn a_rotated_password_file_is_used_for_the_next_connection() {
         ),
     )
     .await;
-    wait_link(&gw, 1.0).await;
+    wait_link(gw.admin, 1).await;
 
     // Rotate: Redis takes the new password, the Secret's file changes, old connections go.
     let mut admin = redis.connection().await;
@@ -599,7 +592,7 @@ async fn a_subscription_gone_silent_is_replaced_and_the_replica_hears_writes_aga
     let a = TestGateway::for_mock(&mock, &secret, &replica("gw-a", redis.addr)).await;
     let b = TestGateway::for_mock(&mock, &secret, &replica("gw-b", proxy.addr)).await;
     for gw in [&a, &b] {
-        wait_link(gw, 1.0).await;
+        wait_link(gw.admin, 1).await;
     }
     let (id, etag) = item(&mock, "before");
     let path = format!("/api/v1/usergroups/{id}");
@@ -617,7 +610,7 @@ async fn a_subscription_gone_silent_is_replaced_and_the_replica_hears_writes_aga
         },
     )
     .await;
-    wait_link(&b, 1.0).await;
+    wait_link(b.admin, 1).await;
     // A write through A now reaches B through its new subscription.
     let patched = rename(&a.url(&path), &etag, "after").await;
     assert_eq!(patched.status, StatusCode::OK);
@@ -655,7 +648,7 @@ async fn a_redis_that_comes_back_from_an_older_snapshot_serves_nothing_of_it() {
                 .is_some_and(|n| n >= 1.0)
         })
         .await;
-        wait_link(gw, 1.0).await;
+        wait_link(gw.admin, 1).await;
     }
     assert_eq!(get(&b.url(&path), &[]).await.json()["name"], "after");
     assert_eq!(get(&a.url(&path), &[]).await.json()["name"], "after");
@@ -830,22 +823,9 @@ async fn exiting_with_writes_never_announced_says_so() {
         "",
     )
     .await;
-    let link = format!("http://{}/metrics", child.admin);
-    let link_is = |value: &'static str| {
-        let link = link.clone();
-        async move {
-            eventually(Duration::from_secs(10), "the fleet link", || async {
-                get(&link, &[])
-                    .await
-                    .text()
-                    .contains(&format!("cloudcasa_gateway_fleet_link_up {value}\n"))
-            })
-            .await
-        }
-    };
-    link_is("1").await;
+    wait_link(child.admin, 1).await;
     redis.kill();
-    link_is("0").await;
+    wait_link(child.admin, 0).await;
     // A write while Redis is away: remembered, to be announced when it is back. It never is.
     let (id, etag) = item(&mock, "old");
     let url = format!("http://{}/api/v1/usergroups/{id}", child.proxy);
@@ -904,11 +884,10 @@ async fn a_replica_that_falls_behind_its_invalidations_drops_them_and_empties_it
     .await;
 
     let text = metrics.encode();
-    let errors = text.lines().find_map(|l| {
-        l.strip_prefix("cloudcasa_gateway_fleet_errors_total{op=\"subscribe\"} ")?
-            .parse::<u64>()
-            .ok()
-    });
+    let errors = series_value(
+        &text,
+        "cloudcasa_gateway_fleet_errors_total{op=\"subscribe\"}",
+    );
     assert!(errors.is_some_and(|n| n >= 1), "{text}");
     eventually(Duration::from_secs(5), "the link up again", || {
         std::future::ready(fleet.is_up())
@@ -940,14 +919,7 @@ async fn error_replies_from_redis_are_counted_each_and_logged_once_a_minute() {
         "timeout = \"2s\"\n[cache]\nfresh_for = \"60s\"",
     )
     .await;
-    let metrics = format!("http://{}/metrics", child.admin);
-    eventually(Duration::from_secs(10), "the fleet link up", || async {
-        get(&metrics, &[])
-            .await
-            .text()
-            .contains("cloudcasa_gateway_fleet_link_up 1\n")
-    })
-    .await;
+    wait_link(child.admin, 1).await;
     let read = |id: String| {
         let url = format!("http://{}/api/v1/usergroups/{id}", child.proxy);
         async move { get(&url, &[]).await.status }
@@ -979,15 +951,14 @@ async fn error_replies_from_redis_are_counted_each_and_logged_once_a_minute() {
         let (id, _) = item(&mock, name);
         assert_eq!(read(id).await, StatusCode::OK, "served without Redis");
     }
-    let text = get(&metrics, &[]).await.text();
-    let lookups = text.lines().find_map(|l| {
-        l.strip_prefix("cloudcasa_gateway_fleet_errors_total{op=\"lookup\"} ")?
-            .parse::<u64>()
-            .ok()
-    });
+    let text = get(&format!("http://{}/metrics", child.admin), &[])
+        .await
+        .text();
+    let lookups = series_value(&text, "cloudcasa_gateway_fleet_errors_total{op=\"lookup\"}");
     assert_eq!(lookups, Some(3), "{text}");
-    assert!(
-        text.contains("cloudcasa_gateway_fleet_link_up 1\n"),
+    assert_eq!(
+        series_value(&text, "cloudcasa_gateway_fleet_link_up"),
+        Some(1),
         "{text}"
     );
     let logs = child.logs();

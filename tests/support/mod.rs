@@ -500,7 +500,14 @@ impl Drop for ChildGateway {
 /// The value of one series (`name{labels}` exactly as exposed) in the admin listener's
 /// `/metrics` at `admin`; `None` when the series is not there.
 pub async fn metric_at(admin: SocketAddr, series: &str) -> Option<u64> {
-    let text = get(&format!("http://{admin}/metrics"), &[]).await.text();
+    series_value(
+        &get(&format!("http://{admin}/metrics"), &[]).await.text(),
+        series,
+    )
+}
+
+/// The value of one series (`name{labels}` exactly as exposed) in an exposition `text`.
+pub fn series_value(text: &str, series: &str) -> Option<u64> {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
