@@ -29,7 +29,7 @@ use crate::config::UpstreamConfig;
 use crate::context::Exchange;
 use crate::http::body::{
     self, Body, BodyTimedOut, BodyTooLarge, BoxError, Budget, ClientBodyError, Collected,
-    PrefixedBody, ReservedRead, Tap, collect_reserved,
+    PrefixedBody, Reservation, Tap, collect_limited,
 };
 use crate::http::error::{GatewayError, find_cause};
 use crate::http::headers::strip_hop_by_hop;
@@ -528,17 +528,20 @@ async fn buffer_body(
         None if http10 => u64::MAX,
         None => BUFFER_CHUNKED_UP_TO,
     };
+    let known = limit <= BUFFER_BODIES_UP_TO;
+    let mut held = Reservation::default();
     // A known length is read into one allocation of that size: reserved up front.
-    let up_front = (limit <= BUFFER_BODIES_UP_TO).then_some(limit);
-    let (mut parts, body) = req.into_parts();
-    let ReservedRead {
-        collected,
-        held,
-        over_budget,
-    } = match collect_reserved(body, limit, up_front, budget).await {
-        Ok(read) => read,
-        Err(body) => return Ok(Request::from_parts(parts, body)),
+    if known && !held.grow(budget, limit) {
+        return Ok(req);
+    }
+    let mut over_budget = false;
+    let admit = |len: usize| {
+        let admitted = known || held.grow(budget, len as u64);
+        over_budget |= !admitted;
+        admitted
     };
+    let (mut parts, body) = req.into_parts();
+    let collected = collect_limited(body, limit, admit).await;
     match collected {
         Ok(Collected::Complete(bytes)) => {
             parts.headers.remove(header::TRANSFER_ENCODING);

@@ -329,47 +329,6 @@ pub enum Collected {
     TooLarge(VecDeque<Bytes>, Body),
 }
 
-/// What [`collect_reserved`] read, and the reservation that holds it.
-pub struct ReservedRead {
-    /// As [`collect_limited`] returns it.
-    pub collected: Result<Collected, BoxError>,
-    /// What the read bytes hold of the budget: to be held by the body they become.
-    pub held: Reservation,
-    /// The collection stopped where the budget did, not at its limit.
-    pub over_budget: bool,
-}
-
-/// [`collect_limited`], with what it keeps counted against `budget`. With `up_front` (a known
-/// length, read into one allocation of that size) the whole of it is reserved before anything
-/// is read, and when it does not fit the body comes back untouched (`Err`), to stream; without,
-/// each chunk reserves as it arrives and the collection ends where the budget does, so that
-/// many collections sharing the budget each stop rather than all stalling half-read.
-pub async fn collect_reserved(
-    body: Body,
-    limit: u64,
-    up_front: Option<u64>,
-    budget: &Budget,
-) -> Result<ReservedRead, Body> {
-    let mut held = Reservation::default();
-    if let Some(n) = up_front
-        && !held.grow(budget, n)
-    {
-        return Err(body);
-    }
-    let mut over_budget = false;
-    let admit = |len: usize| {
-        let admitted = up_front.is_some() || held.grow(budget, len as u64);
-        over_budget |= !admitted;
-        admitted
-    };
-    let collected = collect_limited(body, limit, admit).await;
-    Ok(ReservedRead {
-        collected,
-        held,
-        over_budget,
-    })
-}
-
 /// Reads a body whole if it fits in `limit`; otherwise hands back what was read and the rest,
 /// so it can still stream through. A body of known length is read into one allocation of that
 /// length, so collecting costs one copy and no more memory than the body.

@@ -37,8 +37,8 @@ use crate::context::CacheOutcome;
 use crate::context::{CacheReport, Exchange, WireMethod};
 use crate::fleet::{self, Fleet};
 use crate::http::body::{
-    self, Body, BodyTimedOut, Budget, Collected, Deadline, PrefixedBody, ReservedRead,
-    collect_reserved,
+    self, Body, BodyTimedOut, Budget, Collected, Deadline, PrefixedBody, Reservation,
+    collect_limited,
 };
 use crate::http::error::{GatewayError, find_cause};
 use crate::http::is_read;
@@ -856,29 +856,32 @@ impl ResponseCache {
         // The bytes of this fill count against `cache.max_inflight` until its client has them.
         // A body of known length reserves all of it up front, so that concurrent fills do not
         // each take a share and none completes; one of unknown length reserves as it arrives.
+        let mut reserved = Reservation::default();
+        let mut over_budget = false;
         let length = body
             .size_hint()
             .exact()
             .filter(|n| *n <= config.max_object_size);
+        if let Some(n) = length
+            && !reserved.grow(&self.inflight, n)
+        {
+            status.not_stored = Some(NotStorable::InflightLimit);
+            if let Some(guard) = guard {
+                guard.finish(FlightOutcome::Uncacheable);
+            }
+            return (status, Ok(Response::from_parts(parts, body)));
+        }
+        let reserve = |len: usize| {
+            let reserved = length.is_some() || reserved.grow(&self.inflight, len as u64);
+            over_budget |= !reserved;
+            reserved
+        };
         // An upstream that stalls mid-body must not hold the fill for ever (its client, the
         // collapsing lock its waiters queue on, its share of `max_inflight`): no bytes for
-        // `upstream.timeout` ends it with 504. A body that streams through past the limit, or
-        // past the budget, keeps the same gap.
+        // `upstream.timeout` ends it with 504. A body that streams through past the limit
+        // keeps the same gap.
         let body = body::boxed(Deadline::new(body, self.wait_limit));
-        let ReservedRead {
-            collected,
-            held: reserved,
-            over_budget,
-        } = match collect_reserved(body, config.max_object_size, length, &self.inflight).await {
-            Ok(read) => read,
-            Err(body) => {
-                status.not_stored = Some(NotStorable::InflightLimit);
-                if let Some(guard) = guard {
-                    guard.finish(FlightOutcome::Uncacheable);
-                }
-                return (status, Ok(Response::from_parts(parts, body)));
-            }
-        };
+        let collected = collect_limited(body, config.max_object_size, reserve).await;
         let bytes = match collected {
             Ok(Collected::Complete(bytes)) => bytes,
             Ok(Collected::TooLarge(prefix, rest)) => {
