@@ -17,13 +17,21 @@ use std::time::{Duration, Instant, SystemTime};
 use http::{HeaderValue, Method, Request, StatusCode, Uri};
 use opentelemetry::trace::TraceContextExt;
 
-/// The address of the peer that sent a request, in request extensions (set by the listener).
+/// The address of the peer that sent a request, in request extensions (set by the listener),
+/// and what its connection shares with every request on it.
 #[derive(Debug, Clone)]
 pub struct ClientAddr {
     /// The peer's socket address.
     pub addr: SocketAddr,
+    conn: Arc<Connection>,
+}
+
+#[derive(Debug)]
+struct Connection {
     /// The address as text, formatted once per connection (every audit record carries it).
-    pub text: Arc<str>,
+    text: Box<str>,
+    /// Why the gateway closed the connection itself, once it did.
+    closed_for: OnceLock<&'static str>,
 }
 
 impl ClientAddr {
@@ -31,8 +39,27 @@ impl ClientAddr {
     pub fn new(addr: SocketAddr) -> Self {
         Self {
             addr,
-            text: addr.to_string().into(),
+            conn: Arc::new(Connection {
+                text: addr.to_string().into(),
+                closed_for: OnceLock::new(),
+            }),
         }
+    }
+
+    /// The address as text.
+    pub fn text(&self) -> &str {
+        &self.conn.text
+    }
+
+    /// The gateway is closing the connection for `why` (a close reason's label): requests still
+    /// open on it end with that error rather than `client_closed`.
+    pub fn closing(&self, why: &'static str) {
+        let _ = self.conn.closed_for.set(why);
+    }
+
+    /// Why the gateway closed the connection, if it did.
+    pub fn closed_for(&self) -> Option<&'static str> {
+        self.conn.closed_for.get().copied()
     }
 }
 

@@ -1,6 +1,7 @@
 //! Hostile and careless clients cannot exhaust the gateway: idle connections close (HTTP/2 with
 //! GOAWAY first), HTTP/2 peers are pinged, HTTP/2 connections must make a request, connections
-//! are capped, waiting for bytes costs no CPU, request bodies have a deadline, cache fills are
+//! are capped, waiting for bytes costs no CPU, request bodies have a deadline, clients that stop
+//! reading their responses are cut off (slow ones are not), cache fills are
 //! bounded in memory, and a broken upstream is named as such. Every close the gateway makes is
 //! counted. Bounded loops throughout; CPU time and RSS are the gateway child process's, from
 //! /proc/PID.
@@ -27,6 +28,53 @@ async fn closed_within(stream: &mut TcpStream, limit: Duration) -> Option<Durati
         Ok(_) => Some(started.elapsed()),
         Err(_) => None,
     }
+}
+
+/// A gateway in front of `mock` with the token from `secret`, and `[upstream]` and `[server]`
+/// lines of the test's own.
+async fn gateway_with(
+    mock: &MockCloudCasa,
+    secret: &SecretDir,
+    upstream: &str,
+    server: &str,
+) -> TestGateway {
+    TestGateway::start(&format!(
+        "[upstream]\nurl = \"{}\"\n{upstream}\n[token]\nfile = \"{}\"\n[server]\n{server}\n",
+        mock.url(),
+        secret.token_path().display()
+    ))
+    .await
+}
+
+/// A connection to `addr` with a small receive buffer, so that the gateway's writes to it soon
+/// wait for its reads.
+async fn small_window(addr: std::net::SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// Asks on `conn` (HTTP/1.1) for a 64 MiB answer tagged `n`, far past what the sockets and the
+/// gateway hold, reads its status line, and reads nothing more.
+async fn stop_reading<S: AsyncReadExt + AsyncWriteExt + Unpin>(conn: &mut S, n: &str) {
+    let request = format!(
+        "GET /api/v1/_blob?size={}&n={n} HTTP/1.1\r\nHost: gw\r\n\r\n",
+        64 * MIB
+    );
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let mut first = [0u8; 12];
+    conn.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+}
+
+/// Waits (at most 15 s) until `count` proxy connections were closed for `send_timeout`.
+async fn wait_send_timeouts(admin: std::net::SocketAddr, count: u64) {
+    eventually(
+        Duration::from_secs(15),
+        &format!("{count} connections closed for send_timeout"),
+        || async move { metric_at(admin, &closed_series("send_timeout")).await == Some(count) },
+    )
+    .await;
 }
 
 /// A process's CPU time (user + system), from /proc/PID/stat.
@@ -257,6 +305,149 @@ async fn connections_past_the_cap_are_closed_at_once_and_the_rest_are_served() {
         metrics.contains("cloudcasa_gateway_connections_refused_total{listener=\"proxy\"} 3"),
         "{metrics}"
     );
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_and_a_slow_one_is_not() {
+    const SEND_TIMEOUT: Duration = Duration::from_secs(1);
+    let (_mock, _secret, gw) = setup("[server]\nsend_timeout = \"1s\"").await;
+
+    // 64 MiB, far past what the sockets and the gateway hold: once the client stops reading,
+    // a write waits, and keeps waiting.
+    let mut stalled = small_window(gw.proxy).await;
+    // Before the request: a lower bound on when its writes began to wait.
+    let started = Instant::now();
+    stop_reading(&mut stalled, "stalled").await;
+    let admin = gw.admin;
+    wait_send_timeouts(admin, 1).await;
+    assert!(
+        started.elapsed() >= SEND_TIMEOUT,
+        "closed {:?} after the client stopped reading",
+        started.elapsed()
+    );
+    // Closed: what was queued drains, then the end (or a reset), well short of the body.
+    let mut drained = 0u64;
+    let mut buf = vec![0u8; 1 << 16];
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Ok(n @ 1..) = stalled.read(&mut buf).await {
+            drained += n as u64;
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the connection stayed open");
+    assert!(drained < 64 * MIB, "{drained} bytes after the close");
+    // The record says why the response ended short.
+    let records = gw.wait_audit(1).await;
+    let record = records
+        .iter()
+        .find(|r| r["query"].as_str().is_some_and(|q| q.contains("n=stalled")))
+        .unwrap_or_else(|| panic!("the stalled request's record: {records:?}"));
+    assert_eq!(record["status"], 200, "{record}");
+    assert_eq!(record["complete"], false, "{record}");
+    assert_eq!(record["error"], "send_timeout", "{record}");
+
+    // HTTP/2: a client that stops reading its connection is cut off the same way, and its
+    // stream's record says so.
+    let mut h2 = small_window(gw.proxy).await;
+    let mut start = h2wire::client_start_widest();
+    start.extend(h2wire::get(
+        1,
+        "http",
+        "gw",
+        "/api/v1/_blob?size=67108864&n=stalled-h2",
+    ));
+    h2.write_all(&start).await.unwrap();
+    wait_send_timeouts(admin, 2).await;
+    let records = gw.wait_audit(2).await;
+    let record = records
+        .iter()
+        .find(|r| {
+            r["query"]
+                .as_str()
+                .is_some_and(|q| q.contains("n=stalled-h2"))
+        })
+        .unwrap_or_else(|| panic!("the stalled stream's record: {records:?}"));
+    assert_eq!(record["error"], "send_timeout", "{record}");
+    drop(h2);
+
+    // A client that reads slowly but steadily (pauses far shorter than send_timeout, while
+    // the gateway's writes wait on it) gets its whole answer.
+    const SIZE: u64 = 12 * MIB;
+    let mut slow = small_window(gw.proxy).await;
+    slow.write_all(
+        format!(
+            "GET /api/v1/_blob?size={SIZE}&n=slow HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut received = 0u64;
+    let mut next_pause = 0u64;
+    let read = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Ok(n @ 1..) = slow.read(&mut buf).await {
+            received += n as u64;
+            if received >= next_pause {
+                next_pause += 512 * 1024;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the slow read did not end");
+    assert!(
+        received > SIZE,
+        "{received} bytes: the slow reader was cut off"
+    );
+    assert_eq!(
+        metric_at(admin, &closed_series("send_timeout")).await,
+        Some(2)
+    );
+}
+
+#[tokio::test]
+async fn a_tls_client_that_stops_reading_is_cut_off() {
+    // Over TLS a write can go through into the session's buffer and then wait in a flush (or
+    // in the close_notify of a close): those waits count too.
+    use rustls_pki_types::pem::PemObject;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = support::tls::TestCa::new("gateway server CA");
+    let (cert, key) = ca.leaf_pem(&["127.0.0.1"]);
+    let cert = write_file(dir.path(), "cert.pem", &cert);
+    let key = write_file(dir.path(), "key.pem", &key);
+    let mock = MockCloudCasa::start().await;
+    let secret = SecretDir::new("token-a");
+    let gw = TestGateway::for_mock(
+        &mock,
+        &secret,
+        &format!(
+            "[server]\nsend_timeout = \"1s\"\n[server.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            cert.display(),
+            key.display()
+        ),
+    )
+    .await;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(ca.pem().as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = small_window(gw.proxy).await;
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect("127.0.0.1".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    stop_reading(&mut tls, "tls").await;
+    wait_send_timeouts(gw.admin, 1).await;
+    let records = gw.wait_audit(1).await;
+    assert_eq!(records.last().unwrap()["error"], "send_timeout");
 }
 
 #[tokio::test]
@@ -492,19 +683,7 @@ async fn an_h2_connection_with_stalled_streams_holds_bounded_memory() {
     let mut conn = TcpStream::connect(gw.gw.proxy).await.unwrap();
     // The largest windows a client can give, so that only the gateway's own limits hold
     // responses back; then it never reads.
-    let mut start = h2wire::PREFACE.to_vec();
-    start.extend(h2wire::frame(
-        h2wire::SETTINGS,
-        0,
-        0,
-        &[0, 4, 0x7f, 0xff, 0xff, 0xff],
-    ));
-    start.extend(h2wire::frame(
-        h2wire::WINDOW_UPDATE,
-        0,
-        0,
-        &(0x7fff_ffffu32 - 65_535).to_be_bytes(),
-    ));
+    let mut start = h2wire::client_start_widest();
     for i in 0..STREAMS {
         // 16 MiB: past cache.max_object_size, so each streams through without being stored.
         let path = format!("/api/v1/_blob?size={}&n={i}", 16 * MIB);
@@ -614,12 +793,12 @@ async fn request_bodies_read_whole_share_one_budget() {
     // streams (chunked, as it came) instead of adding to what the gateway holds.
     let mock = MockCloudCasa::start().await;
     let secret = SecretDir::new("token-a");
-    let gw = TestGateway::start(&format!(
-        "[upstream]\nurl = \"{}\"\nmax_buffered_bodies = \"1MiB\"\n[token]\nfile = \"{}\"\n\
-         [server]\nbody_timeout = \"30s\"\n",
-        mock.url(),
-        secret.token_path().display()
-    ))
+    let gw = gateway_with(
+        &mock,
+        &secret,
+        "max_buffered_bodies = \"1MiB\"",
+        "body_timeout = \"30s\"",
+    )
     .await;
     let sent_whole = |r: &support::mock::Recorded| {
         r.header("content-length").is_some() && r.header("transfer-encoding").is_none()

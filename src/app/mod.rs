@@ -617,6 +617,7 @@ impl Gateway {
             max_connections: server.max_connections,
             h2_keepalive_interval: server.h2_keepalive_interval,
             h2_keepalive_timeout: server.h2_keepalive_timeout,
+            send_timeout: server.send_timeout,
         };
         let connections = &self.shared.observers.metrics.connections;
         let (stop_proxy, proxy_stopped) = watch::channel(false);

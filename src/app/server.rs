@@ -1,7 +1,8 @@
 //! Listeners: accepting TCP connections (at most `server.max_connections` at once), TLS (with
 //! client certificates) when configured, serving HTTP/1.1 and HTTP/2 on the same port (prior
-//! knowledge in clear text, ALPN over TLS), cutting off clients that trickle their headers or send
-//! no request, closing idle connections, and draining on shutdown.
+//! knowledge in clear text, ALPN over TLS), cutting off clients that trickle their headers, send
+//! no request or stop reading their responses, closing idle connections, and draining on
+//! shutdown.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -45,6 +46,9 @@ pub struct ServeOptions {
     pub h2_keepalive_interval: Duration,
     /// ...and the connection closes if the PING is not acknowledged within this.
     pub h2_keepalive_timeout: Duration,
+    /// A connection whose client keeps a write waiting this long (it stopped reading) is
+    /// closed.
+    pub send_timeout: Duration,
 }
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -238,6 +242,7 @@ where
     S::Future: Send + 'static,
 {
     let state = Arc::new(ConnState::new());
+    let client = ClientAddr::new(peer);
     // The connection's bytes, its protocol and, over mTLS, who the client is.
     let (io, protocol, identity): (Box<dyn Io>, Protocol, Option<PeerIdentity>) = match tls {
         None => {
@@ -288,21 +293,21 @@ where
         }
     };
     let io = TokioIo::new(io);
-    let service = per_request(service, peer, identity, state.clone());
+    let service = per_request(service, client.clone(), identity, state.clone());
     match protocol {
         Protocol::Http1 => {
             let conn = builder
                 .http1_only()
                 .serve_connection(io, service)
                 .into_owned();
-            drive(conn, &state, protocol, options, stop, peer).await
+            drive(conn, &state, protocol, options, stop, &client).await
         }
         Protocol::Http2 => {
             let conn = builder
                 .http2_only()
                 .serve_connection(io, service)
                 .into_owned();
-            drive(conn, &state, protocol, options, stop, peer).await
+            drive(conn, &state, protocol, options, stop, &client).await
         }
     }
 }
@@ -324,7 +329,17 @@ pub struct ConnState {
     /// tells a client that sent nothing since its last request (idle) from one that stalled
     /// halfway through the next one's headers.
     read_at: AtomicU64,
+    /// The connection's writes, as [`Watched`] reports them: how many times a write has had to
+    /// wait for the client (shifted left one bit) and whether one is waiting now
+    /// ([`WRITE_WAITING`]). A waiting write leaves the same value until it goes through, so
+    /// the watchdog can tell one long wait ([`SendStall`]) from many short ones.
+    writes: AtomicU64,
+    /// Set when the connection is cut off for `send_timeout`: its socket is reset, not closed.
+    reset: std::sync::atomic::AtomicBool,
 }
+
+/// The bit of [`ConnState::writes`] that says a write is waiting for the client.
+const WRITE_WAITING: u64 = 1;
 
 /// [`ConnState::read_at`] before the first read.
 const NEVER: u64 = u64::MAX;
@@ -337,6 +352,8 @@ impl ConnState {
             requests: AtomicU64::new(0),
             completed: AtomicU64::new(0),
             read_at: AtomicU64::new(NEVER),
+            writes: AtomicU64::new(0),
+            reset: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -410,28 +427,34 @@ impl http_body::Body for Guarded {
 /// Runs one connection to its end: closes it gracefully when shutdown begins or it has been
 /// idle for `server.idle_timeout` (HTTP/2: GOAWAY, and in-flight streams finish), and drops it
 /// outright if it is HTTP/2 and no request has arrived within `server.header_timeout` (hyper has
-/// no timer before an HTTP/2 client's first request). Returns why the gateway closed it, when it
-/// did.
+/// no timer before an HTTP/2 client's first request), or if one write has waited for the
+/// client for `server.send_timeout` (it stopped reading). Returns why the gateway closed it,
+/// when it did.
 ///
-/// Idleness is sampled, every quarter of `idle_timeout`: a connection is idle once no request
-/// started or ended, and none was in flight, for `idle_timeout` (give or take a quarter, never
-/// less). An HTTP/1 connection may close earlier, at `header_timeout`: hyper's header timer
-/// also runs while a keep-alive connection waits for its next request.
+/// Both are sampled, every quarter of the smaller of `idle_timeout` and `send_timeout`: a
+/// connection is idle once no request started or ended, and none was in flight, for
+/// `idle_timeout`, and stalled once the same write has been seen waiting for `send_timeout`
+/// (each give or take a sample, never less). An HTTP/1 connection may close earlier, at
+/// `header_timeout`: hyper's header timer also runs while a keep-alive connection waits for its
+/// next request.
 async fn drive<C>(
     conn: C,
     state: &ConnState,
     protocol: Protocol,
     options: ServeOptions,
     mut stop: watch::Receiver<bool>,
-    peer: SocketAddr,
+    client: &ClientAddr,
 ) -> Result<(), CloseReason>
 where
     C: Future<Output = Result<(), crate::http::body::BoxError>> + GracefulShutdown,
 {
+    let peer = client.addr;
     tokio::pin!(conn);
     let mut first_request_by =
         (protocol == Protocol::Http2).then(|| state.opened + options.header_timeout);
-    let sample = (options.idle_timeout / 4).max(Duration::from_millis(10));
+    let sample =
+        (options.idle_timeout.min(options.send_timeout) / 4).max(Duration::from_millis(10));
+    let mut stall = SendStall::default();
     // Why the gateway began closing the connection, if it did.
     let mut closing: Option<Result<(), CloseReason>> = None;
     let (mut seen, mut quiet_since) = (state.activity(), state.opened);
@@ -506,6 +529,14 @@ where
                         return Err(CloseReason::NoRequest);
                     }
                 }
+                let waited = stall.observe(state.writes.load(Ordering::Relaxed), now);
+                if waited >= options.send_timeout {
+                    // No graceful close: it would have to get past the very write that waits.
+                    tracing::debug!(%peer, "closing a connection whose client stopped reading");
+                    client.closing(CloseReason::SendTimeout.as_str());
+                    state.reset.store(true, Ordering::Relaxed);
+                    return Err(CloseReason::SendTimeout);
+                }
                 let activity = state.activity();
                 if activity != seen || state.in_flight.load(Ordering::Relaxed) > 0 {
                     (seen, quiet_since) = (activity, now);
@@ -521,6 +552,29 @@ where
                     next = next.min(by);
                 }
                 check.as_mut().reset(next);
+            }
+        }
+    }
+}
+
+/// The watchdog's view of a connection's writes: which waiting write it has seen, and since
+/// when.
+#[derive(Debug, Default)]
+struct SendStall(Option<(u64, tokio::time::Instant)>);
+
+impl SendStall {
+    /// Notes [`ConnState::writes`] as sampled at `now`; how long the write waiting now has been
+    /// seen waiting (zero when none waits, or it was not waiting at the last sample).
+    fn observe(&mut self, writes: u64, now: tokio::time::Instant) -> Duration {
+        if writes & WRITE_WAITING == 0 {
+            self.0 = None;
+            return Duration::ZERO;
+        }
+        match self.0 {
+            Some((seen, since)) if seen == writes => now.duration_since(since),
+            _ => {
+                self.0 = Some((writes, now));
+                Duration::ZERO
             }
         }
     }
@@ -616,7 +670,7 @@ where
 /// tracks the request until its response body ends.
 fn per_request<S>(
     service: S,
-    peer: SocketAddr,
+    peer: ClientAddr,
     identity: Option<PeerIdentity>,
     state: Arc<ConnState>,
 ) -> TowerToHyperService<
@@ -630,7 +684,6 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    let peer = ClientAddr::new(peer);
     let service = service
         .map_request(move |mut req: Request<Incoming>| {
             req.extensions_mut().insert(peer.clone());
@@ -700,19 +753,116 @@ async fn read_preface(
 }
 
 /// A connection's byte stream that notes in its [`ConnState`] when the client's bytes were last
-/// read, so that a close by hyper's header timer can be told idle or slow.
-struct Watched<T> {
+/// read, so that a close by hyper's header timer can be told idle or slow, and when a write
+/// starts and stops waiting for the client, for `server.send_timeout`.
+struct Watched<T: Tcp> {
     inner: T,
     state: Arc<ConnState>,
+    /// How many times a write has had to wait.
+    waits: u64,
+    /// Whether the last write (or flush) waited.
+    waiting: bool,
 }
 
-impl<T> Watched<T> {
+impl<T: Tcp> Watched<T> {
     fn new(inner: T, state: Arc<ConnState>) -> Self {
-        Self { inner, state }
+        Self {
+            inner,
+            state,
+            waits: 0,
+            waiting: false,
+        }
+    }
+
+    /// Publishes a write's outcome when it changes whether one waits: a write that goes
+    /// straight through after one that did too costs a comparison.
+    fn wrote(&mut self, pending: bool) {
+        if pending != self.waiting {
+            self.waiting = pending;
+            self.waits += u64::from(pending);
+            let writes = (self.waits << 1) | u64::from(pending);
+            self.state.writes.store(writes, Ordering::Relaxed);
+        }
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
+impl<T: Tcp + AsyncWrite + Unpin> AsyncWrite for Watched<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.wrote(polled.is_pending());
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.wrote(polled.is_pending());
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // TLS: a flush writes the records the session holds, and waits like a write.
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_flush(cx);
+        this.wrote(polled.is_pending());
+        polled
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // TLS: the close_notify record is a write too, and can wait on a client that does not
+        // read (past an idle close or a drain, where nothing else bounds it).
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.wrote(polled.is_pending());
+        polled
+    }
+}
+
+impl<T: Tcp> Drop for Watched<T> {
+    fn drop(&mut self) {
+        // Cut off for `send_timeout`: reset rather than closed. Its client reads nothing, and a
+        // graceful close would leave the unread bytes in the kernel's send buffer (up to
+        // `tcp_wmem`'s maximum, megabytes) for as long as TCP retries. nginx's
+        // `reset_timedout_connection`.
+        if self.state.reset.load(Ordering::Relaxed)
+            && let Some(tcp) = self.inner.tcp()
+        {
+            let _ = tcp.set_zero_linger();
+        }
+    }
+}
+
+/// The TCP socket under a connection's byte stream.
+trait Tcp {
+    fn tcp(&self) -> Option<&TcpStream>;
+}
+
+impl Tcp for Rewind<TcpStream> {
+    fn tcp(&self) -> Option<&TcpStream> {
+        Some(&self.inner)
+    }
+}
+
+impl Tcp for tokio_rustls::server::TlsStream<TcpStream> {
+    fn tcp(&self) -> Option<&TcpStream> {
+        Some(self.get_ref().0)
+    }
+}
+
+impl<T: Tcp + AsyncRead + Unpin> AsyncRead for Watched<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -730,47 +880,6 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
         polled
     }
 }
-
-/// `AsyncWrite` for a wrapper that only watches or rewinds reads: every write method goes
-/// straight to its `inner` stream.
-macro_rules! write_through {
-    ($wrapper:ident) => {
-        impl<T: AsyncWrite + Unpin> AsyncWrite for $wrapper<T> {
-            fn poll_write(
-                mut self: Pin<&mut Self>,
-                cx: &mut Context<'_>,
-                buf: &[u8],
-            ) -> Poll<io::Result<usize>> {
-                Pin::new(&mut self.inner).poll_write(cx, buf)
-            }
-
-            fn poll_write_vectored(
-                mut self: Pin<&mut Self>,
-                cx: &mut Context<'_>,
-                bufs: &[io::IoSlice<'_>],
-            ) -> Poll<io::Result<usize>> {
-                Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-            }
-
-            fn is_write_vectored(&self) -> bool {
-                self.inner.is_write_vectored()
-            }
-
-            fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-                Pin::new(&mut self.inner).poll_flush(cx)
-            }
-
-            fn poll_shutdown(
-                mut self: Pin<&mut Self>,
-                cx: &mut Context<'_>,
-            ) -> Poll<io::Result<()>> {
-                Pin::new(&mut self.inner).poll_shutdown(cx)
-            }
-        }
-    };
-}
-
-write_through!(Watched);
 
 /// A stream that yields `prefix` before reading from `inner`; writes go straight through.
 pub struct Rewind<T> {
@@ -811,12 +920,143 @@ impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
     }
 }
 
-write_through!(Rewind);
+/// Writes go straight to the inner stream.
+impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A write that waits is seen waiting from the first sample that finds it; a write that
+    /// went through, or a new wait, starts the count again.
+    #[test]
+    fn a_send_stall_is_one_write_waiting_across_samples() {
+        let t0 = tokio::time::Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut stall = SendStall::default();
+        assert_eq!(stall.observe(0, at(0)), Duration::ZERO);
+        // The first wait (waits = 1): seen at 100 ms, still there at 400 ms.
+        assert_eq!(stall.observe(0b11, at(100)), Duration::ZERO);
+        assert_eq!(stall.observe(0b11, at(400)), Duration::from_millis(300));
+        // It went through and another write waits (waits = 2): a new stall.
+        assert_eq!(stall.observe(0b101, at(500)), Duration::ZERO);
+        assert_eq!(stall.observe(0b101, at(900)), Duration::from_millis(400));
+        // Nothing waits: the count is gone.
+        assert_eq!(stall.observe(0b100, at(1000)), Duration::ZERO);
+        assert_eq!(stall.observe(0b111, at(1100)), Duration::ZERO);
+    }
+
+    /// A stream whose writes (and flushes) wait while `open` is false, and whose close waits
+    /// while `shut` is.
+    struct Gate {
+        open: bool,
+        shut: bool,
+    }
+
+    impl Tcp for Gate {
+        fn tcp(&self) -> Option<&TcpStream> {
+            None
+        }
+    }
+
+    impl AsyncWrite for Gate {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            match self.open {
+                true => Poll::Ready(Ok(buf.len())),
+                false => Poll::Pending,
+            }
+        }
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            match self.open {
+                true => Poll::Ready(Ok(())),
+                false => Poll::Pending,
+            }
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            match self.shut {
+                true => Poll::Ready(Ok(())),
+                false => Poll::Pending,
+            }
+        }
+    }
+
+    /// The word [`Watched`] publishes: changed only when a write starts or stops waiting, and
+    /// different for each wait.
+    #[test]
+    fn watched_writes_publish_each_wait_once() {
+        let state = Arc::new(ConnState::new());
+        let mut io = Watched::new(
+            Gate {
+                open: true,
+                shut: true,
+            },
+            state.clone(),
+        );
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let writes = || state.writes.load(Ordering::Relaxed);
+        assert!(Pin::new(&mut io).poll_write(&mut cx, b"a").is_ready());
+        assert_eq!(writes(), 0);
+        io.inner.open = false;
+        assert!(Pin::new(&mut io).poll_write(&mut cx, b"b").is_pending());
+        assert_eq!(writes(), 0b11);
+        // Still the same wait.
+        assert!(Pin::new(&mut io).poll_flush(&mut cx).is_pending());
+        assert_eq!(writes(), 0b11);
+        io.inner.open = true;
+        assert!(Pin::new(&mut io).poll_flush(&mut cx).is_ready());
+        assert_eq!(writes(), 0b10);
+        assert!(Pin::new(&mut io).poll_write(&mut cx, b"c").is_ready());
+        assert_eq!(writes(), 0b10);
+        io.inner.open = false;
+        let bufs = [io::IoSlice::new(b"d")];
+        assert!(
+            Pin::new(&mut io)
+                .poll_write_vectored(&mut cx, &bufs)
+                .is_pending()
+        );
+        assert_eq!(writes(), 0b101);
+        // A close waits like a write.
+        io.inner.open = true;
+        assert!(Pin::new(&mut io).poll_write(&mut cx, b"e").is_ready());
+        assert_eq!(writes(), 0b100);
+        io.inner.shut = false;
+        assert!(Pin::new(&mut io).poll_shutdown(&mut cx).is_pending());
+        assert_eq!(writes(), 0b111);
+    }
 
     /// The side futures are polled on their own wake-ups (and at first), never on the task's.
     #[tokio::test(start_paused = true)]

@@ -17,6 +17,8 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// `server.body_timeout`.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// `server.send_timeout`: nginx's `send_timeout`.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(60);
 /// `server.h2_keepalive_interval`: hyper's and grpc-go's server ping interval is off by default;
 /// 20 s finds a vanished peer (a NAT that dropped its mapping, a node gone) well within
 /// `idle_timeout`, for one 17-byte frame per quiet connection.
@@ -27,7 +29,7 @@ pub const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// about 15 KiB), so 2048 of them take 150 MiB: with the shipped shared gateway's 192 MiB cache
 /// and 64 MiB fill budget that is 455 MiB under its 512 Mi limit (see the README's "Memory
 /// bounds", which also says what this does not cover: connections whose clients stop reading
-/// responses hold up to tens of MiB each).
+/// responses hold up to tens of MiB each, for up to `send_timeout`).
 pub const MAX_CONNECTIONS: usize = 2048;
 
 /// `upstream.url`.

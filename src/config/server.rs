@@ -26,6 +26,9 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// The longest gap between two reads of a request body; past it, 408.
     pub body_timeout: Duration,
+    /// The longest a client may keep the gateway's writes to it waiting; past it, the
+    /// connection is closed.
+    pub send_timeout: Duration,
     /// An HTTP/2 peer that sent no frame for this long is sent a PING.
     pub h2_keepalive_interval: Duration,
     /// ...and its connection is closed if the PING is not acknowledged within this.
@@ -170,6 +173,12 @@ pub(super) fn server(
         r.body_timeout,
         defaults::BODY_TIMEOUT,
     );
+    // Shorter than a second would cut off clients for a network's hiccup, and sample every
+    // connection many times a second.
+    let send_timeout = r.send_timeout.unwrap_or(defaults::SEND_TIMEOUT);
+    if send_timeout < Duration::from_secs(1) {
+        p.add("server.send_timeout", "must be at least 1s");
+    }
     let h2_keepalive_interval = positive(
         p,
         "server.h2_keepalive_interval",
@@ -223,6 +232,7 @@ pub(super) fn server(
         shutdown_delay: r.shutdown_delay.unwrap_or_default(),
         idle_timeout,
         body_timeout,
+        send_timeout,
         h2_keepalive_interval,
         h2_keepalive_timeout,
         max_connections,

@@ -235,6 +235,15 @@ impl Drop for Completion {
     }
 }
 
+/// Why a request ended without its client: `client_closed`, unless the gateway closed the
+/// connection itself (and said why on it).
+fn abandoned_for(ex: &Exchange) -> &'static str {
+    ex.client_addr
+        .as_ref()
+        .and_then(ClientAddr::closed_for)
+        .unwrap_or("client_closed")
+}
+
 impl Completion {
     fn finish(&mut self, complete: bool) {
         if std::mem::replace(&mut self.done, true) {
@@ -248,10 +257,12 @@ impl Completion {
         let (status, error) = match &self.response {
             Some(r) if complete || r.error.is_some() => (r.status, r.error),
             Some(r) if self.body_failed => (r.status, Some(UPSTREAM_BODY)),
-            Some(r) => (r.status, Some("client_closed")),
+            // Ended without the client: it left, or the gateway closed its connection (it
+            // stopped reading: `send_timeout`).
+            Some(r) => (r.status, Some(abandoned_for(ex))),
             None => (
                 StatusCode::from_u16(CLIENT_CLOSED).expect("499 is a valid status"),
-                Some("client_closed"),
+                Some(abandoned_for(ex)),
             ),
         };
         let cache = ex.cache();

@@ -161,17 +161,21 @@ pub enum CloseReason {
     TlsHandshakeFailed = 4,
     /// The TLS handshake did not complete within `server.header_timeout`.
     TlsHandshakeTimeout = 5,
+    /// The client let the gateway's writes to it wait for `server.send_timeout` (it stopped
+    /// reading its responses).
+    SendTimeout = 6,
 }
 
 impl CloseReason {
     /// Every reason, in label-index order.
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::HeaderTimeout,
         Self::NoRequest,
         Self::IdleTimeout,
         Self::KeepaliveTimeout,
         Self::TlsHandshakeFailed,
         Self::TlsHandshakeTimeout,
+        Self::SendTimeout,
     ];
 
     /// The label value.
@@ -183,6 +187,7 @@ impl CloseReason {
             Self::KeepaliveTimeout => "keepalive_timeout",
             Self::TlsHandshakeFailed => "tls_handshake_failed",
             Self::TlsHandshakeTimeout => "tls_handshake_timeout",
+            Self::SendTimeout => "send_timeout",
         }
     }
 }
@@ -397,7 +402,7 @@ impl Metrics {
             name("connections_closed"),
             "Client connections the gateway closed, by listener and reason (header_timeout, \
              no_request, idle_timeout, keepalive_timeout, tls_handshake_failed, \
-             tls_handshake_timeout)",
+             tls_handshake_timeout, send_timeout)",
             connections.closed.clone(),
         );
         // Every series exists from the start, so that the first close is an increase.

@@ -56,6 +56,20 @@ pub fn client_start() -> Vec<u8> {
     [PREFACE, &frame(SETTINGS, 0, 0, &[])].concat()
 }
 
+/// The preface and SETTINGS of a client that gives the largest windows it can (each stream's and
+/// the connection's), so that only the server's own limits hold its responses back.
+pub fn client_start_widest() -> Vec<u8> {
+    let mut start = PREFACE.to_vec();
+    start.extend(frame(SETTINGS, 0, 0, &[0, 4, 0x7f, 0xff, 0xff, 0xff]));
+    start.extend(frame(
+        WINDOW_UPDATE,
+        0,
+        0,
+        &(0x7fff_ffffu32 - 65_535).to_be_bytes(),
+    ));
+    start
+}
+
 /// A GET's HEADERS frame (END_STREAM, END_HEADERS) on `stream`, in HPACK without Huffman
 /// coding or indexing: `:method GET` and `:scheme` from the static table, `:path` and
 /// `:authority` as literals.

@@ -5,7 +5,7 @@
 
 use serde::{Serialize, Serializer};
 
-use crate::context::Exchange;
+use crate::context::{ClientAddr, Exchange};
 use crate::http::resource::Resource;
 
 /// Who made the request.
@@ -298,7 +298,7 @@ impl<'a> Record<'a> {
             trace_id: hex_id(sc.trace_id().to_bytes()),
             span_id: hex_id(sc.span_id().to_bytes()),
             client: Client {
-                addr: ex.client_addr.as_ref().map(|a| &*a.text),
+                addr: ex.client_addr.as_ref().map(ClientAddr::text),
                 id: ex.client().map(|c| c.id.as_ref()),
                 auth: ex.client().map(|c| c.method.as_str()),
             },
