@@ -28,7 +28,7 @@ use tower::Service;
 use crate::config::UpstreamConfig;
 use crate::context::Exchange;
 use crate::http::body::{
-    self, Body, BodyTimedOut, BodyTooLarge, BoxError, Budget, ClientBodyError, Collected,
+    self, Body, BodyTimedOut, BodyTooLarge, BoxError, Budget, ClientBodyError, Collected, Deadline,
     PrefixedBody, Reservation, Tap, collect_limited,
 };
 use crate::http::error::{GatewayError, find_cause};
@@ -361,13 +361,18 @@ impl Service<Request<Body>> for Upstream {
                     return Err(err);
                 }
                 (Err(err), None) => return Err(err),
-                (Ok(response), None) => response.map(body::boxed),
+                // An upstream that stalls mid-body must not hold its client, its connection
+                // and what is queued for ever: no bytes for `upstream.timeout` while the body
+                // is waited on ends it (a cache fill with 504, a response already under way
+                // short: HTTP/1.1 closes the connection, HTTP/2 resets the stream). The clock
+                // stops while the client is what is slow.
+                (Ok(response), None) => response.map(|b| body::boxed(Deadline::new(b, timeout))),
                 (Ok(response), Some(mut call)) => {
                     if let Some(ex) = &exchange {
                         call.answered(ex, response.status());
                     }
                     // The client span lasts until the upstream's body has been passed on.
-                    response.map(|b| body::boxed(Tap::new(b, call)))
+                    response.map(|b| body::boxed(Tap::new(Deadline::new(b, timeout), call)))
                 }
             };
             strip_hop_by_hop(response.headers_mut());

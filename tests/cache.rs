@@ -1160,6 +1160,46 @@ async fn a_write_that_never_reached_the_upstream_invalidates_nothing() {
 }
 
 #[tokio::test]
+async fn a_response_passed_through_whose_upstream_stalls_mid_body_is_cut_off() {
+    // A write's answer streams through (nothing is stored): headers and 3 of 10 bytes, then
+    // nothing. The client gets what came, then the end of its connection once the body has
+    // had no bytes for upstream.timeout, and the record names the upstream's body.
+    let (upstream, _connections, server) = stalling_upstream(None).await;
+    let secret = SecretDir::new("token-a");
+    let gw = impatient_gateway(&format!("http://{upstream}"), &secret, "1s", "").await;
+    let mut conn = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut conn,
+        b"PATCH /api/v1/usergroups/x HTTP/1.1\r\nHost: gw\r\nIf-Match: \"v1\"\r\n\
+          Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+    )
+    .await
+    .unwrap();
+    let started = tokio::time::Instant::now();
+    let mut answer = Vec::new();
+    let ended = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_to_end(&mut conn, &mut answer),
+    )
+    .await;
+    assert!(ended.is_ok(), "the connection stayed open");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(900), "cut off after {took:?}");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with("\r\n\r\n{\"a"), "{text}");
+    let records = gw.wait_audit(1).await;
+    let record = records.last().unwrap();
+    assert_eq!(record["method"], "PATCH", "{record}");
+    assert_eq!(
+        (&record["status"], &record["complete"], &record["error"]),
+        (&json!(200), &json!(false), &json!("upstream_body")),
+        "{record}"
+    );
+    server.abort();
+}
+
+#[tokio::test]
 async fn a_fill_whose_upstream_stalls_mid_body_ends_and_frees_its_key() {
     // An upstream that sends headers and 3 of 10 bytes, then nothing, on every connection.
     let (upstream, connections, server) = stalling_upstream(None).await;

@@ -451,6 +451,45 @@ async fn a_tls_client_that_stops_reading_is_cut_off() {
 }
 
 #[tokio::test]
+async fn a_client_pausing_its_reads_does_not_trip_the_upstream_deadline() {
+    // upstream.timeout bounds the pauses of the upstream's body while the gateway waits for
+    // it; a client that stops reading for three times as long is backpressure, not a stall.
+    let mock = MockCloudCasa::start().await;
+    let secret = SecretDir::new("token-a");
+    let gw = gateway_with(&mock, &secret, "timeout = \"1s\"", "send_timeout = \"20s\"").await;
+    const SIZE: u64 = 32 * MIB;
+    let mut conn = small_window(gw.proxy).await;
+    conn.write_all(
+        format!("GET /api/v1/_blob?size={SIZE}&n=paused HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut received = 0u64;
+    let mut paused = false;
+    let mut buf = vec![0u8; 1 << 16];
+    let read = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Ok(n @ 1..) = conn.read(&mut buf).await {
+            received += n as u64;
+            // Past what a fill holds in memory (cache.max_object_size): the rest is read from
+            // the upstream as the client takes it.
+            if !paused && received > 20 * MIB {
+                paused = true;
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the read did not end");
+    assert!(paused);
+    assert!(received > SIZE, "{received} bytes: the answer was cut off");
+    let records = gw.wait_audit(1).await;
+    let record = records.last().unwrap();
+    assert_eq!(record["complete"], true, "{record}");
+    assert_eq!(record["error"], serde_json::Value::Null, "{record}");
+}
+
+#[tokio::test]
 async fn a_stalled_request_body_ends_in_408_and_is_never_forwarded_whole() {
     let (mock, _secret, gw) = setup("[server]\nbody_timeout = \"500ms\"").await;
     // A small declared body (read before sending): nothing reaches the upstream.

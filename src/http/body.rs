@@ -53,7 +53,7 @@ pub struct BodyTooLarge {
 pub struct ClientBodyError(#[source] pub BoxError);
 
 /// A body stalled: no bytes for its gap (a client's request body: `server.body_timeout`; an
-/// upstream's response body while the cache reads it: `upstream.timeout`).
+/// upstream's response body: `upstream.timeout`).
 #[derive(Debug, thiserror::Error)]
 #[error("no body bytes for {}", humantime::format_duration(*.timeout))]
 pub struct BodyTimedOut {
@@ -388,6 +388,24 @@ impl http_body::Body for PrefixedBody {
         }
         Pin::new(&mut self.rest).poll_frame(cx)
     }
+
+    // Both forwarded: hyper stops polling a body once it has written `Content-Length` bytes,
+    // and the observe layer then asks whether it had ended; without these, every answer that
+    // grew past `cache.max_object_size` was recorded as abandoned by its client.
+    fn is_end_stream(&self) -> bool {
+        self.prefix.is_empty() && self.rest.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        let held: u64 = self.prefix.iter().map(|b| b.len() as u64).sum();
+        let rest = self.rest.size_hint();
+        let mut hint = http_body::SizeHint::new();
+        hint.set_lower(rest.lower().saturating_add(held));
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper.saturating_add(held));
+        }
+        hint
+    }
 }
 
 #[cfg(test)]
@@ -441,11 +459,17 @@ mod tests {
         else {
             panic!()
         };
-        let whole = PrefixedBody { prefix, rest }
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes();
-        assert_eq!(whole, "abcd");
+        let mut prefixed = PrefixedBody { prefix, rest };
+        assert_eq!(prefixed.size_hint().exact(), Some(4));
+        assert!(!prefixed.is_end_stream());
+        let mut whole = Vec::new();
+        while let Some(frame) = prefixed.frame().await {
+            whole.extend_from_slice(&frame.unwrap().into_data().unwrap());
+        }
+        assert_eq!(whole, b"abcd");
+        // Ended once both parts have: what the observe layer asks of a body hyper stopped
+        // polling after its last byte.
+        assert!(prefixed.is_end_stream());
+        assert_eq!(prefixed.size_hint().exact(), Some(0));
     }
 }

@@ -30,8 +30,8 @@ use crate::observability::telemetry::{self, ServerRequest, Telemetry};
 /// The status recorded when the client went away before the response was complete (as nginx).
 pub const CLIENT_CLOSED: u16 = 499;
 /// The error kind of a response whose body broke off at its source after the headers were sent
-/// (the upstream reset or closed mid-body; a cache fill's upstream stalled past
-/// `upstream.timeout`): the client got a truncated response through no fault of its own.
+/// (the upstream reset, closed or paused past `upstream.timeout` mid-body): the client got a
+/// truncated response through no fault of its own.
 pub const UPSTREAM_BODY: &str = "upstream_body";
 
 /// Where finished exchanges are reported.

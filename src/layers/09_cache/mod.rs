@@ -37,8 +37,7 @@ use crate::context::CacheOutcome;
 use crate::context::{CacheReport, Exchange, WireMethod};
 use crate::fleet::{self, Fleet};
 use crate::http::body::{
-    self, Body, BodyTimedOut, Budget, Collected, Deadline, PrefixedBody, Reservation,
-    collect_limited,
+    self, Body, BodyTimedOut, Budget, Collected, PrefixedBody, Reservation, collect_limited,
 };
 use crate::http::error::{GatewayError, find_cause};
 use crate::http::is_read;
@@ -877,10 +876,9 @@ impl ResponseCache {
             reserved
         };
         // An upstream that stalls mid-body must not hold the fill for ever (its client, the
-        // collapsing lock its waiters queue on, its share of `max_inflight`): no bytes for
-        // `upstream.timeout` ends it with 504. A body that streams through past the limit
-        // keeps the same gap.
-        let body = body::boxed(Deadline::new(body, self.wait_limit));
+        // collapsing lock its waiters queue on, its share of `max_inflight`): the upstream's
+        // bodies end with `BodyTimedOut` after `upstream.timeout` without bytes (see
+        // `Upstream`), which ends the fill with 504.
         let collected = collect_limited(body, config.max_object_size, reserve).await;
         let bytes = match collected {
             Ok(Collected::Complete(bytes)) => bytes,
