@@ -406,6 +406,44 @@ async fn a_client_that_stops_reading_is_cut_off_and_a_slow_one_is_not() {
 }
 
 #[tokio::test]
+async fn an_h2_stream_whose_window_stays_shut_is_cut_off() {
+    // A client that reads its connection and answers PINGs, but gives its streams no window
+    // (SETTINGS_INITIAL_WINDOW_SIZE 0) and never opens one: no write waits at the socket, yet
+    // the stream holds its response and an upstream connection. The stream's own watch ends
+    // the connection.
+    let (_mock, _secret, gw) = setup("[server]\nsend_timeout = \"1s\"").await;
+    let mut conn = TcpStream::connect(gw.proxy).await.unwrap();
+    let mut start = h2wire::PREFACE.to_vec();
+    start.extend(h2wire::frame(h2wire::SETTINGS, 0, 0, &[0, 4, 0, 0, 0, 0]));
+    start.extend(h2wire::get(
+        1,
+        "http",
+        "gw",
+        // Past cache.max_object_size, so it streams: the record can tell it was cut short.
+        &format!("/api/v1/_blob?size={}&n=shut", 16 * MIB),
+    ));
+    let started = Instant::now();
+    conn.write_all(&start).await.unwrap();
+    let seen = h2wire::exchange(&mut conn, true, Duration::from_secs(15)).await;
+    assert!(seen.closed, "the connection stayed open: {seen:?}");
+    assert!(
+        seen.ended - started >= Duration::from_secs(1),
+        "closed {:?} after the request",
+        seen.ended - started
+    );
+    assert!(
+        seen.first(h2wire::HEADERS).is_some(),
+        "the response's headers went out: {seen:?}"
+    );
+    assert!(seen.first(h2wire::DATA).is_none(), "{seen:?}");
+    wait_send_timeouts(gw.admin, 1).await;
+    let records = gw.wait_audit(1).await;
+    let record = records.last().unwrap();
+    assert_eq!(record["complete"], false, "{record}");
+    assert_eq!(record["error"], "send_timeout", "{record}");
+}
+
+#[tokio::test]
 async fn a_tls_client_that_stops_reading_is_cut_off() {
     // Over TLS a write can go through into the session's buffer and then wait in a flush (or
     // in the close_notify of a close): those waits count too.

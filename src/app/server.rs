@@ -293,7 +293,7 @@ where
         }
     };
     let io = TokioIo::new(io);
-    let service = per_request(service, client.clone(), identity, state.clone());
+    let service = per_request(service, client.clone(), identity, state.clone(), protocol);
     match protocol {
         Protocol::Http1 => {
             let conn = builder
@@ -336,6 +336,46 @@ pub struct ConnState {
     writes: AtomicU64,
     /// Set when the connection is cut off for `send_timeout`: its socket is reset, not closed.
     reset: std::sync::atomic::AtomicBool,
+    /// HTTP/2: the response bodies of the streams, as the watchdog last saw them (each with
+    /// its [`SendStall`]); ended ones are dropped as the watchdog passes, or when the list
+    /// fills.
+    streams: std::sync::Mutex<Vec<(std::sync::Weak<StreamProgress>, SendStall)>>,
+}
+
+/// What an HTTP/2 stream's response body tells the watchdog, in one word: how many frames hyper
+/// has taken from it (shifted left one bit), and whether it is owed a poll ([`WRITE_WAITING`]:
+/// its headers or its last frame went out and hyper has not come back for more). A client that
+/// keeps the stream's flow-control window shut leaves that word as it is, bit set, for as long
+/// as it likes; it can read its connection meanwhile, so no write waits at the socket and only
+/// this shows it.
+#[derive(Debug)]
+pub struct StreamProgress(AtomicU64);
+
+/// A stream's side of its [`StreamProgress`]: published only when the owed bit changes.
+#[derive(Debug)]
+pub struct StreamWatch {
+    shared: Arc<StreamProgress>,
+    taken: u64,
+    owed: bool,
+}
+
+impl StreamWatch {
+    /// hyper polls the body: it is owed nothing now.
+    fn polled(&mut self) {
+        if self.owed {
+            self.owed = false;
+            self.shared.0.store(self.taken << 1, Ordering::Relaxed);
+        }
+    }
+
+    /// The body handed hyper a frame: owed a poll until hyper comes back.
+    fn handed(&mut self) {
+        self.owed = true;
+        self.taken += 1;
+        self.shared
+            .0
+            .store((self.taken << 1) | WRITE_WAITING, Ordering::Relaxed);
+    }
 }
 
 /// The bit of [`ConnState::writes`] that says a write is waiting for the client.
@@ -354,7 +394,48 @@ impl ConnState {
             read_at: AtomicU64::new(NEVER),
             writes: AtomicU64::new(0),
             reset: std::sync::atomic::AtomicBool::new(false),
+            streams: std::sync::Mutex::new(Vec::new()),
         }
+    }
+
+    /// Registers an HTTP/2 stream's response body, whose headers are going out, for the
+    /// watchdog: owed a poll from the start (a client that opens no window is never sent a
+    /// byte of it).
+    fn watch_stream(&self) -> StreamWatch {
+        let shared = Arc::new(StreamProgress(AtomicU64::new(WRITE_WAITING)));
+        let mut streams = self
+            .streams
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Ended streams go when the list is full, before it grows: a push costs O(1) on
+        // average, and the list stays within about twice the streams open at once.
+        if streams.len() == streams.capacity() {
+            streams.retain(|(stream, _)| stream.strong_count() > 0);
+        }
+        streams.push((Arc::downgrade(&shared), SendStall::default()));
+        StreamWatch {
+            shared,
+            taken: 0,
+            owed: true,
+        }
+    }
+
+    /// Samples the HTTP/2 streams at `now`: how long the longest stall among them has been
+    /// seen. Forgets the streams that ended.
+    fn longest_stream_stall(&self, now: tokio::time::Instant) -> Duration {
+        let mut streams = self
+            .streams
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut longest = Duration::ZERO;
+        streams.retain_mut(|(stream, stall)| match stream.upgrade() {
+            Some(progress) => {
+                longest = longest.max(stall.observe(progress.0.load(Ordering::Relaxed), now));
+                true
+            }
+            None => false,
+        });
+        longest
     }
 
     fn started(self: &Arc<Self>) -> RequestGuard {
@@ -391,11 +472,13 @@ impl Drop for RequestGuard {
 }
 
 pin_project_lite::pin_project! {
-    /// A response body that holds its request's [`RequestGuard`] until it ends.
+    /// A response body that holds its request's [`RequestGuard`] until it ends, and on HTTP/2
+    /// tells the watchdog whether hyper keeps taking its frames.
     pub struct Guarded {
         #[pin]
         inner: Body,
         guard: Option<RequestGuard>,
+        stream: Option<StreamWatch>,
     }
 }
 
@@ -408,9 +491,17 @@ impl http_body::Body for Guarded {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
         let this = self.project();
+        if let Some(stream) = this.stream.as_mut() {
+            stream.polled();
+        }
         let frame = std::task::ready!(this.inner.poll_frame(cx));
-        if !matches!(frame, Some(Ok(_))) {
-            this.guard.take();
+        match (&frame, this.stream.as_mut()) {
+            (Some(Ok(_)), Some(stream)) => stream.handed(),
+            (Some(Ok(_)), None) => {}
+            _ => {
+                this.guard.take();
+                this.stream.take();
+            }
         }
         Poll::Ready(frame)
     }
@@ -428,13 +519,14 @@ impl http_body::Body for Guarded {
 /// idle for `server.idle_timeout` (HTTP/2: GOAWAY, and in-flight streams finish), and drops it
 /// outright if it is HTTP/2 and no request has arrived within `server.header_timeout` (hyper has
 /// no timer before an HTTP/2 client's first request), or if one write has waited for the
-/// client for `server.send_timeout` (it stopped reading). Returns why the gateway closed it,
-/// when it did.
+/// client for `server.send_timeout` (it stopped reading), or, on HTTP/2, one stream's response
+/// has waited that long for hyper to take its next frame (the client keeps its window shut).
+/// Returns why the gateway closed it, when it did.
 ///
 /// Both are sampled, every quarter of the smaller of `idle_timeout` and `send_timeout`: a
 /// connection is idle once no request started or ended, and none was in flight, for
-/// `idle_timeout`, and stalled once the same write has been seen waiting for `send_timeout`
-/// (each give or take a sample, never less). An HTTP/1 connection may close earlier, at
+/// `idle_timeout`, and stalled once the same write (or stream) has been seen waiting for
+/// `send_timeout` (each give or take a sample, never less). An HTTP/1 connection may close earlier, at
 /// `header_timeout`: hyper's header timer also runs while a keep-alive connection waits for its
 /// next request.
 async fn drive<C>(
@@ -530,6 +622,10 @@ where
                     }
                 }
                 let waited = stall.observe(state.writes.load(Ordering::Relaxed), now);
+                let waited = match protocol {
+                    Protocol::Http1 => waited,
+                    Protocol::Http2 => waited.max(state.longest_stream_stall(now)),
+                };
                 if waited >= options.send_timeout {
                     // No graceful close: it would have to get past the very write that waits.
                     tracing::debug!(%peer, "closing a connection whose client stopped reading");
@@ -673,6 +769,7 @@ fn per_request<S>(
     peer: ClientAddr,
     identity: Option<PeerIdentity>,
     state: Arc<ConnState>,
+    protocol: Protocol,
 ) -> TowerToHyperService<
     impl Service<Request<Incoming>, Response = Response<Guarded>, Error = Infallible, Future: Send>
     + Clone,
@@ -696,9 +793,12 @@ where
             let guard = state.started();
             async move {
                 let Ok(response) = future.await;
+                // HTTP/1.1 needs no watch: a response it cannot send waits at the socket.
+                let stream = (protocol == Protocol::Http2).then(|| guard.0.watch_stream());
                 Ok::<_, Infallible>(response.map(|inner| Guarded {
                     inner,
                     guard: Some(guard),
+                    stream,
                 }))
             }
         });
@@ -973,6 +1073,39 @@ mod tests {
         // Nothing waits: the count is gone.
         assert_eq!(stall.observe(0b100, at(1000)), Duration::ZERO);
         assert_eq!(stall.observe(0b111, at(1100)), Duration::ZERO);
+    }
+
+    /// An HTTP/2 stream owed a poll stalls from when the watchdog first sees it; one hyper keeps
+    /// taking frames from does not; ended ones are forgotten.
+    #[test]
+    fn a_stream_owed_a_poll_stalls_and_ended_ones_are_forgotten() {
+        let state = ConnState::new();
+        let t0 = tokio::time::Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let shut = state.watch_stream();
+        let mut flowing = state.watch_stream();
+        assert_eq!(state.longest_stream_stall(at(0)), Duration::ZERO);
+        flowing.polled();
+        flowing.handed();
+        assert_eq!(
+            state.longest_stream_stall(at(500)),
+            Duration::from_millis(500)
+        );
+        drop(shut);
+        // Taken, and polled again: owed nothing.
+        flowing.polled();
+        assert_eq!(state.longest_stream_stall(at(1000)), Duration::ZERO);
+        assert_eq!(state.streams.lock().unwrap().len(), 1);
+        // Handed a frame and never polled since: the same word, seen for 700 ms.
+        flowing.handed();
+        assert_eq!(state.longest_stream_stall(at(1100)), Duration::ZERO);
+        assert_eq!(
+            state.longest_stream_stall(at(1800)),
+            Duration::from_millis(700)
+        );
+        drop(flowing);
+        assert_eq!(state.longest_stream_stall(at(1900)), Duration::ZERO);
+        assert!(state.streams.lock().unwrap().is_empty());
     }
 
     /// A stream whose writes (and flushes) wait while `open` is false, and whose close waits
