@@ -411,7 +411,7 @@ async fn an_h2_stream_whose_window_stays_shut_is_cut_off() {
     // (SETTINGS_INITIAL_WINDOW_SIZE 0) and never opens one: no write waits at the socket, yet
     // the stream holds its response and an upstream connection. The stream's own watch ends
     // the connection.
-    let (_mock, _secret, gw) = setup("[server]\nsend_timeout = \"1s\"").await;
+    let (_mock, _secret, gw) = setup("[server]\nh2_stall_timeout = \"1s\"").await;
     let mut conn = TcpStream::connect(gw.proxy).await.unwrap();
     let mut start = h2wire::PREFACE.to_vec();
     start.extend(h2wire::frame(h2wire::SETTINGS, 0, 0, &[0, 4, 0, 0, 0, 0]));
@@ -441,6 +441,37 @@ async fn an_h2_stream_whose_window_stays_shut_is_cut_off() {
     let record = records.last().unwrap();
     assert_eq!(record["complete"], false, "{record}");
     assert_eq!(record["error"], "send_timeout", "{record}");
+}
+
+#[tokio::test]
+async fn an_h2_close_stuck_behind_a_shut_window_is_cut_off() {
+    // A window of one byte: hyper takes the small answer whole and hands it to h2, so its
+    // stream is done for hyper and nothing is in flight; h2 sends one byte, and the rest waits
+    // behind the window the client never opens further. The idle close (GOAWAY) cannot end; once
+    // it has waited send_timeout with nothing in flight, the connection is reset.
+    let (_mock, _secret, gw) =
+        setup("[server]\nidle_timeout = \"1s\"\nsend_timeout = \"1s\"\nh2_stall_timeout = \"1h\"")
+            .await;
+    let mut conn = TcpStream::connect(gw.proxy).await.unwrap();
+    let mut start = h2wire::PREFACE.to_vec();
+    start.extend(h2wire::frame(h2wire::SETTINGS, 0, 0, &[0, 4, 0, 0, 0, 1]));
+    start.extend(h2wire::get(1, "http", "gw", "/api/v1/usergroups"));
+    conn.write_all(&start).await.unwrap();
+    let seen = h2wire::exchange(&mut conn, true, Duration::from_secs(15)).await;
+    assert!(seen.closed, "the connection stayed open: {seen:?}");
+    assert!(
+        seen.first(GOAWAY).is_some(),
+        "the idle close began: {seen:?}"
+    );
+    assert!(
+        seen.stream_end(1).is_none(),
+        "the answer never ended: {seen:?}"
+    );
+    wait_send_timeouts(gw.admin, 1).await;
+    assert_eq!(
+        metric_at(gw.admin, &closed_series("idle_timeout")).await,
+        Some(0)
+    );
 }
 
 #[tokio::test]

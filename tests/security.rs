@@ -166,10 +166,7 @@ async fn a_post_override_is_the_effective_method_everywhere() {
     let path = format!("/api/v1/usergroups/{id}");
     get(&gw.url(&path), &[]).await;
     let hit = get(&gw.url(&path), &[]).await;
-    assert_eq!(
-        hit.header("cache-status"),
-        Some("cloudcasa-gateway; hit; ttl=60")
-    );
+    hit.assert_fresh_hit(60, "");
     let collection = get(&gw.url("/api/v1/usergroups"), &[]).await;
     assert_eq!(collection.status, StatusCode::OK);
 

@@ -618,6 +618,7 @@ impl Gateway {
             h2_keepalive_interval: server.h2_keepalive_interval,
             h2_keepalive_timeout: server.h2_keepalive_timeout,
             send_timeout: server.send_timeout,
+            h2_stall_timeout: server.h2_stall_timeout,
         };
         let connections = &self.shared.observers.metrics.connections;
         let (stop_proxy, proxy_stopped) = watch::channel(false);

@@ -49,6 +49,9 @@ pub struct ServeOptions {
     /// A connection whose client keeps a write waiting this long (it stopped reading) is
     /// closed.
     pub send_timeout: Duration,
+    /// An HTTP/2 connection one of whose streams waits this long for the client to take its
+    /// next frame is closed.
+    pub h2_stall_timeout: Duration,
 }
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -407,8 +410,9 @@ impl ConnState {
             .streams
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // Ended streams go when the list is full, before it grows: a push costs O(1) on
-        // average, and the list stays within about twice the streams open at once.
+        // Ended streams go when the list is full, before it grows: the list stays within about
+        // twice the streams open at once (a push rescans at most that many, and only when
+        // it is full).
         if streams.len() == streams.capacity() {
             streams.retain(|(stream, _)| stream.strong_count() > 0);
         }
@@ -517,18 +521,20 @@ impl http_body::Body for Guarded {
 
 /// Runs one connection to its end: closes it gracefully when shutdown begins or it has been
 /// idle for `server.idle_timeout` (HTTP/2: GOAWAY, and in-flight streams finish), and drops it
-/// outright if it is HTTP/2 and no request has arrived within `server.header_timeout` (hyper has
-/// no timer before an HTTP/2 client's first request), or if one write has waited for the
-/// client for `server.send_timeout` (it stopped reading), or, on HTTP/2, one stream's response
-/// has waited that long for hyper to take its next frame (the client keeps its window shut).
-/// Returns why the gateway closed it, when it did.
+/// outright (a reset) if it is HTTP/2 and no request has arrived within `server.header_timeout`
+/// (hyper has no timer before an HTTP/2 client's first request), if one write has waited for
+/// the client for `server.send_timeout` (it stopped reading), if a graceful close has had
+/// nothing in flight for `send_timeout` and still not ended (HTTP/2: a finished stream's last
+/// bytes queued behind a shut window), or if one HTTP/2 stream's response has waited for
+/// `server.h2_stall_timeout` for hyper to take its next frame (the client keeps its window
+/// shut). Returns why the gateway closed it, when it did.
 ///
-/// Both are sampled, every quarter of the smaller of `idle_timeout` and `send_timeout`: a
+/// All are sampled, every quarter of the smallest of those timeouts but `header_timeout`: a
 /// connection is idle once no request started or ended, and none was in flight, for
-/// `idle_timeout`, and stalled once the same write (or stream) has been seen waiting for
-/// `send_timeout` (each give or take a sample, never less). An HTTP/1 connection may close earlier, at
-/// `header_timeout`: hyper's header timer also runs while a keep-alive connection waits for its
-/// next request.
+/// `idle_timeout`, and stalled once the same write (or stream) has been seen waiting for its
+/// timeout (each give or take a sample, never less). An HTTP/1 connection may close earlier,
+/// at `header_timeout`: hyper's header timer also runs while a keep-alive connection waits for
+/// its next request.
 async fn drive<C>(
     conn: C,
     state: &ConnState,
@@ -544,9 +550,14 @@ where
     tokio::pin!(conn);
     let mut first_request_by =
         (protocol == Protocol::Http2).then(|| state.opened + options.header_timeout);
-    let sample =
-        (options.idle_timeout.min(options.send_timeout) / 4).max(Duration::from_millis(10));
+    let shortest = options
+        .idle_timeout
+        .min(options.send_timeout)
+        .min(options.h2_stall_timeout);
+    let sample = (shortest / 4).max(Duration::from_millis(10));
     let mut stall = SendStall::default();
+    // Since when a graceful close has had nothing in flight left to wait for.
+    let mut drained_since: Option<tokio::time::Instant> = None;
     // Why the gateway began closing the connection, if it did.
     let mut closing: Option<Result<(), CloseReason>> = None;
     let (mut seen, mut quiet_since) = (state.activity(), state.opened);
@@ -622,13 +633,29 @@ where
                     }
                 }
                 let waited = stall.observe(state.writes.load(Ordering::Relaxed), now);
-                let waited = match protocol {
-                    Protocol::Http1 => waited,
-                    Protocol::Http2 => waited.max(state.longest_stream_stall(now)),
+                let stream_waited = match protocol {
+                    Protocol::Http1 => Duration::ZERO,
+                    Protocol::Http2 => state.longest_stream_stall(now),
                 };
-                if waited >= options.send_timeout {
-                    // No graceful close: it would have to get past the very write that waits.
-                    tracing::debug!(%peer, "closing a connection whose client stopped reading");
+                // A graceful close that cannot end though nothing is in flight: HTTP/2 keeps a
+                // finished stream's last bytes queued behind a window the client keeps shut.
+                drained_since = match (&closing, state.in_flight.load(Ordering::Relaxed)) {
+                    (Some(_), 0) => Some(drained_since.unwrap_or(now)),
+                    _ => None,
+                };
+                let undrained = drained_since.map_or(Duration::ZERO, |since| now - since);
+                if waited >= options.send_timeout
+                    || stream_waited >= options.h2_stall_timeout
+                    || undrained >= options.send_timeout
+                {
+                    // No graceful close: it would have to get past the very bytes that wait.
+                    tracing::debug!(
+                        %peer,
+                        ?waited,
+                        ?stream_waited,
+                        ?undrained,
+                        "closing a connection whose client stopped reading"
+                    );
                     client.closing(CloseReason::SendTimeout.as_str());
                     state.reset.store(true, Ordering::Relaxed);
                     return Err(CloseReason::SendTimeout);

@@ -19,6 +19,10 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// `server.send_timeout`: nginx's `send_timeout`.
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(60);
+/// `server.h2_stall_timeout`: Envoy's `stream_idle_timeout`. Longer than `send_timeout`: a
+/// stalled stream resets its whole connection, and a client may well leave one large body
+/// unread a while as it goes on using the connection.
+pub const H2_STALL_TIMEOUT: Duration = Duration::from_secs(300);
 /// `server.h2_keepalive_interval`: hyper's and grpc-go's server ping interval is off by default;
 /// 20 s finds a vanished peer (a NAT that dropped its mapping, a node gone) well within
 /// `idle_timeout`, for one 17-byte frame per quiet connection.

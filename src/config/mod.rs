@@ -405,6 +405,7 @@ mod tests {
         assert_eq!(c.server.h2_keepalive_interval, Duration::from_secs(20));
         assert_eq!(c.server.h2_keepalive_timeout, Duration::from_secs(20));
         assert_eq!(c.server.send_timeout, Duration::from_secs(60));
+        assert_eq!(c.server.h2_stall_timeout, Duration::from_secs(300));
         let c = validate(
             "[token]\nfile = \"/t\"\n[server]\nh2_keepalive_interval = \"5s\"\nh2_keepalive_timeout = \"250ms\"\n",
         )
@@ -412,7 +413,7 @@ mod tests {
         assert_eq!(c.server.h2_keepalive_interval, Duration::from_secs(5));
         assert_eq!(c.server.h2_keepalive_timeout, Duration::from_millis(250));
         let problems = validate(
-            "[token]\nfile = \"/t\"\n[server]\nidle_timeout = \"0s\"\nsend_timeout = \"999ms\"\nh2_keepalive_interval = \"0s\"\nh2_keepalive_timeout = \"0s\"\n",
+            "[token]\nfile = \"/t\"\n[server]\nidle_timeout = \"0s\"\nsend_timeout = \"999ms\"\nh2_stall_timeout = \"0s\"\nh2_keepalive_interval = \"0s\"\nh2_keepalive_timeout = \"0s\"\n",
         )
         .unwrap_err();
         assert_eq!(
@@ -420,6 +421,7 @@ mod tests {
             [
                 "server.idle_timeout",
                 "server.send_timeout",
+                "server.h2_stall_timeout",
                 "server.h2_keepalive_interval",
                 "server.h2_keepalive_timeout"
             ]

@@ -82,6 +82,8 @@ pub struct RawServer {
     #[serde(with = "duration")]
     pub send_timeout: Option<Duration>,
     #[serde(with = "duration")]
+    pub h2_stall_timeout: Option<Duration>,
+    #[serde(with = "duration")]
     pub h2_keepalive_interval: Option<Duration>,
     #[serde(with = "duration")]
     pub h2_keepalive_timeout: Option<Duration>,

@@ -29,6 +29,9 @@ pub struct ServerConfig {
     /// The longest a client may keep the gateway's writes to it waiting; past it, the
     /// connection is closed.
     pub send_timeout: Duration,
+    /// The longest an HTTP/2 stream's response may wait for the client to take its next frame
+    /// (its flow-control window kept shut); past it, the connection is reset.
+    pub h2_stall_timeout: Duration,
     /// An HTTP/2 peer that sent no frame for this long is sent a PING.
     pub h2_keepalive_interval: Duration,
     /// ...and its connection is closed if the PING is not acknowledged within this.
@@ -179,6 +182,10 @@ pub(super) fn server(
     if send_timeout < Duration::from_secs(1) {
         p.add("server.send_timeout", "must be at least 1s");
     }
+    let h2_stall_timeout = r.h2_stall_timeout.unwrap_or(defaults::H2_STALL_TIMEOUT);
+    if h2_stall_timeout < Duration::from_secs(1) {
+        p.add("server.h2_stall_timeout", "must be at least 1s");
+    }
     let h2_keepalive_interval = positive(
         p,
         "server.h2_keepalive_interval",
@@ -233,6 +240,7 @@ pub(super) fn server(
         idle_timeout,
         body_timeout,
         send_timeout,
+        h2_stall_timeout,
         h2_keepalive_interval,
         h2_keepalive_timeout,
         max_connections,

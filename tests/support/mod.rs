@@ -207,6 +207,20 @@ impl Reply {
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
+    /// Asserts a hit from an entry fresh for `fresh` seconds, with `detail` (as
+    /// `"; detail=shared"`, or empty) at the end of its `Cache-Status`: `ttl` may be a second or
+    /// two under `fresh`, the time the test took since the fill on a busy machine.
+    pub fn assert_fresh_hit(&self, fresh: u64, detail: &str) {
+        let status = self.header("cache-status").unwrap_or_default();
+        let ttl = status
+            .strip_prefix("cloudcasa-gateway; hit; ttl=")
+            .and_then(|rest| rest.strip_suffix(detail))
+            .and_then(|ttl| ttl.parse::<u64>().ok());
+        assert!(
+            ttl.is_some_and(|t| t <= fresh && t + 2 >= fresh),
+            "not a hit fresh for {fresh}s{detail}: {status:?}"
+        );
+    }
     /// Asserts the body is CloudCasa's error envelope with `status`, and returns its message.
     pub fn envelope_message(&self, status: u16) -> String {
         assert_eq!(self.status.as_u16(), status, "{}", self.text());
