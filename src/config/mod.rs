@@ -250,6 +250,21 @@ fn positive(p: &mut Problems, key: &str, value: Option<Duration>, default: Durat
     value
 }
 
+/// A duration that must be at least a second: shorter would cut off clients for a network's
+/// hiccup, and have every connection's watchdog sample many times a second.
+fn at_least_a_second(
+    p: &mut Problems,
+    key: &str,
+    value: Option<Duration>,
+    default: Duration,
+) -> Duration {
+    let value = value.unwrap_or(default);
+    if value < Duration::from_secs(1) {
+        p.add(key, "must be at least 1s");
+    }
+    value
+}
+
 /// Finds the dotted key a TOML error points at, from the section header above the error span and
 /// the key on its line; toml's own message names only the last segment.
 fn key_of_toml_error(text: &str, span: Option<std::ops::Range<usize>>) -> Option<String> {

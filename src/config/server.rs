@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use http::Method;
 
-use super::{Overrides, Problems, defaults, parse_addr, positive, raw};
+use super::{Overrides, Problems, at_least_a_second, defaults, parse_addr, positive, raw};
 
 /// `[server]`.
 #[derive(Debug, Clone)]
@@ -176,16 +176,18 @@ pub(super) fn server(
         r.body_timeout,
         defaults::BODY_TIMEOUT,
     );
-    // Shorter than a second would cut off clients for a network's hiccup, and sample every
-    // connection many times a second.
-    let send_timeout = r.send_timeout.unwrap_or(defaults::SEND_TIMEOUT);
-    if send_timeout < Duration::from_secs(1) {
-        p.add("server.send_timeout", "must be at least 1s");
-    }
-    let h2_stall_timeout = r.h2_stall_timeout.unwrap_or(defaults::H2_STALL_TIMEOUT);
-    if h2_stall_timeout < Duration::from_secs(1) {
-        p.add("server.h2_stall_timeout", "must be at least 1s");
-    }
+    let send_timeout = at_least_a_second(
+        p,
+        "server.send_timeout",
+        r.send_timeout,
+        defaults::SEND_TIMEOUT,
+    );
+    let h2_stall_timeout = at_least_a_second(
+        p,
+        "server.h2_stall_timeout",
+        r.h2_stall_timeout,
+        defaults::H2_STALL_TIMEOUT,
+    );
     let h2_keepalive_interval = positive(
         p,
         "server.h2_keepalive_interval",
