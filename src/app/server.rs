@@ -244,8 +244,7 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    let state = Arc::new(ConnState::new());
-    let client = ClientAddr::new(peer);
+    let state = Arc::new(ConnState::new(ClientAddr::new(peer)));
     // The connection's bytes, its protocol and, over mTLS, who the client is.
     let (io, protocol, identity): (Box<dyn Io>, Protocol, Option<PeerIdentity>) = match tls {
         None => {
@@ -296,21 +295,27 @@ where
         }
     };
     let io = TokioIo::new(io);
-    let service = per_request(service, client.clone(), identity, state.clone(), protocol);
+    let service = per_request(
+        service,
+        state.client.clone(),
+        identity,
+        state.clone(),
+        protocol,
+    );
     match protocol {
         Protocol::Http1 => {
             let conn = builder
                 .http1_only()
                 .serve_connection(io, service)
                 .into_owned();
-            drive(conn, &state, protocol, options, stop, &client).await
+            drive(conn, &state, protocol, options, stop, peer).await
         }
         Protocol::Http2 => {
             let conn = builder
                 .http2_only()
                 .serve_connection(io, service)
                 .into_owned();
-            drive(conn, &state, protocol, options, stop, &client).await
+            drive(conn, &state, protocol, options, stop, peer).await
         }
     }
 }
@@ -337,8 +342,9 @@ pub struct ConnState {
     /// ([`WRITE_WAITING`]). A waiting write leaves the same value until it goes through, so
     /// the watchdog can tell one long wait ([`SendStall`]) from many short ones.
     writes: AtomicU64,
-    /// Set when the connection is cut off for `send_timeout`: its socket is reset, not closed.
-    reset: std::sync::atomic::AtomicBool,
+    /// The client, shared with its requests: marked when the gateway cuts the connection off
+    /// (its requests' records say why, and its socket is reset rather than closed).
+    client: ClientAddr,
     /// HTTP/2: the response bodies of the streams, as the watchdog last saw them (each with
     /// its [`SendStall`]); ended ones are dropped as the watchdog passes, or when the list
     /// fills.
@@ -388,7 +394,7 @@ const WRITE_WAITING: u64 = 1;
 const NEVER: u64 = u64::MAX;
 
 impl ConnState {
-    fn new() -> Self {
+    fn new(client: ClientAddr) -> Self {
         Self {
             opened: tokio::time::Instant::now(),
             in_flight: AtomicUsize::new(0),
@@ -396,7 +402,7 @@ impl ConnState {
             completed: AtomicU64::new(0),
             read_at: AtomicU64::new(NEVER),
             writes: AtomicU64::new(0),
-            reset: std::sync::atomic::AtomicBool::new(false),
+            client,
             streams: std::sync::Mutex::new(Vec::new()),
         }
     }
@@ -541,12 +547,11 @@ async fn drive<C>(
     protocol: Protocol,
     options: ServeOptions,
     mut stop: watch::Receiver<bool>,
-    client: &ClientAddr,
+    peer: SocketAddr,
 ) -> Result<(), CloseReason>
 where
     C: Future<Output = Result<(), crate::http::body::BoxError>> + GracefulShutdown,
 {
-    let peer = client.addr;
     tokio::pin!(conn);
     let mut first_request_by =
         (protocol == Protocol::Http2).then(|| state.opened + options.header_timeout);
@@ -643,7 +648,8 @@ where
                     (Some(_), 0) => Some(drained_since.unwrap_or(now)),
                     _ => None,
                 };
-                let undrained = drained_since.map_or(Duration::ZERO, |since| now - since);
+                let undrained =
+                    drained_since.map_or(Duration::ZERO, |since| now.duration_since(since));
                 if waited >= options.send_timeout
                     || stream_waited >= options.h2_stall_timeout
                     || undrained >= options.send_timeout
@@ -656,8 +662,7 @@ where
                         ?undrained,
                         "closing a connection whose client stopped reading"
                     );
-                    client.closing(CloseReason::SendTimeout.as_str());
-                    state.reset.store(true, Ordering::Relaxed);
+                    state.client.closing(CloseReason::SendTimeout.as_str());
                     return Err(CloseReason::SendTimeout);
                 }
                 let activity = state.activity();
@@ -964,7 +969,7 @@ impl<T: Tcp> Drop for Watched<T> {
         // graceful close would leave the unread bytes in the kernel's send buffer (up to
         // `tcp_wmem`'s maximum, megabytes) for as long as TCP retries. nginx's
         // `reset_timedout_connection`.
-        if self.state.reset.load(Ordering::Relaxed)
+        if self.state.client.closed_for().is_some()
             && let Some(tcp) = self.inner.tcp()
         {
             let _ = tcp.set_zero_linger();
@@ -1083,6 +1088,10 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    fn conn_state() -> ConnState {
+        ConnState::new(ClientAddr::new(SocketAddr::from(([127, 0, 0, 1], 1))))
+    }
+
     /// A write that waits is seen waiting from the first sample that finds it; a write that
     /// went through, or a new wait, starts the count again.
     #[test]
@@ -1106,7 +1115,7 @@ mod tests {
     /// taking frames from does not; ended ones are forgotten.
     #[test]
     fn a_stream_owed_a_poll_stalls_and_ended_ones_are_forgotten() {
-        let state = ConnState::new();
+        let state = conn_state();
         let t0 = tokio::time::Instant::now();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
         let shut = state.watch_stream();
@@ -1177,7 +1186,10 @@ mod tests {
     /// different for each wait.
     #[test]
     fn watched_writes_publish_each_wait_once() {
-        let state = Arc::new(ConnState::new());
+        let state = Arc::new(ConnState::new(ClientAddr::new(SocketAddr::from((
+            [127, 0, 0, 1],
+            1,
+        )))));
         let mut io = Watched::new(
             Gate {
                 open: true,
